@@ -1,0 +1,98 @@
+"""CPU and CUDA: plain PyTorch."""
+import os
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ..config import IPU_ONLY_OPTIMIZERS
+from ..data import BatchLoader
+from ..errors import ConfigError
+from ..model import build_model
+
+
+def optimizer_kwargs(opt_cfg):
+    """The optimizer node without our own bookkeeping key ``name``."""
+    node = OmegaConf.to_container(opt_cfg, resolve=True)
+    node.pop("name", None)
+    return node
+
+
+class NativeBackend:
+    def __init__(self, cfg, device):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.name = self.device.type
+
+    def build_model(self, num_classes):
+        return build_model(self.cfg, num_classes=num_classes).to(self.device)
+
+    def build_optimizer(self, model):
+        name = self.cfg.optimizer.name
+        if name in IPU_ONLY_OPTIMIZERS:
+            raise ConfigError("optimizer", name, "is only available on IPUs (poptorch.optim); "
+                              "use device=ipu or choose sgd, adam, adamw or rmsprop")
+        return instantiate(optimizer_kwargs(self.cfg.optimizer), params=model.parameters())
+
+    def make_loaders(self, data):
+        t = self.cfg.trainer
+        train = BatchLoader(data.train, t.batch_size, data.mean, data.std, shuffle=True,
+                            drop_last=t.drop_last, device=self.device, seed=self.cfg.seed)
+        # Evaluation sees every test image: no shuffling, no dropped tail.
+        test = BatchLoader(data.test, t.test_batch_size, data.mean, data.std, shuffle=False,
+                           drop_last=False, device=self.device)
+        return train, test
+
+    def training_step(self, model, optimizer):
+        model.train()
+
+        def step(images, labels):
+            optimizer.zero_grad(set_to_none=True)
+            output, loss = model(images, labels)
+            loss.backward()
+            optimizer.step()
+            return output.detach(), loss.detach()
+
+        return step
+
+    def inference_step(self, model):
+        model.eval()
+
+        def infer(images):
+            with torch.inference_mode():
+                return model(images)
+
+        return infer
+
+    def finish_training(self, model):
+        """Weights already live in ``model``; nothing to copy back."""
+
+    def close(self):
+        """Nothing to release."""
+
+    def profile(self, model, optimizer, profile_dir):
+        """One training iteration under torch.profiler (after one warm-up iteration)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        t = self.cfg.trainer
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(t.batch_size, 3, 32, 32, generator=gen).to(self.device)
+        labels = torch.randint(0, model.fc.out_features, (t.batch_size,), generator=gen).to(self.device)
+        step = self.training_step(model, optimizer)
+        step(images, labels)  # warm-up: first-call allocations are not what we want to see
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        os.makedirs(profile_dir, exist_ok=True)
+        with profile(activities=activities, record_shapes=True) as prof:
+            step(images, labels)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        trace = os.path.join(profile_dir, "trace.json")
+        prof.export_chrome_trace(trace)
+        sort_key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort_key, row_limit=30)
+        with open(os.path.join(profile_dir, "summary.txt"), "w") as f:
+            f.write(table + "\n")
+        return [trace, os.path.join(profile_dir, "summary.txt")]

@@ -1,0 +1,179 @@
+"""The command line around run.py: errors a user causes end in one line and a non-zero exit.
+
+Two places can reject a command line:
+- composition (an unknown group option, an unknown key, a value of the wrong type): Hydra
+  would print several lines; :func:`preflight` composes the config first (every value of every
+  sweep) and reports the first problem in one line;
+- validation (ranges, cross-key rules, missing data, devices): :func:`run_task` catches
+  :class:`~octconv_exp.errors.UserError`, records it in the run's ``metrics.json`` and exits.
+"""
+import itertools
+import logging
+import os
+import sys
+
+from .errors import USER_ERROR_EXIT, UserError
+
+log = logging.getLogger("octconv_exp")
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONFIG_NAME = "config"
+MAX_PREFLIGHT_COMBINATIONS = 256
+
+
+def fail(message):
+    """Print one line to stderr and exit with the user-error status."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(USER_ERROR_EXIT)
+
+
+def one_line(text):
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def group_options(config_dir, group):
+    path = os.path.join(config_dir, group)
+    if not os.path.isdir(path):
+        return None
+    return sorted(f[:-5] for f in os.listdir(path) if f.endswith(".yaml"))
+
+
+def _split_args(argv):
+    """Hydra's own argument parser: (flags namespace, overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    return args, list(args.overrides or [])
+
+
+def _override_combinations(overrides):
+    """Override lists covering every value of every sweep (the product when small)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for ov, text in zip(parsed, overrides):
+        if ov.is_sweep_override():
+            key = ov.get_key_element()
+            values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+            choices.append(values or [text])
+        else:
+            choices.append([text])
+    total = 1
+    for c in choices:
+        total *= len(c)
+    if total <= MAX_PREFLIGHT_COMBINATIONS:
+        return [list(combo) for combo in itertools.product(*choices)]
+    combos = []  # too many: vary one sweep at a time
+    base = [c[0] for c in choices]
+    for i, c in enumerate(choices):
+        for value in c:
+            combo = list(base)
+            combo[i] = value
+            combos.append(combo)
+    return combos
+
+
+def _check_group_choices(overrides, config_dir):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.key_or_group
+        if ov.package is not None or ov.is_delete() or key.startswith("hydra"):
+            continue
+        options = group_options(config_dir, key)
+        if options is None:
+            continue
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+        for value in values:
+            if not isinstance(value, str) or value not in options:
+                fail(f"{key}={value}: not an option of config group '{key}'; "
+                     f"choose one of: {', '.join(options)}")
+
+
+def preflight(argv):
+    """Compose (and validate) what argv asks for before Hydra starts any job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import validate
+
+    try:
+        args, overrides = _split_args(argv)
+    except SystemExit:
+        return  # argparse already said what is wrong
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.run:
+        return
+    config_dir = os.path.abspath(args.config_dir) if args.config_dir else CONFIG_DIR
+    config_name = args.config_name or CONFIG_NAME
+    user_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        combos = _override_combinations(user_overrides)
+    except HydraException as exc:
+        fail(one_line(exc))
+    _check_group_choices(user_overrides, config_dir)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=config_dir):
+            for combo in combos:
+                try:
+                    cfg = compose(config_name=config_name, overrides=combo)
+                except (HydraException, OmegaConfBaseException) as exc:
+                    cause = exc.__cause__
+                    detail = one_line(exc)
+                    if cause is not None and one_line(cause) not in detail:
+                        detail += " " + one_line(cause)
+                    fail(detail)
+                if args.cfg is None:
+                    validate(cfg)
+    except UserError as exc:
+        fail(str(exc))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def log_to_files(level, message):
+    """Record a message in the run's log file only (the console gets the one error line)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def is_multirun():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def run_task(cfg):
+    """The body of run.py's task function: returns the test accuracy."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .runner import Run, run_experiment
+
+    output_dir = HydraConfig.get().runtime.output_dir
+    run = Run(cfg, output_dir)
+    try:
+        metrics = run_experiment(cfg, output_dir, run=run)
+    except UserError as exc:
+        run.status = "failed"
+        run.error = str(exc)
+        try:
+            run.write_metrics()
+        except OSError:
+            pass  # the output dir itself may be what is wrong
+        log_to_files(logging.ERROR, str(exc))
+        if is_multirun():
+            raise  # Hydra records the job as failed and carries on with the sweep
+        fail(str(exc))
+    log.info("Outputs in %s", output_dir)
+    return metrics.get("test_accuracy")

@@ -1,0 +1,277 @@
+"""The config schema: what every key means, its type, and the values it accepts.
+
+Types are enforced by Hydra/OmegaConf when the config is composed (the dataclasses below are
+registered in the ConfigStore as ``octconv_exp_schema`` and the primary config extends it);
+ranges and cross-key rules are enforced by :func:`validate`, which raises a
+:class:`~octconv_exp.errors.ConfigError` naming the key, the value and what is accepted.
+
+The values themselves live in ``conf/``: the dataclass defaults below only matter for keys a
+YAML file does not set, and every YAML file sets the keys it is about.
+"""
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+CONV_MODES = ("vanilla", "octave", "multi-octave")
+DEVICES = ("auto", "cpu", "cuda", "ipu")
+DATASETS = ("cifar10", "synthetic", "image_folder")
+# optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
+IPU_ONLY_OPTIMIZERS = ("lamb",)
+MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
+PARTIALS_TYPES = ("float", "half")
+OUTPUT_MODES = ("default", "final", "all", "sum")
+OCTAVE_BRANCHES = ("h2h", "h2l", "l2l", "l2h")  # octconv's execution order
+
+
+@dataclass
+class MultiConvConfig:
+    """Options of ``poptorch.MultiConv`` (IPU only; ignored by the CPU/GPU backend)."""
+
+    plan_type: str = "parallel"
+    # Per-convolution options take one value for every convolution, or one per octave branch
+    # in execution order [h2h, h2l, l2l, l2h]; each MultiConv group (one per octave layer)
+    # gets the entries of the branches it has (the first layer has no low input, the last no
+    # low output).
+    available_memory_proportions: Optional[List[float]] = None  # each in [0, 1)
+    partials_types: Optional[List[str]] = None  # "float" or "half"
+    per_conv_reserved_tiles: Optional[int] = None
+    cycle_back_off: Optional[float] = None
+
+
+@dataclass
+class ConvConfig:
+    mode: str = MISSING
+    multi_conv: MultiConvConfig = field(default_factory=MultiConvConfig)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    # cifar10: where the torchvision files are (the seed's --data-dir); image_folder: the folder
+    # holding train/<class>/* and test/<class>/*; synthetic: unused.
+    root: Optional[str] = None
+    download: bool = False
+    # synthetic only: sizes and the generator's seed.
+    train_size: int = 10000
+    test_size: int = 2000
+    seed: int = 0
+    # Per-channel normalisation of images scaled to [0, 1]; null: computed from the training set.
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    test_batch_size: int = MISSING
+    # Drop the last, smaller training batch (the seed did; keeps BatchNorm statistics sane).
+    drop_last: bool = True
+    progress_bar: bool = True
+    # Write the trained weights (model.pt) into the run dir.
+    save_model: bool = True
+
+
+@dataclass
+class IpuConfig:
+    """``poptorch.Options`` (consumed by the IPU backend; composed and validated everywhere)."""
+
+    device_iterations: int = 50
+    replicas: int = 1
+    gradient_accumulation: int = 1
+    cache_dir: Optional[str] = None
+    use_ipu_model: bool = False
+    output_mode: str = "default"
+    available_memory_proportion: Optional[float] = None
+    synthetic_data: bool = False
+    loss_scaling: Optional[float] = None
+    num_workers: int = 4
+
+
+@dataclass
+class Schema:
+    alpha: float = MISSING
+    expansion: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    profile_dir: Optional[str] = None
+    conv: ConvConfig = MISSING
+    optimizer: Any = MISSING
+    dataset: DatasetConfig = MISSING
+    ipu: IpuConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+
+def register_configs():
+    cs = ConfigStore.instance()
+    cs.store(name="octconv_exp_schema", node=Schema)
+
+
+register_configs()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def channel_splits(expansion):
+    """The channel counts of every octave layer output/input that gets split by alpha."""
+    c = 16 * expansion
+    return sorted({c, 2 * c})
+
+
+def split_high_low(channels, alpha):
+    """octconv's split: int((1 - alpha) * C) high-frequency channels, the rest low."""
+    high = int((1 - alpha) * channels)
+    return high, channels - high
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require_int(key, value, minimum, what):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(key, value, what)
+
+
+def _optimizer_name(cfg):
+    target = str(cfg.optimizer.get("_target_", ""))
+    name = cfg.optimizer.get("name", None)
+    if name not in OPTIMIZERS:
+        raise ConfigError("optimizer.name", name, "expected one of " + ", ".join(OPTIMIZERS))
+    if not target:
+        raise ConfigError("optimizer._target_", target, "must name an optimizer class")
+    return name
+
+
+def validate(cfg: DictConfig, check_environment=True):
+    """Check ranges and cross-key rules; raise ConfigError on the first violation.
+
+    ``check_environment`` also checks what depends on this machine (CUDA present, dataset
+    folders existing); the CI validator turns it off to check configs meant for elsewhere.
+    """
+    alpha = cfg.alpha
+    if not _is_number(alpha) or not 0 <= alpha < 1:
+        raise ConfigError("alpha", alpha, "must be a number in [0, 1)")
+    _require_int("expansion", cfg.expansion, 1, "must be an integer >= 1")
+    mode = cfg.conv.mode
+    if mode not in CONV_MODES:
+        raise ConfigError("conv.mode", mode, "expected one of " + ", ".join(CONV_MODES))
+    if mode != "vanilla" and alpha > 0:
+        for channels in channel_splits(cfg.expansion):
+            high, low = split_high_low(channels, alpha)
+            if high == 0 or low == 0:
+                raise ConfigError(
+                    "alpha", alpha,
+                    f"splits a {channels}-channel layer into {high} high- and {low} "
+                    f"low-frequency channels at expansion={cfg.expansion}; both must be > 0 "
+                    "(use a smaller alpha, a larger expansion, or alpha=0)")
+    _require_int("seed", cfg.seed, 0, "must be an integer >= 0")
+    if cfg.device not in DEVICES:
+        raise ConfigError("device", cfg.device, "expected one of " + ", ".join(DEVICES))
+
+    t = cfg.trainer
+    _require_int("trainer.epochs", t.epochs, 1, "must be an integer >= 1")
+    _require_int("trainer.batch_size", t.batch_size, 1, "must be a positive integer")
+    _require_int("trainer.test_batch_size", t.test_batch_size, 1, "must be a positive integer")
+
+    name = _optimizer_name(cfg)
+    lr = cfg.optimizer.get("lr", None)
+    if not _is_number(lr) or lr <= 0:
+        raise ConfigError("optimizer.lr", lr, "must be a number > 0")
+    if name in IPU_ONLY_OPTIMIZERS and cfg.device in ("cpu", "cuda"):
+        raise ConfigError("optimizer", name,
+                          "is only available on IPUs (poptorch.optim); use device=ipu or "
+                          "choose sgd, adam, adamw or rmsprop")
+
+    _validate_dataset(cfg.dataset, check_environment)
+    _validate_ipu(cfg)
+    _validate_multi_conv(cfg.conv.multi_conv)
+
+    if cfg.profile_dir is not None and cfg.ipu.cache_dir is not None and cfg.device == "ipu":
+        raise ConfigError("profile_dir", cfg.profile_dir,
+                          "cannot be combined with ipu.cache_dir (profiling needs a fresh "
+                          "compilation); unset one of them")
+
+    if check_environment and cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda",
+                              "no CUDA device is available here; use device=auto or device=cpu")
+
+
+def _validate_dataset(ds, check_environment):
+    if ds.name not in DATASETS:
+        raise ConfigError("dataset.name", ds.name, "expected one of " + ", ".join(DATASETS))
+    for key, positive in (("mean", False), ("std", True)):
+        values = ds.get(key)
+        if values is not None and (len(values) != 3 or not all(
+                _is_number(v) and (v > 0 if positive else True) for v in values)):
+            raise ConfigError(f"dataset.{key}", OmegaConf.to_container(values),
+                              "must be null or a list of 3 numbers" + (" > 0" if positive else ""))
+    if ds.name == "synthetic":
+        _require_int("dataset.train_size", ds.train_size, 1, "must be a positive integer")
+        _require_int("dataset.test_size", ds.test_size, 1, "must be a positive integer")
+        return
+    if OmegaConf.is_missing(ds, "root") or ds.root is None or str(ds.root) == "":
+        raise ConfigError("dataset.root", ds.root, "must name a folder")
+    if check_environment and not os.path.isdir(ds.root):
+        if ds.name == "cifar10" and ds.download:
+            return  # torchvision creates it and downloads into it
+        raise ConfigError("dataset.root", ds.root,
+                          f"folder does not exist (looked at {os.path.abspath(ds.root)})")
+
+
+def _validate_ipu(cfg):
+    ipu = cfg.ipu
+    _require_int("ipu.device_iterations", ipu.device_iterations, 1, "must be a positive integer")
+    _require_int("ipu.replicas", ipu.replicas, 1, "must be a positive integer")
+    _require_int("ipu.gradient_accumulation", ipu.gradient_accumulation, 1,
+                 "must be a positive integer")
+    _require_int("ipu.num_workers", ipu.num_workers, 0, "must be an integer >= 0")
+    if ipu.output_mode not in OUTPUT_MODES:
+        raise ConfigError("ipu.output_mode", ipu.output_mode,
+                          "expected one of " + ", ".join(OUTPUT_MODES))
+    amp = ipu.available_memory_proportion
+    if amp is not None and (not _is_number(amp) or not 0 < amp <= 1):
+        raise ConfigError("ipu.available_memory_proportion", amp, "must be a number in (0, 1]")
+    if ipu.loss_scaling is not None and (not _is_number(ipu.loss_scaling)
+                                         or ipu.loss_scaling <= 0):
+        raise ConfigError("ipu.loss_scaling", ipu.loss_scaling, "must be a number > 0")
+
+
+def _validate_multi_conv(mc):
+    if mc.plan_type not in MULTI_CONV_PLAN_TYPES:
+        raise ConfigError("conv.multi_conv.plan_type", mc.plan_type,
+                          "expected one of " + ", ".join(MULTI_CONV_PLAN_TYPES))
+    if mc.available_memory_proportions is not None:
+        values = list(mc.available_memory_proportions)
+        if len(values) not in (1, len(OCTAVE_BRANCHES)) or not all(
+                _is_number(v) and 0 <= v < 1 for v in values):
+            raise ConfigError("conv.multi_conv.available_memory_proportions",
+                              OmegaConf.to_container(mc.available_memory_proportions),
+                              "must be a list of 1 or 4 numbers in [0, 1) (one for all, or "
+                              "one per branch h2h, h2l, l2l, l2h)")
+    if mc.partials_types is not None:
+        values = list(mc.partials_types)
+        if len(values) not in (1, len(OCTAVE_BRANCHES)) or not all(
+                v in PARTIALS_TYPES for v in values):
+            raise ConfigError("conv.multi_conv.partials_types",
+                              OmegaConf.to_container(mc.partials_types),
+                              "must be a list of 1 or 4 of: " + ", ".join(PARTIALS_TYPES)
+                              + " (one for all, or one per branch h2h, h2l, l2l, l2h)")
+    if mc.per_conv_reserved_tiles is not None:
+        _require_int("conv.multi_conv.per_conv_reserved_tiles", mc.per_conv_reserved_tiles, 0,
+                     "must be an integer >= 0")
+    cbo = mc.cycle_back_off
+    if cbo is not None and (not _is_number(cbo) or not 0 <= cbo <= 1):
+        raise ConfigError("conv.multi_conv.cycle_back_off", cbo, "must be a number in [0, 1]")

@@ -1,0 +1,277 @@
+"""Data sets held in memory as one uint8 tensor, and loaders that batch the per-image work.
+
+Every data set becomes an :class:`ImageSet`: ``images`` (N, 3, 32, 32) uint8 and ``labels`` (N,)
+int64. Nothing happens per sample in Python at training time: :class:`BatchLoader` indexes a
+shuffled batch out of the tensor and normalises the whole batch at once, on the training
+device (the airbench approach). The seed's ``ToTensor() + Normalize(mean, std)`` is exactly
+``(uint8 / 255 - mean) / std``, which is what the loader computes.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IMAGE_SIZE = 32
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    classes: List[str]
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+    def channel_stats(self):
+        """Per-channel mean and std of the images scaled to [0, 1]."""
+        x = self.images.to(torch.float64) / 255.0
+        return (tuple(x.mean(dim=(0, 2, 3)).tolist()),
+                tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()))
+
+
+@dataclass
+class DataBundle:
+    train: ImageSet
+    test: ImageSet
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    @property
+    def num_classes(self):
+        return len(self.train.classes)
+
+
+def load_data(ds_cfg) -> DataBundle:
+    """Load the data set a ``dataset`` config node names."""
+    if ds_cfg.name == "synthetic":
+        train = make_synthetic(ds_cfg.train_size, seed=ds_cfg.seed, split="train")
+        test = make_synthetic(ds_cfg.test_size, seed=ds_cfg.seed, split="test")
+    elif ds_cfg.name == "cifar10":
+        train = load_cifar10(ds_cfg.root, train=True, download=ds_cfg.download)
+        test = load_cifar10(ds_cfg.root, train=False, download=ds_cfg.download)
+    elif ds_cfg.name == "image_folder":
+        train = load_image_folder(os.path.join(ds_cfg.root, "train"))
+        test = load_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes)
+    else:  # the config validation rejects this first
+        raise ValueError(f"unknown dataset {ds_cfg.name}")
+    mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
+    if mean is None or std is None:
+        stats = train.channel_stats()
+        mean = stats[0] if mean is None else mean
+        std = stats[1] if std is None else std
+    return DataBundle(train=train, test=test, mean=tuple(float(m) for m in mean),
+                      std=tuple(float(s) for s in std))
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def load_cifar10(root, train, download):
+    """CIFAR-10 through torchvision (downloads into ``root`` when allowed and absent)."""
+    import torchvision
+
+    split = "training" if train else "test"
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+        raise UserError(
+            f"CIFAR-10 {split} files not found in {os.path.abspath(os.path.join(root, 'cifar-10-batches-py'))}"
+            f" ({exc}); set dataset.root to the folder holding cifar-10-batches-py/, allow "
+            "dataset.download=true on a machine with internet, or run offline with "
+            "dataset=synthetic") from None
+    except (OSError, ValueError) as exc:  # network failure during download
+        raise UserError(
+            f"CIFAR-10 could not be downloaded into {os.path.abspath(root)} ({exc}); put "
+            "cifar-10-batches-py/ there by hand, or run offline with dataset=synthetic") from None
+    except (pickle.UnpicklingError, EOFError, KeyError) as exc:
+        raise UserError(f"CIFAR-10 {split} files in {os.path.abspath(root)} are corrupt "
+                        f"({type(exc).__name__}: {exc}); delete cifar-10-batches-py/ and "
+                        "download again") from None
+    data = np.asarray(ds.data)
+    if data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(ds.targets) != len(data):
+        raise UserError(f"CIFAR-10 {split} files in {os.path.abspath(root)} are corrupt "
+                        f"(images of shape {data.shape}, {len(ds.targets)} labels)")
+    images = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    return ImageSet(images=images, labels=labels, classes=list(ds.classes))
+
+
+# --------------------------------------------------------------------------------------------
+# Image folder
+
+
+def load_image_folder(folder, classes: Optional[List[str]] = None):
+    """Every image under folder/<class>/, converted to RGB and resized to 32x32, as one tensor."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(folder):
+        raise UserError(f"image folder {os.path.abspath(folder)} does not exist; dataset.root "
+                        "must hold train/<class>/* and test/<class>/*")
+    found = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise UserError(f"image folder {os.path.abspath(folder)} has no class subfolders; "
+                        "expected <class>/<image> files")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(f"image folder {os.path.abspath(folder)} has classes not in the "
+                            f"training set: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(classes)}
+    images, labels = [], []
+    for name in found:
+        class_dir = os.path.join(folder, name)
+        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
+            if not entry.is_file() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            try:
+                with Image.open(entry.path) as img:
+                    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.uint8))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise UserError(f"cannot read image {entry.path}: {exc}") from None
+            labels.append(index[name])
+    if not images:
+        raise UserError(f"image folder {os.path.abspath(folder)} holds no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    stacked = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
+    return ImageSet(images=stacked, labels=torch.tensor(labels, dtype=torch.int64),
+                    classes=list(classes))
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic
+
+# Five coarse classes (shape: low frequency) x two textures (high frequency); colours are
+# drawn from the palette independently of the class.
+_PALETTE = torch.tensor([[0.85, 0.25, 0.20], [0.20, 0.70, 0.25], [0.25, 0.35, 0.90],
+                         [0.90, 0.80, 0.20], [0.75, 0.30, 0.80]])
+SYNTHETIC_CLASSES = [f"{shape}-{texture}" for shape in ("disk", "square", "hbar", "vbar", "ring")
+                     for texture in ("checker", "stripes")]
+
+
+def make_synthetic(n, seed=0, split="train"):
+    """A deterministic, learnable CIFAR-shaped data set, generated in one vectorised pass.
+
+    Label k = 2 * shape + texture. The shape (disk, square, horizontal bar, vertical bar, ring)
+    survives 2x2 average pooling, so the low-frequency octave sees it. The texture (a 1-pixel
+    checkerboard or 1-pixel stripes, random phase, low contrast under pixel noise) averages to
+    the same value under 2x2 pooling, so only the high-frequency path can tell the two apart.
+    Position, size, colour (independent of the class), contrast and noise vary per image.
+    """
+    g = torch.Generator().manual_seed(int(seed) * 2 + (0 if split == "train" else 1) + 7919)
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    shape, texture = labels // 2, labels % 2
+
+    def u(lo, hi, *dims):
+        return lo + (hi - lo) * torch.rand(*dims, generator=g)
+
+    coords = (torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5) / IMAGE_SIZE * 2 - 1
+    cx, cy = u(-0.3, 0.3, n, 1, 1), u(-0.3, 0.3, n, 1, 1)
+    size = u(0.45, 0.7, n, 1, 1)
+    mask = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE)
+    # Each image computes only its own shape's mask (one pass over the pixels per image).
+    for k in range(5):
+        idx = (shape == k).nonzero().squeeze(1)
+        dx = coords.view(1, 1, -1) - cx[idx]
+        dy = coords.view(1, -1, 1) - cy[idx]
+        sz = size[idx]
+        if k == 0:  # disk
+            m = dx * dx + dy * dy < sz * sz
+        elif k == 1:  # square
+            m = torch.maximum(dx.abs(), dy.abs()) < sz * 0.85
+        elif k == 2:  # horizontal bar
+            m = (dy.abs() < sz * 0.35) & (dx.abs() < sz * 1.2)
+        elif k == 3:  # vertical bar
+            m = (dx.abs() < sz * 0.35) & (dy.abs() < sz * 1.2)
+        else:  # ring
+            r2 = dx * dx + dy * dy
+            m = (r2 < sz * sz) & (r2 > (sz * 0.55) ** 2)
+        mask[idx] = m.float()
+
+    ii = torch.arange(IMAGE_SIZE).view(1, -1, 1)
+    jj = torch.arange(IMAGE_SIZE).view(1, 1, -1)
+    phase = torch.randint(0, 2, (n, 1, 1), generator=g)
+    # +-1 per pixel: a 1-pixel checkerboard (texture 0) or 1-pixel horizontal stripes (1).
+    pattern = ((ii + jj * (1 - texture.view(n, 1, 1)) + phase) % 2).float().mul_(2).sub_(1)
+    contrast = u(0.03, 0.10, n, 1, 1)
+
+    # The colour is drawn independently of the class: a distractor the model must learn to ignore.
+    colour = (_PALETTE[torch.randint(0, 5, (n,), generator=g)] + u(-0.15, 0.15, n, 3)).clamp(0, 1)
+    background = u(0.05, 0.35, n, 1) + u(-0.05, 0.05, n, 3)  # (n, 3)
+    # Texture and (grey) noise are shared by the three channels: one (n, 32, 32) plane.
+    # Everything is scaled to 0..255 up front; +0.5 in the background makes the final
+    # truncation to uint8 a rounding.
+    shared = pattern.mul_(mask).mul_(contrast * 255)
+    shared.add_(torch.randn(n, IMAGE_SIZE, IMAGE_SIZE, generator=g), alpha=0.10 * 255)
+    img = torch.addcmul((background * 255 + 0.5).view(n, 3, 1, 1),
+                        ((colour - background) * 255).view(n, 3, 1, 1), mask.unsqueeze(1))
+    img.add_(shared.unsqueeze(1))
+    images = img.clamp_(0, 255).to(torch.uint8)
+    return ImageSet(images=images, labels=labels.to(torch.int64), classes=list(SYNTHETIC_CLASSES))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class BatchLoader:
+    """Shuffled batches of an :class:`ImageSet`, normalised as whole batches on ``device``.
+
+    The uint8 images are moved to the device once; each batch is one index operation and one
+    fused normalisation, so the loader costs a small fraction of a training step.
+    """
+
+    def __init__(self, data: ImageSet, batch_size, mean, std, shuffle=False, drop_last=False,
+                 device="cpu", seed=0):
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(int(seed))
+        # (x / 255 - mean) / std  ==  x * scale + shift
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * std_t)).to(self.device)
+        self.shift = (-mean_t / std_t).to(self.device)
+
+    @property
+    def num_samples(self):
+        return self.labels.shape[0]
+
+    def __len__(self):
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def normalise(self, images_uint8):
+        return torch.addcmul(self.shift, images_uint8.to(torch.float32), self.scale)
+
+    def __iter__(self):
+        n = self.num_samples
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = None
+        for i in range(len(self)):
+            start = i * self.batch_size
+            stop = min(start + self.batch_size, n)
+            if order is None:
+                x, y = self.images[start:stop], self.labels[start:stop]
+            else:
+                idx = order[start:stop]
+                x, y = self.images[idx], self.labels[idx]
+            yield self.normalise(x), y

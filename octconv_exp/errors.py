@@ -1,0 +1,25 @@
+"""Errors a user can cause, as opposed to programming errors.
+
+A :class:`UserError` ends the process with one clear line and a non-zero exit
+(see ``octconv_exp.cli``); anything else is a bug and keeps its traceback.
+"""
+
+#: Exit status for a bad override, missing data or an unusable device.
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """Something the user can fix: a bad override, a missing file, corrupt data."""
+
+
+class ConfigError(UserError):
+    """A config value outside what the schema accepts.
+
+    The message always names the offending key, the value given and what is accepted.
+    """
+
+    def __init__(self, key, value, expected):
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{key}={value!s}: {expected}")

@@ -1,0 +1,176 @@
+"""The seed's CIFAR-10 classifier, with vanilla, octave or multi-octave convolutions.
+
+``ClassificationModel`` reproduces Graphcore's ``octconv_example.py`` layer for layer (the
+parameter names too, so weights move between the two): three conv -> BatchNorm -> ReLU ->
+MaxPool blocks, then Linear -> LogSoftmax. ``forward(x, labels)`` returns
+``(log_probs, loss)``: the loss is computed inside the model because PopTorch requires it, and
+so every backend runs the same training loop.
+"""
+import contextlib
+from typing import Callable, ContextManager, Optional
+
+import octconv
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import split_high_low
+
+
+def make_conv_block(in_channels, out_channels):
+    """conv -> batchnorm -> relu -> maxpool, as the seed's createConvBlock."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+def check_octave_split(in_channels, out_channels, alpha_in, alpha_out):
+    """Refuse what octconv.OctConv2d silently gets wrong: alpha 1 and empty branches."""
+    for what, channels, a in (("input", in_channels, alpha_in), ("output", out_channels, alpha_out)):
+        if not 0 <= a < 1:
+            raise ValueError(f"octave convolution {what} alpha must be in [0, 1), got {a}")
+        high, low = split_high_low(channels, a)
+        if high == 0 or (a > 0 and low == 0):
+            raise ValueError(
+                f"octave convolution {what} alpha={a} splits {channels} channels into {high} "
+                f"high- and {low} low-frequency channels; an active branch needs at least one")
+
+
+class FusedOctConv2d(octconv.OctConv2d):
+    """Octave convolution computed with as few, as large convolutions as possible.
+
+    The same mathematics and the same parameters (``conv_h2h``, ``conv_h2l``, ``conv_l2h``,
+    ``conv_l2l``) as ``octconv.OctConv2d``, so state dicts are interchangeable, but the two
+    convolutions that produce the low-frequency output run as one convolution over the
+    concatenation of the pooled high input and the low input, with the two weights
+    concatenated along the input-channel axis. An inner layer then costs three kernels
+    (h2h at full resolution, [h2l|l2l] and l2h at half resolution) instead of four.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, alpha=0.5,
+                 bias=False):
+        alpha_in, alpha_out = alpha if isinstance(alpha, tuple) else (alpha, alpha)
+        check_octave_split(in_channels, out_channels, alpha_in, alpha_out)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         alpha=alpha, bias=bias)
+
+    @staticmethod
+    def _bias(*convs):
+        biases = [c.bias for c in convs if c is not None and c.bias is not None]
+        return sum(biases) if biases else None
+
+    def forward(self, x):
+        x_h, x_l = x if isinstance(x, tuple) else (x, None)
+        if self.stride == 2:
+            x_h = F.avg_pool2d(x_h, 2)
+        has_low_out = self.out_channels["low"] > 0
+        y_h = F.conv2d(x_h, self.conv_h2h.weight, self.conv_h2h.bias, padding=self.padding)
+        y_l = None
+        if x_l is None:
+            if has_low_out:
+                y_l = self.conv_h2l(F.avg_pool2d(x_h, 2))
+        else:
+            if has_low_out:
+                x_l2l = F.avg_pool2d(x_l, 2) if self.stride == 2 else x_l
+                low_in = torch.cat([F.avg_pool2d(x_h, 2), x_l2l], dim=1)
+                weight = torch.cat([self.conv_h2l.weight, self.conv_l2l.weight], dim=1)
+                y_l = F.conv2d(low_in, weight, self._bias(self.conv_h2l, self.conv_l2l),
+                               padding=self.padding)
+            y_l2h = self.conv_l2h(x_l)
+            if self.stride == 1:
+                y_l2h = F.interpolate(y_l2h, size=y_h.shape[-2:])
+            y_h = y_h + y_l2h
+        return y_h if y_l is None else (y_h, y_l)
+
+
+class OctaveBlock(nn.Module):
+    """Octave convolution -> per-frequency BatchNorm -> ReLU -> MaxPool (the seed's OctConvBlock).
+
+    ``parallel_scope``, when given, is entered around the convolution so that its branches
+    run as one group (``poptorch.MultiConv`` on IPUs).
+    """
+
+    def __init__(self, in_channels, out_channels, alpha, conv_cls=octconv.OctConv2d,
+                 parallel_scope: Optional[Callable[[], ContextManager]] = None):
+        super().__init__()
+        alpha_in, alpha_out = alpha
+        check_octave_split(in_channels, out_channels, alpha_in, alpha_out)
+        self.octconv = conv_cls(in_channels, out_channels, kernel_size=3, padding=1, alpha=alpha)
+        self.parallel_scope = parallel_scope
+        relu = nn.ReLU()
+        pool = nn.MaxPool2d(2)
+        self.high_seq = nn.Sequential(nn.BatchNorm2d(self.octconv.out_channels["high"]), relu,
+                                      pool)
+        self.has_low = self.octconv.alpha_out > 0.0
+        if self.has_low:
+            self.low_seq = nn.Sequential(nn.BatchNorm2d(self.octconv.out_channels["low"]), relu,
+                                         pool)
+
+    def forward(self, x):
+        scope = self.parallel_scope() if self.parallel_scope is not None else contextlib.nullcontext()
+        with scope:
+            out = self.octconv(x)
+        if self.has_low:
+            y_high, y_low = out
+            return self.high_seq(y_high), self.low_seq(y_low)
+        return self.high_seq(out)
+
+
+class ClassificationModel(nn.Module):
+    """CNN classifier for 3x32x32 images; width 16 * expansion channels.
+
+    conv_mode: "vanilla" (nn.Conv2d), "octave" (octconv.OctConv2d) or "multi-octave" (the
+    octave convolutions of each layer as one parallel group: ``parallel_scope`` on IPUs,
+    :class:`FusedOctConv2d` elsewhere).
+    """
+
+    def __init__(self, conv_mode="vanilla", alpha=0.5, expansion=1, num_classes=10,
+                 parallel_scope: Optional[Callable[[], ContextManager]] = None):
+        super().__init__()
+        if not isinstance(expansion, int) or expansion < 1:
+            raise ValueError(f"expansion must be a positive integer, got {expansion!r}")
+        self.conv_mode = conv_mode
+        self.alpha = alpha
+        self.num_channels = c = 16 * expansion
+        if conv_mode == "vanilla":
+            self.convlayers = nn.Sequential(make_conv_block(3, c), make_conv_block(c, 2 * c),
+                                            make_conv_block(2 * c, c))
+        elif conv_mode in ("octave", "multi-octave"):
+            conv_cls = octconv.OctConv2d
+            if conv_mode == "multi-octave" and parallel_scope is None:
+                conv_cls = FusedOctConv2d
+            if conv_mode == "octave":
+                parallel_scope = None
+
+            def block(cin, cout, a):
+                return OctaveBlock(cin, cout, a, conv_cls=conv_cls, parallel_scope=parallel_scope)
+
+            self.convlayers = nn.Sequential(block(3, c, (0.0, alpha)), block(c, 2 * c, (alpha, alpha)),
+                                            block(2 * c, c, (alpha, 0.0)))
+        else:
+            raise ValueError(f"conv_mode must be vanilla, octave or multi-octave, got {conv_mode!r}")
+        self.fc = nn.Linear(c * 4 * 4, num_classes)
+        self.log_softmax = nn.LogSoftmax(dim=1)
+        self.loss = nn.NLLLoss()
+
+    def forward(self, x, labels=None):
+        out = self.convlayers(x)
+        out = torch.flatten(out, start_dim=1)
+        out = self.log_softmax(self.fc(out))
+        if labels is None:
+            return out
+        return out, self.loss(out, labels)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg, num_classes=10, parallel_scope=None):
+    """The model a composed config describes (``parallel_scope``: the IPU backend's MultiConv)."""
+    return ClassificationModel(conv_mode=cfg.conv.mode, alpha=float(cfg.alpha),
+                               expansion=int(cfg.expansion), num_classes=num_classes,
+                               parallel_scope=parallel_scope)

@@ -1,0 +1,67 @@
+"""What a run leaves in its output dir, written atomically (temp file, then rename)."""
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+
+METRICS_FILE = "metrics.json"
+EPOCHS_FILE = "epochs.csv"
+MODEL_FILE = "model.pt"
+EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_images", "train_seconds",
+                 "train_images_per_second")
+
+
+def _atomic_write(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_torch_atomic(path, obj):
+    import torch
+
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_epochs_csv(path, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in EPOCH_COLUMNS})
+    write_text_atomic(path, buf.getvalue())
+
+
+def package_versions():
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "octconv", "hydra-core", "omegaconf", "numpy", "poptorch"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            if dist == "poptorch":
+                continue  # only present inside a Poplar SDK environment
+            versions[dist] = None
+    from . import __version__
+
+    versions["octconv_exp"] = __version__
+    return versions

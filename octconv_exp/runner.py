@@ -1,0 +1,140 @@
+"""One run: validate the config, build data/model/backend, train, evaluate, write outputs."""
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import outputs
+from .backends import make_backend, resolve_device
+from .config import validate
+from .data import load_data
+from .loop import evaluate, train_epoch
+from .model import count_parameters
+
+log = logging.getLogger("octconv_exp")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """The state of one run that ``metrics.json`` reports, however far the run got."""
+
+    def __init__(self, cfg: DictConfig, output_dir):
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.started = time.time()
+        self.device = None
+        self.params = None
+        self.epochs = []
+        self.test_accuracy = None
+        self.test_samples = None
+        self.status = "running"
+        self.error = None
+
+    def metrics(self):
+        cfg = self.cfg
+        last = self.epochs[-1] if self.epochs else None
+        train_images = sum(e.train_images for e in self.epochs)
+        train_seconds = sum(e.train_seconds for e in self.epochs)
+        m = {
+            "status": self.status,
+            "conv": cfg.conv.mode,
+            "alpha": cfg.alpha,
+            "expansion": cfg.expansion,
+            "optimizer": cfg.optimizer.get("name"),
+            "lr": cfg.optimizer.get("lr"),
+            "dataset": cfg.dataset.name,
+            "device": self.device,
+            "seed": cfg.seed,
+            "epochs": cfg.trainer.epochs,
+            "epochs_completed": len(self.epochs),
+            "batch_size": cfg.trainer.batch_size,
+            "train_loss": last.train_loss if last else None,
+            "train_accuracy": last.train_accuracy if last else None,
+            "test_accuracy": self.test_accuracy,
+            "test_samples": self.test_samples,
+            "params": self.params,
+            "train_images_per_second": (train_images / train_seconds) if train_seconds else None,
+            "train_seconds": train_seconds,
+            "wall_seconds": time.time() - self.started,
+            "versions": outputs.package_versions(),
+        }
+        if self.error is not None:
+            m["error"] = self.error
+        return m
+
+    def write_metrics(self):
+        outputs.write_json_atomic(os.path.join(self.output_dir, outputs.METRICS_FILE),
+                                  self.metrics())
+
+
+def run_experiment(cfg: DictConfig, output_dir, run=None):
+    """Train and evaluate the configured model; returns the metrics dict.
+
+    ``run`` (a :class:`Run`) lets the caller report how far a failed run got.
+    """
+    validate(cfg)
+    run = run or Run(cfg, output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    device = resolve_device(cfg.device)
+    run.device = device
+    seed_everything(cfg.seed)
+    backend = make_backend(cfg, device)
+    try:
+        if cfg.profile_dir is not None:
+            model = backend.build_model(num_classes=10)
+            optimizer = backend.build_optimizer(model)
+            written = backend.profile(model, optimizer, cfg.profile_dir)
+            log.info("Profile of one training iteration on %s written to %s", device,
+                     ", ".join(written))
+            run.status = "profiled"
+            return run.metrics()
+
+        t0 = time.perf_counter()
+        data = load_data(cfg.dataset)
+        log.info("Data: %s, %d training and %d test images, %d classes (%.2fs)",
+                 cfg.dataset.name, len(data.train), len(data.test), data.num_classes,
+                 time.perf_counter() - t0)
+        model = backend.build_model(num_classes=data.num_classes)
+        run.params = count_parameters(model)
+        optimizer = backend.build_optimizer(model)
+        train_loader, test_loader = backend.make_loaders(data)
+        log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters; device %s",
+                 cfg.conv.mode, cfg.alpha, cfg.expansion, run.params, device)
+
+        step = backend.training_step(model, optimizer)
+        epochs_csv = os.path.join(output_dir, outputs.EPOCHS_FILE)
+        for epoch in range(1, cfg.trainer.epochs + 1):
+            stats = train_epoch(step, train_loader, epoch, cfg.trainer.epochs,
+                                progress_bar=cfg.trainer.progress_bar)
+            run.epochs.append(stats)
+            outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
+            log.info("Epoch %d/%d: loss %.4f, accuracy %.2f%%, %.0f images/s", epoch,
+                     cfg.trainer.epochs, stats.train_loss, stats.train_accuracy,
+                     stats.train_images_per_second)
+        backend.finish_training(model)
+
+        infer = backend.inference_step(model)
+        run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
+                                                       progress_bar=cfg.trainer.progress_bar)
+        log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
+        if cfg.trainer.save_model:
+            outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE), {
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "conv": cfg.conv.mode, "alpha": cfg.alpha, "expansion": cfg.expansion,
+                "num_classes": data.num_classes,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            })
+        run.status = "completed"
+        run.write_metrics()
+        return run.metrics()
+    finally:
+        backend.close()
