@@ -32,6 +32,19 @@ def one_line(text):
     return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
 
 
+def describe_composition_error(exc):
+    """One line for a Hydra/OmegaConf composition error: the key, then what is wrong."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = exc if isinstance(exc, OmegaConfBaseException) else exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        message = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0].strip()
+        if "not in" in message or "not in struct" in message:
+            message += f" (a new key needs a leading +, e.g. +{cause.full_key}=VALUE)"
+        return f"{cause.full_key}: {message}"
+    return one_line(str(exc).split("Config search path")[0])
+
+
 def group_options(config_dir, group):
     path = os.path.join(config_dir, group)
     if not os.path.isdir(path):
@@ -109,12 +122,11 @@ def preflight(argv):
         return
     config_dir = os.path.abspath(args.config_dir) if args.config_dir else CONFIG_DIR
     config_name = args.config_name or CONFIG_NAME
-    user_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
-        combos = _override_combinations(user_overrides)
+        combos = _override_combinations(overrides)
     except HydraException as exc:
         fail(one_line(exc))
-    _check_group_choices(user_overrides, config_dir)
+    _check_group_choices(overrides, config_dir)
 
     GlobalHydra.instance().clear()
     try:
@@ -123,11 +135,7 @@ def preflight(argv):
                 try:
                     cfg = compose(config_name=config_name, overrides=combo)
                 except (HydraException, OmegaConfBaseException) as exc:
-                    cause = exc.__cause__
-                    detail = one_line(exc)
-                    if cause is not None and one_line(cause) not in detail:
-                        detail += " " + one_line(cause)
-                    fail(detail)
+                    fail(describe_composition_error(exc))
                 if args.cfg is None:
                     validate(cfg)
     except UserError as exc:

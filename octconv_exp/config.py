@@ -58,6 +58,8 @@ class DatasetConfig:
     # holding train/<class>/* and test/<class>/*; synthetic: unused.
     root: Optional[str] = None
     download: bool = False
+    # cifar10 only: verify the files' MD5 sums (off only for hand-made CIFAR-format files).
+    verify_checksums: bool = True
     # synthetic only: sizes and the generator's seed.
     train_size: int = 10000
     test_size: int = 2000
@@ -223,7 +225,8 @@ def _validate_dataset(ds, check_environment):
         _require_int("dataset.test_size", ds.test_size, 1, "must be a positive integer")
         return
     if OmegaConf.is_missing(ds, "root") or ds.root is None or str(ds.root) == "":
-        raise ConfigError("dataset.root", ds.root, "must name a folder")
+        raise ConfigError("dataset.root", "(unset)",
+                          f"dataset={ds.name} needs a folder: add dataset.root=/path/to/folder")
     if check_environment and not os.path.isdir(ds.root):
         if ds.name == "cifar10" and ds.download:
             return  # torchvision creates it and downloads into it

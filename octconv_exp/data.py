@@ -56,8 +56,9 @@ def load_data(ds_cfg) -> DataBundle:
         train = make_synthetic(ds_cfg.train_size, seed=ds_cfg.seed, split="train")
         test = make_synthetic(ds_cfg.test_size, seed=ds_cfg.seed, split="test")
     elif ds_cfg.name == "cifar10":
-        train = load_cifar10(ds_cfg.root, train=True, download=ds_cfg.download)
-        test = load_cifar10(ds_cfg.root, train=False, download=ds_cfg.download)
+        kwargs = dict(download=ds_cfg.download, verify_checksums=ds_cfg.verify_checksums)
+        train = load_cifar10(ds_cfg.root, train=True, **kwargs)
+        test = load_cifar10(ds_cfg.root, train=False, **kwargs)
     elif ds_cfg.name == "image_folder":
         train = load_image_folder(os.path.join(ds_cfg.root, "train"))
         test = load_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes)
@@ -76,34 +77,65 @@ def load_data(ds_cfg) -> DataBundle:
 # CIFAR-10
 
 
-def load_cifar10(root, train, download):
-    """CIFAR-10 through torchvision (downloads into ``root`` when allowed and absent)."""
+def _cifar10_class():
     import torchvision
 
+    class CIFAR10(torchvision.datasets.CIFAR10):
+        """torchvision's CIFAR10, with the MD5 verification of the files optional."""
+
+        def __init__(self, root, train, download, verify_checksums=True):
+            if not verify_checksums:  # presence only (check_integrity with md5=None)
+                self.train_list = [(name, None) for name, _ in self.train_list]
+                self.test_list = [(name, None) for name, _ in self.test_list]
+                self.meta = dict(self.meta, md5=None)
+            super().__init__(root, train=train, download=download)
+
+    return CIFAR10
+
+
+def load_cifar10(root, train, download, verify_checksums=True):
+    """CIFAR-10 through torchvision (downloaded into ``root`` when allowed and absent)."""
+    cls = _cifar10_class()
     split = "training" if train else "test"
+    folder = os.path.abspath(os.path.join(root, cls.base_folder))
+    if download:
+        try:
+            cls(root, train=train, download=True, verify_checksums=verify_checksums)
+        except (OSError, RuntimeError) as exc:  # no network, or a broken archive
+            raise UserError(
+                f"CIFAR-10 is not in {folder} and could not be downloaded "
+                f"({one_line(exc)}); put cifar-10-batches-py/ there by hand, or run offline "
+                "with dataset=synthetic") from None
+        except (ValueError, EOFError, KeyError, pickle.UnpicklingError):
+            pass  # downloaded, but unreadable: reported just below
     try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
+        ds = cls(root, train=train, download=False, verify_checksums=verify_checksums)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+        missing = [name for name, _ in cls.train_list + cls.test_list
+                   if not os.path.isfile(os.path.join(folder, name))]
+        what = ("missing " + ", ".join(missing)) if missing else "checksum mismatch"
         raise UserError(
-            f"CIFAR-10 {split} files not found in {os.path.abspath(os.path.join(root, 'cifar-10-batches-py'))}"
-            f" ({exc}); set dataset.root to the folder holding cifar-10-batches-py/, allow "
-            "dataset.download=true on a machine with internet, or run offline with "
-            "dataset=synthetic") from None
-    except (OSError, ValueError) as exc:  # network failure during download
-        raise UserError(
-            f"CIFAR-10 could not be downloaded into {os.path.abspath(root)} ({exc}); put "
-            "cifar-10-batches-py/ there by hand, or run offline with dataset=synthetic") from None
-    except (pickle.UnpicklingError, EOFError, KeyError) as exc:
-        raise UserError(f"CIFAR-10 {split} files in {os.path.abspath(root)} are corrupt "
-                        f"({type(exc).__name__}: {exc}); delete cifar-10-batches-py/ and "
-                        "download again") from None
+            f"CIFAR-10 {split} files not usable in {folder} ({what}); set dataset.root to the "
+            "folder holding cifar-10-batches-py/, allow dataset.download=true on a machine "
+            "with internet, or run offline with dataset=synthetic") from None
+    except (ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as exc:
+        raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt "
+                        f"({type(exc).__name__}: {one_line(exc)}); delete them and download "
+                        "again") from None
     data = np.asarray(ds.data)
     if data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(ds.targets) != len(data):
-        raise UserError(f"CIFAR-10 {split} files in {os.path.abspath(root)} are corrupt "
+        raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt "
                         f"(images of shape {data.shape}, {len(ds.targets)} labels)")
-    images = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(ds.classes)):
+        raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt (labels outside "
+                        f"0..{len(ds.classes) - 1})")
+    images = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
     return ImageSet(images=images, labels=labels, classes=list(ds.classes))
+
+
+def one_line(exc):
+    return " ".join(str(exc).split())
 
 
 # --------------------------------------------------------------------------------------------

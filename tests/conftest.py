@@ -1,0 +1,80 @@
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from octconv_exp.data import make_synthetic  # noqa: E402
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """run.py in a subprocess; returns the CompletedProcess (text mode)."""
+    full_env = dict(os.environ)
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def write_cifar_fixture(root, train_per_batch=40, test_size=60, seed=0):
+    """A tiny CIFAR-10 in torchvision's on-disk format (python pickles), with learnable
+    synthetic images, so the real torchvision loading code can be exercised offline."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def dump(name, images, labels):
+        entry = {"batch_label": name, "labels": [int(v) for v in labels],
+                 "data": images.reshape(len(labels), -1).numpy().astype(np.uint8),
+                 "filenames": [f"{name}_{i}.png" for i in range(len(labels))]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+
+    train = make_synthetic(5 * train_per_batch, seed=seed, split="train")
+    for b in range(5):
+        sl = slice(b * train_per_batch, (b + 1) * train_per_batch)
+        dump(f"data_batch_{b + 1}", train.images[sl], train.labels[sl])
+    test = make_synthetic(test_size, seed=seed, split="test")
+    dump("test_batch", test.images, test.labels)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": train_per_batch,
+                     "num_vis": 3072}, f)
+    return root
+
+
+def write_image_folder(root, classes=("cats", "dogs", "owls"), per_class=(12, 5), size=40):
+    """root/train/<class>/*.png and root/test/<class>/*.png, of another size than 32x32."""
+    from PIL import Image
+
+    data = make_synthetic(len(classes) * 2 * sum(per_class), seed=3)
+    i = 0
+    for split, n in zip(("train", "test"), per_class):
+        for k, name in enumerate(classes):
+            d = os.path.join(root, split, name)
+            os.makedirs(d, exist_ok=True)
+            picked = (data.labels == 2 * k).nonzero().squeeze(1)
+            for j in range(n):
+                arr = data.images[picked[i % len(picked)]].permute(1, 2, 0).numpy()
+                i += 1
+                img = Image.fromarray(arr).resize((size, size))
+                if j % 4 == 3:
+                    img = img.convert("L")  # greyscale files are converted to RGB
+                img.save(os.path.join(d, f"{j:03d}.png"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    return write_cifar_fixture(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="session")
+def image_folder_root(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("images")))

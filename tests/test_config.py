@@ -1,0 +1,145 @@
+"""Every config composes and validates; every bad value is refused with one line naming it."""
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import REPO
+from octconv_exp import cli
+from octconv_exp.config import ConfigError, validate
+from octconv_exp.errors import USER_ERROR_EXIT
+
+CONF = os.path.join(REPO, "conf")
+GROUPS = ("conv", "optimizer", "dataset", "ipu")
+
+
+def options(group):
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
+
+
+@pytest.fixture
+def composer():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def test_defaults_match_the_seed(composer):
+    cfg = composer()
+    assert cfg.conv.mode == "vanilla"
+    assert cfg.alpha == 0.5 and cfg.expansion == 1
+    assert (cfg.trainer.batch_size, cfg.trainer.test_batch_size, cfg.trainer.epochs) == (8, 80, 10)
+    assert cfg.ipu.device_iterations == 50
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
+    assert cfg.optimizer.momentum == 0.0
+    assert cfg.dataset.name == "cifar10" and cfg.dataset.root == "data"
+    assert list(cfg.dataset.mean) == [0.4914, 0.4822, 0.4465]
+    assert list(cfg.dataset.std) == [0.2470, 0.2435, 0.2616]
+    assert cfg.profile_dir is None and cfg.ipu.cache_dir is None
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes_and_validates(composer, group, tmp_path):
+    found = options(group)
+    assert len(found) >= (3 if group != "ipu" else 1)
+    for option in found:
+        extra = [f"dataset.root={tmp_path}"] if (group, option) == ("dataset", "image_folder") else []
+        if (group, option) == ("optimizer", "lamb"):
+            extra.append("device=ipu")  # LAMB exists only in poptorch.optim
+        cfg = composer(f"{group}={option}", *extra)
+        validate(cfg, check_environment=False)
+        if group == "conv":
+            assert cfg.conv.mode == option
+        if group in ("optimizer", "dataset"):
+            assert cfg[group].name == option
+
+
+def test_seed_command_lines_compose(composer, tmp_path):
+    cfg = composer("conv=octave", "alpha=0.8")
+    assert (cfg.conv.mode, cfg.alpha) == ("octave", 0.8)
+    cfg = composer("conv=multi-octave", "optimizer=adam", "optimizer.lr=0.001", "trainer.epochs=3")
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.001
+    assert cfg.trainer.epochs == 3
+    cfg = composer("dataset=image_folder", f"dataset.root={tmp_path}")
+    validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["alpha=1.0"], "alpha"),
+    (["alpha=-0.1"], "alpha"),
+    (["conv=octave", "alpha=0.97"], "alpha"),      # 16 channels -> 0 high-frequency channels
+    (["conv=octave", "alpha=0.95", "expansion=1"], "alpha"),
+    (["conv=multi-octave", "alpha=0.97"], "alpha"),
+    (["trainer.batch_size=0"], "trainer.batch_size"),
+    (["trainer.test_batch_size=-8"], "trainer.test_batch_size"),
+    (["trainer.epochs=0"], "trainer.epochs"),
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["optimizer=adam", "optimizer.lr=-1e-3"], "optimizer.lr"),
+    (["expansion=0"], "expansion"),
+    (["device=tpu"], "device"),
+    (["conv.mode=dense"], "conv.mode"),
+    (["ipu.device_iterations=0"], "ipu.device_iterations"),
+    (["ipu.output_mode=everything"], "ipu.output_mode"),
+    (["conv=multi-octave", "conv.multi_conv.plan_type=sideways"], "conv.multi_conv.plan_type"),
+    (["conv=multi-octave", "conv.multi_conv.available_memory_proportions=[0.5,0.5]"],
+     "conv.multi_conv.available_memory_proportions"),
+    (["conv=multi-octave", "conv.multi_conv.partials_types=[double]"],
+     "conv.multi_conv.partials_types"),
+    (["dataset=image_folder", "dataset.root=/no/such/folder"], "dataset.root"),
+    (["dataset=image_folder"], "dataset.root"),
+    (["dataset=cifar10", "dataset.download=false", "dataset.root=/no/such/folder"], "dataset.root"),
+    (["dataset.std=[0.2,0.0,0.2]"], "dataset.std"),
+])
+def test_bad_values_name_the_key(composer, overrides, key):
+    cfg = composer(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.key == key
+    assert str(info.value).startswith(key)
+
+
+def test_alpha_split_depends_on_expansion(composer):
+    # alpha 0.95 leaves int(0.05 * 16) = 0 high channels at expansion 1, but 1 at expansion 2.
+    validate(composer("conv=octave", "alpha=0.95", "expansion=2"))
+    validate(composer("conv=vanilla", "alpha=0.97"))  # vanilla ignores alpha
+    validate(composer("conv=octave", "alpha=0"))
+
+
+def test_device_cuda_without_cuda(composer):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        validate(composer("device=cuda"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["conv=foo"], "conv=foo: not an option of config group 'conv'; choose one of: multi-octave, octave, vanilla"),
+    (["optimizer=nope"], "optimizer=nope: not an option"),
+    (["dataset=imagenet"], "dataset=imagenet: not an option"),
+    (["alpha=abc"], "alpha: Value 'abc' of type 'str' could not be converted to Float"),
+    (["expansion=1.5"], "expansion: Value '1.5'"),
+    (["trainer.epoch=3"], "trainer.epoch: Key 'epoch' not in 'TrainerConfig'"),
+    (["alpha=1.5"], "alpha=1.5: must be a number in [0, 1)"),
+    (["-m", "conv=octave", "alpha=0.25,0.99"], "alpha=0.99"),   # a bad sweep value, before any job
+    (["-m", "conv=octave,bogus"], "conv=bogus: not an option"),
+    (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'"),
+])
+def test_preflight_one_line_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.preflight(argv)
+    assert info.value.code == USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_preflight_accepts_good_sweeps(capsys):
+    cli.preflight(["-m", "conv=vanilla,octave,multi-octave", "alpha=0.125,0.25,0.5,0.75",
+                   "dataset=synthetic"])
+    cli.preflight(["--cfg", "job", "conv=octave"])
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,171 @@
+"""Data sets: synthetic, the torchvision CIFAR-10 path on a generated fixture, image folders."""
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from omegaconf import OmegaConf
+
+from conftest import write_cifar_fixture
+from octconv_exp.data import (CIFAR10_MEAN, CIFAR10_STD, BatchLoader, ImageSet, load_cifar10,
+                              load_data, load_image_folder, make_synthetic)
+from octconv_exp.errors import UserError
+
+
+def test_synthetic_is_deterministic_balanced_and_cifar_shaped():
+    a = make_synthetic(1000, seed=4)
+    b = make_synthetic(1000, seed=4)
+    assert a.images.shape == (1000, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert a.labels.dtype == torch.int64
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.bincount(a.labels).tolist() == [100] * 10
+    assert len(a.classes) == 10
+    assert not torch.equal(make_synthetic(1000, seed=5).images, a.images)
+    test = make_synthetic(1000, seed=4, split="test")
+    assert not torch.equal(test.images, a.images)  # train and test are different draws
+    assert a.images.float().std() > 20  # not a blank image set
+
+
+def test_synthetic_texture_is_invisible_after_2x2_pooling():
+    """The two textures of a shape differ at full resolution but not after the 2x2 average
+    pooling that makes the low-frequency octave: both frequency bands matter."""
+    data = make_synthetic(4000, seed=0)
+    x = data.images.float()
+
+    def column_energy(imgs):  # mean squared difference between horizontal neighbours
+        return (imgs[..., 1:] - imgs[..., :-1]).pow(2).mean().item()
+
+    for shape in range(5):
+        # Checkerboard pixels alternate along rows and columns, stripes only between rows.
+        checker, stripes = x[data.labels == 2 * shape], x[data.labels == 2 * shape + 1]
+        full_c, full_s = column_energy(checker), column_energy(stripes)
+        assert full_c > 1.05 * full_s
+        pooled_c = column_energy(F.avg_pool2d(checker, 2))
+        pooled_s = column_energy(F.avg_pool2d(stripes, 2))
+        assert abs(pooled_c - pooled_s) < 0.03 * pooled_s
+
+
+def test_batch_loader_normalises_like_torchvision_and_covers_everything():
+    data = make_synthetic(103, seed=1)
+    loader = BatchLoader(data, 10, CIFAR10_MEAN, CIFAR10_STD, shuffle=False, drop_last=False)
+    assert len(loader) == 11
+    batches = list(loader)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.shape == (103, 3, 32, 32) and torch.equal(y, data.labels)
+    transform = torchvision.transforms.Compose([
+        torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    expected = torch.stack([transform(img.permute(1, 2, 0).numpy()) for img in data.images])
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_batch_loader_shuffles_per_epoch_and_drops_the_tail_only_when_asked():
+    data = ImageSet(torch.zeros(25, 3, 32, 32, dtype=torch.uint8), torch.arange(25), ["a"])
+    loader = BatchLoader(data, 4, (0, 0, 0), (1, 1, 1), shuffle=True, drop_last=True, seed=3)
+    assert len(loader) == 6
+    e1 = torch.cat([y for _, y in loader])
+    e2 = torch.cat([y for _, y in loader])
+    assert len(e1) == 24 and len(set(e1.tolist())) == 24
+    assert not torch.equal(e1, e2)
+    again = BatchLoader(data, 4, (0, 0, 0), (1, 1, 1), shuffle=True, drop_last=True, seed=3)
+    assert torch.equal(torch.cat([y for _, y in again]), e1)  # the seed fixes the order
+
+
+def test_cifar10_through_torchvision(cifar_root):
+    train = load_cifar10(cifar_root, train=True, download=False, verify_checksums=False)
+    test = load_cifar10(cifar_root, train=False, download=False, verify_checksums=False)
+    assert train.images.shape == (200, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (60, 3, 32, 32)
+    assert train.classes[0] == "airplane" and len(train.classes) == 10
+    # The same pixels torchvision's own dataset yields, channel-first.
+    tv = torchvision.datasets.CIFAR10.__new__(torchvision.datasets.CIFAR10)
+    with open(os.path.join(cifar_root, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    first = torch.from_numpy(entry["data"][0].reshape(3, 32, 32))
+    assert torch.equal(train.images[0], first)
+    assert train.labels[:40].tolist() == entry["labels"]
+    del tv
+
+
+def test_cifar10_checksums_are_verified_by_default(cifar_root):
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_cifar10(cifar_root, train=True, download=False)
+
+
+def test_cifar10_missing_files_suggest_synthetic(tmp_path):
+    with pytest.raises(UserError) as info:
+        load_cifar10(str(tmp_path), train=True, download=False)
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "dataset=synthetic" in msg and "data_batch_1" in msg
+
+
+def test_cifar10_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "urlopen", offline, raising=False)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(UserError, match="could not be downloaded.*dataset=synthetic"):
+        load_cifar10(str(tmp_path / "data"), train=True, download=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape"])
+def test_cifar10_corrupt_batch_file(tmp_path, damage):
+    root = write_cifar_fixture(str(tmp_path), train_per_batch=8, test_size=8)
+    path = os.path.join(root, "cifar-10-batches-py", "data_batch_3")
+    if damage == "truncate":
+        with open(path, "rb") as f:
+            head = f.read(100)
+        with open(path, "wb") as f:
+            f.write(head)
+    elif damage == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"this is not a pickle" * 10)
+    else:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        entry["data"] = entry["data"][:, :1000]
+        with open(path, "wb") as f:
+            pickle.dump(entry, f)
+    with pytest.raises(UserError, match="corrupt"):
+        load_cifar10(root, train=True, download=False, verify_checksums=False)
+
+
+def test_image_folder(image_folder_root):
+    train = load_image_folder(os.path.join(image_folder_root, "train"))
+    test = load_image_folder(os.path.join(image_folder_root, "test"), classes=train.classes)
+    assert train.classes == ["cats", "dogs", "owls"]
+    assert train.images.shape == (36, 3, 32, 32) and test.images.shape == (15, 3, 32, 32)
+    assert torch.bincount(train.labels).tolist() == [12, 12, 12]
+    cfg = OmegaConf.create({"name": "image_folder", "root": image_folder_root, "mean": None,
+                            "std": None})
+    bundle = load_data(cfg)
+    assert bundle.num_classes == 3
+    assert all(0 < m < 1 for m in bundle.mean) and all(s > 0 for s in bundle.std)
+
+
+def test_image_folder_without_class_subfolders(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "img.png").write_bytes(b"")
+    with pytest.raises(UserError, match="no class subfolders"):
+        load_image_folder(str(tmp_path / "train"))
+
+
+def test_image_folder_with_an_unreadable_image(tmp_path, image_folder_root):
+    root = tmp_path / "imgs"
+    shutil.copytree(image_folder_root, root)
+    bad = root / "train" / "dogs" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UserError, match="cannot read image .*broken.png"):
+        load_image_folder(str(root / "train"))
+
+
+def test_image_folder_test_classes_must_be_known(tmp_path, image_folder_root):
+    root = tmp_path / "imgs"
+    shutil.copytree(image_folder_root, root)
+    shutil.copytree(root / "test" / "owls", root / "test" / "bats")
+    with pytest.raises(UserError, match="bats"):
+        load_data(OmegaConf.create({"name": "image_folder", "root": str(root)}))

@@ -1,0 +1,148 @@
+"""run.py end to end, in subprocesses, on offline data sets."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+SMALL = ["dataset=synthetic", "dataset.train_size=2000", "dataset.test_size=500",
+         "trainer.epochs=2", "trainer.batch_size=16", "trainer.progress_bar=false"]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
+def test_each_conv_mode_learns_the_synthetic_data(mode, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli(f"conv={mode}", "alpha=0.25", *SMALL, f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_metrics(run_dir)
+    assert m["status"] == "completed"
+    assert m["conv"] == mode and m["alpha"] == 0.25 and m["dataset"] == "synthetic"
+    assert m["test_accuracy"] > 40.0  # chance is 10%
+    assert m["test_samples"] == 500
+    assert m["params"] == 12346 and m["epochs"] == 2 and m["device"] == "cpu"
+    for key in ("expansion", "seed", "train_loss", "train_accuracy", "train_images_per_second",
+                "wall_seconds", "versions"):
+        assert m[key] is not None, key
+    assert m["train_images_per_second"] > 0
+    assert m["versions"]["torch"] == torch.__version__.split("+")[0] or m["versions"]["torch"]
+    assert m["versions"]["octconv"] == "0.1.0"
+    with open(run_dir / "epochs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert int(rows[0]["train_images"]) == 2000  # 125 batches of 16, none dropped
+    assert float(rows[-1]["train_loss"]) == pytest.approx(m["train_loss"])
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "run.log").exists()
+    assert "Accuracy on test set:" in (run_dir / "run.log").read_text()
+    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    assert saved["conv"] == mode and saved["alpha"] == 0.25
+    assert sum(v.numel() for k, v in saved["state_dict"].items()
+               if "running" not in k and "num_batches" not in k) == 12346
+    assert not [p for p in os.listdir(run_dir) if p.startswith(".metrics")]  # no temp files left
+
+
+@pytest.mark.slow
+def test_cifar10_path_through_run_py(cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("dataset=cifar10", f"dataset.root={cifar_root}", "dataset.download=false",
+                  "dataset.verify_checksums=false", "conv=octave", "trainer.epochs=1",
+                  "trainer.progress_bar=false", "trainer.test_batch_size=7",
+                  f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_metrics(run_dir)
+    assert m["dataset"] == "cifar10" and m["test_samples"] == 60  # 8 full batches + a tail of 4
+
+
+@pytest.mark.slow
+def test_cifar10_missing_is_one_line_and_exit_2(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("dataset.download=false", f"dataset.root={tmp_path}", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: CIFAR-10")
+    assert "dataset=synthetic" in res.stderr
+    m = read_metrics(run_dir)
+    assert m["status"] == "failed" and "CIFAR-10" in m["error"]
+
+
+@pytest.mark.slow
+def test_image_folder_through_run_py(image_folder_root, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("dataset=image_folder", f"dataset.root={image_folder_root}", "conv=multi-octave",
+                  "trainer.epochs=1", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_metrics(run_dir)
+    assert m["test_samples"] == 15
+    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    assert saved["num_classes"] == 3 and saved["state_dict"]["fc.weight"].shape[0] == 3
+
+
+@pytest.mark.slow
+def test_print_config_job():
+    res = run_cli("--cfg", "job", "conv=octave", "alpha=0.8")
+    assert res.returncode == 0, res.stderr
+    assert "mode: octave" in res.stdout and "alpha: 0.8" in res.stdout
+    assert "device_iterations: 50" in res.stdout
+
+
+@pytest.mark.slow
+def test_bad_override_is_one_line_and_exit_2(tmp_path):
+    res = run_cli("conv=foo", f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 2
+    assert res.stderr == ("error: conv=foo: not an option of config group 'conv'; choose one of: "
+                          "multi-octave, octave, vanilla\n")
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_profile_dir_writes_a_trace_and_exits(tmp_path):
+    prof = tmp_path / "prof"
+    res = run_cli("conv=multi-octave", f"profile_dir={prof}", f"hydra.run.dir={tmp_path / 'run'}",
+                  "dataset=synthetic")
+    assert res.returncode == 0, res.stderr[-3000:]
+    trace = json.loads((prof / "trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("conv" in n for n in names)
+    assert "aten::" in (prof / "summary.txt").read_text()
+    assert not (tmp_path / "run" / "model.pt").exists()  # profiled, not trained
+
+
+@pytest.mark.slow
+def test_task_function_returns_test_accuracy(tmp_path):
+    """Optimising sweepers read the return value of run.py's task function."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys; sys.argv = ['run.py'] + sys.argv[1:]\n"
+        "import run\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from hydra.core.hydra_config import HydraConfig\n"
+        f"with initialize_config_dir(version_base='1.3', config_dir='{REPO}/conf'):\n"
+        "    cfg = compose('config', overrides=sys.argv[1:], return_hydra_config=True)\n"
+        "    HydraConfig.instance().set_config(cfg)\n"
+        "    import json, os\n"
+        "    os.makedirs(cfg.hydra.runtime.output_dir, exist_ok=True)\n"
+        "    from omegaconf import open_dict\n"
+        "    with open_dict(cfg): del cfg['hydra']\n"
+        "    acc = run.main(cfg)  # hydra.main passes a given cfg straight to the task function\n"
+        "    print('RETURNED', acc, json.load(open(os.path.join(HydraConfig.get().runtime.output_dir, 'metrics.json')))['test_accuracy'])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, *SMALL, "trainer.epochs=1",
+                          f"hydra.run.dir={tmp_path}", f"hydra.runtime.output_dir={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RETURNED")][0]
+    returned, recorded = line.split()[1:]
+    assert float(returned) == float(recorded) > 10

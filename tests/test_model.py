@@ -1,0 +1,162 @@
+"""The seed's model, layer for layer, and the fused octave convolution against octconv."""
+import itertools
+
+import octconv
+import pytest
+import torch
+
+from octconv_exp.model import (ClassificationModel, FusedOctConv2d, OctaveBlock,
+                               count_parameters)
+
+MODES = ("vanilla", "octave", "multi-octave")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("alpha", [0.0, 0.125, 0.25, 0.5, 0.75])
+def test_output_shapes_and_loss(mode, alpha):
+    torch.manual_seed(0)
+    model = ClassificationModel(mode, alpha, expansion=1)
+    x = torch.randn(5, 3, 32, 32)
+    labels = torch.randint(0, 10, (5,))
+    out = model(x)
+    assert out.shape == (5, 10)
+    assert torch.allclose(out.exp().sum(dim=1), torch.ones(5), atol=1e-5)  # log-probabilities
+    out2, loss = model(x, labels)
+    assert torch.allclose(out, out2)
+    assert torch.allclose(loss, torch.nn.functional.nll_loss(out, labels))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.125, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("expansion", [1, 2, 4])
+def test_parameter_counts(alpha, expansion):
+    counts = {mode: count_parameters(ClassificationModel(mode, alpha, expansion)) for mode in MODES}
+    assert counts["vanilla"] == counts["octave"] == counts["multi-octave"]
+    if expansion == 1:
+        assert counts["vanilla"] == 12346
+
+
+def test_seed_layer_structure():
+    model = ClassificationModel("octave", 0.5, 1)
+    convs = [b.octconv for b in model.convlayers]
+    assert [(c.alpha_in, c.alpha_out) for c in convs] == [(0.0, 0.5), (0.5, 0.5), (0.5, 0.0)]
+    assert [c.out_channels for c in convs] == [{"high": 8, "low": 8}, {"high": 16, "low": 16},
+                                               {"high": 16, "low": 0}]
+    assert all(type(c) is octconv.OctConv2d for c in convs)
+    assert isinstance(model.convlayers[0].low_seq[0], torch.nn.BatchNorm2d)
+    assert not hasattr(model.convlayers[2], "low_seq")
+    fused = ClassificationModel("multi-octave", 0.5, 1)
+    assert all(type(b.octconv) is FusedOctConv2d for b in fused.convlayers)
+
+
+def test_octave_alpha_zero_has_vanilla_parameter_shapes():
+    vanilla = ClassificationModel("vanilla", 0.0, 2)
+    octave = ClassificationModel("octave", 0.0, 2)
+    assert [p.shape for p in vanilla.parameters()] == [p.shape for p in octave.parameters()]
+    # ... and with the same weights it is the same function.
+    with torch.no_grad():
+        for p, q in zip(octave.parameters(), vanilla.parameters()):
+            p.copy_(q)
+    vanilla.eval()
+    octave.eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(vanilla(x), octave(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.125, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("expansion", [1, 2])
+def test_multi_octave_equals_octave_with_the_same_weights(alpha, expansion):
+    torch.manual_seed(1)
+    octave = ClassificationModel("octave", alpha, expansion)
+    multi = ClassificationModel("multi-octave", alpha, expansion)
+    multi.load_state_dict(octave.state_dict())  # same parameter names: interchangeable
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.randint(0, 10, (6,))
+    out_o, loss_o = octave(x, labels)
+    out_m, loss_m = multi(x, labels)
+    assert torch.allclose(out_o, out_m, atol=1e-5)
+    loss_o.backward()
+    loss_m.backward()
+    for (name, p), q in zip(octave.named_parameters(), multi.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def _inputs(channels, alpha_in, size, batch=3):
+    if alpha_in == 0:
+        return torch.randn(batch, channels, size, size, requires_grad=True)
+    high = int((1 - alpha_in) * channels)
+    return (torch.randn(batch, high, size, size, requires_grad=True),
+            torch.randn(batch, channels - high, size // 2, size // 2, requires_grad=True))
+
+
+def _flat(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+ALPHA_PAIRS = [(0.0, 0.25), (0.0, 0.5), (0.25, 0.25), (0.5, 0.5), (0.75, 0.75), (0.5, 0.0),
+               (0.25, 0.75), (0.75, 0.0), (0.0, 0.0)]
+
+
+@pytest.mark.parametrize("alphas, channels, stride, size",
+                         [(a, c, s, z) for a, c, s, z in itertools.product(
+                             ALPHA_PAIRS, [(8, 16), (16, 16), (32, 12)], [1, 2], [8, 16])])
+def test_fused_matches_octconv_forward_and_gradients(alphas, channels, stride, size):
+    cin, cout = channels
+    torch.manual_seed(hash((alphas, channels, stride, size)) % 1000)
+    ref = octconv.OctConv2d(cin, cout, 3, stride=stride, padding=1, alpha=alphas)
+    fused = FusedOctConv2d(cin, cout, 3, stride=stride, padding=1, alpha=alphas)
+    fused.load_state_dict(ref.state_dict())
+    x = _inputs(cin, alphas[0], size)
+    x2 = tuple(t.detach().clone().requires_grad_() for t in _flat(x))
+    y_ref, y_fused = _flat(ref(x)), _flat(fused(x2 if len(x2) > 1 else x2[0]))
+    assert [t.shape for t in y_ref] == [t.shape for t in y_fused]
+    for a, b in zip(y_ref, y_fused):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    grads = [torch.randn_like(t) for t in y_ref]
+    torch.autograd.backward(y_ref, grads)
+    torch.autograd.backward(y_fused, grads)
+    for a, b in zip(_flat(x), x2):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
+
+
+def test_fused_with_bias_matches_octconv():
+    torch.manual_seed(0)
+    ref = octconv.OctConv2d(16, 16, 3, padding=1, alpha=0.5, bias=True)
+    fused = FusedOctConv2d(16, 16, 3, padding=1, alpha=0.5, bias=True)
+    fused.load_state_dict(ref.state_dict())
+    x = _inputs(16, 0.5, 8)
+    for a, b in zip(ref(x), fused(x)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin, cout, alpha", [
+    (16, 16, 1.0),          # octconv builds no h2h convolution and then fails in forward
+    (16, 16, (0.0, 1.0)),
+    (16, 16, 0.97),         # int(0.03 * 16) = 0 high-frequency channels
+    (4, 16, (0.9, 0.5)),    # 0 high input channels
+])
+def test_fused_refuses_what_octconv_gets_wrong(cin, cout, alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        FusedOctConv2d(cin, cout, 3, padding=1, alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        OctaveBlock(cin, cout, alpha if isinstance(alpha, tuple) else (alpha, alpha))
+
+
+def test_parallel_scope_wraps_every_octave_convolution():
+    entered = []
+
+    class Scope:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return False
+
+    model = ClassificationModel("multi-octave", 0.5, 1, parallel_scope=Scope)
+    assert all(type(b.octconv) is octconv.OctConv2d for b in model.convlayers)
+    model(torch.randn(2, 3, 32, 32))
+    assert len(entered) == 3
+    entered.clear()
+    ClassificationModel("octave", 0.5, 1, parallel_scope=Scope)(torch.randn(2, 3, 32, 32))
+    assert entered == []  # octave mode never groups its convolutions
