@@ -24,6 +24,7 @@ DATASETS = ("cifar10", "synthetic", "image_folder")
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
+SCHEDULERS = ("none", "cosine", "step")
 MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
 PARTIALS_TYPES = ("float", "half")
 OUTPUT_MODES = ("default", "final", "all", "sum")
@@ -106,6 +107,7 @@ class Schema:
     profile_dir: Optional[str] = None
     conv: ConvConfig = MISSING
     optimizer: Any = MISSING
+    scheduler: Any = MISSING
     dataset: DatasetConfig = MISSING
     ipu: IpuConfig = MISSING
     trainer: TrainerConfig = MISSING
@@ -193,6 +195,12 @@ def validate(cfg: DictConfig, check_environment=True):
         raise ConfigError("optimizer", name,
                           "is only available on IPUs (poptorch.optim); use device=ipu or "
                           "choose sgd, adam, adamw or rmsprop")
+
+    scheduler = cfg.scheduler.get("name", None)
+    if scheduler not in SCHEDULERS:
+        raise ConfigError("scheduler.name", scheduler, "expected one of " + ", ".join(SCHEDULERS))
+    if scheduler != "none" and not cfg.scheduler.get("_target_"):
+        raise ConfigError("scheduler._target_", None, "must name a torch.optim.lr_scheduler class")
 
     _validate_dataset(cfg.dataset, check_environment)
     _validate_ipu(cfg)

@@ -259,6 +259,19 @@ def make_synthetic(n, seed=0, split="train"):
 # Loading
 
 
+class Normalise:
+    """uint8 images -> (x / 255 - mean) / std, computed as one fused x * scale + shift."""
+
+    def __init__(self, mean, std, device="cpu"):
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * std_t)).to(device)
+        self.shift = (-mean_t / std_t).to(device)
+
+    def __call__(self, images_uint8):
+        return torch.addcmul(self.shift, images_uint8.to(torch.float32), self.scale)
+
+
 class BatchLoader:
     """Shuffled batches of an :class:`ImageSet`, normalised as whole batches on ``device``.
 
@@ -275,11 +288,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(int(seed))
-        # (x / 255 - mean) / std  ==  x * scale + shift
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.scale = (1.0 / (255.0 * std_t)).to(self.device)
-        self.shift = (-mean_t / std_t).to(self.device)
+        self.normalise = Normalise(mean, std, device=self.device)
 
     @property
     def num_samples(self):
@@ -288,9 +297,6 @@ class BatchLoader:
     def __len__(self):
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
-
-    def normalise(self, images_uint8):
-        return torch.addcmul(self.shift, images_uint8.to(torch.float32), self.scale)
 
     def __iter__(self):
         n = self.num_samples

@@ -18,6 +18,7 @@ class EpochStats:
     train_accuracy: float
     train_images: int
     train_seconds: float
+    lr: float = float("nan")
 
     @property
     def train_images_per_second(self):
@@ -26,19 +27,22 @@ class EpochStats:
     def as_row(self):
         return {"epoch": self.epoch, "train_loss": self.train_loss,
                 "train_accuracy": self.train_accuracy, "train_images": self.train_images,
-                "train_seconds": round(self.train_seconds, 4),
+                "train_seconds": round(self.train_seconds, 4), "lr": self.lr,
                 "train_images_per_second": round(self.train_images_per_second, 2)}
 
 
 def count_correct(output, labels):
-    """Correct predictions among the outputs returned; labels aligned on the last rows."""
+    """Correct predictions among the outputs returned; labels aligned on the last rows
+    (PopTorch's default training output is the last micro-batch of the combined batch)."""
     labels = labels[-output.shape[0]:]
     return (output.argmax(dim=1) == labels).sum(), labels.shape[0]
 
 
 def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25):
     """One pass over ``loader``; the loss and accuracy are summed on the device and read back
-    only every ``refresh_every`` steps, so the bar never forces a synchronisation per step."""
+    only every ``refresh_every`` steps, so the bar never forces a synchronisation per step.
+
+    A step may return no output (PopTorch's Sum output mode): the accuracy is then None."""
     loss_sum = None
     correct = None
     seen = 0  # predictions returned
@@ -50,24 +54,31 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
     for data, labels in bar:
         output, loss = step(data, labels)
         loss = loss.detach().float().mean()
-        ok, n = count_correct(output, labels)
         loss_sum = loss if loss_sum is None else loss_sum + loss
-        correct = ok if correct is None else correct + ok
-        seen += n
+        if output is not None:
+            ok, n = count_correct(output, labels)
+            correct = ok if correct is None else correct + ok
+            seen += n
         images += data.shape[0]
         steps += 1
         if progress_bar and steps % refresh_every == 0:
-            bar.set_postfix_str(f"loss {loss_sum.item() / steps:.4f} | "
-                                f"accuracy {100.0 * correct.item() / seen:.2f}%", refresh=False)
+            bar.set_postfix_str(_describe(loss_sum.item() / steps, correct, seen), refresh=False)
     if steps == 0:
         raise ValueError("the training loader yielded no batch")
     mean_loss = loss_sum.item() / steps
-    accuracy = 100.0 * correct.item() / seen
+    accuracy = 100.0 * correct.item() / seen if seen else None
     elapsed = time.perf_counter() - start
     if progress_bar:
-        bar.set_postfix_str(f"loss {mean_loss:.4f} | accuracy {accuracy:.2f}%")
+        bar.set_postfix_str(_describe(mean_loss, correct, seen))
     bar.close()
     return EpochStats(epoch, mean_loss, accuracy, images, elapsed)
+
+
+def _describe(loss, correct, seen):
+    text = f"loss {loss:.4f}"
+    if seen:
+        text += f" | accuracy {100.0 * correct.item() / seen:.2f}%"
+    return text
 
 
 def evaluate(infer, loader, progress_bar=True):

@@ -89,12 +89,13 @@ class FusedOctConv2d(octconv.OctConv2d):
 class OctaveBlock(nn.Module):
     """Octave convolution -> per-frequency BatchNorm -> ReLU -> MaxPool (the seed's OctConvBlock).
 
-    ``parallel_scope``, when given, is entered around the convolution so that its branches
-    run as one group (``poptorch.MultiConv`` on IPUs).
+    ``parallel_scope``, when given, is called with the octave convolution and the context
+    manager it returns is entered around the convolution, so that its branches run as one
+    group (``poptorch.MultiConv`` on IPUs, configured for the branches this layer has).
     """
 
     def __init__(self, in_channels, out_channels, alpha, conv_cls=octconv.OctConv2d,
-                 parallel_scope: Optional[Callable[[], ContextManager]] = None):
+                 parallel_scope: Optional[Callable[[nn.Module], ContextManager]] = None):
         super().__init__()
         alpha_in, alpha_out = alpha
         check_octave_split(in_channels, out_channels, alpha_in, alpha_out)
@@ -110,7 +111,8 @@ class OctaveBlock(nn.Module):
                                          pool)
 
     def forward(self, x):
-        scope = self.parallel_scope() if self.parallel_scope is not None else contextlib.nullcontext()
+        scope = (self.parallel_scope(self.octconv) if self.parallel_scope is not None
+                 else contextlib.nullcontext())
         with scope:
             out = self.octconv(x)
         if self.has_low:
@@ -128,7 +130,7 @@ class ClassificationModel(nn.Module):
     """
 
     def __init__(self, conv_mode="vanilla", alpha=0.5, expansion=1, num_classes=10,
-                 parallel_scope: Optional[Callable[[], ContextManager]] = None):
+                 parallel_scope: Optional[Callable[[nn.Module], ContextManager]] = None):
         super().__init__()
         if not isinstance(expansion, int) or expansion < 1:
             raise ValueError(f"expansion must be a positive integer, got {expansion!r}")
@@ -163,6 +165,11 @@ class ClassificationModel(nn.Module):
         if labels is None:
             return out
         return out, self.loss(out, labels)
+
+
+def octave_branches(conv):
+    """The branches an octave convolution has, in the order octconv executes them."""
+    return [name for name in ("h2h", "h2l", "l2l", "l2h") if getattr(conv, "conv_" + name) is not None]
 
 
 def count_parameters(model):

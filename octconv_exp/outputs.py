@@ -11,7 +11,7 @@ METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
 MODEL_FILE = "model.pt"
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_images", "train_seconds",
-                 "train_images_per_second")
+                 "train_images_per_second", "lr")
 
 
 def _atomic_write(path, write):

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import outputs
@@ -16,6 +17,15 @@ from .loop import evaluate, train_epoch
 from .model import count_parameters
 
 log = logging.getLogger("octconv_exp")
+
+
+def build_scheduler(sched_cfg, optimizer):
+    """The configured learning-rate schedule (stepped once per epoch), or None."""
+    if sched_cfg.name == "none":
+        return None
+    node = OmegaConf.to_container(sched_cfg, resolve=True)
+    node.pop("name")
+    return instantiate(node, optimizer=optimizer)
 
 
 def seed_everything(seed):
@@ -51,6 +61,7 @@ class Run:
             "expansion": cfg.expansion,
             "optimizer": cfg.optimizer.get("name"),
             "lr": cfg.optimizer.get("lr"),
+            "scheduler": cfg.scheduler.get("name"),
             "dataset": cfg.dataset.name,
             "device": self.device,
             "seed": cfg.seed,
@@ -110,16 +121,23 @@ def run_experiment(cfg: DictConfig, output_dir, run=None):
         log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters; device %s",
                  cfg.conv.mode, cfg.alpha, cfg.expansion, run.params, device)
 
+        scheduler = build_scheduler(cfg.scheduler, optimizer)
         step = backend.training_step(model, optimizer)
         epochs_csv = os.path.join(output_dir, outputs.EPOCHS_FILE)
         for epoch in range(1, cfg.trainer.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
             stats = train_epoch(step, train_loader, epoch, cfg.trainer.epochs,
                                 progress_bar=cfg.trainer.progress_bar)
+            stats.lr = lr
+            if scheduler is not None:
+                scheduler.step()
+                backend.on_epoch_end(optimizer)
             run.epochs.append(stats)
             outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
-            log.info("Epoch %d/%d: loss %.4f, accuracy %.2f%%, %.0f images/s", epoch,
-                     cfg.trainer.epochs, stats.train_loss, stats.train_accuracy,
-                     stats.train_images_per_second)
+            log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g", epoch,
+                     cfg.trainer.epochs, stats.train_loss,
+                     "n/a" if stats.train_accuracy is None else f"{stats.train_accuracy:.2f}%",
+                     stats.train_images_per_second, lr)
         backend.finish_training(model)
 
         infer = backend.inference_step(model)

@@ -11,7 +11,7 @@ from octconv_exp.config import ConfigError, validate
 from octconv_exp.errors import USER_ERROR_EXIT
 
 CONF = os.path.join(REPO, "conf")
-GROUPS = ("conv", "optimizer", "dataset", "ipu")
+GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
 
 
 def options(group):
@@ -52,7 +52,7 @@ def test_every_group_option_composes_and_validates(composer, group, tmp_path):
         validate(cfg, check_environment=False)
         if group == "conv":
             assert cfg.conv.mode == option
-        if group in ("optimizer", "dataset"):
+        if group in ("optimizer", "scheduler", "dataset"):
             assert cfg[group].name == option
 
 

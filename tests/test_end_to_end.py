@@ -146,3 +146,14 @@ def test_task_function_returns_test_accuracy(tmp_path):
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RETURNED")][0]
     returned, recorded = line.split()[1:]
     assert float(returned) == float(recorded) > 10
+
+
+@pytest.mark.slow
+def test_scheduler_changes_the_rate_per_epoch(tmp_path):
+    res = run_cli(*SMALL, "dataset.train_size=200", "scheduler=step", "scheduler.step_size=1",
+                  "scheduler.gamma=0.5", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "epochs.csv") as f:
+        rates = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert rates == pytest.approx([0.05, 0.025])
+    assert read_metrics(tmp_path)["scheduler"] == "step"

@@ -64,6 +64,9 @@ class NativeBackend:
 
         return infer
 
+    def on_epoch_end(self, optimizer):
+        """The optimizer lives here: a scheduler's changes already apply."""
+
     def finish_training(self, model):
         """Weights already live in ``model``; nothing to copy back."""
 
