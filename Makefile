@@ -23,12 +23,14 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
-# A short offline experiment on the synthetic data set.
+# A short offline sweep on the synthetic data set: every conv mode at two alphas.
 demo: venv
 	rm -rf $(DEMO_DIR)
-	$(PY) run.py dataset=synthetic conv=multi-octave alpha=0.25 trainer.epochs=2 \
-		dataset.train_size=5000 dataset.test_size=1000 hydra.run.dir=$(DEMO_DIR)
-	@echo "Demo outputs: $(abspath $(DEMO_DIR)) (metrics.json, epochs.csv, model.pt, run.log, .hydra/)"
+	$(PY) run.py -m experiment=smoke hydra.sweep.dir=$(DEMO_DIR)
+	@echo "Demo outputs: $(abspath $(DEMO_DIR))"
+	@echo "  summary: $(abspath $(DEMO_DIR))/summary.md (and summary.csv, summary_by_config.csv)"
+	@echo "  plots:   $(abspath $(DEMO_DIR))/accuracy_vs_alpha.png, throughput_vs_alpha.png, accuracy_vs_flops.png"
+	@echo "  runs:    one directory per job, e.g. $(DEMO_DIR)/conv=octave,alpha=0.25,experiment=smoke/seed=0/"
 
 bench: venv
 	$(PY) bench/bench_octconv.py

@@ -162,26 +162,63 @@ def is_multirun():
         return False
 
 
-def run_task(cfg):
-    """The body of run.py's task function: returns the test accuracy."""
+def launcher_threads(cfg):
+    """torch threads per job: the config's ``threads``, else the job's share of the cores
+    under a parallel launcher (joblib: cores / n_jobs; submitit: its cpus_per_task)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("threads") is not None:
+        return int(cfg.threads)
+    try:
+        launcher = HydraConfig.get().launcher
+    except ValueError:
+        return None
+    target = str(launcher.get("_target_", ""))
+    cores = os.cpu_count() or 1
+    if target.endswith("JoblibLauncher"):
+        n_jobs = launcher.get("n_jobs", -1)
+        n_jobs = cores if n_jobs is None or n_jobs < 1 else n_jobs
+        return max(1, cores // min(n_jobs, cores))
+    if "submitit" in target and launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    return None
+
+
+def run_task(cfg):
+    """The body of run.py's task function: returns the test accuracy.
+
+    A single run ends a failed run with one line and exit status 2. In a multirun, a failed
+    or diverged job is recorded in its metrics.json and the sweep goes on; the sweep report
+    (octconv_exp.report.SweepReport) then exits non-zero, naming the failed jobs.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from .errors import Diverged
     from .runner import Run, run_experiment
 
     output_dir = HydraConfig.get().runtime.output_dir
     run = Run(cfg, output_dir)
+    multirun = is_multirun()
     try:
-        metrics = run_experiment(cfg, output_dir, run=run)
-    except UserError as exc:
-        run.status = "failed"
-        run.error = str(exc)
+        metrics = run_experiment(cfg, output_dir, run=run, threads=launcher_threads(cfg))
+    except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
+        user_error = isinstance(exc, UserError)
+        if not user_error and not multirun:
+            raise  # a programming error in a single run keeps its traceback
+        run.status = "diverged" if isinstance(exc, Diverged) else "failed"
+        run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
         try:
             run.write_metrics()
         except OSError:
             pass  # the output dir itself may be what is wrong
-        log_to_files(logging.ERROR, str(exc))
-        if is_multirun():
-            raise  # Hydra records the job as failed and carries on with the sweep
-        fail(str(exc))
+        if user_error:
+            log_to_files(logging.ERROR, run.error)
+        else:
+            log.exception("job failed")  # the traceback goes to this job's log
+        if multirun:
+            sweep_dir = str(HydraConfig.get().sweep.dir)
+            sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
+            return None
+        fail(run.error)
     log.info("Outputs in %s", output_dir)
     return metrics.get("test_accuracy")

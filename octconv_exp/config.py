@@ -25,6 +25,7 @@ DATASETS = ("cifar10", "synthetic", "image_folder")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
 SCHEDULERS = ("none", "cosine", "step")
+LOGGERS = ("csv", "tensorboard")
 MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
 PARTIALS_TYPES = ("float", "half")
 OUTPUT_MODES = ("default", "final", "all", "sum")
@@ -105,17 +106,25 @@ class Schema:
     seed: int = MISSING
     device: str = MISSING
     profile_dir: Optional[str] = None
+    threads: Optional[int] = None
     conv: ConvConfig = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    logger: Any = MISSING
     dataset: DatasetConfig = MISSING
     ipu: IpuConfig = MISSING
     trainer: TrainerConfig = MISSING
 
 
 def register_configs():
+    from . import sweep
+
     cs = ConfigStore.instance()
     cs.store(name="octconv_exp_schema", node=Schema)
+    cs.store(group="hydra/sweeper", name="octconv_exp", node={
+        "_target_": "hydra_plugins.octconv_exp_sweeper.dedup_sweeper.DedupSweeper",
+        "max_batch_size": None, "params": None})
+    sweep.register()
 
 
 register_configs()
@@ -179,6 +188,8 @@ def validate(cfg: DictConfig, check_environment=True):
                     f"low-frequency channels at expansion={cfg.expansion}; both must be > 0 "
                     "(use a smaller alpha, a larger expansion, or alpha=0)")
     _require_int("seed", cfg.seed, 0, "must be an integer >= 0")
+    if cfg.get("threads") is not None:
+        _require_int("threads", cfg.threads, 1, "must be null or an integer >= 1")
     if cfg.device not in DEVICES:
         raise ConfigError("device", cfg.device, "expected one of " + ", ".join(DEVICES))
 
@@ -201,6 +212,10 @@ def validate(cfg: DictConfig, check_environment=True):
         raise ConfigError("scheduler.name", scheduler, "expected one of " + ", ".join(SCHEDULERS))
     if scheduler != "none" and not cfg.scheduler.get("_target_"):
         raise ConfigError("scheduler._target_", None, "must name a torch.optim.lr_scheduler class")
+
+    if cfg.logger.get("name") not in LOGGERS:
+        raise ConfigError("logger.name", cfg.logger.get("name"),
+                          "expected one of " + ", ".join(LOGGERS))
 
     _validate_dataset(cfg.dataset, check_environment)
     _validate_ipu(cfg)

@@ -23,3 +23,12 @@ class ConfigError(UserError):
         self.value = value
         self.expected = expected
         super().__init__(f"{key}={value!s}: {expected}")
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch, step, loss):
+        self.epoch, self.step, self.loss = epoch, step, loss
+        super().__init__(f"training diverged: loss {loss} at epoch {epoch}, step {step}; "
+                         "lower optimizer.lr or change the optimizer")

@@ -7,8 +7,12 @@ came back, against the matching (last) labels, and the image count is the full b
 import time
 from dataclasses import dataclass
 
+import math
+
 import torch
 from tqdm import tqdm
+
+from .errors import Diverged
 
 
 @dataclass
@@ -42,7 +46,9 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
     """One pass over ``loader``; the loss and accuracy are summed on the device and read back
     only every ``refresh_every`` steps, so the bar never forces a synchronisation per step.
 
-    A step may return no output (PopTorch's Sum output mode): the accuracy is then None."""
+    A step may return no output (PopTorch's Sum output mode): the accuracy is then None.
+    A non-finite loss raises :class:`Diverged`; host losses are checked every step, device
+    losses at every read-back (so the step reported is the first check that saw it)."""
     loss_sum = None
     correct = None
     seen = 0  # predictions returned
@@ -61,11 +67,20 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
             seen += n
         images += data.shape[0]
         steps += 1
-        if progress_bar and steps % refresh_every == 0:
-            bar.set_postfix_str(_describe(loss_sum.item() / steps, correct, seen), refresh=False)
+        on_host = loss_sum.device.type == "cpu"
+        if on_host or steps % refresh_every == 0:
+            running = loss_sum.item()
+            if not math.isfinite(running):
+                bar.close()
+                raise Diverged(epoch, steps, loss.item())
+            if progress_bar and steps % refresh_every == 0:
+                bar.set_postfix_str(_describe(running / steps, correct, seen), refresh=False)
     if steps == 0:
         raise ValueError("the training loader yielded no batch")
     mean_loss = loss_sum.item() / steps
+    if not math.isfinite(mean_loss):
+        bar.close()
+        raise Diverged(epoch, steps, mean_loss)
     accuracy = 100.0 * correct.item() / seen if seen else None
     elapsed = time.perf_counter() - start
     if progress_bar:

@@ -181,3 +181,40 @@ def build_model(cfg, num_classes=10, parallel_scope=None):
     return ClassificationModel(conv_mode=cfg.conv.mode, alpha=float(cfg.alpha),
                                expansion=int(cfg.expansion), num_classes=num_classes,
                                parallel_scope=parallel_scope)
+
+
+def count_flops_per_image(model, image_shape=(3, 32, 32)):
+    """FLOPs of one forward pass of one image (torch.utils.flop_counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def octave_cost(alpha_in, alpha_out):
+    """Cost of an octave convolution relative to a plain one with the same channels: the four
+    branches, the ones touching the low-frequency half running at a quarter of the pixels.
+    For alpha_in = alpha_out = a this is 1 - 3/4 * a * (2 - a)."""
+    return ((1 - alpha_in) * (1 - alpha_out) + (1 - alpha_in) * alpha_out / 4
+            + alpha_in * (1 - alpha_out) / 4 + alpha_in * alpha_out / 4)
+
+
+def theoretical_flops_ratio(conv_mode, alpha, expansion, num_classes=10):
+    """The whole model's FLOPs relative to vanilla if channels split exactly by alpha."""
+    if conv_mode == "vanilla":
+        return 1.0
+    c = 16 * expansion
+    # (in, out, pixels, alpha_in, alpha_out) of the three convolutions, 3x3 kernels.
+    layers = [(3, c, 32 * 32, 0.0, alpha), (c, 2 * c, 16 * 16, alpha, alpha),
+              (2 * c, c, 8 * 8, alpha, 0.0)]
+    conv = [2 * 9 * cin * cout * px for cin, cout, px, _, _ in layers]
+    head = 2 * c * 4 * 4 * num_classes
+    octave = sum(f * octave_cost(a_in, a_out) for f, (_, _, _, a_in, a_out) in zip(conv, layers))
+    return (octave + head) / (sum(conv) + head)

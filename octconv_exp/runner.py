@@ -13,8 +13,9 @@ from . import outputs
 from .backends import make_backend, resolve_device
 from .config import validate
 from .data import load_data
+from .loggers import make_logger
 from .loop import evaluate, train_epoch
-from .model import count_parameters
+from .model import build_model, count_flops_per_image, count_parameters, theoretical_flops_ratio
 
 log = logging.getLogger("octconv_exp")
 
@@ -26,6 +27,26 @@ def build_scheduler(sched_cfg, optimizer):
     node = OmegaConf.to_container(sched_cfg, resolve=True)
     node.pop("name")
     return instantiate(node, optimizer=optimizer)
+
+
+def flops_summary(cfg, num_classes):
+    """Counted FLOPs per image, their ratio to the vanilla model of the same expansion, and
+    the ratio the channel split would give in theory. Counted on CPU models built for the
+    purpose, so every backend reports the same numbers."""
+    model = build_model(cfg, num_classes=num_classes)
+    flops = count_flops_per_image(model)
+    vanilla_cfg = OmegaConf.merge(cfg, {"conv": {"mode": "vanilla"}})
+    vanilla = count_flops_per_image(build_model(vanilla_cfg, num_classes=num_classes))
+    return {"flops_per_image": flops, "flops_ratio": flops / vanilla,
+            "flops_ratio_theoretical": theoretical_flops_ratio(cfg.conv.mode, float(cfg.alpha),
+                                                               int(cfg.expansion), num_classes)}
+
+
+def set_threads(threads):
+    """torch's intra-op thread count (None: leave torch's default)."""
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def seed_everything(seed):
@@ -48,6 +69,8 @@ class Run:
         self.test_samples = None
         self.status = "running"
         self.error = None
+        self.flops = None
+        self.torch_threads = None
 
     def metrics(self):
         cfg = self.cfg
@@ -73,9 +96,16 @@ class Run:
             "test_accuracy": self.test_accuracy,
             "test_samples": self.test_samples,
             "params": self.params,
+            "flops_per_image": self.flops.get("flops_per_image") if self.flops else None,
+            "flops_ratio": self.flops.get("flops_ratio") if self.flops else None,
+            "flops_ratio_theoretical": self.flops.get("flops_ratio_theoretical") if self.flops else None,
             "train_images_per_second": (train_images / train_seconds) if train_seconds else None,
             "train_seconds": train_seconds,
             "wall_seconds": time.time() - self.started,
+            "started_at": self.started,
+            "finished_at": time.time(),
+            "pid": os.getpid(),
+            "torch_threads": self.torch_threads,
             "versions": outputs.package_versions(),
         }
         if self.error is not None:
@@ -87,14 +117,16 @@ class Run:
                                   self.metrics())
 
 
-def run_experiment(cfg: DictConfig, output_dir, run=None):
+def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
     """Train and evaluate the configured model; returns the metrics dict.
 
-    ``run`` (a :class:`Run`) lets the caller report how far a failed run got.
+    ``run`` (a :class:`Run`) lets the caller report how far a failed run got; ``threads``
+    sets torch's thread count (the launcher's share of the cores in a parallel sweep).
     """
     validate(cfg)
     run = run or Run(cfg, output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    run.torch_threads = set_threads(threads)
     device = resolve_device(cfg.device)
     run.device = device
     seed_everything(cfg.seed)
@@ -116,12 +148,17 @@ def run_experiment(cfg: DictConfig, output_dir, run=None):
                  time.perf_counter() - t0)
         model = backend.build_model(num_classes=data.num_classes)
         run.params = count_parameters(model)
+        run.flops = flops_summary(cfg, data.num_classes)
         optimizer = backend.build_optimizer(model)
         train_loader, test_loader = backend.make_loaders(data)
-        log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters; device %s",
-                 cfg.conv.mode, cfg.alpha, cfg.expansion, run.params, device)
+        log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters, %.2f MFLOPs per image "
+                 "(%.3f of vanilla; %.3f in theory); device %s, %d threads", cfg.conv.mode,
+                 cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
+                 run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], device,
+                 run.torch_threads)
 
         scheduler = build_scheduler(cfg.scheduler, optimizer)
+        logger = make_logger(cfg, output_dir)
         step = backend.training_step(model, optimizer)
         epochs_csv = os.path.join(output_dir, outputs.EPOCHS_FILE)
         for epoch in range(1, cfg.trainer.epochs + 1):
@@ -134,6 +171,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None):
                 backend.on_epoch_end(optimizer)
             run.epochs.append(stats)
             outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
+            logger.log_epoch(stats)
             log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g", epoch,
                      cfg.trainer.epochs, stats.train_loss,
                      "n/a" if stats.train_accuracy is None else f"{stats.train_accuracy:.2f}%",
@@ -153,6 +191,8 @@ def run_experiment(cfg: DictConfig, output_dir, run=None):
             })
         run.status = "completed"
         run.write_metrics()
-        return run.metrics()
+        metrics = run.metrics()
+        logger.finish(metrics)
+        return metrics
     finally:
         backend.close()

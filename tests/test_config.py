@@ -143,3 +143,24 @@ def test_preflight_accepts_good_sweeps(capsys):
                    "dataset=synthetic"])
     cli.preflight(["--cfg", "job", "conv=octave"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_experiment_preset_composes(composer, preset):
+    cfg = composer(f"experiment={preset}")
+    validate(cfg, check_environment=False)
+
+
+def test_presets_carry_their_sweeps():
+    from hydra import compose, initialize_config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        params = {p: compose("config", overrides=[f"experiment={p}"],
+                             return_hydra_config=True).hydra.sweeper.params
+                  for p in ("smoke", "alpha_sweep", "paper_alphas", "seed_repeats")}
+    GlobalHydra.instance().clear()
+    assert params["alpha_sweep"]["conv"] == "vanilla,octave,multi-octave"
+    assert params["paper_alphas"]["alpha"] == "0,0.125,0.25,0.5,0.75"
+    assert params["seed_repeats"]["seed"] == "0,1,2"
+    assert "conv" in params["smoke"]

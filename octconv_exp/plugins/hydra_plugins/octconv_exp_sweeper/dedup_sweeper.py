@@ -1,0 +1,53 @@
+"""Hydra's basic sweeper, minus the jobs that would retrain the same vanilla model, and with
+job directories named by what the sweep varies.
+
+Vanilla convolutions ignore alpha, so `-m conv=vanilla,octave alpha=0.25,0.5` trains vanilla
+once (without its alpha override) and octave twice. Each job gets
+`hydra.sweep.subdir=<varying overrides>/seed=<seed>` (octconv_exp.sweep.job_subdirs).
+Everything else is BasicSweeper's.
+"""
+import logging
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+from octconv_exp.sweep import dedupe_vanilla, job_subdirs
+
+log = logging.getLogger(__name__)
+
+
+class DedupSweeper(BasicSweeper):
+    _plan = None
+
+    def _compose(self, job):
+        return self.hydra_context.config_loader.load_sweep_config(self.config, list(job))
+
+    def _make_plan(self):
+        """All batches at once: the de-duplication and the names look across the sweep."""
+        batches = [list(batch) for batch in self.overrides]
+        jobs = [job for batch in batches for job in batch]
+        composed = {}
+
+        def config_of(job):
+            key = tuple(job)
+            if key not in composed:
+                composed[key] = self._compose(job)
+            return composed[key]
+
+        kept, dropped = dedupe_vanilla(jobs, lambda job: config_of(job).conv.mode)
+        if dropped:
+            log.info("Vanilla ignores alpha: %d duplicate vanilla job(s) not launched", dropped)
+        subdirs = job_subdirs(kept, lambda job: config_of(job).seed)
+        named = [job + [f"hydra.sweep.subdir='{subdir}'"] for job, subdir in zip(kept, subdirs)]
+        size = max(len(batch) for batch in batches) if batches else 1
+        return [named[i:i + size] for i in range(0, len(named), size)] or [[]]
+
+    def get_job_batch(self):
+        if self._plan is None:
+            self._plan = self._make_plan()
+        self.batch_index += 1
+        return self._plan[self.batch_index - 1]
+
+    def is_done(self):
+        if self._plan is None:
+            return super().is_done()
+        return self.batch_index >= len(self._plan)

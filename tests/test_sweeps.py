@@ -1,0 +1,247 @@
+"""Multiruns: layout, vanilla de-duplication, summaries, plots, failures, launchers, presets."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+from octconv_exp import report
+from octconv_exp.sweep import config_name, dedupe_vanilla
+
+TINY = ["dataset=synthetic", "dataset.train_size=400", "dataset.test_size=200", "trainer.epochs=1",
+        "trainer.batch_size=16", "trainer.progress_bar=false"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_of(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def assert_png(path):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    with Image.open(path) as img:
+        img.verify()
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def test_job_names_are_readable_and_keep_noise_out():
+    assert config_name(["alpha=0.25", "conv=octave", "seed=3"]) == "conv=octave,alpha=0.25"
+    assert config_name([]) == "defaults"
+    a = config_name(["conv=octave", "dataset.root=/data/a"])
+    b = config_name(["conv=octave", "dataset.root=/data/b"])
+    assert a.startswith("conv=octave,~") and "/" not in a and a != b  # paths: a hash, never a clash
+    assert config_name(["optimizer=adam", "conv=vanilla"]) == "conv=vanilla,optimizer=adam"
+    assert "/" not in config_name(["conv.multi_conv.partials_types=[half/float]"])
+
+
+def test_dedupe_vanilla_keeps_one_vanilla_per_configuration():
+    jobs = [[f"conv={c}", f"alpha={a}"] for c in ("vanilla", "octave") for a in (0.25, 0.5)]
+    jobs += [["conv=vanilla", "alpha=0.25", "seed=1"]]
+    kept, dropped = dedupe_vanilla(jobs, lambda job: job[0].split("=")[1])
+    assert dropped == 1
+    assert kept == [["conv=vanilla"], ["conv=octave", "alpha=0.25"], ["conv=octave", "alpha=0.5"],
+                    ["conv=vanilla", "seed=1"]]
+
+
+# ------------------------------------------------------------------------------ multirun
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
+    res = run_cli("-m", "conv=vanilla,octave,multi-octave", "alpha=0.25,0.5", "seed=0,1", *TINY,
+                  f"hydra.sweep.dir={sweep_dir}")
+    return sweep_dir, res
+
+
+@pytest.mark.slow
+def test_multirun_layout_summary_and_plots(sweep):
+    sweep_dir, res = sweep
+    assert res.returncode == 0, res.stderr[-3000:]
+    dirs = sorted(os.path.relpath(os.path.dirname(p), sweep_dir)
+                  for p in _metrics_files(sweep_dir))
+    # Vanilla trained once per seed (not once per alpha); one directory level per seed.
+    expected = sorted([f"conv=vanilla/seed={s}" for s in (0, 1)]
+                      + [f"conv={c},alpha={a}/seed={s}" for c in ("octave", "multi-octave")
+                         for a in (0.25, 0.5) for s in (0, 1)])
+    assert dirs == expected
+    assert "2 duplicate vanilla job(s) not launched" in res.stdout + res.stderr
+
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert len(rows) == 10
+    assert [r["conv"] for r in rows][:2] == ["vanilla", "vanilla"]
+    assert [(r["conv"], r["alpha"]) for r in rows][2:6] == [("octave", "0.25")] * 2 + [("octave", "0.5")] * 2
+    for row in rows:
+        m = metrics_of(sweep_dir / row["run_dir"])
+        assert float(row["test_accuracy"]) == pytest.approx(m["test_accuracy"])
+        assert float(row["train_loss"]) == pytest.approx(m["train_loss"])
+        assert int(row["params"]) == m["params"] and int(row["seed"]) == m["seed"]
+        assert int(row["flops_per_image"]) == m["flops_per_image"]
+        assert row["status"] == "completed"
+    assert all(r["alpha"] == "" for r in rows if r["conv"] == "vanilla")
+
+    groups = read_csv(sweep_dir / "summary_by_config.csv")
+    assert len(groups) == 5 and all(g["n"] == "2" for g in groups)
+    octave = next(g for g in groups if g["conv"] == "octave" and g["alpha"] == "0.25")
+    accs = [metrics_of(sweep_dir / f"conv=octave,alpha=0.25/seed={s}")["test_accuracy"] for s in (0, 1)]
+    assert float(octave["test_accuracy"]) == pytest.approx(sum(accs) / 2)
+    assert float(octave["test_accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+
+    md = (sweep_dir / "summary.md").read_text()
+    assert md.count("| vanilla | — |") == 3  # the baseline once by configuration, and its 2 runs
+    assert " ± " in md
+    for name in report.PLOTS:
+        assert_png(sweep_dir / name)
+
+
+def _metrics_files(root):
+    for dirpath, _, files in os.walk(root):
+        if "metrics.json" in files:
+            yield os.path.join(dirpath, "metrics.json")
+
+
+@pytest.mark.slow
+def test_report_command_rebuilds_from_disk(sweep, tmp_path):
+    sweep_dir, res = sweep
+    assert res.returncode == 0
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    for name in ("summary.csv", "summary.md", "summary_by_config.csv", *report.PLOTS):
+        (copy / name).unlink()
+    out = subprocess.run([sys.executable, "-m", "octconv_exp.report", str(copy)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert read_csv(copy / "summary.csv") == [
+        {**r, "run_dir": r["run_dir"]} for r in read_csv(sweep_dir / "summary.csv")]
+    for name in report.PLOTS:
+        assert_png(copy / name)
+    bad = subprocess.run([sys.executable, "-m", "octconv_exp.report", str(tmp_path / "nope")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_recorded_and_the_sweep_exits_non_zero(tmp_path):
+    sweep_dir = tmp_path / "s"
+    res = run_cli("-m", "conv=octave", "optimizer.lr=0.05,1e30", *TINY,
+                  f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 1
+    assert "1 of 2 runs did not complete" in res.stderr
+    assert "Traceback" not in res.stderr
+    rows = {r["run_dir"]: r for r in read_csv(sweep_dir / "summary.csv")}
+    bad = rows["optimizer.lr=1e+30/seed=0"]
+    assert bad["status"] == "diverged" and "epoch 1, step" in bad["error"]
+    assert rows["optimizer.lr=0.05/seed=0"]["status"] == "completed"
+    assert "diverged" in (sweep_dir / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_reports_missing_runs(sweep, tmp_path):
+    sweep_dir, _ = sweep
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    (copy / "conv=octave,alpha=0.5" / "seed=1" / "metrics.json").unlink()  # a job that was killed
+    runs = report.build_report(str(copy), make_plots=False)
+    missing = [r for r in runs if r["status"] == "missing"]
+    assert [r["run_dir"] for r in missing] == ["conv=octave,alpha=0.5/seed=1"]
+    assert "1 of 10 runs did not complete" in report.failure_line(str(copy), runs)
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_never_share_a_directory(tmp_path):
+    env = dict(os.environ)
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), "-m", "conv=octave",
+                               *TINY, "dataset.train_size=64", "dataset.test_size=32"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+    sweeps = [os.path.join(d, s) for d in (tmp_path / "multirun").iterdir() for s in os.listdir(d)]
+    assert len(sweeps) == 2
+    for s in sweeps:
+        assert os.path.exists(os.path.join(s, "summary.csv"))
+
+
+# ------------------------------------------------------------------------------ launchers
+
+
+@pytest.mark.slow
+def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
+    sweep_dir = tmp_path / "s"
+    res = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "conv=vanilla,octave",
+                  *TINY, "dataset.train_size=2000", f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [metrics_of(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
+    assert len(runs) == 2
+    assert runs[0]["pid"] != runs[1]["pid"] != os.getpid()  # two worker processes...
+    first, second = sorted(runs, key=lambda m: m["started_at"])
+    assert second["started_at"] < first["finished_at"]  # ...running at the same time
+    cores = os.cpu_count()
+    assert all(m["torch_threads"] == max(1, cores // min(2, cores)) for m in runs)
+    assert (sweep_dir / "summary.csv").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_job(tmp_path):
+    sweep_dir = tmp_path / "s"
+    res = run_cli("-m", "hydra/launcher=submitit_local", "conv=octave", *TINY,
+                  f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (m,) = [metrics_of(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
+    assert m["status"] == "completed" and m["pid"] != os.getpid()
+    assert m["torch_threads"] == 1  # our submitit_local default: cpus_per_task 1
+    assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / "summary.md").exists()
+
+
+def test_launcher_configs_carry_our_defaults():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
+        slurm = compose("config", overrides=["hydra/launcher=submitit_slurm"],
+                        return_hydra_config=True).hydra.launcher
+        joblib = compose("config", overrides=["hydra/launcher=joblib"],
+                         return_hydra_config=True).hydra.launcher
+    GlobalHydra.instance().clear()
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert (slurm.timeout_min, slurm.cpus_per_task, slurm.gpus_per_node) == (240, 8, 1)
+    assert joblib._target_.endswith("JoblibLauncher") and joblib.n_jobs == 2
+
+
+# ------------------------------------------------------------------------------ loggers
+
+
+@pytest.mark.slow
+def test_tensorboard_logger_writes_scalars_and_hparams(tmp_path):
+    res = run_cli(*TINY, "trainer.epochs=2", "logger=tensorboard", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train_loss")] == [1, 2]
+    assert "test_accuracy" in acc.Tags()["scalars"]
+    hparams = EventAccumulator(str(tmp_path / "tensorboard" / "hparams"))
+    hparams.Reload()
+    assert "final/test_accuracy" in hparams.Tags()["scalars"]
+    assert (tmp_path / "epochs.csv").exists()  # CSV stays on
