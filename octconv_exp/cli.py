@@ -21,11 +21,11 @@ CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
 
-def fail(message):
-    """Print one line to stderr and exit with the user-error status."""
+def fail(message, code=USER_ERROR_EXIT):
+    """Print one line to stderr and exit with the user-error status (or ``code``)."""
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
-    sys.exit(USER_ERROR_EXIT)
+    sys.exit(code)
 
 
 def one_line(text):
@@ -105,6 +105,25 @@ def _check_group_choices(overrides, config_dir):
                      f"choose one of: {', '.join(options)}")
 
 
+def check_output_dir(cfg, multirun):
+    """The run (or sweep) dir must be creatable: its nearest existing ancestor a writable
+    directory. Hydra would otherwise fail with a traceback before the run starts."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    from omegaconf import OmegaConf
+
+    target = os.path.abspath(str(OmegaConf.select(cfg, key)))
+    ancestor = target
+    while not os.path.exists(ancestor):
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "is not a directory" if not os.path.isdir(ancestor) else "is not writable"
+        fail(f"{key}={target}: cannot create the output dir ({ancestor} {what}); choose "
+             f"another with {key}=PATH")
+
+
 def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job."""
     from hydra import compose, initialize_config_dir
@@ -138,6 +157,9 @@ def preflight(argv):
                     fail(describe_composition_error(exc))
                 if args.cfg is None:
                     validate(cfg)
+            if args.cfg is None:
+                check_output_dir(compose(config_name=config_name, overrides=combos[0],
+                                         return_hydra_config=True), args.multirun)
     except UserError as exc:
         fail(str(exc))
     finally:
@@ -193,7 +215,7 @@ def run_task(cfg):
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from .errors import Diverged
+    from .errors import Diverged, RunInterrupted
     from .runner import Run, run_experiment
 
     output_dir = HydraConfig.get().runtime.output_dir
@@ -205,6 +227,8 @@ def run_task(cfg):
         user_error = isinstance(exc, UserError)
         if not user_error and not multirun:
             raise  # a programming error in a single run keeps its traceback
+        if isinstance(exc, RunInterrupted):
+            fail(str(exc), exc.exit_code)  # its checkpoint and metrics are written; stop the sweep too
         run.status = "diverged" if isinstance(exc, Diverged) else "failed"
         run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
         try:

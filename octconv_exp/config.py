@@ -57,8 +57,9 @@ class ConvConfig:
 class DatasetConfig:
     name: str = MISSING
     # cifar10: where the torchvision files are (the seed's --data-dir); image_folder: the folder
-    # holding train/<class>/* and test/<class>/*; synthetic: unused.
-    root: Optional[str] = None
+    # holding train/<class>/* and test/<class>/*; synthetic: unused. ??? (MISSING): required
+    # on the command line.
+    root: Optional[str] = MISSING
     download: bool = False
     # cifar10 only: verify the files' MD5 sums (off only for hand-made CIFAR-format files).
     verify_checksums: bool = True
@@ -81,6 +82,8 @@ class TrainerConfig:
     progress_bar: bool = True
     # Write the trained weights (model.pt) into the run dir.
     save_model: bool = True
+    # Write checkpoints/last.pt (and best.pt, by training loss) after every epoch.
+    checkpoint: bool = True
 
 
 @dataclass
@@ -107,6 +110,10 @@ class Schema:
     device: str = MISSING
     profile_dir: Optional[str] = None
     threads: Optional[int] = None
+    train: bool = True
+    resume: bool = False
+    ckpt_path: Optional[str] = None
+    deterministic: bool = False
     conv: ConvConfig = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
@@ -226,6 +233,13 @@ def validate(cfg: DictConfig, check_environment=True):
                           "cannot be combined with ipu.cache_dir (profiling needs a fresh "
                           "compilation); unset one of them")
 
+    if not cfg.train and cfg.ckpt_path is None:
+        raise ConfigError("train", "false", "needs ckpt_path=PATH (a model.pt, a checkpoint, or "
+                          "a run dir) to evaluate")
+    if not cfg.train and cfg.resume:
+        raise ConfigError("resume", "true", "continues training: it cannot be combined with "
+                          "train=false")
+
     if check_environment and cfg.device == "cuda":
         import torch
 
@@ -247,8 +261,13 @@ def _validate_dataset(ds, check_environment):
         _require_int("dataset.train_size", ds.train_size, 1, "must be a positive integer")
         _require_int("dataset.test_size", ds.test_size, 1, "must be a positive integer")
         return
-    if OmegaConf.is_missing(ds, "root") or ds.root is None or str(ds.root) == "":
-        raise ConfigError("dataset.root", "(unset)",
+    if OmegaConf.is_missing(ds, "root"):
+        if not check_environment:
+            return  # to be given on the command line; the run itself checks it
+        raise ConfigError("dataset.root", "???",
+                          f"dataset={ds.name} needs a folder: add dataset.root=/path/to/folder")
+    if ds.root is None or str(ds.root) == "":
+        raise ConfigError("dataset.root", ds.root,
                           f"dataset={ds.name} needs a folder: add dataset.root=/path/to/folder")
     if check_environment and not os.path.isdir(ds.root):
         if ds.name == "cifar10" and ds.download:

@@ -289,6 +289,8 @@ class BatchLoader:
         self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(int(seed))
         self.normalise = Normalise(mean, std, device=self.device)
+        self.epoch_start_state = self.generator.get_state()
+        self.skip = 0  # batches the next pass leaves out (resuming inside an epoch)
 
     @property
     def num_samples(self):
@@ -296,15 +298,30 @@ class BatchLoader:
 
     def __len__(self):
         n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        return (n // b if self.drop_last else -(-n // b)) - self.skip
+
+    def state_dict(self, inside_pass=False):
+        """Where the shuffling stands: the generator state the next pass starts from (or, with
+        ``inside_pass``, the one the current pass started from)."""
+        state = self.epoch_start_state if inside_pass else self.generator.get_state()
+        return {"generator": state.clone()}
+
+    def resume_pass(self, generator_state, skip):
+        """Make the next pass the one that started from ``generator_state``, minus its first
+        ``skip`` batches."""
+        self.generator.set_state(generator_state)
+        self.epoch_start_state = generator_state.clone()
+        self.skip = int(skip)
 
     def __iter__(self):
         n = self.num_samples
+        skip, self.skip = self.skip, 0
+        self.epoch_start_state = self.generator.get_state()
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.device)
         else:
             order = None
-        for i in range(len(self)):
+        for i in range(skip, len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, n)
             if order is None:

@@ -32,3 +32,11 @@ class Diverged(UserError):
         self.epoch, self.step, self.loss = epoch, step, loss
         super().__init__(f"training diverged: loss {loss} at epoch {epoch}, step {step}; "
                          "lower optimizer.lr or change the optimizer")
+
+
+class RunInterrupted(UserError):
+    """SIGINT/SIGTERM stopped the run; a checkpoint was written. ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = int(exit_code)

@@ -42,51 +42,89 @@ def count_correct(output, labels):
     return (output.argmax(dim=1) == labels).sum(), labels.shape[0]
 
 
-def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25):
+class EpochProgress:
+    """How far an epoch got: steps done and the running sums (kept as the tensors they are,
+    so that an epoch resumed from a checkpoint sums exactly as an uninterrupted one)."""
+
+    def __init__(self, steps=0, loss_sum=None, correct=None, seen=0, images=0, seconds=0.0):
+        self.steps, self.loss_sum, self.correct = steps, loss_sum, correct
+        self.seen, self.images, self.seconds = seen, images, seconds
+
+    def state_dict(self):
+        def host(t):
+            return None if t is None else t.detach().cpu()
+
+        return {"steps": self.steps, "loss_sum": host(self.loss_sum), "correct": host(self.correct),
+                "seen": self.seen, "images": self.images, "seconds": self.seconds}
+
+    @classmethod
+    def from_state_dict(cls, state, device=None):
+        def dev(t):
+            return None if t is None or device is None else t.to(device)
+
+        return cls(state["steps"], dev(state["loss_sum"]), dev(state["correct"]), state["seen"],
+                   state["images"], state["seconds"])
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM); ``progress`` is how far the epoch got."""
+
+    def __init__(self, epoch, progress):
+        super().__init__(f"interrupted at epoch {epoch}, step {progress.steps}")
+        self.epoch = epoch
+        self.progress = progress
+
+
+def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25, resume=None,
+                should_stop=None):
     """One pass over ``loader``; the loss and accuracy are summed on the device and read back
     only every ``refresh_every`` steps, so the bar never forces a synchronisation per step.
 
     A step may return no output (PopTorch's Sum output mode): the accuracy is then None.
     A non-finite loss raises :class:`Diverged`; host losses are checked every step, device
-    losses at every read-back (so the step reported is the first check that saw it)."""
-    loss_sum = None
-    correct = None
-    seen = 0  # predictions returned
-    images = 0  # images consumed
-    steps = 0
-    bar = tqdm(loader, total=len(loader), desc=f"Epoch {epoch}/{epochs}", disable=not progress_bar,
-               leave=True, dynamic_ncols=True)
-    start = time.perf_counter()
+    losses at every read-back (so the step reported is the first check that saw it).
+    ``resume`` (an :class:`EpochProgress`) continues an epoch a checkpoint stopped inside (the
+    loader must then skip the batches already done); ``should_stop()`` is asked after every
+    step and ends the epoch with :class:`Interrupted`."""
+    p = resume or EpochProgress()
+    total = len(loader) + p.steps
+    bar = tqdm(loader, total=total, initial=p.steps, desc=f"Epoch {epoch}/{epochs}",
+               disable=not progress_bar, leave=True, dynamic_ncols=True)
+    start = time.perf_counter() - p.seconds
     for data, labels in bar:
         output, loss = step(data, labels)
         loss = loss.detach().float().mean()
-        loss_sum = loss if loss_sum is None else loss_sum + loss
+        p.loss_sum = loss if p.loss_sum is None else p.loss_sum + loss
         if output is not None:
             ok, n = count_correct(output, labels)
-            correct = ok if correct is None else correct + ok
-            seen += n
-        images += data.shape[0]
-        steps += 1
-        on_host = loss_sum.device.type == "cpu"
-        if on_host or steps % refresh_every == 0:
-            running = loss_sum.item()
+            p.correct = ok if p.correct is None else p.correct + ok
+            p.seen += n
+        p.images += data.shape[0]
+        p.steps += 1
+        on_host = p.loss_sum.device.type == "cpu"
+        if on_host or p.steps % refresh_every == 0:
+            running = p.loss_sum.item()
             if not math.isfinite(running):
                 bar.close()
-                raise Diverged(epoch, steps, loss.item())
-            if progress_bar and steps % refresh_every == 0:
-                bar.set_postfix_str(_describe(running / steps, correct, seen), refresh=False)
-    if steps == 0:
+                raise Diverged(epoch, p.steps, loss.item())
+            if progress_bar and p.steps % refresh_every == 0:
+                bar.set_postfix_str(_describe(running / p.steps, p.correct, p.seen), refresh=False)
+        if should_stop is not None and should_stop() and p.steps < total:
+            p.seconds = time.perf_counter() - start
+            bar.close()
+            raise Interrupted(epoch, p)
+    if p.steps == 0:
         raise ValueError("the training loader yielded no batch")
-    mean_loss = loss_sum.item() / steps
+    mean_loss = p.loss_sum.item() / p.steps
     if not math.isfinite(mean_loss):
         bar.close()
-        raise Diverged(epoch, steps, mean_loss)
-    accuracy = 100.0 * correct.item() / seen if seen else None
+        raise Diverged(epoch, p.steps, mean_loss)
+    accuracy = 100.0 * p.correct.item() / p.seen if p.seen else None
     elapsed = time.perf_counter() - start
     if progress_bar:
-        bar.set_postfix_str(_describe(mean_loss, correct, seen))
+        bar.set_postfix_str(_describe(mean_loss, p.correct, p.seen))
     bar.close()
-    return EpochStats(epoch, mean_loss, accuracy, images, elapsed)
+    return EpochStats(epoch, mean_loss, accuracy, p.images, elapsed)
 
 
 def _describe(loss, correct, seen):

@@ -2,6 +2,8 @@
 import logging
 import os
 import random
+import signal
+import threading
 import time
 
 import numpy as np
@@ -14,7 +16,12 @@ from .backends import make_backend, resolve_device
 from .config import validate
 from .data import load_data
 from .loggers import make_logger
-from .loop import evaluate, train_epoch
+from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, identity, rng_state,
+                         set_rng_state)
+from .checkpoint import load as load_checkpoint
+from .checkpoint import resolve_path as resolve_checkpoint
+from .errors import RunInterrupted, UserError
+from .loop import EpochProgress, EpochStats, Interrupted, evaluate, train_epoch
 from .model import build_model, count_flops_per_image, count_parameters, theoretical_flops_ratio
 
 log = logging.getLogger("octconv_exp")
@@ -71,6 +78,7 @@ class Run:
         self.error = None
         self.flops = None
         self.torch_threads = None
+        self.checkpoint = None
 
     def metrics(self):
         cfg = self.cfg
@@ -108,6 +116,8 @@ class Run:
             "torch_threads": self.torch_threads,
             "versions": outputs.package_versions(),
         }
+        if self.checkpoint is not None:
+            m["checkpoint"] = self.checkpoint
         if self.error is not None:
             m["error"] = self.error
         return m
@@ -117,8 +127,19 @@ class Run:
                                   self.metrics())
 
 
+def set_deterministic(enabled):
+    """torch's deterministic algorithms (CUDA too: cuDNN and cuBLAS), or the fast defaults."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(enabled))
+    torch.backends.cudnn.deterministic = bool(enabled)
+    if enabled:
+        torch.backends.cudnn.benchmark = False
+
+
 def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
-    """Train and evaluate the configured model; returns the metrics dict.
+    """Train and evaluate the configured model (or only evaluate one, ``train=false``);
+    returns the metrics dict.
 
     ``run`` (a :class:`Run`) lets the caller report how far a failed run got; ``threads``
     sets torch's thread count (the launcher's share of the cores in a parallel sweep).
@@ -130,6 +151,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
     device = resolve_device(cfg.device)
     run.device = device
     seed_everything(cfg.seed)
+    set_deterministic(cfg.deterministic)
     backend = make_backend(cfg, device)
     try:
         if cfg.profile_dir is not None:
@@ -149,46 +171,35 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
         model = backend.build_model(num_classes=data.num_classes)
         run.params = count_parameters(model)
         run.flops = flops_summary(cfg, data.num_classes)
-        optimizer = backend.build_optimizer(model)
-        train_loader, test_loader = backend.make_loaders(data)
         log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters, %.2f MFLOPs per image "
                  "(%.3f of vanilla; %.3f in theory); device %s, %d threads", cfg.conv.mode,
                  cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
                  run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], device,
                  run.torch_threads)
+        if not cfg.train:
+            return evaluate_only(cfg, run, backend, model, data)
 
+        optimizer = backend.build_optimizer(model)
+        train_loader, test_loader = backend.make_loaders(data)
         scheduler = build_scheduler(cfg.scheduler, optimizer)
+        checkpointer = Checkpointer(output_dir, monitor="train_loss")
+        start = restore(cfg, output_dir, run, model, optimizer, scheduler, train_loader,
+                        checkpointer, data.num_classes) if cfg.resume else None
         logger = make_logger(cfg, output_dir)
         step = backend.training_step(model, optimizer)
-        epochs_csv = os.path.join(output_dir, outputs.EPOCHS_FILE)
-        for epoch in range(1, cfg.trainer.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_epoch(step, train_loader, epoch, cfg.trainer.epochs,
-                                progress_bar=cfg.trainer.progress_bar)
-            stats.lr = lr
-            if scheduler is not None:
-                scheduler.step()
-                backend.on_epoch_end(optimizer)
-            run.epochs.append(stats)
-            outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
-            logger.log_epoch(stats)
-            log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g", epoch,
-                     cfg.trainer.epochs, stats.train_loss,
-                     "n/a" if stats.train_accuracy is None else f"{stats.train_accuracy:.2f}%",
-                     stats.train_images_per_second, lr)
-        backend.finish_training(model)
-
-        infer = backend.inference_step(model)
-        run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
-                                                       progress_bar=cfg.trainer.progress_bar)
+        with StopRequest() as stop:
+            train(cfg, run, backend, model, optimizer, scheduler, step, train_loader, logger,
+                  checkpointer, stop, data.num_classes, start)
+            backend.finish_training(model)
+            infer = backend.inference_step(model)
+            run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
+                                                           progress_bar=cfg.trainer.progress_bar)
         log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
         if cfg.trainer.save_model:
-            outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE), {
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "conv": cfg.conv.mode, "alpha": cfg.alpha, "expansion": cfg.expansion,
-                "num_classes": data.num_classes,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            })
+            outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE), dict(
+                identity(cfg, data.num_classes),
+                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                config=OmegaConf.to_container(cfg, resolve=True)))
         run.status = "completed"
         run.write_metrics()
         metrics = run.metrics()
@@ -196,3 +207,149 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
         return metrics
     finally:
         backend.close()
+
+
+def train(cfg, run, backend, model, optimizer, scheduler, step, loader, logger, checkpointer,
+          stop, num_classes, start):
+    """The epochs (from where a checkpoint left off), with a checkpoint after each."""
+    epochs_csv = os.path.join(run.output_dir, outputs.EPOCHS_FILE)
+    first_epoch, progress = (start or (1, None))
+    for epoch in range(first_epoch, cfg.trainer.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            stats = train_epoch(step, loader, epoch, cfg.trainer.epochs,
+                                progress_bar=cfg.trainer.progress_bar, resume=progress,
+                                should_stop=stop)
+        except Interrupted as exc:
+            save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
+                            num_classes, epoch - 1, exc.progress)
+            raise run_interrupted(run, stop, epoch, exc.progress.steps) from None
+        progress = None
+        stats.lr = lr
+        if scheduler is not None:
+            scheduler.step()
+            backend.on_epoch_end(optimizer)
+        run.epochs.append(stats)
+        outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
+        logger.log_epoch(stats)
+        log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g", epoch,
+                 cfg.trainer.epochs, stats.train_loss,
+                 "n/a" if stats.train_accuracy is None else f"{stats.train_accuracy:.2f}%",
+                 stats.train_images_per_second, lr)
+        if cfg.trainer.checkpoint:
+            save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
+                            num_classes, epoch, None, metric=stats.train_loss)
+        if stop() and epoch < cfg.trainer.epochs:
+            raise run_interrupted(run, stop, epoch + 1, 0)
+
+
+def save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
+                    num_classes, epochs_done, progress, metric=None):
+    backend.sync_to_host(model)
+    loader_state = (loader.state_dict(inside_pass=progress is not None)
+                    if hasattr(loader, "resume_pass") else None)
+    checkpointer.save(dict(
+        identity(cfg, num_classes),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        optimizer=optimizer.state_dict(),
+        scheduler=None if scheduler is None else scheduler.state_dict(),
+        rng=rng_state(), loader=loader_state, epoch=epochs_done,
+        progress=None if progress is None or loader_state is None else progress.state_dict(),
+        epochs=[vars(e) for e in run.epochs], device=run.device,
+        config=OmegaConf.to_container(cfg, resolve=True)), metric=metric)
+
+
+def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes):
+    """resume=true: load the last checkpoint (ckpt_path, else this run dir's); returns the
+    epoch to continue with and how far into it the checkpoint got."""
+    where = cfg.ckpt_path if cfg.ckpt_path is not None else output_dir
+    try:
+        path = resolve_checkpoint(where)
+    except UserError:
+        raise UserError(f"resume=true: no checkpoint in {os.path.abspath(where)} (looked for "
+                        f"{os.path.join(os.path.abspath(where), 'checkpoints', 'last.pt')}); "
+                        "start without resume=true, or point ckpt_path at a run dir") from None
+    state = load_checkpoint(path)
+    if "epoch" not in state:
+        raise UserError(f"resume=true: {path} is a final model, not a training checkpoint; "
+                        "evaluate it with train=false ckpt_path=...")
+    check_identity(state, cfg, num_classes, path)
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    run.epochs = [EpochStats(**e) for e in state["epochs"]]
+    if run.epochs:
+        outputs.write_epochs_csv(os.path.join(output_dir, outputs.EPOCHS_FILE),
+                                 [e.as_row() for e in run.epochs])
+    checkpointer.best = state.get("best")
+    set_rng_state(state["rng"])
+    progress = None
+    loader_state = state.get("loader")
+    if loader_state is not None and hasattr(loader, "resume_pass"):
+        progress_state = state.get("progress")
+        skip = progress_state["steps"] if progress_state else 0
+        loader.resume_pass(loader_state["generator"], skip)
+        if progress_state:
+            progress = EpochProgress.from_state_dict(progress_state, device=loader.device)
+    log.info("Resuming from %s: %d epoch(s) done%s", path, state["epoch"],
+             f", {progress.steps} step(s) into epoch {state['epoch'] + 1}" if progress else "")
+    return state["epoch"] + 1, progress
+
+
+def evaluate_only(cfg, run, backend, model, data):
+    """train=false: evaluate a saved model (ckpt_path: model.pt, a checkpoint or a run dir)."""
+    path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
+    state = load_checkpoint(path)
+    check_identity(state, cfg, data.num_classes, path)
+    model.load_state_dict(state["state_dict"])
+    _, test_loader = backend.make_loaders(data)
+    infer = backend.inference_step(model)
+    run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
+                                                   progress_bar=cfg.trainer.progress_bar)
+    log.info("Accuracy on test set: %.2f%% (%d images) of %s", run.test_accuracy,
+             run.test_samples, path)
+    run.status = "evaluated"
+    run.checkpoint = os.path.abspath(path)
+    run.write_metrics()
+    return run.metrics()
+
+
+def run_interrupted(run, stop, epoch, steps):
+    run.status = "interrupted"
+    name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
+    run.error = (f"interrupted by {name} at epoch {epoch}, step {steps}; checkpoint in "
+                 f"{os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)}; continue with resume=true "
+                 f"hydra.run.dir={run.output_dir}")
+    run.write_metrics()
+    return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: the first asks the loop to stop after the current step
+    (checkpoint, metrics, exit); a second one stops at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __call__(self):
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: stopping after the current step (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

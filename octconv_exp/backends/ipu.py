@@ -225,6 +225,11 @@ class IpuBackend:
         if self.training_model is not None:
             self.training_model.setOptimizer(optimizer)
 
+    def sync_to_host(self, model):
+        """Checkpoints read the model on the host: bring the IPU's weights back first."""
+        if self.training_model is not None and self.training_model.isCompiled():
+            self.training_model.copyWeightsToHost()
+
     def finish_training(self, model):
         if self.training_model is None:
             return

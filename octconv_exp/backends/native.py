@@ -67,6 +67,9 @@ class NativeBackend:
     def on_epoch_end(self, optimizer):
         """The optimizer lives here: a scheduler's changes already apply."""
 
+    def sync_to_host(self, model):
+        """The weights are the model's own: nothing to copy."""
+
     def finish_training(self, model):
         """Weights already live in ``model``; nothing to copy back."""
 

@@ -1,0 +1,112 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint holds the model, optimizer and scheduler states, the Python, NumPy and torch RNG
+states, the training loader's shuffling state, the epochs completed with their metrics and,
+when a run was interrupted inside an epoch, how far it got (steps and running sums) so that
+a resumed run sees the same batches in the same order as an uninterrupted one.
+
+Files (atomic writes): ``<run dir>/checkpoints/last.pt`` after every epoch (and on
+interruption), ``best.pt`` when the monitored metric improves.
+"""
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .outputs import _atomic_write, save_torch_atomic
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+# What must match between a checkpoint and the run that loads it.
+IDENTITY_KEYS = ("conv", "alpha", "expansion", "num_classes")
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def identity(cfg, num_classes):
+    return {"conv": cfg.conv.mode, "alpha": float(cfg.alpha), "expansion": int(cfg.expansion),
+            "num_classes": int(num_classes)}
+
+
+def check_identity(saved, cfg, num_classes, path):
+    """Refuse a checkpoint of another model, naming what differs."""
+    wanted = identity(cfg, num_classes)
+    if saved.get("conv") == "vanilla" and wanted["conv"] == "vanilla":
+        wanted["alpha"] = saved.get("alpha")  # vanilla ignores alpha
+    differs = [k for k in IDENTITY_KEYS if k in saved and saved[k] != wanted[k]]
+    if differs:
+        have = ", ".join(f"{k}={saved[k]}" for k in differs)
+        want = ", ".join(f"{k}={wanted[k]}" for k in differs)
+        raise UserError(f"checkpoint {path} is of another model ({have}; this run has {want}); "
+                        "use the settings it was trained with or another checkpoint")
+
+
+def resolve_path(path, prefer_final=False):
+    """A checkpoint file, or a run dir: its checkpoints/last.pt, else model.pt (the other way
+    round with ``prefer_final``, for evaluation)."""
+    candidates = [path]
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, CHECKPOINT_DIR, LAST), os.path.join(path, "model.pt")]
+        if prefer_final:
+            candidates.reverse()
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise UserError(f"no checkpoint at {os.path.abspath(path)} (looked for "
+                    + ", ".join(os.path.abspath(c) for c in candidates) + ")")
+
+
+def load(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"cannot read checkpoint {os.path.abspath(path)}: "
+                        f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserError(f"{os.path.abspath(path)} is not an octconv-exp checkpoint or model file")
+    return state
+
+
+class Checkpointer:
+    """Writes last.pt (and best.pt) into the run dir."""
+
+    def __init__(self, output_dir, monitor="train_loss"):
+        self.dir = os.path.join(output_dir, CHECKPOINT_DIR)
+        self.monitor = monitor
+        self.best = None
+
+    @property
+    def last_path(self):
+        return os.path.join(self.dir, LAST)
+
+    def save(self, state, metric=None):
+        """Write last.pt; also best.pt when ``metric`` (None: inside an epoch) improves."""
+        os.makedirs(self.dir, exist_ok=True)
+        improved = metric is not None and self._improves(metric)
+        if improved:
+            self.best = metric
+        save_torch_atomic(self.last_path, dict(state, best=self.best, monitor=self.monitor))
+        if improved:
+            with open(self.last_path, "rb") as src:
+                _atomic_write(os.path.join(self.dir, BEST), lambda f: shutil.copyfileobj(src, f))
+
+    def _improves(self, metric):
+        if self.best is None:
+            return True
+        return metric > self.best if self.monitor == "test_accuracy" else metric < self.best

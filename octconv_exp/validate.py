@@ -1,0 +1,110 @@
+"""Validate every configuration a user can compose, for CI: no data, no training.
+
+    python -m octconv_exp.validate [--config-dir DIR ...] [--override KEY=VALUE ...]
+
+Composes every combination of the config groups' options and every experiment preset,
+validates each against the schema and the ranges (without looking at this machine: no CUDA
+or data folders needed), builds each model on the meta device, and prints one line per
+invalid configuration; exit status 1 if any, 0 otherwise.
+
+``--config-dir DIR``: a folder with its own ``config.yaml`` is validated as a primary config
+dir of its own; a folder without one adds its groups (e.g. your ``experiment/`` presets) to
+ours. ``--override`` applies to every configuration (e.g. ``dataset.root=/data``).
+"""
+import argparse
+import itertools
+import os
+import sys
+
+from .cli import CONFIG_DIR, CONFIG_NAME, describe_composition_error, group_options
+
+GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu", "logger")
+
+
+def _options(dirs, group):
+    found = set()
+    for d in dirs:
+        found.update(group_options(d, group) or [])
+    return sorted(found)
+
+
+def combinations(dirs):
+    """(label, overrides) for every group combination and every experiment preset."""
+    groups = [g for g in GROUPS if _options(dirs, g)]
+    choices = [[f"{g}={o}" for o in _options(dirs, g)] for g in groups]
+    for combo in itertools.product(*choices):
+        yield " ".join(combo), list(combo)
+    for preset in _options(dirs, "experiment"):
+        yield f"experiment={preset}", [f"experiment={preset}"]
+
+
+def check(overrides_for, config_dir, config_name, search_dirs, extra):
+    """Validate each configuration; returns a list of 'label: problem' lines."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import validate
+    from .errors import UserError
+    from .model import build_model
+
+    problems = []
+    searchpath = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in search_dirs)}]"] \
+        if search_dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=os.path.abspath(config_dir)):
+            for label, overrides in overrides_for:
+                try:
+                    cfg = compose(config_name=config_name, overrides=searchpath + overrides + extra)
+                    validate(cfg, check_environment=False)
+                    with torch.device("meta"):
+                        build_model(cfg)
+                except UserError as exc:
+                    problems.append(f"{label}: {exc}")
+                except (HydraException, OmegaConfBaseException) as exc:
+                    problems.append(f"{label}: {describe_composition_error(exc)}")
+                except ValueError as exc:  # the model refused the configuration
+                    problems.append(f"{label}: model: {exc}")
+    finally:
+        GlobalHydra.instance().clear()
+    return problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m octconv_exp.validate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-dir", action="append", default=[],
+                        help="another config dir to validate (repeatable)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="KEY=VALUE applied to every configuration (repeatable)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    args = parser.parse_args(argv)
+
+    for d in args.config_dir:
+        if not os.path.isdir(d):
+            sys.stderr.write(f"error: --config-dir {d}: not a directory\n")
+            return 2
+    from . import config  # noqa: F401  (the schema and resolvers)
+
+    runs = [(CONFIG_DIR, [d for d in args.config_dir
+                          if not os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))])]
+    runs += [(d, []) for d in args.config_dir if os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))]
+    total, problems = 0, []
+    for config_dir, extra_dirs in runs:
+        combos = list(combinations([config_dir] + extra_dirs))
+        total += len(combos)
+        found = check(combos, config_dir, CONFIG_NAME, extra_dirs, args.override)
+        prefix = "" if config_dir == CONFIG_DIR else f"{config_dir}: "
+        problems += [prefix + p for p in found]
+    for line in problems:
+        print(f"invalid: {line}")
+    if not args.quiet:
+        print(f"{total} configurations checked, {len(problems)} invalid")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Runs that survive: checkpoints, resume, interruption, divergence, determinism, CI validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+BASE = ["dataset=synthetic", "dataset.train_size=1200", "dataset.test_size=300",
+        "trainer.batch_size=8", "trainer.progress_bar=false", "conv=octave", "alpha=0.25"]
+SAME = ("train_loss", "train_accuracy", "test_accuracy", "test_samples", "epochs_completed")
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "epochs.csv")) as f:
+        return [line.split(",")[1] for line in f.read().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch run, the yardstick of the resume tests."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_checkpoints_after_every_epoch(reference):
+    ckpt_dir = reference / "checkpoints"
+    assert sorted(os.listdir(ckpt_dir)) == ["best.pt", "last.pt"]  # nothing half-written left
+    last = torch.load(ckpt_dir / "last.pt", weights_only=False)
+    assert last["epoch"] == 3 and last["progress"] is None
+    for key in ("state_dict", "optimizer", "scheduler", "rng", "loader", "epochs", "config"):
+        assert key in last
+    assert [e["epoch"] for e in last["epochs"]] == [1, 2, 3]
+    best = torch.load(ckpt_dir / "best.pt", weights_only=False)
+    assert best["best"] == min(e["train_loss"] for e in last["epochs"])
+
+
+@pytest.mark.slow
+def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*BASE, "trainer.epochs=2", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli(*BASE, "trainer.epochs=3", "resume=true", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    ref, got = metrics(reference), metrics(run_dir)
+    assert {k: got[k] for k in SAME} == {k: ref[k] for k in SAME}
+    assert losses(run_dir) == losses(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_path, sig, code):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *BASE,
+                             "trainer.epochs=3", f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "epochs.csv").exists():  # wait until epoch 1 is done
+        assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("error: interrupted by") and "resume=true" in last_line
+    m = metrics(run_dir)
+    assert m["status"] == "interrupted"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] >= 1
+    resumed = run_cli(*BASE, "trainer.epochs=3", "resume=true", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, ref = metrics(run_dir), metrics(reference)
+    assert got["status"] == "completed"
+    # Stopped inside an epoch or between two, the resumed run sees the same batches.
+    assert {k: got[k] for k in SAME} == {k: ref[k] for k in SAME}
+
+
+@pytest.mark.slow
+def test_evaluate_only(reference, tmp_path):
+    res = run_cli(*BASE, "train=false", f"ckpt_path={reference}", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(tmp_path)
+    assert m["status"] == "evaluated" and m["checkpoint"].endswith("model.pt")
+    assert m["test_accuracy"] == metrics(reference)["test_accuracy"]
+    assert m["test_samples"] == 300 and not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_says_what_differs(reference, tmp_path):
+    res = run_cli(*BASE, "conv=vanilla", "train=false", f"ckpt_path={reference}/checkpoints/best.pt",
+                  f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "conv=octave" in res.stderr and "this run has conv=vanilla" in res.stderr
+    res = run_cli(*BASE, "alpha=0.5", "resume=true", f"ckpt_path={reference}",
+                  f"hydra.run.dir={tmp_path / 'b'}")
+    assert res.returncode == 2 and "alpha=0.25; this run has alpha=0.5" in res.stderr
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint(tmp_path):
+    res = run_cli(*BASE, "resume=true", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "no checkpoint in" in res.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    res = run_cli(*BASE, "train=false", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert res.returncode == 2 and "cannot read checkpoint" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_divergence_stops_the_run(tmp_path):
+    res = run_cli(*BASE, "trainer.epochs=2", "optimizer.lr=1e30", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "training diverged: loss nan at epoch 1, step" in res.stderr
+    assert metrics(tmp_path)["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_other_seed_other_metrics(reference, tmp_path):
+    again = tmp_path / "again"
+    res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={again}")
+    assert res.returncode == 0
+    assert {k: metrics(again)[k] for k in SAME} == {k: metrics(reference)[k] for k in SAME}
+    assert losses(again) == losses(reference)
+    other = tmp_path / "other"
+    res = run_cli(*BASE, "trainer.epochs=3", "seed=1", "deterministic=true", f"hydra.run.dir={other}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert losses(other) != losses(reference)
+
+
+@pytest.mark.slow
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    res = run_cli(*BASE, f"hydra.run.dir={blocker}/run")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "cannot create the output dir" in res.stderr and "is not a directory" in res.stderr
+    assert blocker.read_text() == ""  # nothing lost
+
+
+# ------------------------------------------------------------------------------ validate
+
+
+def run_validate(*args):
+    return subprocess.run([sys.executable, "-m", "octconv_exp.validate", "-q", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_validate_accepts_every_shipped_config():
+    res = subprocess.run([sys.executable, "-m", "octconv_exp.validate"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    checked = int(res.stdout.strip().splitlines()[-1].split()[0])
+    assert checked == 3 * 5 * 3 * 3 * 1 * 2 + 4  # every group combination and preset
+
+
+@pytest.mark.slow
+def test_validate_reports_one_line_per_invalid_config(tmp_path):
+    extra = tmp_path / "mine"
+    (extra / "experiment").mkdir(parents=True)
+    (extra / "experiment" / "too_wide.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /conv: octave\nalpha: 0.99\n")
+    (extra / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  epoch: 3\n")
+    (extra / "experiment" / "fine.yaml").write_text("# @package _global_\ntrainer:\n  epochs: 3\n")
+    res = run_validate("--config-dir", str(extra))
+    assert res.returncode == 1
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert any(line.startswith("invalid: experiment=too_wide: alpha=0.99") for line in lines)
+    assert any(line.startswith("invalid: experiment=typo: ") and "epoch" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_validate_a_config_dir_of_its_own(tmp_path):
+    import shutil
+
+    own = tmp_path / "conf"
+    shutil.copytree(os.path.join(REPO, "conf"), own)
+    (own / "optimizer" / "broken.yaml").write_text("name: sgd\n_target_: torch.optim.SGD\nlr: -1\n")
+    res = run_validate("--config-dir", str(own))
+    assert res.returncode == 1
+    lines = res.stdout.strip().splitlines()
+    assert lines and all("optimizer=broken" in line and "optimizer.lr=-1" in line for line in lines)
+    assert len(lines) == 3 * 3 * 3 * 1 * 2  # every combination with the broken optimizer
