@@ -280,7 +280,7 @@ class BatchLoader:
     """
 
     def __init__(self, data: ImageSet, batch_size, mean, std, shuffle=False, drop_last=False,
-                 device="cpu", seed=0):
+                 device="cpu", seed=0, memory_format=torch.contiguous_format):
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
@@ -289,6 +289,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(int(seed))
         self.normalise = Normalise(mean, std, device=self.device)
+        self.memory_format = memory_format
         self.epoch_start_state = self.generator.get_state()
         self.skip = 0  # batches the next pass leaves out (resuming inside an epoch)
 
@@ -329,4 +330,4 @@ class BatchLoader:
             else:
                 idx = order[start:stop]
                 x, y = self.images[idx], self.labels[idx]
-            yield self.normalise(x), y
+            yield self.normalise(x).contiguous(memory_format=self.memory_format), y

@@ -43,27 +43,57 @@ def count_correct(output, labels):
 
 
 class EpochProgress:
-    """How far an epoch got: steps done and the running sums (kept as the tensors they are,
-    so that an epoch resumed from a checkpoint sums exactly as an uninterrupted one)."""
+    """How far an epoch got: steps done, the running sums (kept as the tensors they are, so an
+    epoch resumed from a checkpoint sums exactly as an uninterrupted one), and the steps not
+    yet folded into them (bookkeeping is batched every ``refresh_every`` steps)."""
 
-    def __init__(self, steps=0, loss_sum=None, correct=None, seen=0, images=0, seconds=0.0):
+    def __init__(self, steps=0, loss_sum=None, correct=None, seen=0, images=0, seconds=0.0,
+                 pending=None):
         self.steps, self.loss_sum, self.correct = steps, loss_sum, correct
         self.seen, self.images, self.seconds = seen, images, seconds
+        self.pending = pending if pending is not None else []  # [(loss, output, labels)]
 
     def state_dict(self):
         def host(t):
             return None if t is None else t.detach().cpu()
 
         return {"steps": self.steps, "loss_sum": host(self.loss_sum), "correct": host(self.correct),
-                "seen": self.seen, "images": self.images, "seconds": self.seconds}
+                "seen": self.seen, "images": self.images, "seconds": self.seconds,
+                "pending": [tuple(host(t) for t in item) for item in self.pending]}
 
     @classmethod
     def from_state_dict(cls, state, device=None):
         def dev(t):
             return None if t is None or device is None else t.to(device)
 
+        pending = [tuple(dev(t) for t in item) for item in state.get("pending", [])]
         return cls(state["steps"], dev(state["loss_sum"]), dev(state["correct"]), state["seen"],
-                   state["images"], state["seconds"])
+                   state["images"], state["seconds"], pending)
+
+    def flush(self, epoch):
+        """Fold the pending steps into the sums (a handful of ops for many steps), and raise
+        :class:`Diverged` naming the first step whose loss was not finite."""
+        if not self.pending:
+            return
+        first = self.steps - len(self.pending) + 1
+        losses = [item[0] for item in self.pending]
+        if any(loss.dim() for loss in losses):  # per-replica losses (IPU): one mean each
+            losses = [loss.float().mean() for loss in losses]
+        losses = torch.stack(losses).float()
+        chunk = losses.sum()
+        if not math.isfinite(chunk.item()):
+            finite = torch.isfinite(losses)
+            bad = int((~finite).nonzero()[0, 0]) if not bool(finite.all()) else len(losses) - 1
+            raise Diverged(epoch, first + bad, losses[bad].item())
+        self.loss_sum = chunk if self.loss_sum is None else self.loss_sum + chunk
+        scored = [(out, labels) for _, out, labels in self.pending if out is not None]
+        if scored:
+            outputs = torch.cat([out for out, _ in scored])
+            labels = torch.cat([labels for _, labels in scored])
+            ok = (outputs.argmax(dim=1) == labels).sum()
+            self.correct = ok if self.correct is None else self.correct + ok
+            self.seen += labels.shape[0]
+        self.pending = []
 
 
 class Interrupted(Exception):
@@ -77,12 +107,12 @@ class Interrupted(Exception):
 
 def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25, resume=None,
                 should_stop=None):
-    """One pass over ``loader``; the loss and accuracy are summed on the device and read back
-    only every ``refresh_every`` steps, so the bar never forces a synchronisation per step.
+    """One pass over ``loader``. Per step only the step itself runs: losses and outputs are
+    kept and folded into the epoch's sums every ``refresh_every`` steps (one synchronisation
+    and a handful of ops for all of them), which also updates the bar and checks for
+    divergence (:class:`Diverged` names the exact first step with a non-finite loss).
 
     A step may return no output (PopTorch's Sum output mode): the accuracy is then None.
-    A non-finite loss raises :class:`Diverged`; host losses are checked every step, device
-    losses at every read-back (so the step reported is the first check that saw it).
     ``resume`` (an :class:`EpochProgress`) continues an epoch a checkpoint stopped inside (the
     loader must then skip the batches already done); ``should_stop()`` is asked after every
     step and ends the epoch with :class:`Interrupted`."""
@@ -91,39 +121,30 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
     bar = tqdm(loader, total=total, initial=p.steps, desc=f"Epoch {epoch}/{epochs}",
                disable=not progress_bar, leave=True, dynamic_ncols=True)
     start = time.perf_counter() - p.seconds
-    for data, labels in bar:
-        output, loss = step(data, labels)
-        loss = loss.detach().float().mean()
-        p.loss_sum = loss if p.loss_sum is None else p.loss_sum + loss
-        if output is not None:
-            ok, n = count_correct(output, labels)
-            p.correct = ok if p.correct is None else p.correct + ok
-            p.seen += n
-        p.images += data.shape[0]
-        p.steps += 1
-        on_host = p.loss_sum.device.type == "cpu"
-        if on_host or p.steps % refresh_every == 0:
-            running = p.loss_sum.item()
-            if not math.isfinite(running):
-                bar.close()
-                raise Diverged(epoch, p.steps, loss.item())
-            if progress_bar and p.steps % refresh_every == 0:
-                bar.set_postfix_str(_describe(running / p.steps, p.correct, p.seen), refresh=False)
-        if should_stop is not None and should_stop() and p.steps < total:
-            p.seconds = time.perf_counter() - start
-            bar.close()
-            raise Interrupted(epoch, p)
-    if p.steps == 0:
-        raise ValueError("the training loader yielded no batch")
-    mean_loss = p.loss_sum.item() / p.steps
-    if not math.isfinite(mean_loss):
+    try:
+        for data, labels in bar:
+            output, loss = step(data, labels)
+            if output is not None and output.shape[0] != labels.shape[0]:
+                labels = labels[-output.shape[0]:]  # outputs may cover only the last rows
+            p.pending.append((loss.detach(), output, labels))
+            p.images += data.shape[0]
+            p.steps += 1
+            if p.steps % refresh_every == 0:
+                p.flush(epoch)
+                if progress_bar:
+                    bar.set_postfix_str(_describe(p.loss_sum.item() / p.steps, p.correct, p.seen),
+                                        refresh=False)
+            if should_stop is not None and should_stop() and p.steps < total:
+                p.seconds = time.perf_counter() - start
+                raise Interrupted(epoch, p)
+        if p.steps == 0:
+            raise ValueError("the training loader yielded no batch")
+        p.flush(epoch)
+    finally:
         bar.close()
-        raise Diverged(epoch, p.steps, mean_loss)
+    mean_loss = p.loss_sum.item() / p.steps
     accuracy = 100.0 * p.correct.item() / p.seen if p.seen else None
     elapsed = time.perf_counter() - start
-    if progress_bar:
-        bar.set_postfix_str(_describe(mean_loss, p.correct, p.seen))
-    bar.close()
     return EpochStats(epoch, mean_loss, accuracy, p.images, elapsed)
 
 

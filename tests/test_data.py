@@ -169,3 +169,10 @@ def test_image_folder_test_classes_must_be_known(tmp_path, image_folder_root):
     shutil.copytree(root / "test" / "owls", root / "test" / "bats")
     with pytest.raises(UserError, match="bats"):
         load_data(OmegaConf.create({"name": "image_folder", "root": str(root)}))
+
+
+def test_batch_loader_yields_the_memory_format_asked_for():
+    data = make_synthetic(20, seed=1)
+    loader = BatchLoader(data, 8, CIFAR10_MEAN, CIFAR10_STD, memory_format=torch.channels_last)
+    x, _ = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last)

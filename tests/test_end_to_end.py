@@ -157,3 +157,20 @@ def test_scheduler_changes_the_rate_per_epoch(tmp_path):
         rates = [float(r["lr"]) for r in csv.DictReader(f)]
     assert rates == pytest.approx([0.05, 0.025])
     assert read_metrics(tmp_path)["scheduler"] == "step"
+
+
+@pytest.mark.slow
+def test_speed_settings(tmp_path):
+    """channels_last (the CPU default) and torch.compile train the same model; the CUDA-only
+    settings are refused on the CPU with one line."""
+    runs = {}
+    for name, extra in (("first", ["speed.channels_last=false"]), ("last", ["speed.channels_last=true"]),
+                        ("compiled", ["speed.compile=true"])):
+        res = run_cli(*SMALL, "conv=multi-octave", "trainer.epochs=1", "dataset.train_size=400",
+                      *extra, f"hydra.run.dir={tmp_path / name}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = read_metrics(tmp_path / name)
+    for m in runs.values():
+        assert m["test_accuracy"] > 15 and m["test_samples"] == 500
+    res = run_cli(*SMALL, "device=cpu", "speed.autocast_bf16=true", f"hydra.run.dir={tmp_path / 'bf16'}")
+    assert res.returncode == 2 and "CUDA only" in res.stderr and res.stderr.count("\n") == 1

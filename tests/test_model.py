@@ -98,7 +98,7 @@ ALPHA_PAIRS = [(0.0, 0.25), (0.0, 0.5), (0.25, 0.25), (0.5, 0.5), (0.75, 0.75), 
 
 @pytest.mark.parametrize("alphas, channels, stride, size",
                          [(a, c, s, z) for a, c, s, z in itertools.product(
-                             ALPHA_PAIRS, [(8, 16), (16, 16), (32, 12)], [1, 2], [8, 16])])
+                             ALPHA_PAIRS, [(8, 16), (16, 16), (32, 12)], [1, 2], [8, 9, 16])])
 def test_fused_matches_octconv_forward_and_gradients(alphas, channels, stride, size):
     cin, cout = channels
     torch.manual_seed(hash((alphas, channels, stride, size)) % 1000)
@@ -163,3 +163,20 @@ def test_parallel_scope_wraps_every_octave_convolution():
     entered.clear()
     ClassificationModel("octave", 0.5, 1, parallel_scope=Scope)(torch.randn(2, 3, 32, 32))
     assert entered == []  # octave mode never groups its convolutions
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
+def test_channels_last_gives_the_same_results(mode):
+    torch.manual_seed(0)
+    a = ClassificationModel(mode, 0.25, 1)
+    b = ClassificationModel(mode, 0.25, 1).to(memory_format=torch.channels_last)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    labels = torch.randint(0, 10, (4,))
+    out_a, loss_a = a(x, labels)
+    out_b, loss_b = b(x.contiguous(memory_format=torch.channels_last), labels)
+    assert torch.allclose(out_a, out_b, atol=1e-5)
+    loss_a.backward()
+    loss_b.backward()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4)

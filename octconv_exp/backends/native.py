@@ -18,14 +18,46 @@ def optimizer_kwargs(opt_cfg):
     return node
 
 
+def use_channels_last(setting, device_type):
+    """speed.channels_last: auto means on for the CPU, where it was measured faster for every
+    conv mode (README, Performance), and off on CUDA, where it has not been measured here."""
+    setting = str(setting).lower()
+    if setting == "auto":
+        return device_type == "cpu"
+    return setting == "true"
+
+
 class NativeBackend:
     def __init__(self, cfg, device):
         self.cfg = cfg
         self.device = torch.device(device)
         self.name = self.device.type
+        speed = cfg.speed
+        self.memory_format = (torch.channels_last if use_channels_last(speed.channels_last, self.device.type)
+                              else torch.contiguous_format)
+        cuda = self.device.type == "cuda"
+        self.autocast = bool(speed.autocast_bf16) and cuda
+        if cuda and speed.cudnn_benchmark and not cfg.deterministic:
+            torch.backends.cudnn.benchmark = True
+        self.compiled = None
 
     def build_model(self, num_classes):
-        return build_model(self.cfg, num_classes=num_classes).to(self.device)
+        model = build_model(self.cfg, num_classes=num_classes).to(self.device)
+        return model.to(memory_format=self.memory_format)
+
+    def runnable(self, model):
+        """The module the steps call: the model, or its torch.compile'd twin (same weights)."""
+        if not self.cfg.speed.compile:
+            return model
+        if self.compiled is None:
+            self.compiled = torch.compile(model)
+        return self.compiled
+
+    def forward(self, module, *args):
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return module(*args)
+        return module(*args)
 
     def build_optimizer(self, model):
         name = self.cfg.optimizer.name
@@ -37,18 +69,20 @@ class NativeBackend:
     def make_loaders(self, data):
         t = self.cfg.trainer
         train = BatchLoader(data.train, t.batch_size, data.mean, data.std, shuffle=True,
-                            drop_last=t.drop_last, device=self.device, seed=self.cfg.seed)
+                            drop_last=t.drop_last, device=self.device, seed=self.cfg.seed,
+                            memory_format=self.memory_format)
         # Evaluation sees every test image: no shuffling, no dropped tail.
         test = BatchLoader(data.test, t.test_batch_size, data.mean, data.std, shuffle=False,
-                           drop_last=False, device=self.device)
+                           drop_last=False, device=self.device, memory_format=self.memory_format)
         return train, test
 
     def training_step(self, model, optimizer):
         model.train()
+        module = self.runnable(model)
 
         def step(images, labels):
             optimizer.zero_grad(set_to_none=True)
-            output, loss = model(images, labels)
+            output, loss = self.forward(module, images, labels)
             loss.backward()
             optimizer.step()
             return output.detach(), loss.detach()
@@ -57,10 +91,11 @@ class NativeBackend:
 
     def inference_step(self, model):
         model.eval()
+        module = self.runnable(model)
 
         def infer(images):
-            with torch.inference_mode():
-                return model(images)
+            with torch.no_grad():
+                return self.forward(module, images)
 
         return infer
 
@@ -82,7 +117,8 @@ class NativeBackend:
 
         t = self.cfg.trainer
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(t.batch_size, 3, 32, 32, generator=gen).to(self.device)
+        images = torch.randn(t.batch_size, 3, 32, 32, generator=gen).to(self.device).contiguous(
+            memory_format=self.memory_format)
         labels = torch.randint(0, model.fc.out_features, (t.batch_size,), generator=gen).to(self.device)
         step = self.training_step(model, optimizer)
         step(images, labels)  # warm-up: first-call allocations are not what we want to see
