@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .outputs import _atomic_write, save_torch_atomic
+from .outputs import atomic_write, save_torch_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -104,7 +104,7 @@ class Checkpointer:
         save_torch_atomic(self.last_path, dict(state, best=self.best, monitor=self.monitor))
         if improved:
             with open(self.last_path, "rb") as src:
-                _atomic_write(os.path.join(self.dir, BEST), lambda f: shutil.copyfileobj(src, f))
+                atomic_write(os.path.join(self.dir, BEST), lambda f: shutil.copyfileobj(src, f))
 
     def _improves(self, metric):
         if self.best is None:

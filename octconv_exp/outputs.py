@@ -14,9 +14,11 @@ EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_images", "train
                  "train_images_per_second", "lr")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """Write through ``write(file)`` into a temp file beside ``path``, then rename it over."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from a group sharing the sweep
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -30,7 +32,7 @@ def _atomic_write(path, write):
 
 
 def write_text_atomic(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path, obj):
@@ -40,7 +42,7 @@ def write_json_atomic(path, obj):
 def save_torch_atomic(path, obj):
     import torch
 
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_epochs_csv(path, rows):
