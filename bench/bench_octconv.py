@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import octconv  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from octconv_exp.backends.native import use_channels_last  # noqa: E402
 from octconv_exp.data import BatchLoader, make_synthetic  # noqa: E402

@@ -110,7 +110,7 @@ def load_cifar10(root, train, download, verify_checksums=True):
             pass  # downloaded, but unreadable: reported just below
     try:
         ds = cls(root, train=train, download=False, verify_checksums=verify_checksums)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted."
         missing = [name for name, _ in cls.train_list + cls.test_list
                    if not os.path.isfile(os.path.join(folder, name))]
         what = ("missing " + ", ".join(missing)) if missing else "checksum mismatch"

@@ -56,12 +56,9 @@ def normalised_tensor_dataset(images, labels, mean, std, chunk=8192):
 class TestBatches:
     """PopTorch's test loader (whole combined batches), then the images left over, if any."""
 
-    def __init__(self, loader, tail_images, tail_labels, combined_batch):
+    def __init__(self, loader, tail_images, tail_labels):
         self.loader = loader
-        self.tail = None
-        if tail_images.shape[0]:
-            self.tail = (tail_images, tail_labels)
-        self.combined_batch = combined_batch
+        self.tail = (tail_images, tail_labels) if tail_images.shape[0] else None
 
     def __len__(self):
         return len(self.loader) + (1 if self.tail is not None else 0)
@@ -196,7 +193,7 @@ class IpuBackend:
                 batch_size=t.test_batch_size, shuffle=False, drop_last=True,
                 num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async))
         tail_x, tail_y = test_ds.tensors[0][full:], test_ds.tensors[1][full:]
-        test = TestBatches(loaders[0] if loaders else [], tail_x, tail_y, combined)
+        test = TestBatches(loaders[0] if loaders else [], tail_x, tail_y)
         self.loaders = [train] + loaders
         return train, test
 
