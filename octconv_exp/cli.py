@@ -222,7 +222,8 @@ def run_task(cfg):
     run = Run(cfg, output_dir)
     multirun = is_multirun()
     try:
-        metrics = run_experiment(cfg, output_dir, run=run, threads=launcher_threads(cfg))
+        metrics = run_experiment(cfg, output_dir, run=run, threads=launcher_threads(cfg),
+                                 fresh_if_no_checkpoint=multirun)
     except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
         user_error = isinstance(exc, UserError)
         if not user_error and not multirun:

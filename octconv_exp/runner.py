@@ -137,12 +137,13 @@ def set_deterministic(enabled):
         torch.backends.cudnn.benchmark = False
 
 
-def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
+def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if_no_checkpoint=False):
     """Train and evaluate the configured model (or only evaluate one, ``train=false``);
     returns the metrics dict.
 
     ``run`` (a :class:`Run`) lets the caller report how far a failed run got; ``threads``
-    sets torch's thread count (the launcher's share of the cores in a parallel sweep).
+    sets torch's thread count (the launcher's share of the cores in a parallel sweep);
+    ``fresh_if_no_checkpoint`` lets resume=true start a job that never ran (resuming a sweep).
     """
     validate(cfg)
     run = run or Run(cfg, output_dir)
@@ -183,8 +184,10 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None):
         train_loader, test_loader = backend.make_loaders(data)
         scheduler = build_scheduler(cfg.scheduler, optimizer)
         checkpointer = Checkpointer(output_dir, monitor="train_loss")
-        start = restore(cfg, output_dir, run, model, optimizer, scheduler, train_loader,
-                        checkpointer, data.num_classes) if cfg.resume else None
+        start = None
+        if cfg.resume:
+            start = restore(cfg, output_dir, run, model, optimizer, scheduler, train_loader,
+                            checkpointer, data.num_classes, fresh_if_no_checkpoint)
         logger = make_logger(cfg, output_dir)
         step = backend.training_step(model, optimizer)
         with StopRequest() as stop:
@@ -259,13 +262,17 @@ def save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, chec
         config=OmegaConf.to_container(cfg, resolve=True)), metric=metric)
 
 
-def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes):
+def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes,
+            fresh_if_no_checkpoint=False):
     """resume=true: load the last checkpoint (ckpt_path, else this run dir's); returns the
-    epoch to continue with and how far into it the checkpoint got."""
+    epoch to continue with and how far into it the checkpoint got (None: start afresh)."""
     where = cfg.ckpt_path if cfg.ckpt_path is not None else output_dir
     try:
         path = resolve_checkpoint(where)
     except UserError:
+        if fresh_if_no_checkpoint and cfg.ckpt_path is None:
+            log.info("resume=true: no checkpoint in %s yet: starting this job afresh", where)
+            return None
         raise UserError(f"resume=true: no checkpoint in {os.path.abspath(where)} (looked for "
                         f"{os.path.join(os.path.abspath(where), 'checkpoints', 'last.pt')}); "
                         "start without resume=true, or point ckpt_path at a run dir") from None

@@ -68,7 +68,10 @@ def job_subdirs(jobs, seed_of):
                or sum(1 for job in jobs if any(split_override(o)[0] == k for o in job)) < len(jobs)}
     names = []
     for job in jobs:
-        shown = [o for o in job if split_override(o)[0] in varying] if len(jobs) > 1 else job
+        if len(jobs) > 1:
+            shown = [o for o in job if split_override(o)[0] in varying]
+        else:  # a single job: its overrides, without the noise (nothing to tell apart)
+            shown = [o for o in job if not is_noise(split_override(o)[0])]
         names.append(f"{config_name(shown)}/seed={seed_of(job)}")
     return names
 

@@ -202,3 +202,21 @@ def test_validate_a_config_dir_of_its_own(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert lines and all("optimizer=broken" in line and "optimizer.lr=-1" in line for line in lines)
     assert len(lines) == 3 * 3 * 3 * 1 * 2  # every combination with the broken optimizer
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_job_by_job(tmp_path):
+    sweep_dir = tmp_path / "s"
+    args = ["-m", *[a for a in BASE if not a.startswith(("alpha=", "dataset.train_size="))],
+            "alpha=0.25,0.5", "dataset.train_size=200", "trainer.epochs=2",
+            f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    done = metrics(sweep_dir / "alpha=0.25" / "seed=0")
+    import shutil
+
+    shutil.rmtree(sweep_dir / "alpha=0.5")  # a job that never ran
+    again = run_cli(*args, "resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics(sweep_dir / "alpha=0.25" / "seed=0")["test_accuracy"] == done["test_accuracy"]
+    assert metrics(sweep_dir / "alpha=0.5" / "seed=0")["status"] == "completed"

@@ -245,3 +245,12 @@ def test_tensorboard_logger_writes_scalars_and_hparams(tmp_path):
     hparams.Reload()
     assert "final/test_accuracy" in hparams.Tags()["scalars"]
     assert (tmp_path / "epochs.csv").exists()  # CSV stays on
+
+
+def test_job_subdirs_name_what_varies():
+    from octconv_exp.sweep import job_subdirs
+
+    jobs = [["conv=octave", "alpha=0.25", "trainer.epochs=2"], ["conv=octave", "alpha=0.5", "trainer.epochs=2"]]
+    assert job_subdirs(jobs, lambda job: 0) == ["alpha=0.25/seed=0", "alpha=0.5/seed=0"]
+    single = [["conv=octave", "trainer.progress_bar=false", "dataset.root=/x"]]
+    assert job_subdirs(single, lambda job: 3) == ["conv=octave/seed=3"]
