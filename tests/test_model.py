@@ -180,3 +180,17 @@ def test_channels_last_gives_the_same_results(mode):
     loss_b.backward()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_flops_counted_and_theoretical():
+    from octconv_exp.model import count_flops_per_image, octave_cost, theoretical_flops_ratio
+
+    vanilla = count_flops_per_image(ClassificationModel("vanilla", 0.5, 1))
+    assert vanilla == 2 * (3 * 16 * 9 * 32 * 32 + 16 * 32 * 9 * 16 * 16 + 32 * 16 * 9 * 8 * 8
+                           + 16 * 4 * 4 * 10)
+    for alpha in (0.25, 0.5, 0.75):
+        for mode in ("octave", "multi-octave"):
+            counted = count_flops_per_image(ClassificationModel(mode, alpha, 1)) / vanilla
+            # alpha*16 and alpha*32 are whole channel counts here, so the split is exact.
+            assert counted == pytest.approx(theoretical_flops_ratio(mode, alpha, 1), rel=1e-9)
+    assert [round(octave_cost(a, a), 2) for a in (0.125, 0.25, 0.5, 0.75)] == [0.82, 0.67, 0.44, 0.30]
