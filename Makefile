@@ -30,7 +30,7 @@ demo: venv
 	@echo "Demo outputs: $(abspath $(DEMO_DIR))"
 	@echo "  summary: $(abspath $(DEMO_DIR))/summary.md (and summary.csv, summary_by_config.csv)"
 	@echo "  plots:   $(abspath $(DEMO_DIR))/accuracy_vs_alpha.png, throughput_vs_alpha.png, accuracy_vs_flops.png"
-	@echo "  runs:    one directory per job, e.g. $(DEMO_DIR)/conv=octave,alpha=0.25,experiment=smoke/seed=0/"
+	@echo "  runs:    one directory per job, e.g. $(DEMO_DIR)/conv=octave,alpha=0.25/seed=0/"
 
 bench: venv
 	$(PY) bench/bench_octconv.py
