@@ -221,10 +221,8 @@ def validate(cfg: DictConfig, check_environment=True):
     lr = cfg.optimizer.get("lr", None)
     if not _is_number(lr) or lr <= 0:
         raise ConfigError("optimizer.lr", lr, "must be a number > 0")
-    if name in IPU_ONLY_OPTIMIZERS and cfg.device in ("cpu", "cuda"):
-        raise ConfigError("optimizer", name,
-                          "is only available on IPUs (poptorch.optim); use device=ipu or "
-                          "choose sgd, adam, adamw or rmsprop")
+    if cfg.device in ("cpu", "cuda"):
+        check_optimizer_for_device(name)
 
     scheduler = cfg.scheduler.get("name", None)
     if scheduler not in SCHEDULERS:
@@ -266,6 +264,13 @@ def validate(cfg: DictConfig, check_environment=True):
         if not torch.cuda.is_available():
             raise ConfigError("device", "cuda",
                               "no CUDA device is available here; use device=auto or device=cpu")
+
+
+def check_optimizer_for_device(name):
+    """For CPU/GPU runs (also device=auto once it resolved to one): no IPU-only optimizer."""
+    if name in IPU_ONLY_OPTIMIZERS:
+        raise ConfigError("optimizer", name, "is only available on IPUs (poptorch.optim); use "
+                          "device=ipu or choose sgd, adam, adamw or rmsprop")
 
 
 def _validate_dataset(ds, check_environment):

@@ -5,9 +5,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ..config import IPU_ONLY_OPTIMIZERS
+from ..config import check_optimizer_for_device
 from ..data import BatchLoader
-from ..errors import ConfigError
 from ..model import build_model
 
 
@@ -60,10 +59,7 @@ class NativeBackend:
         return module(*args)
 
     def build_optimizer(self, model):
-        name = self.cfg.optimizer.name
-        if name in IPU_ONLY_OPTIMIZERS:
-            raise ConfigError("optimizer", name, "is only available on IPUs (poptorch.optim); "
-                              "use device=ipu or choose sgd, adam, adamw or rmsprop")
+        check_optimizer_for_device(self.cfg.optimizer.name)
         return instantiate(optimizer_kwargs(self.cfg.optimizer), params=model.parameters())
 
     def make_loaders(self, data):
