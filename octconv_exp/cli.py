@@ -39,7 +39,7 @@ def describe_composition_error(exc):
     cause = exc if isinstance(exc, OmegaConfBaseException) else exc.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         message = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0].strip()
-        if "not in" in message or "not in struct" in message:
+        if "not in" in message:
             message += f" (a new key needs a leading +, e.g. +{cause.full_key}=VALUE)"
         return f"{cause.full_key}: {message}"
     return one_line(str(exc).split("Config search path")[0])

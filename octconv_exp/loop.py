@@ -4,10 +4,9 @@ A training step may return the outputs of only part of the batch it consumed (Po
 default output mode returns the last micro-batch): accuracy is computed over the outputs that
 came back, against the matching (last) labels, and the image count is the full batch.
 """
+import math
 import time
 from dataclasses import dataclass
-
-import math
 
 import torch
 from tqdm import tqdm
@@ -88,11 +87,10 @@ class EpochProgress:
         self.loss_sum = chunk if self.loss_sum is None else self.loss_sum + chunk
         scored = [(out, labels) for _, out, labels in self.pending if out is not None]
         if scored:
-            outputs = torch.cat([out for out, _ in scored])
-            labels = torch.cat([labels for _, labels in scored])
-            ok = (outputs.argmax(dim=1) == labels).sum()
+            ok, n = count_correct(torch.cat([out for out, _ in scored]),
+                                  torch.cat([labels for _, labels in scored]))
             self.correct = ok if self.correct is None else self.correct + ok
-            self.seen += labels.shape[0]
+            self.seen += n
         self.pending = []
 
 

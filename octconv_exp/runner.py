@@ -36,6 +36,9 @@ def build_scheduler(sched_cfg, optimizer):
     return instantiate(node, optimizer=optimizer)
 
 
+FLOPS_KEYS = ("flops_per_image", "flops_ratio", "flops_ratio_theoretical")
+
+
 def flops_summary(cfg, num_classes):
     """Counted FLOPs per image, their ratio to the vanilla model of the same expansion, and
     the ratio the channel split would give in theory. Counted on CPU models built for the
@@ -104,9 +107,7 @@ class Run:
             "test_accuracy": self.test_accuracy,
             "test_samples": self.test_samples,
             "params": self.params,
-            "flops_per_image": self.flops.get("flops_per_image") if self.flops else None,
-            "flops_ratio": self.flops.get("flops_ratio") if self.flops else None,
-            "flops_ratio_theoretical": self.flops.get("flops_ratio_theoretical") if self.flops else None,
+            **(self.flops or dict.fromkeys(FLOPS_KEYS)),
             "train_images_per_second": (train_images / train_seconds) if train_seconds else None,
             "train_seconds": train_seconds,
             "wall_seconds": time.time() - self.started,
@@ -199,10 +200,8 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
                                                            progress_bar=cfg.trainer.progress_bar)
         log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
         if cfg.trainer.save_model:
-            outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE), dict(
-                identity(cfg, data.num_classes),
-                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                config=OmegaConf.to_container(cfg, resolve=True)))
+            outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE),
+                                      model_file(cfg, model, data.num_classes))
         run.status = "completed"
         run.write_metrics()
         metrics = run.metrics()
@@ -246,20 +245,26 @@ def train(cfg, run, backend, model, optimizer, scheduler, step, loader, logger, 
             raise run_interrupted(run, stop, epoch + 1, 0)
 
 
+def model_file(cfg, model, num_classes):
+    """What model.pt holds, and what every checkpoint starts with: the model's identity (which
+    check_identity compares), its weights on the host, and the run's config."""
+    return dict(identity(cfg, num_classes),
+                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                config=OmegaConf.to_container(cfg, resolve=True))
+
+
 def save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
                     num_classes, epochs_done, progress, metric=None):
     backend.sync_to_host(model)
     loader_state = (loader.state_dict(inside_pass=progress is not None)
                     if hasattr(loader, "resume_pass") else None)
     checkpointer.save(dict(
-        identity(cfg, num_classes),
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        model_file(cfg, model, num_classes),
         optimizer=optimizer.state_dict(),
         scheduler=None if scheduler is None else scheduler.state_dict(),
         rng=rng_state(), loader=loader_state, epoch=epochs_done,
         progress=None if progress is None or loader_state is None else progress.state_dict(),
-        epochs=[vars(e) for e in run.epochs], device=run.device,
-        config=OmegaConf.to_container(cfg, resolve=True)), metric=metric)
+        epochs=[vars(e) for e in run.epochs], device=run.device), metric=metric)
 
 
 def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes,
