@@ -246,10 +246,8 @@ def validate(cfg: DictConfig, check_environment=True):
     _validate_ipu(cfg)
     _validate_multi_conv(cfg.conv.multi_conv)
 
-    if cfg.profile_dir is not None and cfg.ipu.cache_dir is not None and cfg.device == "ipu":
-        raise ConfigError("profile_dir", cfg.profile_dir,
-                          "cannot be combined with ipu.cache_dir (profiling needs a fresh "
-                          "compilation); unset one of them")
+    if cfg.device == "ipu":
+        check_ipu_profiling(cfg)
 
     if not cfg.train and cfg.ckpt_path is None:
         raise ConfigError("train", "false", "needs ckpt_path=PATH (a model.pt, a checkpoint, or "
@@ -271,6 +269,15 @@ def check_optimizer_for_device(name):
     if name in IPU_ONLY_OPTIMIZERS:
         raise ConfigError("optimizer", name, "is only available on IPUs (poptorch.optim); use "
                           "device=ipu or choose sgd, adam, adamw or rmsprop")
+
+
+def check_ipu_profiling(cfg):
+    """For IPU runs (also device=auto once it resolved to one): profiling needs a fresh
+    compilation, which a cached executable skips."""
+    if cfg.profile_dir is not None and cfg.ipu.cache_dir is not None:
+        raise ConfigError("profile_dir", cfg.profile_dir,
+                          "cannot be combined with ipu.cache_dir (profiling needs a fresh "
+                          "compilation); unset one of them")
 
 
 def _validate_dataset(ds, check_environment):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import split_high_low
+from .config import OCTAVE_BRANCHES, split_high_low
 
 
 def make_conv_block(in_channels, out_channels):
@@ -178,7 +178,7 @@ class ClassificationModel(nn.Module):
 
 def octave_branches(conv):
     """The branches an octave convolution has, in the order octconv executes them."""
-    return [name for name in ("h2h", "h2l", "l2l", "l2h") if getattr(conv, "conv_" + name) is not None]
+    return [name for name in OCTAVE_BRANCHES if getattr(conv, "conv_" + name) is not None]
 
 
 def count_parameters(model):

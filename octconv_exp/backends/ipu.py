@@ -22,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data import Normalise
-from ..errors import ConfigError, UserError
+from ..config import OCTAVE_BRANCHES, check_ipu_profiling
+from ..errors import UserError
 from ..model import build_model, octave_branches
 
 POPTORCH_INSTALL_HINT = (
@@ -126,13 +127,12 @@ class IpuBackend:
         poptorch = self.poptorch
         mc = self.cfg.conv.multi_conv
         branches = octave_branches(conv)
-        order = ("h2h", "h2l", "l2l", "l2h")
 
         def per_conv(values):
             values = list(values)
             if len(values) == 1:
                 return values[0]
-            return [values[order.index(b)] for b in branches]
+            return [values[OCTAVE_BRANCHES.index(b)] for b in branches]
 
         scope = poptorch.MultiConv()
         scope.planType(getattr(poptorch.MultiConvPlanType, mc.plan_type.capitalize()))
@@ -265,10 +265,7 @@ class IpuBackend:
     def profile(self, model, optimizer, profile_dir):
         """The seed's profiling: Poplar's autoReport into profile_dir, synthetic data, one
         training iteration."""
-        if self.cfg.ipu.cache_dir is not None:
-            raise ConfigError("profile_dir", profile_dir,
-                              "cannot be combined with ipu.cache_dir (profiling needs a fresh "
-                              "compilation); unset one of them")
+        check_ipu_profiling(self.cfg)
         os.makedirs(profile_dir, exist_ok=True)
         engine = {"autoReport.all": "true", "autoReport.directory": os.path.abspath(profile_dir),
                   "profiler.format": "v3"}
