@@ -194,3 +194,28 @@ def test_flops_counted_and_theoretical():
             # alpha*16 and alpha*32 are whole channel counts here, so the split is exact.
             assert counted == pytest.approx(theoretical_flops_ratio(mode, alpha, 1), rel=1e-9)
     assert [round(octave_cost(a, a), 2) for a in (0.125, 0.25, 0.5, 0.75)] == [0.82, 0.67, 0.44, 0.30]
+
+
+def test_flop_counter_needs_only_torch_2_0_and_agrees_with_torchs():
+    """FlopCounter (a TorchFunctionMode, torch >= 2.0) counts convolutions called as modules or
+    functionally, linear layers and matrix products; where torch has its own counter
+    (torch.utils.flop_counter, torch >= 2.1) both give the same numbers."""
+    from octconv_exp.model import FlopCounter, count_flops_per_image
+
+    x, w = torch.zeros(2, 3, 8, 8), torch.zeros(4, 3, 3, 3)
+    with FlopCounter() as counter:
+        torch.nn.functional.conv2d(x, w, padding=1)  # 2 x 4x8x8 outputs, 27 MACs each
+        torch.nn.Linear(5, 7)(torch.zeros(3, 5))  # 3x7 outputs, 5 MACs each
+        torch.zeros(2, 6) @ torch.zeros(6, 4)
+        torch.nn.functional.conv2d(x, torch.zeros(6, 1, 3, 3), groups=3)  # depthwise-like
+    assert counter.total == 2 * (2 * 4 * 64 * 27 + 3 * 7 * 5 + 2 * 4 * 6 + 2 * 6 * 6 * 6 * 9)
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        pytest.skip(f"torch {torch.__version__} has no flop_counter to compare with")
+    for mode in ("vanilla", "octave", "multi-octave"):
+        for alpha in (0.25, 0.5):
+            model = ClassificationModel(mode, alpha, 2).eval()
+            with FlopCounterMode(display=False) as reference, torch.no_grad():
+                model(torch.zeros(1, 3, 32, 32))
+            assert count_flops_per_image(model) == reference.get_total_flops()
