@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= outputs/demo
+# The Poplar SDK 3.3/3.4 environment: Python 3.8 with torch 2.0.1 / torchvision 0.15.2
+# (.ci/sdk-3.4.constraints.txt). SDK_PYTHON: a Python 3.8 (or 3.10) interpreter.
+SDK_VENV ?= .venv-sdk
+SDK_PY := $(SDK_VENV)/bin/python
+SDK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python) $(shell command -v python3.8 2>/dev/null))
+SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench clean
 
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -15,9 +21,26 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+$(SDK_VENV)/.installed: requirements.txt $(SDK_CONSTRAINTS)
+	@test -n "$(SDK_PYTHON)" || { echo "make test-sdk needs Python 3.8 or 3.10 (what Poplar SDK 3.3/3.4 run on): set SDK_PYTHON=/path/to/python3.8" >&2; exit 2; }
+	test -x $(SDK_PY) || $(SDK_PYTHON) -m venv $(SDK_VENV)
+	$(SDK_PY) -m pip install --quiet --upgrade pip
+	$(SDK_PY) -m pip install --quiet -r requirements.txt -c $(SDK_CONSTRAINTS)
+	touch $@
+
+venv-sdk: $(SDK_VENV)/.installed
+
+# Both environments: the newest torch (the whole suite) and the Poplar SDK's torch 2.0.1 on
+# Python 3.8 (the tests marked `sdk`: every conv mode end to end on CPU and on the PopTorch
+# double, config validation, resume, plus every fast test).
+test: test-newest test-sdk
+
 # The whole suite, slow end-to-end tests included (they are the proof of several features).
-test: venv
+test-newest: venv
 	$(PY) -m pytest -q tests
+
+test-sdk: venv-sdk
+	$(SDK_PY) -m pytest -q -m "sdk or not slow" tests
 
 # Everything but the tests marked slow.
 test-fast: venv

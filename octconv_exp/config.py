@@ -248,6 +248,7 @@ def validate(cfg: DictConfig, check_environment=True):
 
     if cfg.device == "ipu":
         check_ipu_profiling(cfg)
+        check_ipu_training(cfg)
 
     if not cfg.train and cfg.ckpt_path is None:
         raise ConfigError("train", "false", "needs ckpt_path=PATH (a model.pt, a checkpoint, or "
@@ -278,6 +279,19 @@ def check_ipu_profiling(cfg):
         raise ConfigError("profile_dir", cfg.profile_dir,
                           "cannot be combined with ipu.cache_dir (profiling needs a fresh "
                           "compilation); unset one of them")
+
+
+def check_ipu_training(cfg):
+    """For IPU runs (also device=auto once it resolved to one): what a compiled IPU training
+    model cannot do."""
+    if not cfg.trainer.drop_last:
+        # PopTorch >= 3.2 re-batches an Async loader with drop_last=False and hands out a
+        # smaller last batch (poptorch 3.4 python/__init__.py, DataLoader.__init__ /
+        # __len__), which a training executable compiled for the combined batch cannot take.
+        raise ConfigError("trainer.drop_last", "false",
+                          "a compiled IPU training model takes whole combined batches only "
+                          "(trainer.batch_size x ipu.device_iterations x ipu.replicas x "
+                          "ipu.gradient_accumulation); use trainer.drop_last=true on device=ipu")
 
 
 def _validate_dataset(ds, check_environment):
@@ -324,6 +338,11 @@ def _validate_ipu(cfg):
     if ipu.loss_scaling is not None and (not _is_number(ipu.loss_scaling)
                                          or ipu.loss_scaling <= 0):
         raise ConfigError("ipu.loss_scaling", ipu.loss_scaling, "must be a number > 0")
+    if ipu.use_ipu_model and ipu.replicas > 1:
+        # The IPU Model simulates a single IPU: Poplar cannot replicate a graph on it.
+        raise ConfigError("ipu.replicas", ipu.replicas,
+                          "the IPU Model (ipu.use_ipu_model=true) runs one replica only; set "
+                          "ipu.replicas=1 or run on IPU hardware")
 
 
 def _validate_multi_conv(mc):

@@ -3,6 +3,12 @@
 A training step may return the outputs of only part of the batch it consumed (PopTorch's
 default output mode returns the last micro-batch): accuracy is computed over the outputs that
 came back, against the matching (last) labels, and the image count is the full batch.
+
+Nothing a step is given or returns is kept past that step: PopTorch's Async DataLoader hands
+out slots of a ring buffer that it refills in place a few iterations later (poptorch 3.4,
+python/_dataloader.py; docs/user_guide/batching.rst: "You must clone tensors at each
+iteration if you wish to keep their references"). Each step is scored at once into a fresh
+tensor (the number of correct predictions) and its loss is copied; only those are kept.
 """
 import math
 import time
@@ -44,13 +50,26 @@ def count_correct(output, labels):
 class EpochProgress:
     """How far an epoch got: steps done, the running sums (kept as the tensors they are, so an
     epoch resumed from a checkpoint sums exactly as an uninterrupted one), and the steps not
-    yet folded into them (bookkeeping is batched every ``refresh_every`` steps)."""
+    yet folded into them (bookkeeping is batched every ``refresh_every`` steps).
+
+    A pending step is ``(loss, correct, scored)``: its loss (a copy), the number of correct
+    predictions among the outputs it returned (a tensor computed at that step, None when the
+    step returned no outputs) and how many outputs that was."""
 
     def __init__(self, steps=0, loss_sum=None, correct=None, seen=0, images=0, seconds=0.0,
                  pending=None):
         self.steps, self.loss_sum, self.correct = steps, loss_sum, correct
         self.seen, self.images, self.seconds = seen, images, seconds
-        self.pending = pending if pending is not None else []  # [(loss, output, labels)]
+        self.pending = pending if pending is not None else []  # [(loss, correct, scored)]
+
+    def add(self, loss, output, labels):
+        """Record one step; copies what it keeps, so the step's tensors may be reused."""
+        if output is None:
+            correct, scored = None, 0
+        else:
+            correct, scored = count_correct(output, labels)
+        # clone(): the loss may be an output buffer of the device or the loader's step.
+        self.pending.append((loss.detach().clone(), correct, scored))
 
     def state_dict(self):
         def host(t):
@@ -58,14 +77,19 @@ class EpochProgress:
 
         return {"steps": self.steps, "loss_sum": host(self.loss_sum), "correct": host(self.correct),
                 "seen": self.seen, "images": self.images, "seconds": self.seconds,
-                "pending": [tuple(host(t) for t in item) for item in self.pending]}
+                "pending": [(host(loss), host(correct), scored)
+                            for loss, correct, scored in self.pending]}
 
     @classmethod
     def from_state_dict(cls, state, device=None):
         def dev(t):
             return None if t is None or device is None else t.to(device)
 
-        pending = [tuple(dev(t) for t in item) for item in state.get("pending", [])]
+        pending = []
+        for loss, second, third in state.get("pending", []):
+            if isinstance(third, torch.Tensor):  # a checkpoint from before: (loss, output, labels)
+                second, third = count_correct(second, third)
+            pending.append((dev(loss), dev(second), int(third)))
         return cls(state["steps"], dev(state["loss_sum"]), dev(state["correct"]), state["seen"],
                    state["images"], state["seconds"], pending)
 
@@ -85,12 +109,11 @@ class EpochProgress:
             bad = int((~finite).nonzero()[0, 0]) if not bool(finite.all()) else len(losses) - 1
             raise Diverged(epoch, first + bad, losses[bad].item())
         self.loss_sum = chunk if self.loss_sum is None else self.loss_sum + chunk
-        scored = [(out, labels) for _, out, labels in self.pending if out is not None]
+        scored = [(correct, n) for _, correct, n in self.pending if correct is not None]
         if scored:
-            ok, n = count_correct(torch.cat([out for out, _ in scored]),
-                                  torch.cat([labels for _, labels in scored]))
+            ok = torch.stack([correct for correct, _ in scored]).sum()
             self.correct = ok if self.correct is None else self.correct + ok
-            self.seen += n
+            self.seen += sum(n for _, n in scored)
         self.pending = []
 
 
@@ -122,9 +145,7 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
     try:
         for data, labels in bar:
             output, loss = step(data, labels)
-            if output is not None and output.shape[0] != labels.shape[0]:
-                labels = labels[-output.shape[0]:]  # outputs may cover only the last rows
-            p.pending.append((loss.detach(), output, labels))
+            p.add(loss, output, labels)  # scored now: data/labels may be reused buffers
             p.images += data.shape[0]
             p.steps += 1
             if p.steps % refresh_every == 0:

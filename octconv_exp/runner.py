@@ -150,65 +150,80 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     run = run or Run(cfg, output_dir)
     os.makedirs(output_dir, exist_ok=True)
     run.torch_threads = set_threads(threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ipus_needed=int(cfg.ipu.replicas))
     run.device = device
     seed_everything(cfg.seed)
     set_deterministic(cfg.deterministic)
     backend = make_backend(cfg, device)
     try:
-        if cfg.profile_dir is not None:
-            model = backend.build_model(num_classes=10)
-            optimizer = backend.build_optimizer(model)
-            written = backend.profile(model, optimizer, cfg.profile_dir)
-            log.info("Profile of one training iteration on %s written to %s", device,
-                     ", ".join(written))
-            run.status = "profiled"
-            return run.metrics()
-
-        t0 = time.perf_counter()
-        data = load_data(cfg.dataset)
-        log.info("Data: %s, %d training and %d test images, %d classes (%.2fs)",
-                 cfg.dataset.name, len(data.train), len(data.test), data.num_classes,
-                 time.perf_counter() - t0)
-        model = backend.build_model(num_classes=data.num_classes)
-        run.params = count_parameters(model)
-        run.flops = flops_summary(cfg, data.num_classes)
-        log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters, %.2f MFLOPs per image "
-                 "(%.3f of vanilla; %.3f in theory); device %s, %d threads", cfg.conv.mode,
-                 cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
-                 run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], device,
-                 run.torch_threads)
-        if not cfg.train:
-            return evaluate_only(cfg, run, backend, model, data)
-
-        optimizer = backend.build_optimizer(model)
-        train_loader, test_loader = backend.make_loaders(data)
-        scheduler = build_scheduler(cfg.scheduler, optimizer)
-        checkpointer = Checkpointer(output_dir, monitor="train_loss")
-        start = None
-        if cfg.resume:
-            start = restore(cfg, output_dir, run, model, optimizer, scheduler, train_loader,
-                            checkpointer, data.num_classes, fresh_if_no_checkpoint)
-        logger = make_logger(cfg, output_dir)
-        step = backend.training_step(model, optimizer)
-        with StopRequest() as stop:
-            train(cfg, run, backend, model, optimizer, scheduler, step, train_loader, logger,
-                  checkpointer, stop, data.num_classes, start)
-            backend.finish_training(model)
-            infer = backend.inference_step(model)
-            run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
-                                                           progress_bar=cfg.trainer.progress_bar)
-        log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
-        if cfg.trainer.save_model:
-            outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE),
-                                      model_file(cfg, model, data.num_classes))
-        run.status = "completed"
-        run.write_metrics()
-        metrics = run.metrics()
-        logger.finish(metrics)
-        return metrics
+        return _run(cfg, output_dir, run, backend, device, fresh_if_no_checkpoint)
+    except getattr(backend, "device_errors", ()) as exc:
+        # The device refused (no IPUs to attach, a failed compilation): one line, not a trace.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"device={device}: PopTorch failed: {first}") from exc
     finally:
         backend.close()
+
+
+def _run(cfg, output_dir, run, backend, device, fresh_if_no_checkpoint):
+    """The run itself, on a backend that :func:`run_experiment` closes however it ends."""
+    if cfg.profile_dir is not None:
+        model = backend.build_model(num_classes=10)
+        optimizer = backend.build_optimizer(model)
+        written = backend.profile(model, optimizer, cfg.profile_dir)
+        log.info("Profile of one training iteration on %s written to %s", device,
+                 ", ".join(written))
+        run.status = "profiled"
+        return run.metrics()
+
+    t0 = time.perf_counter()
+    data = load_data(cfg.dataset)
+    log.info("Data: %s, %d training and %d test images, %d classes (%.2fs)",
+             cfg.dataset.name, len(data.train), len(data.test), data.num_classes,
+             time.perf_counter() - t0)
+    model = backend.build_model(num_classes=data.num_classes)
+    run.params = count_parameters(model)
+    run.flops = flops_summary(cfg, data.num_classes)
+    log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters, %.2f MFLOPs per image "
+             "(%.3f of vanilla; %.3f in theory); device %s, %d threads", cfg.conv.mode,
+             cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
+             run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], device,
+             run.torch_threads)
+    if not cfg.train:
+        return evaluate_only(cfg, run, backend, model, data)
+
+    optimizer = backend.build_optimizer(model)
+    resume_from = None
+    if cfg.resume:
+        resume_from = find_resume_checkpoint(cfg, output_dir, device, fresh_if_no_checkpoint)
+        if resume_from is not None and hasattr(backend, "start_at_epoch"):
+            # The IPU loader's order is fixed when its worker starts: tell it first.
+            backend.start_at_epoch(resume_from[1]["epoch"] + 1)
+    train_loader, test_loader = backend.make_loaders(data)
+    scheduler = build_scheduler(cfg.scheduler, optimizer)
+    checkpointer = Checkpointer(output_dir, monitor="train_loss")
+    start = None
+    if resume_from is not None:
+        start = restore(cfg, output_dir, run, model, optimizer, scheduler, train_loader,
+                        checkpointer, data.num_classes, resume_from)
+    logger = make_logger(cfg, output_dir)
+    step = backend.training_step(model, optimizer)
+    with StopRequest() as stop:
+        train(cfg, run, backend, model, optimizer, scheduler, step, train_loader, logger,
+              checkpointer, stop, data.num_classes, start)
+        backend.finish_training(model)
+        infer = backend.inference_step(model)
+        run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
+                                                       progress_bar=cfg.trainer.progress_bar)
+    report_test_accuracy(run, backend)
+    if cfg.trainer.save_model:
+        outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE),
+                                  model_file(cfg, model, data.num_classes))
+    run.status = "completed"
+    run.write_metrics()
+    metrics = run.metrics()
+    logger.finish(metrics)
+    return metrics
 
 
 def train(cfg, run, backend, model, optimizer, scheduler, step, loader, logger, checkpointer,
@@ -267,10 +282,9 @@ def save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, chec
         epochs=[vars(e) for e in run.epochs], device=run.device), metric=metric)
 
 
-def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes,
-            fresh_if_no_checkpoint=False):
-    """resume=true: load the last checkpoint (ckpt_path, else this run dir's); returns the
-    epoch to continue with and how far into it the checkpoint got (None: start afresh)."""
+def find_resume_checkpoint(cfg, output_dir, device, fresh_if_no_checkpoint=False):
+    """resume=true: the last checkpoint (ckpt_path, else this run dir's) as ``(path, state)``,
+    or None when a sweep job that never ran may start afresh."""
     where = cfg.ckpt_path if cfg.ckpt_path is not None else output_dir
     try:
         path = resolve_checkpoint(where)
@@ -285,6 +299,27 @@ def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpoin
     if "epoch" not in state:
         raise UserError(f"resume=true: {path} is a final model, not a training checkpoint; "
                         "evaluate it with train=false ckpt_path=...")
+    check_resume_device(state.get("device"), device, path)
+    return path, state
+
+
+def check_resume_device(saved, device, path):
+    """An IPU optimizer state lives on the IPU and only loads onto one (poptorch 3.4
+    python/optim.py, set_state_dict: "Only IPU optimizer states can be loaded onto the IPU");
+    a torch optimizer cannot read PopTorch's. CPU <-> CUDA states convert as torch does."""
+    if saved is None or (saved == "ipu") == (device == "ipu"):
+        return
+    raise UserError(
+        f"resume=true: checkpoint {path} was trained on device={saved} and this run is on "
+        f"device={device}; their optimizer states do not convert. Resume it with "
+        f"device={saved}, or evaluate its weights here with train=false ckpt_path={path}")
+
+
+def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes,
+            resume_from):
+    """Apply a checkpoint found by :func:`find_resume_checkpoint`; returns the epoch to
+    continue with and how far into it the checkpoint got."""
+    path, state = resume_from
     check_identity(state, cfg, num_classes, path)
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
@@ -309,18 +344,28 @@ def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpoin
     return state["epoch"] + 1, progress
 
 
+def report_test_accuracy(run, backend):
+    if getattr(backend, "synthetic_data", False):
+        # The inference model computed on synthetic data too: the number means nothing.
+        run.test_accuracy = None
+        log.info("Synthetic data on the device (ipu.synthetic_data=true): throughput only, "
+                 "no accuracy (%d test images run)", run.test_samples)
+    else:
+        log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
+
+
 def evaluate_only(cfg, run, backend, model, data):
     """train=false: evaluate a saved model (ckpt_path: model.pt, a checkpoint or a run dir)."""
     path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
     state = load_checkpoint(path)
     check_identity(state, cfg, data.num_classes, path)
     model.load_state_dict(state["state_dict"])
-    _, test_loader = backend.make_loaders(data)
+    _, test_loader = backend.make_loaders(data, train=False)  # no training loader or worker
     infer = backend.inference_step(model)
     run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
                                                    progress_bar=cfg.trainer.progress_bar)
-    log.info("Accuracy on test set: %.2f%% (%d images) of %s", run.test_accuracy,
-             run.test_samples, path)
+    log.info("Evaluated %s", path)
+    report_test_accuracy(run, backend)
     run.status = "evaluated"
     run.checkpoint = os.path.abspath(path)
     run.write_metrics()

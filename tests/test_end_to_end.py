@@ -18,6 +18,7 @@ def read_metrics(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 @pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
 def test_each_conv_mode_learns_the_synthetic_data(mode, tmp_path):
     run_dir = tmp_path / "run"
@@ -52,6 +53,7 @@ def test_each_conv_mode_learns_the_synthetic_data(mode, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 def test_cifar10_path_through_run_py(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     res = run_cli("dataset=cifar10", f"dataset.root={cifar_root}", "dataset.download=false",
@@ -95,6 +97,7 @@ def test_print_config_job():
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 def test_bad_override_is_one_line_and_exit_2(tmp_path):
     res = run_cli("conv=foo", f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 2

@@ -49,6 +49,7 @@ def test_checkpoints_after_every_epoch(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli(*BASE, "trainer.epochs=2", f"hydra.run.dir={run_dir}")
@@ -62,6 +63,7 @@ def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_path, sig, code):
     run_dir = tmp_path / "run"
@@ -166,6 +168,7 @@ def run_validate(*args):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 def test_validate_accepts_every_shipped_config():
     res = subprocess.run([sys.executable, "-m", "octconv_exp.validate"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
@@ -220,3 +223,19 @@ def test_a_sweep_resumes_job_by_job(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert metrics(sweep_dir / "alpha=0.25" / "seed=0")["test_accuracy"] == done["test_accuracy"]
     assert metrics(sweep_dir / "alpha=0.5" / "seed=0")["status"] == "completed"
+
+
+def test_validate_in_parallel_reports_the_same_lines_in_the_same_order():
+    from octconv_exp import config  # noqa: F401  (schema)
+    from octconv_exp.cli import CONFIG_DIR, CONFIG_NAME
+    from octconv_exp.validate import check_all
+
+    combos = [(f"alpha={a} conv={c}", [f"alpha={a}", f"conv={c}"])
+              for c in ("octave", "vanilla") for a in (0.25, 0.99, 1.5, 0.5, 0.97)]
+    combos += [("lr", ["optimizer.lr=-1"]), ("fine", [])] * 4
+    serial = check_all(combos, CONFIG_DIR, CONFIG_NAME, [], [], jobs=1)
+    parallel = check_all(combos, CONFIG_DIR, CONFIG_NAME, [], [], jobs=2)
+    assert parallel == serial
+    assert [line.split(":")[0] for line in serial] == [
+        "alpha=0.99 conv=octave", "alpha=1.5 conv=octave", "alpha=0.97 conv=octave",
+        "alpha=1.5 conv=vanilla", "lr", "lr", "lr", "lr"]

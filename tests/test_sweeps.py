@@ -69,6 +69,7 @@ def sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 def test_multirun_layout_summary_and_plots(sweep):
     sweep_dir, res = sweep
     assert res.returncode == 0, res.stderr[-3000:]
@@ -201,6 +202,7 @@ def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sdk
 def test_submitit_local_runs_a_job(tmp_path):
     sweep_dir = tmp_path / "s"
     res = run_cli("-m", "hydra/launcher=submitit_local", "conv=octave", *TINY,

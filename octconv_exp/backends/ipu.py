@@ -13,8 +13,14 @@ _poplar_executor.py, _dataloader.py, optim.py, ops.py) and tested with a test do
   micro-batches with one optimizer step per device iteration.
 - A compiled model only runs the batch shape it was compiled for: the test images that do not
   fill a whole combined batch are padded to one, and only their own outputs are counted.
+- The Async DataLoader reuses its buffers (the loop keeps nothing of a step past it), runs the
+  sampler in a worker process (so the data order comes from :class:`SeededEpochSampler`, not
+  from the worker's RNG), and only the configured optimizer attributes are passed to
+  ``poptorch.optim`` (PopTorch makes every attribute passed explicitly *variable*).
 """
+import inspect
 import json
+import logging
 import os
 from typing import List
 
@@ -22,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data import Normalise
-from ..config import OCTAVE_BRANCHES, check_ipu_profiling
+from ..config import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
 from ..errors import UserError
 from ..model import build_model, octave_branches
 
@@ -35,13 +41,69 @@ OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": 
                      "lamb": "LAMB"}
 OUTPUT_MODES = {"final": "Final", "all": "All", "sum": "Sum"}
 
+# poptorch.LAMB exists only in PopTorch: the values its None defaults stand for (poptorch
+# 3.4 python/optim.py, LAMB.__init__). The torch optimizers' defaults are read from torch.
+LAMB_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 1e-2,
+                 "bias_correction": True}
+
+log = logging.getLogger("octconv_exp")
+
 
 def import_poptorch():
+    """``import poptorch``, or one line saying why it cannot be used here.
+
+    PopTorch asserts at import that the torch installed is the one it was built for
+    (poptorch 3.4 python/__init__.py: ``assert torch.__version__.startswith(...)``, "This
+    version of PopTorch only works with torch==X but the version installed is Y"): that is an
+    AssertionError, not an ImportError."""
     try:
         import poptorch
     except ImportError:
         raise UserError(POPTORCH_INSTALL_HINT) from None
+    except AssertionError as exc:
+        raise UserError(f"device=ipu: {poptorch_torch_mismatch(exc)}; or choose device=cpu or "
+                        "cuda") from None
     return poptorch
+
+
+def poptorch_torch_mismatch(exc):
+    """What is wrong when ``import poptorch`` fails other than with ImportError (its torch
+    pin; any other assert), as part of one line."""
+    import re
+
+    text = " ".join(str(exc).split())
+    wanted = re.search(r"torch==(\S+)", text)
+    if wanted:
+        return (f"this PopTorch was built for torch=={wanted.group(1)} but torch "
+                f"{torch.__version__} is installed; install torch=={wanted.group(1)} in this "
+                "environment (pip install -r requirements.txt -c .ci/sdk-3.4.constraints.txt "
+                "for SDK 3.3/3.4)")
+    return f"PopTorch cannot be imported here ({type(exc).__name__}: {text})"
+
+
+class SeededEpochSampler(torch.utils.data.Sampler):
+    """A shuffled order per pass, from ``seed`` and the pass number alone.
+
+    PopTorch's Async DataLoader iterates the torch DataLoader in a worker process
+    (poptorch 3.4 python/_dataloader.py, AsynchronousDataAccessor), so a plain
+    ``shuffle=True`` draws its order from that process's RNG, not from the run's seed. This
+    sampler carries only integers, counts its own passes in whichever process iterates it,
+    and starts at ``first_epoch`` so a resumed run sees the epochs' orders it would have."""
+
+    def __init__(self, size, seed, first_epoch=1):
+        self.size, self.seed, self.epoch = int(size), int(seed), int(first_epoch)
+
+    def order(self, epoch):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=gen)
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        self.epoch += 1
+        return iter(order.tolist())
+
+    def __len__(self):
+        return self.size
 
 
 def normalised_tensor_dataset(images, labels, mean, std, chunk=8192):
@@ -75,16 +137,30 @@ class IpuBackend:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        check_ipu_training(cfg)  # device=auto reaches here without validate's IPU checks
         self.poptorch = import_poptorch()
         ipu = cfg.ipu
-        if not ipu.use_ipu_model and not self.poptorch.ipuHardwareIsAvailable():
-            raise UserError("device=ipu: no IPU is available here (poptorch.ipuHardwareIsAvailable() "
-                            "is False); check `gc-info -l`, or set ipu.use_ipu_model=true to run on "
-                            "the IPU Model simulator")
+        needed = self.ipus_needed()
+        if not ipu.use_ipu_model and not self.poptorch.ipuHardwareIsAvailable(needed):
+            raise UserError(f"device=ipu: this run needs {needed} IPU(s) (ipu.replicas) and "
+                            f"poptorch.ipuHardwareIsAvailable({needed}) is False; check "
+                            "`gc-info -l`, lower ipu.replicas, or set ipu.use_ipu_model=true to "
+                            "run on the IPU Model simulator")
         self.training_model = None
         self.inference_model = None
         self.loaders = []
         self.optimizer = None
+        self.first_epoch = 1
+        # What PopTorch raises when the device or compilation fails (poptorch.Error from
+        # poptorch_core, with RecoverableError / UnrecoverableError below it).
+        self.device_errors = tuple(e for e in (getattr(self.poptorch, "Error", None),)
+                                   if isinstance(e, type))
+        # enableSyntheticData feeds the inference model too: its accuracy means nothing.
+        self.synthetic_data = bool(ipu.synthetic_data)
+
+    def ipus_needed(self):
+        """One IPU per replica: the model is not pipelined over several IPUs."""
+        return int(self.cfg.ipu.replicas)
 
     # ---------------------------------------------------------------------------- options
 
@@ -96,11 +172,21 @@ class IpuBackend:
         if train:
             # Inference models refuse gradient accumulation.
             opts.Training.gradientAccumulation(ipu.gradient_accumulation)
+            if ipu.replicas > 1 and hasattr(opts, "broadcastBuffers"):
+                # BatchNorm updates its running statistics in place, which a replicated graph
+                # cannot do while buffers are broadcast from replica 0 (PopTorch
+                # InplaceOps.cpp: "does not support broadcasting buffers"): each replica keeps
+                # its own statistics, and the host copy is replica 0's.
+                opts.broadcastBuffers(False)
             if ipu.output_mode != "default":
                 opts.outputMode(getattr(poptorch.OutputMode, OUTPUT_MODES[ipu.output_mode]))
         else:
             opts.outputMode(poptorch.OutputMode.All)  # every test image's prediction
+        # Options.randomSeed also calls torch.manual_seed (poptorch 3.4 python/options.py,
+        # randomSeed): keep the host's RNG stream where the run left it (the model is built).
+        host_rng = torch.get_rng_state()
         opts.randomSeed(int(cfg.seed))
+        torch.set_rng_state(host_rng)
         if ipu.cache_dir is not None:
             # Separate caches for the training and the inference executable, as the seed did.
             suffix = "train" if train else "inference"
@@ -151,51 +237,93 @@ class IpuBackend:
         scope = self.multi_conv_scope if self.cfg.conv.mode == "multi-octave" else None
         return build_model(self.cfg, num_classes=num_classes, parallel_scope=scope)
 
-    def build_optimizer(self, model):
-        """The optimizer group mapped onto ``poptorch.optim`` (which adds loss scaling)."""
+    def optimizer_kwargs(self):
+        """The optimizer group as ``poptorch.optim`` keyword arguments: ``lr`` and only the
+        attributes that differ from the optimizer's defaults.
+
+        PopTorch marks every attribute passed explicitly as *variable* (poptorch 3.4
+        python/optim.py ``_parseArgs``: "Attributes explicitly set by the user are considered
+        variable"), and an attribute not given is constant when it has its default value
+        (python/_optimizer_attributes.py ``_IsEqualTo``). A variable momentum, even 0, makes
+        PopART use SGD2 (velocity and accumulator tensors per weight; PopART sgd.cpp), where
+        the seed's ``torch.optim.SGD(lr=...)`` compiles to the plain SGD0. Passing only what
+        differs keeps the default config compiling to the seed's."""
         node = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
         name = node.pop("name")
         node.pop("_target_", None)
-        for key in ("betas",):
-            if key in node and node[key] is not None:
-                node[key] = tuple(node[key])
+        if name == "lamb":
+            defaults = LAMB_DEFAULTS
+        else:
+            torch_cls = getattr(torch.optim, OPTIMIZER_CLASSES[name])
+            defaults = {k: p.default for k, p in inspect.signature(torch_cls).parameters.items()
+                        if p.default is not inspect.Parameter.empty}
+        kwargs = {}
+        for key, value in node.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            if value is None or (key != "lr" and key in defaults and _same(value, defaults[key])):
+                continue
+            kwargs[key] = value
         if self.cfg.ipu.loss_scaling is not None:
-            node["loss_scaling"] = float(self.cfg.ipu.loss_scaling)
+            kwargs["loss_scaling"] = float(self.cfg.ipu.loss_scaling)
+        return name, kwargs
+
+    def build_optimizer(self, model):
+        """The optimizer group mapped onto ``poptorch.optim`` (which adds loss scaling)."""
+        name, kwargs = self.optimizer_kwargs()
         cls = getattr(self.poptorch.optim, OPTIMIZER_CLASSES[name])
-        self.optimizer = cls(model.parameters(), **node)
+        self.optimizer = cls(model.parameters(), **kwargs)
         return self.optimizer
 
     # ---------------------------------------------------------------------------- data
 
-    def make_loaders(self, data):
+    def make_loaders(self, data, train=True):
+        """PopTorch loaders for training (None with ``train=False``: no worker is started) and
+        for the test set."""
         poptorch, cfg = self.poptorch, self.cfg
         t, ipu = cfg.trainer, cfg.ipu
-        train_ds = normalised_tensor_dataset(data.train.images, data.train.labels, data.mean,
-                                             data.std)
+        train_loader = None
+        loaders: List = []
+        if train:
+            combined = self.combined_batch(t.batch_size, True)
+            if len(data.train) < combined:
+                # Checked here: PopTorch's Async loader fails on it at construction, less clearly.
+                raise UserError(
+                    f"the training set ({len(data.train)} images) is smaller than one combined "
+                    f"batch ({combined} = trainer.batch_size x ipu.device_iterations x "
+                    "ipu.replicas x ipu.gradient_accumulation); lower them")
+            train_ds = normalised_tensor_dataset(data.train.images, data.train.labels,
+                                                 data.mean, data.std)
+            self.train_options = self.make_options(train=True)
+            # The order comes from the run's seed in whichever process iterates the sampler.
+            sampler = SeededEpochSampler(len(train_ds), cfg.seed, self.first_epoch)
+            # drop_last=False would hand the compiled model a smaller last batch (validation
+            # refuses it for device=ipu).
+            train_loader = poptorch.DataLoader(self.train_options, train_ds,
+                                               batch_size=t.batch_size, shuffle=False,
+                                               sampler=sampler, drop_last=True,
+                                               num_workers=ipu.num_workers,
+                                               mode=poptorch.DataLoaderMode.Async)
+            loaders.append(train_loader)
         test_ds = normalised_tensor_dataset(data.test.images, data.test.labels, data.mean, data.std)
-        self.train_options = self.make_options(train=True)
         self.test_options = self.make_options(train=False)
-        train = poptorch.DataLoader(self.train_options, train_ds, batch_size=t.batch_size,
-                                    shuffle=True, drop_last=True, num_workers=ipu.num_workers,
-                                    mode=poptorch.DataLoaderMode.Async)
-        if len(train) == 0:
-            raise UserError(
-                f"the training set ({len(train_ds)} images) is smaller than one combined batch "
-                f"({self.combined_batch(t.batch_size, True)} = trainer.batch_size x "
-                "ipu.device_iterations x ipu.replicas x ipu.gradient_accumulation); lower them")
         # Whole combined batches through PopTorch's loader; the rest is padded at inference.
         combined = self.combined_batch(t.test_batch_size, train=False)
         full = (len(test_ds) // combined) * combined
-        loaders: List = []
+        test_loaders: List = []
         if full:
-            loaders.append(poptorch.DataLoader(
+            test_loaders.append(poptorch.DataLoader(
                 self.test_options, torch.utils.data.Subset(test_ds, range(full)),
                 batch_size=t.test_batch_size, shuffle=False, drop_last=True,
                 num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async))
         tail_x, tail_y = test_ds.tensors[0][full:], test_ds.tensors[1][full:]
-        test = TestBatches(loaders[0] if loaders else [], tail_x, tail_y)
-        self.loaders = [train] + loaders
-        return train, test
+        test = TestBatches(test_loaders[0] if test_loaders else [], tail_x, tail_y)
+        self.loaders = loaders + test_loaders
+        return train_loader, test
+
+    def start_at_epoch(self, epoch):
+        """resume=true: the loader's order continues at ``epoch`` (before make_loaders)."""
+        self.first_epoch = int(epoch)
 
     # ---------------------------------------------------------------------------- steps
 
@@ -210,6 +338,8 @@ class IpuBackend:
 
         def step(images, labels):
             output, loss = training_model(images, labels)
+            if self.synthetic_data:
+                return None, loss  # computed on device-side data: nothing to score
             if ipu.output_mode == "sum":
                 # Summed over the device iterations: no per-image predictions to score.
                 return None, loss.detach().float() / iterations
@@ -228,7 +358,10 @@ class IpuBackend:
             self.training_model.copyWeightsToHost()
 
     def finish_training(self, model):
-        if self.training_model is None:
+        # A model that never compiled (resume=true on a finished run) has no executable:
+        # copyWeightsToHost would raise NO_EXECUTABLE_ERR (poptorch 3.4
+        # python/_poplar_executor.py, copyWeightsToHost).
+        if self.training_model is None or not self.training_model.isCompiled():
             return
         self.training_model.copyWeightsToHost()
         if self.training_model.isAttachedToDevice():
@@ -264,13 +397,22 @@ class IpuBackend:
 
     def profile(self, model, optimizer, profile_dir):
         """The seed's profiling: Poplar's autoReport into profile_dir, synthetic data, one
-        training iteration."""
+        training iteration.
+
+        With ``Options.enableProfiling`` (poptorch 3.4 python/options.py) the report goes
+        through the options; otherwise through ``POPLAR_ENGINE_OPTIONS`` as the seed did,
+        merged into what the user already set there (their values win, as PopTorch's do)."""
         check_ipu_profiling(self.cfg)
         os.makedirs(profile_dir, exist_ok=True)
-        engine = {"autoReport.all": "true", "autoReport.directory": os.path.abspath(profile_dir),
-                  "profiler.format": "v3"}
-        os.environ["POPLAR_ENGINE_OPTIONS"] = json.dumps(engine)
+        directory = os.path.abspath(profile_dir)
         self.train_options = self.make_options(train=True)
+        if hasattr(self.train_options, "enableProfiling"):
+            self.train_options.enableProfiling(directory)
+        else:
+            os.environ["POPLAR_ENGINE_OPTIONS"] = merged_engine_options(
+                os.environ.get("POPLAR_ENGINE_OPTIONS"),
+                {"autoReport.all": "true", "autoReport.directory": directory,
+                 "profiler.format": "v3"})
         self.train_options.enableSyntheticData(True)
         step = self.training_step(model, optimizer)
         n = self.combined_batch(self.cfg.trainer.batch_size, train=True)
@@ -278,4 +420,30 @@ class IpuBackend:
         images = torch.randn(n, 3, 32, 32, generator=gen)
         labels = torch.randint(0, model.fc.out_features, (n,), generator=gen)
         step(images, labels)
-        return [os.path.abspath(profile_dir)]
+        return [directory]
+
+
+def merged_engine_options(current, ours):
+    """``POPLAR_ENGINE_OPTIONS`` (JSON) with our keys added where the user set none."""
+    merged = {}
+    if current and current.strip():
+        try:
+            merged = json.loads(current)
+        except ValueError:
+            merged = None
+        if not isinstance(merged, dict):
+            raise UserError(f"POPLAR_ENGINE_OPTIONS is not a JSON object ({current!r}); fix or "
+                            "unset it before profiling")
+    for key, value in ours.items():
+        merged.setdefault(key, value)
+    return json.dumps(merged)
+
+
+def _same(value, default):
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default or value == default and type(value) is type(default)
+    if isinstance(default, (int, float)) and isinstance(value, (int, float)):
+        return float(value) == float(default)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return len(value) == len(default) and all(_same(a, b) for a, b in zip(value, default))
+    return False

@@ -39,6 +39,7 @@ class NativeBackend:
         if cuda and speed.cudnn_benchmark and not cfg.deterministic:
             torch.backends.cudnn.benchmark = True
         self.compiled = None
+        self.synthetic_data = False  # real images always
 
     def build_model(self, num_classes):
         model = build_model(self.cfg, num_classes=num_classes).to(self.device)
@@ -62,11 +63,14 @@ class NativeBackend:
         check_optimizer_for_device(self.cfg.optimizer.name)
         return instantiate(optimizer_kwargs(self.cfg.optimizer), params=model.parameters())
 
-    def make_loaders(self, data):
+    def make_loaders(self, data, train=True):
         t = self.cfg.trainer
-        train = BatchLoader(data.train, t.batch_size, data.mean, data.std, shuffle=True,
-                            drop_last=t.drop_last, device=self.device, seed=self.cfg.seed,
-                            memory_format=self.memory_format)
+        if train:
+            train = BatchLoader(data.train, t.batch_size, data.mean, data.std, shuffle=True,
+                                drop_last=t.drop_last, device=self.device, seed=self.cfg.seed,
+                                memory_format=self.memory_format)
+        else:
+            train = None
         # Evaluation sees every test image: no shuffling, no dropped tail.
         test = BatchLoader(data.test, t.test_batch_size, data.mean, data.std, shuffle=False,
                            drop_last=False, device=self.device, memory_format=self.memory_format)
