@@ -32,8 +32,18 @@ venv-sdk: $(SDK_VENV)/.installed
 
 # Both environments: the newest torch (the whole suite) and the Poplar SDK's torch 2.0.1 on
 # Python 3.8 (the tests marked `sdk`: every conv mode end to end on CPU and on the PopTorch
-# double, config validation, resume, plus every fast test).
-test: test-newest test-sdk
+# double, config validation, resume, plus every fast test). The two suites run side by side:
+# each keeps about one core busy (most tests wait on a run.py subprocess), and this machine
+# has two. The SDK suite's output follows the newest suite's; either failing fails `make test`.
+SDK_LOG ?= .pytest-sdk.log
+test: venv venv-sdk
+	@$(SDK_PY) -m pytest -q -p no:cacheprovider -m "sdk or not slow" tests > $(SDK_LOG) 2>&1 & sdk=$$!; \
+	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite"; \
+	$(PY) -m pytest -q tests; newest=$$?; \
+	wait $$sdk; sdk_rc=$$?; \
+	echo "== Python $$($(SDK_PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)') (Poplar SDK 3.3/3.4): fast tests and tests marked sdk"; \
+	cat $(SDK_LOG); rm -f $(SDK_LOG); \
+	test $$newest -eq 0 && test $$sdk_rc -eq 0
 
 # The whole suite, slow end-to-end tests included (they are the proof of several features).
 test-newest: venv

@@ -1,3 +1,4 @@
+import importlib
 import os
 import pickle
 import subprocess
@@ -8,6 +9,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+#: The test double of poptorch (PopTorch 3.4's behaviour, from its source).
+DOUBLE = os.path.join(REPO, "tests", "poptorch_double")
 
 from octconv_exp.data import make_synthetic  # noqa: E402
 
@@ -78,3 +81,23 @@ def cifar_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_folder_root(tmp_path_factory):
     return write_image_folder(str(tmp_path_factory.mktemp("images")))
+
+
+@pytest.fixture
+def poptorch(monkeypatch):
+    """The double, importable as `poptorch` for this test only (tests/test_ipu.py, tests/test_poptorch_double.py)."""
+    monkeypatch.syspath_prepend(DOUBLE)
+    for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for var in ("POPTORCH_DOUBLE_TORCH_VERSION", "POPTORCH_IPU_MODEL", "POPTORCH_CACHE_DIR",
+                "POPTORCH_DEFAULT_OPTIONS", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                "POPTORCH_DOUBLE_WORKER_SEED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("POPTORCH_DOUBLE_IPUS", "0")
+    module = importlib.import_module("poptorch")
+    for key in module.LOG:
+        module.LOG[key].clear()
+    module._IPUS_IN_USE[0] = 0
+    yield module
+    for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
+        sys.modules.pop(name, None)

@@ -1,35 +1,16 @@
 """The IPU backend, against a test double of poptorch (tests/poptorch_double) that enforces the
 real API's signatures and semantics. No IPU or Poplar SDK is needed."""
-import importlib
 import json
 import os
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_cli
-
-DOUBLE = os.path.join(REPO, "tests", "poptorch_double")
+from conftest import DOUBLE, REPO, run_cli
 SMALL = ["dataset=synthetic", "dataset.train_size=960", "dataset.test_size=437",
          "trainer.epochs=2", "trainer.batch_size=8", "trainer.test_batch_size=10",
          "trainer.progress_bar=false", "ipu.num_workers=0"]
-
-
-@pytest.fixture
-def poptorch(monkeypatch):
-    """The double, importable as `poptorch` for this test only."""
-    monkeypatch.syspath_prepend(DOUBLE)
-    for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
-        monkeypatch.delitem(sys.modules, name)
-    module = importlib.import_module("poptorch")
-    for key in module.LOG:
-        module.LOG[key].clear()
-    module._IPUS_IN_USE[0] = 0
-    yield module
-    for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
-        sys.modules.pop(name, None)
 
 
 def run_ipu(tmp_path, *args, ipus=0, env=None):
@@ -488,7 +469,6 @@ def test_default_sgd_compiles_to_sgd0_and_momentum_to_sgd2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.sdk
 def test_checkpoints_do_not_cross_between_ipu_and_cpu(tmp_path):
     cpu_dir, ipu_dir = tmp_path / "cpu", tmp_path / "ipu"
     cpu_dir.mkdir()

@@ -1,7 +1,6 @@
 """The poptorch test double (tests/poptorch_double) models PopTorch 3.4's behaviour, not just its
 signatures. Each test names the PopTorch source it checks the double against (graphcore/poptorch
 at tag sdk/poptorch/3.4.0, python/ unless said otherwise). Fast: no run.py, one subprocess."""
-import importlib
 import os
 import subprocess
 import sys
@@ -9,28 +8,7 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOUBLE = os.path.join(REPO, "tests", "poptorch_double")
-
-
-@pytest.fixture
-def poptorch(monkeypatch):
-    """The double, importable as `poptorch` for this test only (as in tests/test_ipu.py)."""
-    monkeypatch.syspath_prepend(DOUBLE)
-    for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for var in ("POPTORCH_DOUBLE_TORCH_VERSION", "POPTORCH_IPU_MODEL", "POPTORCH_CACHE_DIR",
-                "POPTORCH_DEFAULT_OPTIONS", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
-                "POPTORCH_DOUBLE_WORKER_SEED"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("POPTORCH_DOUBLE_IPUS", "0")
-    module = importlib.import_module("poptorch")
-    for key in module.LOG:
-        module.LOG[key].clear()
-    module._IPUS_IN_USE[0] = 0
-    yield module
-    for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
-        sys.modules.pop(name, None)
+from conftest import DOUBLE
 
 
 def dataset(n=20):

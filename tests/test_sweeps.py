@@ -69,7 +69,6 @@ def sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.sdk
 def test_multirun_layout_summary_and_plots(sweep):
     sweep_dir, res = sweep
     assert res.returncode == 0, res.stderr[-3000:]
