@@ -17,5 +17,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    preflight(sys.argv[1:])
+    sys.argv[1:] = preflight(sys.argv[1:])
     main()

@@ -7,10 +7,17 @@ a resumed run sees the same batches in the same order as an uninterrupted one.
 
 Files (atomic writes): ``<run dir>/checkpoints/last.pt`` after every epoch (and on
 interruption), ``best.pt`` when the monitored metric improves.
+
+Everything in them is a tensor or a plain Python value (the NumPy RNG state is stored as a
+tensor and numbers), so they load with ``torch.load(..., weights_only=True)`` on every torch
+from 2.0.1 on: a checkpoint from someone else cannot run code when it is read.
 """
 import os
+import pickle
 import random
+import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -26,14 +33,21 @@ IDENTITY_KEYS = ("conv", "alpha", "expansion", "num_classes")
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            # No NumPy array: weights_only loading accepts tensors and plain values only.
+            "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos),
+                      int(has_gauss), float(cached)),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -73,14 +87,46 @@ def resolve_path(path, prefer_final=False):
 
 
 def load(path):
+    """A checkpoint or model file, read with ``weights_only=True``: tensors and plain values
+    only, so a crafted file cannot execute code; anything else is one clear UserError."""
+    where = os.path.abspath(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            # torch 2.0.1's weights-only reader touches TypedStorage and warns about it.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A class or function the file wants to call (2.0.1: "Unsupported class x.y";
+        # newer: "unsupported GLOBAL x.y"); anything else is a damaged pickle stream.
+        if re.search(r"unsupported (class|global)", str(exc), re.IGNORECASE):
+            raise UserError(
+                f"refusing to load {where}: it holds Python objects that only an arbitrary-code "
+                "pickle can rebuild (not an octconv-exp checkpoint, or one from before safe "
+                "loading); octconv-exp loads tensors and plain values only") from None
+        raise UserError(f"{where} is corrupt ({_first_line(exc)})" + _way_back(path)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        what = "is empty" if size == 0 else f"is truncated or corrupt ({size} bytes)"
+        raise UserError(f"{where} {what}: {_first_line(exc)}" + _way_back(path)) from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"cannot read checkpoint {os.path.abspath(path)}: "
-                        f"{type(exc).__name__}: {exc}") from None
+        raise UserError(f"cannot read checkpoint {where}: "
+                        f"{type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise UserError(f"{os.path.abspath(path)} is not an octconv-exp checkpoint or model file")
     return state
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _way_back(path):
+    """The way back from a damaged last.pt: its best.pt, when there is one."""
+    best = os.path.join(os.path.dirname(os.path.abspath(path)), BEST)
+    if os.path.basename(path) == LAST and os.path.isfile(best):
+        return f"; the best epoch's checkpoint is intact: resume from it with ckpt_path={best}"
+    return ""
 
 
 class Checkpointer:

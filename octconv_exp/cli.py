@@ -40,9 +40,29 @@ def describe_composition_error(exc):
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         message = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0].strip()
         if "not in" in message:
-            message += f" (a new key needs a leading +, e.g. +{cause.full_key}=VALUE)"
+            message += suggest_keys(cause)
         return f"{cause.full_key}: {message}"
     return one_line(str(exc).split("Config search path")[0])
+
+
+def suggest_keys(cause):
+    """For an unknown key: the closest keys that exist beside it (never ``+key``: a key the
+    code does not read does nothing)."""
+    import difflib
+
+    parent = getattr(cause, "parent_node", None)
+    key = str(getattr(cause, "key", "") or str(cause.full_key).rsplit(".", 1)[-1])
+    try:
+        keys = [str(k) for k in parent.keys()] if parent is not None else []
+    except Exception:  # noqa: BLE001 - a node we cannot list: no suggestion
+        keys = []
+    groups = [g for g in ("conv", "optimizer", "scheduler", "dataset", "ipu", "logger",
+                          "experiment") if g not in keys] if "." not in str(cause.full_key) else []
+    close = difflib.get_close_matches(key, keys + groups, n=3, cutoff=0.6)
+    prefix = str(cause.full_key)[:-len(key)] if str(cause.full_key).endswith(key) else ""
+    if close:
+        return "; did you mean " + " or ".join(prefix + c for c in close) + "?"
+    return "; it is not a setting octconv-exp reads (README: Config reference)"
 
 
 def group_options(config_dir, group):
@@ -124,8 +144,53 @@ def check_output_dir(cfg, multirun):
              f"another with {key}=PATH")
 
 
+#: Overrides whose value is a path: quoted for Hydra when they hold = , or spaces, so that a
+#: run dir copied from summary.md (``conv=octave,alpha=0.25/seed=0``) works unquoted.
+PATH_KEYS = ("ckpt_path", "hydra.run.dir", "hydra.sweep.dir", "profile_dir", "dataset.root")
+
+
+def quote_paths(argv, multirun):
+    """argv with the values of :data:`PATH_KEYS` quoted for Hydra's override parser."""
+    from .resume import hydra_quoted
+
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        special = "=" in value or any(c.isspace() for c in value) or (
+            "," in value and not multirun)
+        if (eq and key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"" and special
+                and "${" not in value):
+            arg = f"{key}={hydra_quoted(value)}"
+        out.append(arg)
+    return out
+
+
+def _sets(overrides, key, value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        if ov.key_or_group == key and not ov.is_sweep_override() and ov.value() == value:
+            return True
+    return False
+
+
+def keep_the_record(overrides):
+    """resume=true and train=false write their own Hydra files apart from the run's
+    (``.hydra/attempts/<time>-<pid>``), so a refused attempt never changes the record."""
+    import time
+
+    if any(o.startswith(("hydra.output_subdir=", "++hydra.output_subdir=")) for o in overrides):
+        return overrides
+    if _sets(overrides, "resume", True) or _sets(overrides, "train", False):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return overrides + [f"hydra.output_subdir=.hydra/attempts/{stamp}-{os.getpid()}"]
+    return overrides
+
+
 def preflight(argv):
-    """Compose (and validate) what argv asks for before Hydra starts any job."""
+    """Compose (and validate) what argv asks for before Hydra starts any job; returns the
+    argv Hydra should see (path values quoted, attempt files kept apart)."""
+    from .rundir import describe, live_holder
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -136,11 +201,18 @@ def preflight(argv):
     try:
         args, overrides = _split_args(argv)
     except SystemExit:
-        return  # argparse already said what is wrong
+        return argv  # argparse already said what is wrong
     if args.help or args.hydra_help or args.info or args.shell_completion or args.run:
-        return
+        return argv
+    flags = argv[:len(argv) - len(overrides)] if overrides else list(argv)
+    if overrides and argv[len(argv) - len(overrides):] == overrides:
+        overrides = quote_paths(overrides, args.multirun)
+        if args.cfg is None:
+            overrides = keep_the_record(overrides)
+        argv = flags + overrides
     config_dir = os.path.abspath(args.config_dir) if args.config_dir else CONFIG_DIR
     config_name = args.config_name or CONFIG_NAME
+    overrides = [o for o in overrides if not o.startswith("hydra.output_subdir=.hydra/attempts/")]
     try:
         combos = _override_combinations(overrides)
     except HydraException as exc:
@@ -156,14 +228,27 @@ def preflight(argv):
                 except (HydraException, OmegaConfBaseException) as exc:
                     fail(describe_composition_error(exc))
                 if args.cfg is None:
-                    validate(cfg)
+                    try:
+                        validate(cfg)
+                    except OmegaConfBaseException as exc:  # e.g. a broken ${...}
+                        fail(describe_composition_error(exc))
             if args.cfg is None:
-                check_output_dir(compose(config_name=config_name, overrides=combos[0],
-                                         return_hydra_config=True), args.multirun)
+                full = compose(config_name=config_name, overrides=combos[0],
+                               return_hydra_config=True)
+                check_output_dir(full, args.multirun)
+                if not args.multirun:
+                    from omegaconf import OmegaConf
+
+                    # Before Hydra writes into it: refuse a run dir another live run holds.
+                    run_dir = str(OmegaConf.select(full, "hydra.run.dir"))
+                    holder = live_holder(run_dir)
+                    if holder is not None:
+                        fail(describe(holder, run_dir))
     except UserError as exc:
         fail(str(exc))
     finally:
         GlobalHydra.instance().clear()
+    return argv
 
 
 def log_to_files(level, message):
@@ -211,19 +296,31 @@ def run_task(cfg):
 
     A single run ends a failed run with one line and exit status 2. In a multirun, a failed
     or diverged job is recorded in its metrics.json and the sweep goes on; the sweep report
-    (octconv_exp.report.SweepReport) then exits non-zero, naming the failed jobs.
+    (octconv_exp.report.SweepReport) then exits non-zero, naming the failed jobs. A run holds
+    its dir's lock while it runs; a refused resume or evaluation leaves the dir's record
+    (metrics.json, epochs.csv, .hydra/) as it was.
     """
     from hydra.core.hydra_config import HydraConfig
 
     from .errors import Diverged, RunInterrupted
+    from .resume import explicit_keys
+    from .rundir import RunDirBusy, RunDirLock
     from .runner import Run, run_experiment
 
-    output_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
     run = Run(cfg, output_dir)
     multirun = is_multirun()
     try:
-        metrics = run_experiment(cfg, output_dir, run=run, threads=launcher_threads(cfg),
-                                 fresh_if_no_checkpoint=multirun)
+        with RunDirLock(output_dir):
+            adopt_attempt_files(output_dir, hydra_cfg)
+            try:
+                metrics = run_experiment(cfg, output_dir, run=run, threads=launcher_threads(cfg),
+                                         fresh_if_no_checkpoint=multirun,
+                                         explicit=explicit_keys(hydra_cfg.overrides.task))
+            finally:
+                if run.resumed or run.status == "evaluated":
+                    record_effective_config(output_dir, run.cfg)
     except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
         user_error = isinstance(exc, UserError)
         if not user_error and not multirun:
@@ -232,18 +329,62 @@ def run_task(cfg):
             fail(str(exc), exc.exit_code)  # its checkpoint and metrics are written; stop the sweep too
         run.status = "diverged" if isinstance(exc, Diverged) else "failed"
         run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        try:
-            run.write_metrics()
-        except OSError:
-            pass  # the output dir itself may be what is wrong
+        if not isinstance(exc, RunDirBusy) and owns_record(run, cfg, output_dir):
+            try:
+                run.write_metrics()
+            except OSError:
+                pass  # the output dir itself may be what is wrong
         if user_error:
             log_to_files(logging.ERROR, run.error)
         else:
             log.exception("job failed")  # the traceback goes to this job's log
         if multirun:
-            sweep_dir = str(HydraConfig.get().sweep.dir)
+            sweep_dir = str(hydra_cfg.sweep.dir)
             sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
             return None
         fail(run.error)
     log.info("Outputs in %s", output_dir)
     return metrics.get("test_accuracy")
+
+
+def owns_record(run, cfg, output_dir):
+    """May a failed run write metrics.json? Not a resume or an evaluation that failed before
+    it got going in a dir that already holds a run's record."""
+    from .outputs import METRICS_FILE
+
+    attempt = bool(cfg.resume) or not cfg.train
+    return (not attempt or run.resumed
+            or not os.path.exists(os.path.join(output_dir, METRICS_FILE)))
+
+
+def adopt_attempt_files(output_dir, hydra_cfg):
+    """A run dir without its own .hydra/ files (a new run dir, or a sweep job that never ran
+    before a resume) takes the attempt's as its record."""
+    import shutil
+
+    subdir = hydra_cfg.output_subdir
+    if not subdir or not str(subdir).startswith(".hydra/attempts/"):
+        return
+    record = os.path.join(output_dir, ".hydra")
+    if os.path.exists(os.path.join(record, "config.yaml")):
+        return
+    attempt = os.path.join(output_dir, str(subdir))
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        if os.path.isfile(os.path.join(attempt, name)):
+            shutil.copyfile(os.path.join(attempt, name), os.path.join(record, name))
+
+
+def record_effective_config(output_dir, cfg):
+    """The run's record after a resume or an evaluation: the config it ran with (a resume:
+    its own, with the changes a resume may make, e.g. more epochs; an evaluation: the model
+    and data set its checkpoint named)."""
+    from omegaconf import OmegaConf
+
+    from .outputs import write_text_atomic
+
+    path = os.path.join(output_dir, ".hydra", "config.yaml")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text_atomic(path, OmegaConf.to_yaml(cfg))
+    except OSError:
+        pass

@@ -190,6 +190,7 @@ def validate(cfg: DictConfig, check_environment=True):
     ``check_environment`` also checks what depends on this machine (CUDA present, dataset
     folders existing); the CI validator turns it off to check configs meant for elsewhere.
     """
+    _refuse_unknown_keys(cfg)
     alpha = cfg.alpha
     if not _is_number(alpha) or not 0 <= alpha < 1:
         raise ConfigError("alpha", alpha, "must be a number in [0, 1)")
@@ -207,6 +208,8 @@ def validate(cfg: DictConfig, check_environment=True):
                     f"low-frequency channels at expansion={cfg.expansion}; both must be > 0 "
                     "(use a smaller alpha, a larger expansion, or alpha=0)")
     _require_int("seed", cfg.seed, 0, "must be an integer >= 0")
+    if cfg.seed > MAX_SEED:
+        raise ConfigError("seed", cfg.seed, f"must be an integer in [0, {MAX_SEED}] (torch seeds are 64-bit)")
     if cfg.get("threads") is not None:
         _require_int("threads", cfg.threads, 1, "must be null or an integer >= 1")
     if cfg.device not in DEVICES:
@@ -223,12 +226,15 @@ def validate(cfg: DictConfig, check_environment=True):
         raise ConfigError("optimizer.lr", lr, "must be a number > 0")
     if cfg.device in ("cpu", "cuda"):
         check_optimizer_for_device(name)
+    _check_optimizer_arguments(cfg.optimizer)
 
     scheduler = cfg.scheduler.get("name", None)
     if scheduler not in SCHEDULERS:
         raise ConfigError("scheduler.name", scheduler, "expected one of " + ", ".join(SCHEDULERS))
     if scheduler != "none" and not cfg.scheduler.get("_target_"):
         raise ConfigError("scheduler._target_", None, "must name a torch.optim.lr_scheduler class")
+    if scheduler != "none":
+        _check_scheduler(cfg.scheduler, float(lr))
 
     if cfg.logger.get("name") not in LOGGERS:
         raise ConfigError("logger.name", cfg.logger.get("name"),
@@ -257,12 +263,131 @@ def validate(cfg: DictConfig, check_environment=True):
         raise ConfigError("resume", "true", "continues training: it cannot be combined with "
                           "train=false")
 
+    if check_environment:
+        check_model_fits_in_memory(cfg)
+
     if check_environment and cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("device", "cuda",
                               "no CUDA device is available here; use device=auto or device=cpu")
+
+
+MAX_SEED = 2**63 - 1
+
+
+def _refuse_unknown_keys(node, path=""):
+    """A key added with ``+`` to a part of the schema is read by nothing: refuse it (with the
+    closest real key) instead of ignoring it silently."""
+    import dataclasses
+    import difflib
+
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    fields = ([f.name for f in dataclasses.fields(schema)]
+              if schema is not None and dataclasses.is_dataclass(schema) else None)
+    for key in node.keys():
+        where = f"{path}{key}"
+        if fields is not None and key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=2, cutoff=0.6)
+            hint = ("did you mean " + " or ".join(path + c for c in close) + "?") if close else \
+                "not a setting octconv-exp reads (README: Config reference)"
+            raise ConfigError(where, OmegaConf.select(node, str(key), throw_on_missing=False),
+                              hint)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _refuse_unknown_keys(child, where + ".")
+
+
+def _import_target(target):
+    import importlib
+
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _check_optimizer_arguments(opt):
+    """Every optimizer argument must be one the optimizer takes (checked against its
+    signature before the run), with the closest names suggested."""
+    import difflib
+    import inspect
+
+    cls = _import_target(opt.get("_target_"))
+    if cls is None:
+        return  # poptorch.optim outside an SDK: the IPU backend checks it
+    accepted = [n for n, p in inspect.signature(cls).parameters.items()
+                if n != "params" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in opt.keys():
+        if key in ("name", "_target_") or key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), accepted, n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join('optimizer.' + c for c in close)}? " if close else ""
+        raise ConfigError(f"optimizer.{key}", opt[key],
+                          f"{cls.__name__} takes no argument '{key}'; {hint}it takes "
+                          + ", ".join(accepted))
+
+
+def _check_scheduler(sched, lr):
+    """Build the schedule on a stand-in optimizer and step it once: bad arguments fail here,
+    naming the scheduler, instead of after the first epoch."""
+    import torch
+
+    for key in ("step_size", "T_max"):
+        value = sched.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ConfigError(f"scheduler.{key}", value, "must be an integer >= 1")
+    cls = _import_target(sched.get("_target_"))
+    if cls is None:
+        raise ConfigError("scheduler._target_", sched.get("_target_"),
+                          "cannot be imported: name a torch.optim.lr_scheduler class")
+    node = OmegaConf.to_container(sched, resolve=True)
+    args = {k: v for k, v in node.items() if k not in ("name", "_target_")}
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([param], lr=lr)
+    try:
+        scheduler = cls(optimizer, **args)
+        optimizer.step()
+        scheduler.step()
+    except (TypeError, ValueError, ZeroDivisionError, KeyError) as exc:
+        shown = ", ".join(f"{k}={v}" for k, v in args.items())
+        raise ConfigError(f"scheduler={sched.get('name')}", shown or "(no arguments)",
+                          f"{cls.__name__} refuses them: {exc}") from None
+
+
+def estimated_training_bytes(cfg):
+    """A lower bound on the memory training needs: weights, gradients and up to two optimizer
+    states (4 bytes each), from the layer shapes alone."""
+    c = 16 * int(cfg.expansion)
+    params = 3 * c * 9 + c * 2 * c * 9 + 2 * c * c * 9 + c * 16 * 10 + 10
+    return params * 4 * 4
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_model_fits_in_memory(cfg):
+    """Refuse a model whose weights alone cannot fit, before allocating it (the kernel would
+    kill the process instead)."""
+    need, have = estimated_training_bytes(cfg), _available_memory()
+    if have is not None and need > have:
+        raise ConfigError("expansion", cfg.expansion,
+                          f"needs at least {need / 2**30:.1f} GiB for weights, gradients and "
+                          f"optimizer state, and {have / 2**30:.1f} GiB is available; use a "
+                          "smaller expansion")
 
 
 def check_optimizer_for_device(name):
@@ -306,6 +431,9 @@ def _validate_dataset(ds, check_environment):
     if ds.name == "synthetic":
         _require_int("dataset.train_size", ds.train_size, 1, "must be a positive integer")
         _require_int("dataset.test_size", ds.test_size, 1, "must be a positive integer")
+        _require_int("dataset.seed", ds.seed, 0, "must be an integer >= 0")
+        if ds.seed > MAX_SEED:
+            raise ConfigError("dataset.seed", ds.seed, f"must be an integer in [0, {MAX_SEED}]")
         return
     if OmegaConf.is_missing(ds, "root"):
         if not check_environment:

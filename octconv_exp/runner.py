@@ -21,6 +21,7 @@ from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, ide
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import RunInterrupted, UserError
+from .resume import config_for_evaluation, config_for_resume, resume_hint
 from .loop import EpochProgress, EpochStats, Interrupted, evaluate, train_epoch
 from .model import build_model, count_flops_per_image, count_parameters, theoretical_flops_ratio
 
@@ -82,6 +83,7 @@ class Run:
         self.flops = None
         self.torch_threads = None
         self.checkpoint = None
+        self.resumed = False  # a resume restored its checkpoint (from then on, it may write)
 
     def metrics(self):
         cfg = self.cfg
@@ -132,31 +134,63 @@ def set_deterministic(enabled):
     """torch's deterministic algorithms (CUDA too: cuDNN and cuBLAS), or the fast defaults."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(enabled))
+    # Only when it changes something: on the newest torch the call imports torch._inductor
+    # (about 1 s on this machine's 2 cores, for every run).
+    if bool(enabled) != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(bool(enabled))
     torch.backends.cudnn.deterministic = bool(enabled)
     if enabled:
         torch.backends.cudnn.benchmark = False
 
 
-def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if_no_checkpoint=False):
+class Session:
+    """The parts of one run, built once and read from one place by every step below."""
+
+    def __init__(self, cfg, run, backend, device):
+        self.cfg, self.run, self.backend, self.device = cfg, run, backend, device
+        self.output_dir = run.output_dir
+        self.data = self.model = self.optimizer = self.scheduler = None
+        self.train_loader = self.test_loader = None
+        self.checkpointer = self.logger = self.stop = self.step = None
+
+    @property
+    def num_classes(self):
+        return self.data.num_classes
+
+
+def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if_no_checkpoint=False,
+                   explicit=None):
     """Train and evaluate the configured model (or only evaluate one, ``train=false``);
     returns the metrics dict.
 
     ``run`` (a :class:`Run`) lets the caller report how far a failed run got; ``threads``
     sets torch's thread count (the launcher's share of the cores in a parallel sweep);
-    ``fresh_if_no_checkpoint`` lets resume=true start a job that never ran (resuming a sweep).
+    ``fresh_if_no_checkpoint`` lets resume=true start a job that never ran (resuming a sweep);
+    ``explicit`` lists the keys the command line set: resume and evaluation take the config
+    saved with the checkpoint, and only these may differ from it (see :mod:`.resume`).
     """
     validate(cfg)
     run = run or Run(cfg, output_dir)
+    resume_from = None
+    if cfg.resume:
+        resume_from = find_resume_checkpoint(cfg, output_dir, fresh_if_no_checkpoint)
+        if resume_from is not None:
+            cfg = config_for_resume(cfg, resume_from[1], explicit or [], resume_from[0])
+    elif not cfg.train:
+        cfg = config_for_evaluation(cfg, explicit or [])
+    run.cfg = cfg
     os.makedirs(output_dir, exist_ok=True)
     run.torch_threads = set_threads(threads)
     device = resolve_device(cfg.device, ipus_needed=int(cfg.ipu.replicas))
     run.device = device
+    if resume_from is not None:
+        check_resume_device(resume_from[1].get("device"), device, resume_from[0])
     seed_everything(cfg.seed)
     set_deterministic(cfg.deterministic)
     backend = make_backend(cfg, device)
+    session = Session(cfg, run, backend, device)
     try:
-        return _run(cfg, output_dir, run, backend, device, fresh_if_no_checkpoint)
+        return _run(session, resume_from)
     except getattr(backend, "device_errors", ()) as exc:
         # The device refused (no IPUs to attach, a failed compilation): one line, not a trace.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -165,99 +199,102 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
         backend.close()
 
 
-def _run(cfg, output_dir, run, backend, device, fresh_if_no_checkpoint):
+def _run(s, resume_from):
     """The run itself, on a backend that :func:`run_experiment` closes however it ends."""
+    cfg, run, backend = s.cfg, s.run, s.backend
     if cfg.profile_dir is not None:
         model = backend.build_model(num_classes=10)
         optimizer = backend.build_optimizer(model)
         written = backend.profile(model, optimizer, cfg.profile_dir)
-        log.info("Profile of one training iteration on %s written to %s", device,
+        log.info("Profile of one training iteration on %s written to %s", s.device,
                  ", ".join(written))
         run.status = "profiled"
         return run.metrics()
 
     t0 = time.perf_counter()
-    data = load_data(cfg.dataset)
+    s.data = load_data(cfg.dataset)
     log.info("Data: %s, %d training and %d test images, %d classes (%.2fs)",
-             cfg.dataset.name, len(data.train), len(data.test), data.num_classes,
+             cfg.dataset.name, len(s.data.train), len(s.data.test), s.num_classes,
              time.perf_counter() - t0)
-    model = backend.build_model(num_classes=data.num_classes)
-    run.params = count_parameters(model)
-    run.flops = flops_summary(cfg, data.num_classes)
+    check_batches(cfg, len(s.data.train))
+    s.model = backend.build_model(num_classes=s.num_classes)
+    run.params = count_parameters(s.model)
+    run.flops = flops_summary(cfg, s.num_classes)
     log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters, %.2f MFLOPs per image "
              "(%.3f of vanilla; %.3f in theory); device %s, %d threads", cfg.conv.mode,
              cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
-             run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], device,
+             run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], s.device,
              run.torch_threads)
     if not cfg.train:
-        return evaluate_only(cfg, run, backend, model, data)
+        return evaluate_only(s)
 
-    optimizer = backend.build_optimizer(model)
-    resume_from = None
-    if cfg.resume:
-        resume_from = find_resume_checkpoint(cfg, output_dir, device, fresh_if_no_checkpoint)
-        if resume_from is not None and hasattr(backend, "start_at_epoch"):
-            # The IPU loader's order is fixed when its worker starts: tell it first.
-            backend.start_at_epoch(resume_from[1]["epoch"] + 1)
-    train_loader, test_loader = backend.make_loaders(data)
-    scheduler = build_scheduler(cfg.scheduler, optimizer)
-    checkpointer = Checkpointer(output_dir, monitor="train_loss")
-    start = None
-    if resume_from is not None:
-        start = restore(cfg, output_dir, run, model, optimizer, scheduler, train_loader,
-                        checkpointer, data.num_classes, resume_from)
-    logger = make_logger(cfg, output_dir)
-    step = backend.training_step(model, optimizer)
+    s.optimizer = backend.build_optimizer(s.model)
+    if resume_from is not None and hasattr(backend, "start_at_epoch"):
+        # The IPU loader's order is fixed when its worker starts: tell it first.
+        backend.start_at_epoch(resume_from[1]["epoch"] + 1)
+    s.train_loader, s.test_loader = backend.make_loaders(s.data)
+    s.scheduler = build_scheduler(cfg.scheduler, s.optimizer)
+    s.checkpointer = Checkpointer(s.output_dir, monitor="train_loss")
+    start = restore(s, resume_from) if resume_from is not None else None
+    s.logger = make_logger(cfg, s.output_dir)
+    s.step = backend.training_step(s.model, s.optimizer)
     with StopRequest() as stop:
-        train(cfg, run, backend, model, optimizer, scheduler, step, train_loader, logger,
-              checkpointer, stop, data.num_classes, start)
-        backend.finish_training(model)
-        infer = backend.inference_step(model)
-        run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
+        s.stop = stop
+        train(s, start)
+        backend.finish_training(s.model)
+        infer = backend.inference_step(s.model)
+        run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
                                                        progress_bar=cfg.trainer.progress_bar)
     report_test_accuracy(run, backend)
     if cfg.trainer.save_model:
-        outputs.save_torch_atomic(os.path.join(output_dir, outputs.MODEL_FILE),
-                                  model_file(cfg, model, data.num_classes))
+        outputs.save_torch_atomic(os.path.join(s.output_dir, outputs.MODEL_FILE),
+                                  model_file(cfg, s.model, s.num_classes))
     run.status = "completed"
     run.write_metrics()
     metrics = run.metrics()
-    logger.finish(metrics)
+    s.logger.finish(metrics)
     return metrics
 
 
-def train(cfg, run, backend, model, optimizer, scheduler, step, loader, logger, checkpointer,
-          stop, num_classes, start):
+def check_batches(cfg, train_images):
+    """A training set smaller than one batch yields no batch when the last one is dropped."""
+    t = cfg.trainer
+    if cfg.train and t.drop_last and train_images < t.batch_size:
+        raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training set "
+                        f"({train_images} images) and trainer.drop_last=true drops every batch; "
+                        "lower trainer.batch_size or set trainer.drop_last=false")
+
+
+def train(s, start):
     """The epochs (from where a checkpoint left off), with a checkpoint after each."""
+    cfg, run = s.cfg, s.run
     epochs_csv = os.path.join(run.output_dir, outputs.EPOCHS_FILE)
     first_epoch, progress = (start or (1, None))
     for epoch in range(first_epoch, cfg.trainer.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
+        lr = s.optimizer.param_groups[0]["lr"]
         try:
-            stats = train_epoch(step, loader, epoch, cfg.trainer.epochs,
+            stats = train_epoch(s.step, s.train_loader, epoch, cfg.trainer.epochs,
                                 progress_bar=cfg.trainer.progress_bar, resume=progress,
-                                should_stop=stop)
+                                should_stop=s.stop)
         except Interrupted as exc:
-            save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
-                            num_classes, epoch - 1, exc.progress)
-            raise run_interrupted(run, stop, epoch, exc.progress.steps) from None
+            save_checkpoint(s, epoch - 1, exc.progress)
+            raise run_interrupted(run, s.stop, epoch, exc.progress.steps) from None
         progress = None
         stats.lr = lr
-        if scheduler is not None:
-            scheduler.step()
-            backend.on_epoch_end(optimizer)
+        if s.scheduler is not None:
+            s.scheduler.step()
+            s.backend.on_epoch_end(s.optimizer)
         run.epochs.append(stats)
         outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
-        logger.log_epoch(stats)
+        s.logger.log_epoch(stats)
         log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g", epoch,
                  cfg.trainer.epochs, stats.train_loss,
                  "n/a" if stats.train_accuracy is None else f"{stats.train_accuracy:.2f}%",
                  stats.train_images_per_second, lr)
         if cfg.trainer.checkpoint:
-            save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
-                            num_classes, epoch, None, metric=stats.train_loss)
-        if stop() and epoch < cfg.trainer.epochs:
-            raise run_interrupted(run, stop, epoch + 1, 0)
+            save_checkpoint(s, epoch, None, metric=stats.train_loss)
+        if s.stop() and epoch < cfg.trainer.epochs:
+            raise run_interrupted(run, s.stop, epoch + 1, 0)
 
 
 def model_file(cfg, model, num_classes):
@@ -268,21 +305,21 @@ def model_file(cfg, model, num_classes):
                 config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def save_checkpoint(cfg, run, backend, model, optimizer, scheduler, loader, checkpointer,
-                    num_classes, epochs_done, progress, metric=None):
-    backend.sync_to_host(model)
+def save_checkpoint(s, epochs_done, progress, metric=None):
+    s.backend.sync_to_host(s.model)
+    loader = s.train_loader
     loader_state = (loader.state_dict(inside_pass=progress is not None)
                     if hasattr(loader, "resume_pass") else None)
-    checkpointer.save(dict(
-        model_file(cfg, model, num_classes),
-        optimizer=optimizer.state_dict(),
-        scheduler=None if scheduler is None else scheduler.state_dict(),
+    s.checkpointer.save(dict(
+        model_file(s.cfg, s.model, s.num_classes),
+        optimizer=s.optimizer.state_dict(),
+        scheduler=None if s.scheduler is None else s.scheduler.state_dict(),
         rng=rng_state(), loader=loader_state, epoch=epochs_done,
         progress=None if progress is None or loader_state is None else progress.state_dict(),
-        epochs=[vars(e) for e in run.epochs], device=run.device), metric=metric)
+        epochs=[vars(e) for e in s.run.epochs], device=s.run.device), metric=metric)
 
 
-def find_resume_checkpoint(cfg, output_dir, device, fresh_if_no_checkpoint=False):
+def find_resume_checkpoint(cfg, output_dir, fresh_if_no_checkpoint=False):
     """resume=true: the last checkpoint (ckpt_path, else this run dir's) as ``(path, state)``,
     or None when a sweep job that never ran may start afresh."""
     where = cfg.ckpt_path if cfg.ckpt_path is not None else output_dir
@@ -299,7 +336,6 @@ def find_resume_checkpoint(cfg, output_dir, device, fresh_if_no_checkpoint=False
     if "epoch" not in state:
         raise UserError(f"resume=true: {path} is a final model, not a training checkpoint; "
                         "evaluate it with train=false ckpt_path=...")
-    check_resume_device(state.get("device"), device, path)
     return path, state
 
 
@@ -315,23 +351,24 @@ def check_resume_device(saved, device, path):
         f"device={saved}, or evaluate its weights here with train=false ckpt_path={path}")
 
 
-def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpointer, num_classes,
-            resume_from):
+def restore(s, resume_from):
     """Apply a checkpoint found by :func:`find_resume_checkpoint`; returns the epoch to
     continue with and how far into it the checkpoint got."""
     path, state = resume_from
-    check_identity(state, cfg, num_classes, path)
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    check_identity(state, s.cfg, s.num_classes, path)
+    s.model.load_state_dict(state["state_dict"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    if s.scheduler is not None and state.get("scheduler") is not None:
+        s.scheduler.load_state_dict(state["scheduler"])
+    run = s.run
     run.epochs = [EpochStats(**e) for e in state["epochs"]]
     if run.epochs:
-        outputs.write_epochs_csv(os.path.join(output_dir, outputs.EPOCHS_FILE),
+        outputs.write_epochs_csv(os.path.join(s.output_dir, outputs.EPOCHS_FILE),
                                  [e.as_row() for e in run.epochs])
-    checkpointer.best = state.get("best")
+    s.checkpointer.best = state.get("best")
     set_rng_state(state["rng"])
     progress = None
+    loader = s.train_loader
     loader_state = state.get("loader")
     if loader_state is not None and hasattr(loader, "resume_pass"):
         progress_state = state.get("progress")
@@ -339,6 +376,7 @@ def restore(cfg, output_dir, run, model, optimizer, scheduler, loader, checkpoin
         loader.resume_pass(loader_state["generator"], skip)
         if progress_state:
             progress = EpochProgress.from_state_dict(progress_state, device=loader.device)
+    run.resumed = True
     log.info("Resuming from %s: %d epoch(s) done%s", path, state["epoch"],
              f", {progress.steps} step(s) into epoch {state['epoch'] + 1}" if progress else "")
     return state["epoch"] + 1, progress
@@ -354,18 +392,21 @@ def report_test_accuracy(run, backend):
         log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
 
 
-def evaluate_only(cfg, run, backend, model, data):
+def evaluate_only(s):
     """train=false: evaluate a saved model (ckpt_path: model.pt, a checkpoint or a run dir)."""
+    cfg, run = s.cfg, s.run
     path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
     state = load_checkpoint(path)
-    check_identity(state, cfg, data.num_classes, path)
-    model.load_state_dict(state["state_dict"])
-    _, test_loader = backend.make_loaders(data, train=False)  # no training loader or worker
-    infer = backend.inference_step(model)
-    run.test_accuracy, run.test_samples = evaluate(infer, test_loader,
+    check_identity(state, cfg, s.num_classes, path)
+    s.model.load_state_dict(state["state_dict"])
+    _, s.test_loader = s.backend.make_loaders(s.data, train=False)  # no training loader/worker
+    infer = s.backend.inference_step(s.model)
+    run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
                                                    progress_bar=cfg.trainer.progress_bar)
+    if "epoch" in state:  # a checkpoint: how far its training had got
+        run.epochs = [EpochStats(**e) for e in state.get("epochs", [])]
     log.info("Evaluated %s", path)
-    report_test_accuracy(run, backend)
+    report_test_accuracy(run, s.backend)
     run.status = "evaluated"
     run.checkpoint = os.path.abspath(path)
     run.write_metrics()
@@ -376,8 +417,8 @@ def run_interrupted(run, stop, epoch, steps):
     run.status = "interrupted"
     name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
     run.error = (f"interrupted by {name} at epoch {epoch}, step {steps}; checkpoint in "
-                 f"{os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)}; continue with resume=true "
-                 f"hydra.run.dir={run.output_dir}")
+                 f"{os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)}; continue with: "
+                 f"{resume_hint(run.output_dir)}")
     run.write_metrics()
     return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
 

@@ -45,7 +45,7 @@ def test_each_conv_mode_learns_the_synthetic_data(mode, tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "run.log").exists()
     assert "Accuracy on test set:" in (run_dir / "run.log").read_text()
-    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
     assert saved["conv"] == mode and saved["alpha"] == 0.25
     assert sum(v.numel() for k, v in saved["state_dict"].items()
                if "running" not in k and "num_batches" not in k) == 12346
@@ -84,7 +84,7 @@ def test_image_folder_through_run_py(image_folder_root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(run_dir)
     assert m["test_samples"] == 15
-    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
     assert saved["num_classes"] == 3 and saved["state_dict"]["fc.weight"].shape[0] == 3
 
 

@@ -1,0 +1,147 @@
+"""Resume and evaluate from the run's own record.
+
+A checkpoint (and model.pt) holds the resolved config its run was made with. ``resume=true``
+continues *that* run: the config comes from the checkpoint, and the command line may change
+only what cannot change the results so far (:data:`MAY_CHANGE_ON_RESUME`); any other key it
+sets to another value is refused, naming each. ``train=false`` evaluates the saved model on
+the saved data set unless the command line says otherwise.
+"""
+import copy
+import shlex
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+#: What a resumed run may change: how long it trains, how it reports, where and how fast it
+#: runs. Everything else (data set and its sizes/seed/root, batch size, optimizer and its
+#: arguments, scheduler, seed, model, IPU batching) would change the results.
+MAY_CHANGE_ON_RESUME = ("trainer.epochs", "trainer.progress_bar", "trainer.save_model",
+                        "trainer.checkpoint", "trainer.test_batch_size", "logger", "threads",
+                        "speed", "device", "ipu.cache_dir", "ipu.num_workers",
+                        "ipu.use_ipu_model", "resume", "ckpt_path", "train", "deterministic")
+#: Always this command's own, whatever the checkpoint says.
+THIS_COMMAND = ("resume", "ckpt_path", "train", "profile_dir")
+#: Group nodes whose saved option is taken whole (their keys differ from option to option).
+WHOLE_NODES = ("optimizer", "scheduler", "dataset", "logger")
+#: What train=false takes from the checkpoint unless the command line sets it.
+FROM_CHECKPOINT_ON_EVALUATION = ("conv", "alpha", "expansion", "dataset", "seed", "optimizer",
+                                 "scheduler", "trainer.epochs", "trainer.batch_size")
+
+
+def explicit_keys(overrides):
+    """The config keys a list of Hydra overrides sets (``conv=octave`` -> ``conv``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+        key = ov.key_or_group
+        if ov.package is None and not key.startswith("hydra"):
+            keys.append(key)
+    return keys
+
+
+def _covers(prefixes, key):
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _fill_missing(saved, current, path=""):
+    """Keys a newer octconv-exp added, filled in from this command's config."""
+    for key, value in current.items():
+        where = f"{path}{key}"
+        if key not in saved:
+            saved[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(saved[key], dict) and where not in WHOLE_NODES:
+            _fill_missing(saved[key], value, where + ".")
+
+
+def _select(container, key):
+    node = container
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _assign(container, key, value):
+    parts = key.split(".")
+    for part in parts[:-1]:
+        container = container.setdefault(part, {})
+    container[parts[-1]] = copy.deepcopy(value)
+
+
+def _show(value):
+    if isinstance(value, dict):  # a group's option: named by its name (conv: its mode)
+        for key in ("name", "mode"):
+            if key in value:
+                return str(value[key])
+    return str(value).replace(" ", "")
+
+
+def config_for_resume(cfg, state, explicit, path):
+    """The config ``resume=true`` continues with: the checkpoint's, with this command's
+    allowed changes; UserError naming every key the command would change otherwise."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return cfg  # a checkpoint without its config: the identity check is all there is
+    current = _plain(cfg)
+    effective = copy.deepcopy(saved)
+    _fill_missing(effective, current)
+    differing = []
+    for key in dict.fromkeys(explicit):
+        now = _select(current, key)
+        if _covers(MAY_CHANGE_ON_RESUME, key):
+            _assign(effective, key, now)
+        elif now != _select(effective, key):
+            differing.append(key)
+    for key in THIS_COMMAND:
+        _assign(effective, key, current.get(key))
+    if differing:
+        was = ", ".join(f"{k}={_show(_select(effective, k))}" for k in differing)
+        now = ", ".join(f"{k}={_show(_select(current, k))}" for k in differing)
+        raise UserError(
+            f"resume=true: {path} was trained with {was}; this command sets {now}, which would "
+            "change its results. A resumed run takes its config from its checkpoint and may "
+            "change only " + ", ".join(k for k in MAY_CHANGE_ON_RESUME if k not in THIS_COMMAND)
+            + ": drop the other overrides, or start a new run")
+    return OmegaConf.create(effective)
+
+
+def config_for_evaluation(cfg, explicit):
+    """train=false: the model and data set (and what the run trained with) from the
+    checkpoint at ``ckpt_path`` unless the command line sets them."""
+    from .checkpoint import load, resolve_path
+
+    state = load(resolve_path(cfg.ckpt_path, prefer_final=True))
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return cfg
+    current = _plain(cfg)
+    effective = copy.deepcopy(current)
+    for key in FROM_CHECKPOINT_ON_EVALUATION:
+        value = _select(saved, key)
+        if value is None or any(k == key or key.startswith(k + ".") for k in explicit):
+            continue  # the command sets this node (or one above it) itself
+        _assign(effective, key, value)
+        for k in explicit:  # keys the command sets inside it
+            if k.startswith(key + "."):
+                _assign(effective, k, _select(current, k))
+    return OmegaConf.create(effective)
+
+
+def hydra_quoted(value):
+    """``value`` as a quoted Hydra override value (any character safe, = , and spaces too)."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def resume_hint(output_dir):
+    """A command that continues the run in ``output_dir`` when pasted into a shell."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "run.py"
+    return (f"python {shlex.quote(script)} resume=true "
+            + shlex.quote(f"hydra.run.dir={hydra_quoted(output_dir)}"))
