@@ -246,28 +246,6 @@ def test_double_refuses_a_second_training_wrap(poptorch):
         poptorch.trainingModel(model, poptorch.Options())
 
 
-def test_double_steps_once_per_device_iteration(poptorch):
-    class Counting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(2, 3)
-
-        def forward(self, x, labels):
-            out = torch.log_softmax(self.lin(x), dim=1)
-            return out, torch.nn.functional.nll_loss(out, labels)
-
-    model = Counting()
-    optimizer = poptorch.optim.SGD(model.parameters(), lr=0.1)
-    steps = []
-    optimizer.register_step_post_hook(lambda *a: steps.append(1))
-    opts = poptorch.Options().deviceIterations(3).useIpuModel(True)
-    opts.Training.gradientAccumulation(2)
-    training = poptorch.trainingModel(model, opts, optimizer)
-    out, loss = training(torch.randn(3 * 2 * 4, 2), torch.zeros(24, dtype=torch.int64))
-    assert len(steps) == 3
-    assert out.shape == (4, 3) and loss.shape == ()  # Final: the last micro-batch
-
-
 def test_ipu_backend_needs_ipus_or_the_model(poptorch, monkeypatch):
     from octconv_exp.backends.ipu import IpuBackend
     from octconv_exp.errors import UserError
