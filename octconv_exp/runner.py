@@ -66,6 +66,20 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def iso_time(seconds):
+    """ISO-8601 local time with its UTC offset, e.g. 2026-11-30T07:52:01+00:00."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+
+
+def show_progress(cfg):
+    """tqdm bars only on a terminal: piped and redirected logs stay free of bar frames."""
+    import sys
+
+    return bool(cfg.trainer.progress_bar) and sys.stderr.isatty()
+
+
 class Run:
     """The state of one run that ``metrics.json`` reports, however far the run got."""
 
@@ -87,6 +101,7 @@ class Run:
 
     def metrics(self):
         cfg = self.cfg
+        now = time.time()
         last = self.epochs[-1] if self.epochs else None
         train_images = sum(e.train_images for e in self.epochs)
         train_seconds = sum(e.train_seconds for e in self.epochs)
@@ -114,7 +129,9 @@ class Run:
             "train_seconds": train_seconds,
             "wall_seconds": time.time() - self.started,
             "started_at": self.started,
-            "finished_at": time.time(),
+            "finished_at": now,
+            "started": iso_time(self.started),
+            "finished": iso_time(now),
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
             "versions": outputs.package_versions(),
@@ -209,6 +226,7 @@ def _run(s, resume_from):
         log.info("Profile of one training iteration on %s written to %s", s.device,
                  ", ".join(written))
         run.status = "profiled"
+        run.write_metrics()
         return run.metrics()
 
     t0 = time.perf_counter()
@@ -244,7 +262,7 @@ def _run(s, resume_from):
         backend.finish_training(s.model)
         infer = backend.inference_step(s.model)
         run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
-                                                       progress_bar=cfg.trainer.progress_bar)
+                                                       progress_bar=show_progress(cfg))
     report_test_accuracy(run, backend)
     if cfg.trainer.save_model:
         outputs.save_torch_atomic(os.path.join(s.output_dir, outputs.MODEL_FILE),
@@ -274,7 +292,7 @@ def train(s, start):
         lr = s.optimizer.param_groups[0]["lr"]
         try:
             stats = train_epoch(s.step, s.train_loader, epoch, cfg.trainer.epochs,
-                                progress_bar=cfg.trainer.progress_bar, resume=progress,
+                                progress_bar=show_progress(cfg), resume=progress,
                                 should_stop=s.stop)
         except Interrupted as exc:
             save_checkpoint(s, epoch - 1, exc.progress)
@@ -402,7 +420,7 @@ def evaluate_only(s):
     _, s.test_loader = s.backend.make_loaders(s.data, train=False)  # no training loader/worker
     infer = s.backend.inference_step(s.model)
     run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
-                                                   progress_bar=cfg.trainer.progress_bar)
+                                                   progress_bar=show_progress(cfg))
     if "epoch" in state:  # a checkpoint: how far its training had got
         run.epochs = [EpochStats(**e) for e in state.get("epochs", [])]
     log.info("Evaluated %s", path)

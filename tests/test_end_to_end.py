@@ -117,6 +117,7 @@ def test_profile_dir_writes_a_trace_and_exits(tmp_path):
     assert any("conv" in n for n in names)
     assert "aten::" in (prof / "summary.txt").read_text()
     assert not (tmp_path / "run" / "model.pt").exists()  # profiled, not trained
+    assert read_metrics(tmp_path / "run")["status"] == "profiled"
 
 
 @pytest.mark.slow
@@ -177,3 +178,20 @@ def test_speed_settings(tmp_path):
         assert m["test_accuracy"] > 15 and m["test_samples"] == 500
     res = run_cli(*SMALL, "device=cpu", "speed.autocast_bf16=true", f"hydra.run.dir={tmp_path / 'bf16'}")
     assert res.returncode == 2 and "CUDA only" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_piped_output_has_no_bars_and_metrics_carry_iso_times(tmp_path):
+    import datetime
+
+    run_dir = tmp_path / "run"
+    res = run_cli("conv=octave", "alpha=0.25", *SMALL, "trainer.epochs=1",
+                  "trainer.progress_bar=true", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "it/s" not in res.stderr and "\r" not in res.stderr  # stderr is a pipe here
+    m = read_metrics(run_dir)
+    started = datetime.datetime.fromisoformat(m["started"])
+    finished = datetime.datetime.fromisoformat(m["finished"])
+    assert started.tzinfo is not None and started <= finished
+    assert abs(started.timestamp() - m["started_at"]) < 1
+
