@@ -143,6 +143,9 @@ class Checkpointer:
 
     def save(self, state, metric=None):
         """Write last.pt; also best.pt when ``metric`` (None: inside an epoch) improves."""
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise UserError(f"{self.dir} is a file, and checkpoints need a folder there: move "
+                            "it away, or run with trainer.checkpoint=false")
         os.makedirs(self.dir, exist_ok=True)
         improved = metric is not None and self._improves(metric)
         if improved:

@@ -322,6 +322,9 @@ def run_task(cfg):
                 if run.resumed or run.status == "evaluated":
                     record_effective_config(output_dir, run.cfg)
     except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
+            # The file system refused (a file where a folder should be, permissions, ...).
+            exc = UserError(f"{exc.strerror.lower()}: {exc.filename}")
         user_error = isinstance(exc, UserError)
         if not user_error and not multirun:
             raise  # a programming error in a single run keeps its traceback
@@ -332,7 +335,7 @@ def run_task(cfg):
         if not isinstance(exc, RunDirBusy) and owns_record(run, cfg, output_dir):
             try:
                 run.write_metrics()
-            except OSError:
+            except (OSError, UserError):
                 pass  # the output dir itself may be what is wrong
         if user_error:
             log_to_files(logging.ERROR, run.error)

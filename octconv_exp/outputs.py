@@ -7,6 +7,8 @@ import platform
 import tempfile
 from importlib import metadata
 
+from .errors import UserError
+
 METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
 MODEL_FILE = "model.pt"
@@ -14,8 +16,30 @@ EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_images", "train
                  "train_images_per_second", "lr")
 
 
+class OutputError(UserError):
+    """A file of the run could not be written (disk full, read-only, a file in the way)."""
+
+    def __init__(self, path, exc):
+        reason = getattr(exc, "strerror", None) or str(exc)
+        super().__init__(f"cannot write {os.path.abspath(path)}: {reason.lower()}; the previous "
+                         "version, if any, is intact")
+
+
 def atomic_write(path, write):
-    """Write through ``write(file)`` into a temp file beside ``path``, then rename it over."""
+    """Write through ``write(file)`` into a temp file beside ``path``, then rename it over.
+    A failure (disk full, ...) removes the temp file, leaves ``path`` as it was, and is an
+    :class:`OutputError`."""
+    try:
+        _atomic_write(path, write)
+    except OSError as exc:
+        raise OutputError(path, exc) from None
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
+        if "write" not in str(exc).lower():
+            raise
+        raise OutputError(path, exc) from None
+
+
+def _atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
     os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from a group sharing the sweep

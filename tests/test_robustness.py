@@ -408,3 +408,31 @@ def test_the_lock_refuses_a_live_holder_in_process(tmp_path):
             other.kill()
             other.wait()
     assert (tmp_path / ".lock").exists()  # not ours any more when we left: left in place
+
+
+@pytest.mark.slow
+def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(tiny)],
+                             capture_output=True).returncode == 0
+    try:
+        if mounted:
+            res = run_cli(*BASE, "dataset.train_size=400", "expansion=2", "trainer.epochs=2",
+                          f"hydra.run.dir={tiny / 'run'}")
+            assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+            assert "no space left on device" in res.stderr
+            assert not [p for p in (tiny / "run" / "checkpoints").iterdir()
+                        if p.name.startswith(".")]  # no temp file left behind
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(tiny)], capture_output=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    res = run_cli(*BASE, "dataset.train_size=400", "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "is a file, and checkpoints need a folder" in res.stderr
+    assert metrics(run_dir)["status"] == "failed"
+    if not mounted:
+        pytest.skip("no tmpfs mount here (not root): the disk-full half was not run")
