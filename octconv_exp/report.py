@@ -44,40 +44,66 @@ def find_runs(sweep_dir):
         if ".hydra" not in dirs and METRICS_FILE not in files:
             continue
         dirs[:] = [d for d in dirs if d != ".hydra"]
-        overrides = []
+        overrides, problem = [], None
         overrides_file = os.path.join(root, ".hydra", "overrides.yaml")
         if os.path.exists(overrides_file):
-            with open(overrides_file) as f:
-                overrides = list(yaml.safe_load(f) or [])
+            try:
+                with open(overrides_file) as f:
+                    loaded = yaml.safe_load(f) or []
+                if not isinstance(loaded, list):
+                    raise ValueError("not a list of overrides")
+                overrides = [str(o) for o in loaded]
+            except (OSError, ValueError, yaml.YAMLError) as exc:
+                problem = f".hydra/overrides.yaml: {' '.join(str(exc).split())[:200]}"
         metrics = None
         metrics_file = os.path.join(root, METRICS_FILE)
         if os.path.exists(metrics_file):
             try:
                 with open(metrics_file) as f:
                     metrics = json.load(f)
+                if not isinstance(metrics, dict):
+                    raise ValueError(f"a JSON {type(metrics).__name__}, not an object")
             except (OSError, ValueError) as exc:
                 metrics = {"status": "unreadable", "error": f"metrics.json: {exc}"}
         if metrics is None:
             metrics = {"status": "missing", "error": "no metrics.json (killed or still running?)"}
+        if problem and metrics.get("status") == "completed":
+            metrics = dict(metrics, status="unreadable", error=problem)
         runs.append(_row(root, sweep_dir, metrics, overrides))
     return runs
 
 
+def _number(value):
+    """A metric as a float, or None when a file holds something else (a string, a list)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _row(run_dir, sweep_dir, m, overrides):
     conv = m.get("conv") or _override(overrides, "conv")
-    alpha = m.get("alpha")
-    if alpha is None and _override(overrides, "alpha") is not None:
-        alpha = float(_override(overrides, "alpha"))
+    conv = None if conv is None else str(conv)
+    alpha = _number(m.get("alpha"))
+    if alpha is None:
+        alpha = _number(_override(overrides, "alpha"))
     seed = m.get("seed")
     if seed is None:
         seed = _override(overrides, SEED_KEY)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        number = _number(seed)
+        seed = int(number) if number is not None and float(number).is_integer() else None
     row = {
         "conv": conv, "alpha": None if conv == "vanilla" else alpha,
         "expansion": m.get("expansion"), "optimizer": m.get("optimizer"), "seed": seed,
-        "test_accuracy": m.get("test_accuracy"), "train_loss": m.get("train_loss"),
-        "params": m.get("params"), "flops_per_image": m.get("flops_per_image"),
-        "train_images_per_second": m.get("train_images_per_second"),
-        "wall_seconds": m.get("wall_seconds"), "status": m.get("status", "unknown"),
+        "test_accuracy": _number(m.get("test_accuracy")), "train_loss": _number(m.get("train_loss")),
+        "params": _number(m.get("params")), "flops_per_image": _number(m.get("flops_per_image")),
+        "train_images_per_second": _number(m.get("train_images_per_second")),
+        "wall_seconds": _number(m.get("wall_seconds")), "status": str(m.get("status", "unknown")),
         "error": m.get("error"),
         # The configuration a seed repeats: the overrides minus seeds and paths (and alpha
         # for vanilla, which ignores it).

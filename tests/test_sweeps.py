@@ -217,6 +217,8 @@ def test_launcher_configs_carry_our_defaults():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from octconv_exp import config  # noqa: F401  (registers the schema config.yaml names)
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
         slurm = compose("config", overrides=["hydra/launcher=submitit_slurm"],
@@ -255,3 +257,36 @@ def test_job_subdirs_name_what_varies():
     assert job_subdirs(jobs, lambda job: 0) == ["alpha=0.25/seed=0", "alpha=0.5/seed=0"]
     single = [["conv=octave", "trainer.progress_bar=false", "dataset.root=/x"]]
     assert job_subdirs(single, lambda job: 3) == ["conv=octave/seed=3"]
+
+
+def test_report_survives_any_single_bad_file(tmp_path):
+    """One good run beside a non-dict metrics.json, a string alpha, a corrupt overrides.yaml
+    and a job without metrics: the report is written, each bad one is named."""
+    from octconv_exp.report import build_report
+
+    def job(name, metrics=None, overrides=None, raw_metrics=None):
+        d = tmp_path / name / "seed=0"
+        (d / ".hydra").mkdir(parents=True)
+        if overrides is not None:
+            (d / ".hydra" / "overrides.yaml").write_text(overrides)
+        if metrics is not None:
+            (d / "metrics.json").write_text(json.dumps(metrics))
+        if raw_metrics is not None:
+            (d / "metrics.json").write_text(raw_metrics)
+
+    good = {"status": "completed", "conv": "octave", "alpha": 0.25, "seed": 0,
+            "test_accuracy": 80.0, "params": 12346, "flops_per_image": 2790000}
+    job("conv=octave,alpha=0.25", good, "- conv=octave\n- alpha=0.25\n")
+    job("list", raw_metrics="[1, 2]", overrides="- conv=octave\n")
+    job("stringy", dict(good, alpha="a quarter", seed="zero", test_accuracy="high"),
+        "- conv=octave\n")
+    job("corrupt", dict(good, alpha=0.5), "- conv=octave\nalpha: [unclosed\n")
+    job("never", overrides="- conv=vanilla\n")
+    runs = build_report(str(tmp_path), make_plots=False)
+    by_dir = {r["run_dir"].split("/")[0]: r for r in runs}
+    assert by_dir["conv=octave,alpha=0.25"]["status"] == "completed"
+    assert by_dir["list"]["status"] == "unreadable" and "not an object" in by_dir["list"]["error"]
+    assert by_dir["stringy"]["alpha"] is None and by_dir["stringy"]["test_accuracy"] is None
+    assert by_dir["corrupt"]["status"] == "unreadable" and "overrides.yaml" in by_dir["corrupt"]["error"]
+    assert by_dir["never"]["status"] == "missing"
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.csv").exists()
