@@ -24,20 +24,75 @@ from .cli import CONFIG_DIR, CONFIG_NAME, describe_composition_error, group_opti
 GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu", "logger")
 
 
-def _options(dirs, group):
+def _options(dirs, group, skip=()):
     found = set()
     for d in dirs:
-        found.update(group_options(d, group) or [])
+        found.update(o for o in group_options(d, group) or []
+                     if os.path.join(os.path.abspath(d), group, o + ".yaml") not in skip)
     return sorted(found)
 
 
-def combinations(dirs):
-    """(label, overrides) for every group combination and every experiment preset."""
-    groups = [g for g in GROUPS if _options(dirs, g)]
-    choices = [[f"{g}={o}" for o in _options(dirs, g)] for g in groups]
+#: What a config dir may hold: the primary config and these folders (Hydra's own under hydra/).
+KNOWN_FOLDERS = GROUPS + ("experiment", "hydra")
+
+
+def scan_config_dir(config_dir):
+    """Problems a config dir has before any composition: folders and files octconv-exp would
+    not read (a misspelt group, a .yml file), and YAML syntax errors (one line per file).
+    Returns ``(problems, broken)``: the lines and the absolute paths of unparsable files."""
+    import yaml
+
+    problems, broken = [], set()
+    root = os.path.abspath(config_dir)
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            if name.startswith(".") or name == "__pycache__":
+                continue
+            if name not in KNOWN_FOLDERS:
+                import difflib
+
+                close = difflib.get_close_matches(name, KNOWN_FOLDERS, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}/? " if close else ""
+                problems.append(f"{path}: a folder octconv-exp does not read; {hint}config "
+                                "groups are " + ", ".join(KNOWN_FOLDERS))
+                continue
+            files = [os.path.join(dirpath, f) for dirpath, _, fs in os.walk(path) for f in fs]
+        elif name == CONFIG_NAME + ".yaml":
+            files = [path]
+        else:
+            problems.append(f"{path}: not read (a config dir holds {CONFIG_NAME}.yaml and the "
+                            "group folders)")
+            continue
+        for file in sorted(files):
+            if not file.endswith(".yaml"):
+                if not os.path.basename(file).startswith("."):
+                    problems.append(f"{file}: not read (only .yaml files are config options)")
+                continue
+            if os.path.dirname(file) != path and name != "hydra" and file != path:
+                problems.append(f"{file}: not read (options sit directly in their group "
+                                "folder)")
+                continue
+            try:
+                with open(file) as f:
+                    yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}" if mark is not None else ""
+                what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                problems.append(f"{file}: YAML syntax error{where}: {what}")
+                broken.add(file)
+    return problems, broken
+
+
+def combinations(dirs, skip=()):
+    """(label, overrides) for every group combination and every experiment preset (leaving
+    out the option files in ``skip``)."""
+    groups = [g for g in GROUPS if _options(dirs, g, skip)]
+    choices = [[f"{g}={o}" for o in _options(dirs, g, skip)] for g in groups]
     for combo in itertools.product(*choices):
         yield " ".join(combo), list(combo)
-    for preset in _options(dirs, "experiment"):
+    for preset in _options(dirs, "experiment", skip):
         yield f"experiment={preset}", [f"experiment={preset}"]
 
 
@@ -124,9 +179,15 @@ def main(argv=None):
     runs = [(CONFIG_DIR, [d for d in args.config_dir
                           if not os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))])]
     runs += [(d, []) for d in args.config_dir if os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))]
-    total, problems = 0, []
+    total, problems, broken = 0, [], set()
+    for d in args.config_dir:  # what composition would skip or choke on, one line each
+        found, bad = scan_config_dir(d)
+        problems += found
+        broken |= bad
     for config_dir, extra_dirs in runs:
-        combos = list(combinations([config_dir] + extra_dirs))
+        if os.path.join(os.path.abspath(config_dir), CONFIG_NAME + ".yaml") in broken:
+            continue  # its primary config does not parse: nothing to compose
+        combos = list(combinations([config_dir] + extra_dirs, broken))
         total += len(combos)
         found = check_all(combos, config_dir, CONFIG_NAME, extra_dirs, args.override, args.jobs)
         prefix = "" if config_dir == CONFIG_DIR else f"{config_dir}: "

@@ -184,12 +184,23 @@ def test_validate_reports_one_line_per_invalid_config(tmp_path):
         "# @package _global_\ndefaults:\n  - override /conv: octave\nalpha: 0.99\n")
     (extra / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  epoch: 3\n")
     (extra / "experiment" / "fine.yaml").write_text("# @package _global_\ntrainer:\n  epochs: 3\n")
+    # What composition would skip or choke on: one line per file, and the rest still checked.
+    (extra / "experiment" / "broken.yaml").write_text("# @package _global_\ntrainer: [open\n")
+    (extra / "experiment" / "short.yml").write_text("# @package _global_\nalpha: 0.25\n")
+    (extra / "optimisers").mkdir()
+    (extra / "optimisers" / "adam2.yaml").write_text("name: adam\n")
+    (extra / "notes.txt").write_text("not config")
     res = run_validate("--config-dir", str(extra))
     assert res.returncode == 1
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 6, lines
     assert any(line.startswith("invalid: experiment=too_wide: alpha=0.99") for line in lines)
     assert any(line.startswith("invalid: experiment=typo: ") and "epoch" in line for line in lines)
+    assert any("broken.yaml: YAML syntax error at line 3" in line for line in lines)
+    assert any("short.yml: not read (only .yaml files" in line for line in lines)
+    assert any("optimisers: a folder octconv-exp does not read; did you mean optimizer/?" in line
+               for line in lines)
+    assert any("notes.txt: not read" in line for line in lines)
 
 
 @pytest.mark.slow
