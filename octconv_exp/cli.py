@@ -56,8 +56,10 @@ def suggest_keys(cause):
         keys = [str(k) for k in parent.keys()] if parent is not None else []
     except Exception:  # noqa: BLE001 - a node we cannot list: no suggestion
         keys = []
-    groups = [g for g in ("conv", "optimizer", "scheduler", "dataset", "ipu", "logger",
-                          "experiment") if g not in keys] if "." not in str(cause.full_key) else []
+    from .validate import GROUPS
+
+    groups = [g for g in GROUPS + ("experiment",)
+              if g not in keys] if "." not in str(cause.full_key) else []
     close = difflib.get_close_matches(key, keys + groups, n=3, cutoff=0.6)
     prefix = str(cause.full_key)[:-len(key)] if str(cause.full_key).endswith(key) else ""
     if close:
@@ -389,5 +391,5 @@ def record_effective_config(output_dir, cfg):
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_text_atomic(path, OmegaConf.to_yaml(cfg))
-    except OSError:
+    except (OSError, UserError):  # write_text_atomic reports a failed write as OutputError
         pass

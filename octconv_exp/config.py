@@ -362,9 +362,13 @@ def _check_scheduler(sched, lr):
 
 def estimated_training_bytes(cfg):
     """A lower bound on the memory training needs: weights, gradients and up to two optimizer
-    states (4 bytes each), from the layer shapes alone."""
-    c = 16 * int(cfg.expansion)
-    params = 3 * c * 9 + c * 2 * c * 9 + 2 * c * c * 9 + c * 16 * 10 + 10
+    states (4 bytes each), counted on the model built on the meta device (no memory)."""
+    import torch
+
+    from .model import build_model, count_parameters
+
+    with torch.device("meta"):
+        params = count_parameters(build_model(cfg))
     return params * 4 * 4
 
 

@@ -74,7 +74,8 @@ def find_runs(sweep_dir):
 
 
 def _number(value):
-    """A metric as a float, or None when a file holds something else (a string, a list)."""
+    """A metric as a number (a numeric string converted to float), or None when a file holds
+    something else (a word, a list, a bool)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):

@@ -113,12 +113,9 @@ def config_for_resume(cfg, state, explicit, path):
     return OmegaConf.create(effective)
 
 
-def config_for_evaluation(cfg, explicit):
+def config_for_evaluation(cfg, state, explicit):
     """train=false: the model and data set (and what the run trained with) from the
-    checkpoint at ``ckpt_path`` unless the command line sets them."""
-    from .checkpoint import load, resolve_path
-
-    state = load(resolve_path(cfg.ckpt_path, prefer_final=True))
+    checkpoint ``state`` unless the command line sets them."""
     saved = state.get("config")
     if not isinstance(saved, dict):
         return cfg

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import outputs
-from .backends import make_backend, resolve_device
+from .backends import ipus_needed, make_backend, resolve_device
 from .config import validate
 from .data import load_data
 from .loggers import make_logger
@@ -188,17 +188,19 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     """
     validate(cfg)
     run = run or Run(cfg, output_dir)
-    resume_from = None
+    resume_from = evaluate_from = None  # (path, state) of the checkpoint, read once
     if cfg.resume:
         resume_from = find_resume_checkpoint(cfg, output_dir, fresh_if_no_checkpoint)
         if resume_from is not None:
             cfg = config_for_resume(cfg, resume_from[1], explicit or [], resume_from[0])
     elif not cfg.train:
-        cfg = config_for_evaluation(cfg, explicit or [])
+        path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
+        evaluate_from = (path, load_checkpoint(path))
+        cfg = config_for_evaluation(cfg, evaluate_from[1], explicit or [])
     run.cfg = cfg
     os.makedirs(output_dir, exist_ok=True)
     run.torch_threads = set_threads(threads)
-    device = resolve_device(cfg.device, ipus_needed=int(cfg.ipu.replicas))
+    device = resolve_device(cfg.device, ipus_needed=ipus_needed(cfg))
     run.device = device
     if resume_from is not None:
         check_resume_device(resume_from[1].get("device"), device, resume_from[0])
@@ -207,7 +209,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     backend = make_backend(cfg, device)
     session = Session(cfg, run, backend, device)
     try:
-        return _run(session, resume_from)
+        return _run(session, resume_from, evaluate_from)
     except getattr(backend, "device_errors", ()) as exc:
         # The device refused (no IPUs to attach, a failed compilation): one line, not a trace.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -216,7 +218,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
         backend.close()
 
 
-def _run(s, resume_from):
+def _run(s, resume_from, evaluate_from):
     """The run itself, on a backend that :func:`run_experiment` closes however it ends."""
     cfg, run, backend = s.cfg, s.run, s.backend
     if cfg.profile_dir is not None:
@@ -244,7 +246,7 @@ def _run(s, resume_from):
              run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], s.device,
              run.torch_threads)
     if not cfg.train:
-        return evaluate_only(s)
+        return evaluate_only(s, evaluate_from)
 
     s.optimizer = backend.build_optimizer(s.model)
     if resume_from is not None and hasattr(backend, "start_at_epoch"):
@@ -410,11 +412,11 @@ def report_test_accuracy(run, backend):
         log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
 
 
-def evaluate_only(s):
-    """train=false: evaluate a saved model (ckpt_path: model.pt, a checkpoint or a run dir)."""
+def evaluate_only(s, evaluate_from):
+    """train=false: evaluate a saved model (ckpt_path: model.pt, a checkpoint or a run dir),
+    read by :func:`run_experiment` as ``(path, state)``."""
     cfg, run = s.cfg, s.run
-    path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
-    state = load_checkpoint(path)
+    path, state = evaluate_from
     check_identity(state, cfg, s.num_classes, path)
     s.model.load_state_dict(state["state_dict"])
     _, s.test_loader = s.backend.make_loaders(s.data, train=False)  # no training loader/worker

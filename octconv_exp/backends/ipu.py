@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from ..data import Normalise
 from ..config import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
 from ..errors import UserError
+from . import ipus_needed
 from ..model import build_model, octave_branches
 
 POPTORCH_INSTALL_HINT = (
@@ -140,7 +141,7 @@ class IpuBackend:
         check_ipu_training(cfg)  # device=auto reaches here without validate's IPU checks
         self.poptorch = import_poptorch()
         ipu = cfg.ipu
-        needed = self.ipus_needed()
+        needed = ipus_needed(cfg)
         if not ipu.use_ipu_model and not self.poptorch.ipuHardwareIsAvailable(needed):
             raise UserError(f"device=ipu: this run needs {needed} IPU(s) (ipu.replicas) and "
                             f"poptorch.ipuHardwareIsAvailable({needed}) is False; check "
@@ -157,10 +158,6 @@ class IpuBackend:
                                    if isinstance(e, type))
         # enableSyntheticData feeds the inference model too: its accuracy means nothing.
         self.synthetic_data = bool(ipu.synthetic_data)
-
-    def ipus_needed(self):
-        """One IPU per replica: the model is not pipelined over several IPUs."""
-        return int(self.cfg.ipu.replicas)
 
     # ---------------------------------------------------------------------------- options
 
@@ -440,8 +437,9 @@ def merged_engine_options(current, ours):
 
 
 def _same(value, default):
+    """``value`` equals the optimizer's ``default`` (False is not 0, 1 is 1.0)."""
     if isinstance(default, bool) or isinstance(value, bool):
-        return value is default or value == default and type(value) is type(default)
+        return type(value) is type(default) and value == default
     if isinstance(default, (int, float)) and isinstance(value, (int, float)):
         return float(value) == float(default)
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
