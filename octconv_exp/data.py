@@ -8,6 +8,7 @@ device (the airbench approach). The seed's ``ToTensor() + Normalize(mean, std)``
 """
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -142,10 +143,47 @@ def one_line(exc):
 # Image folder
 
 
-def load_image_folder(folder, classes: Optional[List[str]] = None):
-    """Every image under folder/<class>/, converted to RGB and resized to 32x32, as one tensor."""
+def _image_files(class_dir):
+    """The image files under ``class_dir``, nested folders included (as torchvision's
+    ``ImageFolder`` reads them), in a stable order; hidden files and folders are skipped."""
+    found = []
+    for root, dirs, files in os.walk(class_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, name) for name in sorted(files)
+                     if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+    return found
+
+
+def _read_image(path):
+    """One image as a 32x32 RGB uint8 array; a file Pillow cannot read, or one over its
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), is a :class:`UserError` naming it."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above: treat
+            # both as what they are, an image far too large to be a training sample.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                return np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(f"image {path} is over Pillow's decompression-bomb limit of "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels ({' '.join(str(exc).split())}); "
+                        "remove it or shrink it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def load_image_folder(folder, classes: Optional[List[str]] = None):
+    """Every image under folder/<class>/ (nested folders included), converted to RGB and
+    resized to 32x32, as one tensor.
+
+    A class folder without images is an error for the training set (a class the model could
+    never learn, usually a copy that went wrong); in a test set it is allowed, since a test
+    split may lack a class, and said in a warning."""
     if not os.path.isdir(folder):
         raise UserError(f"image folder {os.path.abspath(folder)} does not exist; dataset.root "
                         "must hold train/<class>/* and test/<class>/*")
@@ -153,7 +191,8 @@ def load_image_folder(folder, classes: Optional[List[str]] = None):
     if not found:
         raise UserError(f"image folder {os.path.abspath(folder)} has no class subfolders; "
                         "expected <class>/<image> files")
-    if classes is None:
+    training = classes is None
+    if training:
         classes = found
     else:
         unknown = sorted(set(found) - set(classes))
@@ -161,22 +200,25 @@ def load_image_folder(folder, classes: Optional[List[str]] = None):
             raise UserError(f"image folder {os.path.abspath(folder)} has classes not in the "
                             f"training set: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(classes)}
-    images, labels = [], []
+    images, labels, empty = [], [], []
     for name in found:
-        class_dir = os.path.join(folder, name)
-        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-            if not entry.is_file() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            try:
-                with Image.open(entry.path) as img:
-                    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                raise UserError(f"cannot read image {entry.path}: {exc}") from None
+        files = _image_files(os.path.join(folder, name))
+        if not files:
+            empty.append(name)
+        for path in files:
+            images.append(_read_image(path))
             labels.append(index[name])
     if not images:
         raise UserError(f"image folder {os.path.abspath(folder)} holds no images "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        where = ", ".join(os.path.join(os.path.abspath(folder), name) for name in empty)
+        if training:
+            raise UserError(f"class folder{'s' if len(empty) > 1 else ''} without images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}): {where}; remove "
+                            f"{'them' if len(empty) > 1 else 'it'} or add images")
+        print(f"warning: test class folder{'s' if len(empty) > 1 else ''} without images: "
+              f"{where}", file=sys.stderr)
     stacked = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
     return ImageSet(images=stacked, labels=torch.tensor(labels, dtype=torch.int64),
                     classes=list(classes))

@@ -176,3 +176,57 @@ def test_batch_loader_yields_the_memory_format_asked_for():
     loader = BatchLoader(data, 8, CIFAR10_MEAN, CIFAR10_STD, memory_format=torch.channels_last)
     x, _ = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_image_folder_reads_nested_images_as_torchvision_does(tmp_path, image_folder_root):
+    """Images in sub-folders of a class folder belong to that class (torchvision's ImageFolder
+    walks them too); hidden files and non-image files are skipped."""
+    root = tmp_path / "imgs"
+    shutil.copytree(image_folder_root, root)
+    nested = root / "train" / "owls" / "2019" / "june"
+    nested.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(root / "train" / "cats"))[:3]):
+        shutil.copy(root / "train" / "cats" / name, nested / f"n{i}.png")
+    (nested / "notes.txt").write_text("not an image")
+    (root / "train" / "owls" / ".hidden.png").write_bytes(b"not read")
+    train = load_image_folder(str(root / "train"))
+    assert train.images.shape == (39, 3, 32, 32)
+    assert torch.bincount(train.labels).tolist() == [12, 12, 15]
+    torchvision = pytest.importorskip("torchvision")
+    # torchvision would read the hidden file (macOS "._" files are like it: junk); we do not.
+    (root / "train" / "owls" / ".hidden.png").unlink()
+    reference = torchvision.datasets.ImageFolder(str(root / "train"))
+    assert len(reference) == 39 and reference.classes == train.classes
+    assert [label for _, label in reference.samples] == train.labels.tolist()
+
+
+def test_an_empty_training_class_folder_is_an_error_and_a_test_one_a_warning(
+        tmp_path, image_folder_root, capsys):
+    root = tmp_path / "imgs"
+    shutil.copytree(image_folder_root, root)
+    (root / "train" / "bats").mkdir()
+    (root / "train" / "bats" / "readme.txt").write_text("no images here")
+    with pytest.raises(UserError, match=r"class folder without images .*bats"):
+        load_image_folder(str(root / "train"))
+    shutil.rmtree(root / "train" / "bats")
+    (root / "test" / "dogs").rename(root / "test" / "dogs-old")
+    (root / "test" / "dogs").mkdir()
+    shutil.rmtree(root / "test" / "dogs-old")
+    bundle = load_data(OmegaConf.create({"name": "image_folder", "root": str(root)}))
+    assert bundle.test.images.shape[0] == 10 and bundle.num_classes == 3
+    assert "test class folder without images" in capsys.readouterr().err
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named(tmp_path, image_folder_root,
+                                                            monkeypatch):
+    from PIL import Image
+    root = tmp_path / "imgs"
+    shutil.copytree(image_folder_root, root)
+    Image.new("RGB", (64, 64)).save(root / "train" / "dogs" / "huge.png")
+    # The fixture's images are 32x32 or so; a limit below 64x64 makes huge.png a "bomb"
+    # without writing a 180-megapixel file.
+    for limit in (64 * 64 - 1, (64 * 64) // 2 - 1):   # the warning band and the error band
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(UserError, match=r"image .*huge.png is over Pillow's "
+                                            r"decompression-bomb limit"):
+            load_image_folder(str(root / "train"))
