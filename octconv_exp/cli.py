@@ -10,7 +10,9 @@ Two places can reject a command line:
 import itertools
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .errors import USER_ERROR_EXIT, UserError
 
@@ -304,52 +306,111 @@ def run_task(cfg):
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from .errors import Diverged, RunInterrupted
     from .resume import explicit_keys
-    from .rundir import RunDirBusy, RunDirLock
+    from .rundir import RunDirLock
     from .runner import Run, run_experiment
+    from .stopping import SWEEP_STOP, StopNow, StopRequest, note_sweep_stop
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
     run = Run(cfg, output_dir)
     multirun = is_multirun()
-    try:
-        with RunDirLock(output_dir):
-            adopt_attempt_files(output_dir, hydra_cfg)
-            try:
-                metrics = run_experiment(cfg, output_dir, run=run, threads=launcher_threads(cfg),
-                                         fresh_if_no_checkpoint=multirun,
-                                         explicit=explicit_keys(hydra_cfg.overrides.task))
-            finally:
-                if run.resumed or run.status == "evaluated":
-                    record_effective_config(output_dir, run.cfg)
-    except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
-        if isinstance(exc, OSError) and exc.filename and exc.strerror:
-            # The file system refused (a file where a folder should be, permissions, ...).
-            exc = UserError(f"{exc.strerror.lower()}: {exc.filename}")
-        user_error = isinstance(exc, UserError)
-        if not user_error and not multirun:
-            raise  # a programming error in a single run keeps its traceback
-        if isinstance(exc, RunInterrupted):
-            fail(str(exc), exc.exit_code)  # its checkpoint and metrics are written; stop the sweep too
-        run.status = "diverged" if isinstance(exc, Diverged) else "failed"
-        run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, RunDirBusy) and owns_record(run, cfg, output_dir):
+    in_worker = multirun and parallel_launcher(hydra_cfg)
+    if in_worker and threading.current_thread() is threading.main_thread():
+        # A joblib worker gets the terminal's Ctrl-C too: between jobs it only takes note.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, note_sweep_stop)
+    if multirun and SWEEP_STOP["signal"] is not None:
+        return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
+    with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
+        try:
+            with RunDirLock(output_dir):
+                adopt_attempt_files(output_dir, hydra_cfg)
+                try:
+                    metrics = run_experiment(cfg, output_dir, run=run,
+                                             threads=launcher_threads(cfg),
+                                             fresh_if_no_checkpoint=multirun,
+                                             explicit=explicit_keys(hydra_cfg.overrides.task),
+                                             stop=stop)
+                finally:
+                    stop.set_phase("closing", "")
+                    if run.resumed or run.status == "evaluated":
+                        record_effective_config(output_dir, run.cfg)
+        except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
+            stop.set_phase("closing", "")
+            return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)
+        except StopNow as exc:  # a BaseException: see runner.StopNow
+            stop.set_phase("closing", "")
+            return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)
+    log.info("Outputs in %s", output_dir)
+    return metrics.get("test_accuracy")
+
+
+def parallel_launcher(hydra_cfg):
+    """Does this sweep run its jobs in worker processes of this machine (joblib)?"""
+    return str(hydra_cfg.launcher.get("_target_", "")).endswith("JoblibLauncher")
+
+
+def _not_started(run, cfg, output_dir, hydra_cfg, signum):
+    """A sweep job due after the sweep was interrupted: recorded, not run."""
+    run.status = "interrupted"
+    run.error = (f"not started: the sweep was interrupted by {signal.Signals(signum).name}; "
+                 "run the sweep again with resume=true to continue it")
+    if owns_record(run, cfg, output_dir):
+        try:
+            run.write_metrics()
+        except (OSError, UserError):
+            pass
+    sweep_dir = str(hydra_cfg.sweep.dir)
+    sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
+    return None
+
+
+def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
+    """A run that ended in an exception: recorded in metrics.json where this attempt owns the
+    record, then one line (a single run exits; a sweep job returns None and the sweep goes on)."""
+    from .errors import Diverged, RunInterrupted
+    from .rundir import RunDirBusy
+    from .runner import stopped_now
+    from .stopping import StopNow
+
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        # The file system refused (a file where a folder should be, permissions, ...).
+        exc = UserError(f"{exc.strerror.lower()}: {exc.filename}")
+    user_error = isinstance(exc, (UserError, StopNow))
+    if not user_error and not multirun:
+        raise  # a programming error in a single run keeps its traceback (called in `except`)
+    if isinstance(exc, StopNow):
+        stopped_now(run, exc)
+        if owns_record(run, cfg, output_dir):
             try:
                 run.write_metrics()
             except (OSError, UserError):
-                pass  # the output dir itself may be what is wrong
-        if user_error:
-            log_to_files(logging.ERROR, run.error)
-        else:
-            log.exception("job failed")  # the traceback goes to this job's log
-        if multirun:
+                pass
+    elif isinstance(exc, RunInterrupted):
+        run.error = str(exc)  # its checkpoint and metrics are written
+    if isinstance(exc, (StopNow, RunInterrupted)):
+        if multirun:  # the jobs still to come are recorded as not started; the report follows
             sweep_dir = str(hydra_cfg.sweep.dir)
             sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
             return None
-        fail(run.error)
-    log.info("Outputs in %s", output_dir)
-    return metrics.get("test_accuracy")
+        fail(run.error, exc.exit_code)  # a single run, or a sequential sweep: stop it
+    run.status = "diverged" if isinstance(exc, Diverged) else "failed"
+    run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, RunDirBusy) and owns_record(run, cfg, output_dir):
+        try:
+            run.write_metrics()
+        except (OSError, UserError):
+            pass  # the output dir itself may be what is wrong
+    if user_error:
+        log_to_files(logging.ERROR, run.error)
+    else:
+        log.exception("job failed")  # the traceback goes to this job's log
+    if multirun:
+        sweep_dir = str(hydra_cfg.sweep.dir)
+        sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
+        return None
+    fail(run.error)
 
 
 def owns_record(run, cfg, output_dir):

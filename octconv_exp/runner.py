@@ -3,7 +3,6 @@ import logging
 import os
 import random
 import signal
-import threading
 import time
 
 import numpy as np
@@ -21,8 +20,10 @@ from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, ide
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import RunInterrupted, UserError
+from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
-from .loop import EpochProgress, EpochStats, Interrupted, evaluate, train_epoch
+from .loop import (EpochProgress, EpochStats, Interrupted, evaluate, send_test_signal,
+                   train_epoch)
 from .model import build_model, count_flops_per_image, count_parameters, theoretical_flops_ratio
 
 log = logging.getLogger("octconv_exp")
@@ -176,7 +177,7 @@ class Session:
 
 
 def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if_no_checkpoint=False,
-                   explicit=None):
+                   explicit=None, stop=None):
     """Train and evaluate the configured model (or only evaluate one, ``train=false``);
     returns the metrics dict.
 
@@ -184,8 +185,14 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     sets torch's thread count (the launcher's share of the cores in a parallel sweep);
     ``fresh_if_no_checkpoint`` lets resume=true start a job that never ran (resuming a sweep);
     ``explicit`` lists the keys the command line set: resume and evaluation take the config
-    saved with the checkpoint, and only these may differ from it (see :mod:`.resume`).
+    saved with the checkpoint, and only these may differ from it (see :mod:`.resume`);
+    ``stop`` is the caller's entered :class:`StopRequest` (run.py holds one from start-up to
+    the last output written), else this call installs its own.
     """
+    if stop is None:
+        with StopRequest() as own:
+            return run_experiment(cfg, output_dir, run, threads, fresh_if_no_checkpoint,
+                                  explicit, stop=own)
     validate(cfg)
     run = run or Run(cfg, output_dir)
     resume_from = evaluate_from = None  # (path, state) of the checkpoint, read once
@@ -208,6 +215,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     set_deterministic(cfg.deterministic)
     backend = make_backend(cfg, device)
     session = Session(cfg, run, backend, device)
+    session.stop = stop
     try:
         return _run(session, resume_from, evaluate_from)
     except getattr(backend, "device_errors", ()) as exc:
@@ -245,6 +253,7 @@ def _run(s, resume_from, evaluate_from):
              cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
              run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], s.device,
              run.torch_threads)
+    send_test_signal("start-up")
     if not cfg.train:
         return evaluate_only(s, evaluate_from)
 
@@ -258,13 +267,17 @@ def _run(s, resume_from, evaluate_from):
     start = restore(s, resume_from) if resume_from is not None else None
     s.logger = make_logger(cfg, s.output_dir)
     s.step = backend.training_step(s.model, s.optimizer)
-    with StopRequest() as stop:
-        s.stop = stop
-        train(s, start)
-        backend.finish_training(s.model)
-        infer = backend.inference_step(s.model)
-        run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
-                                                       progress_bar=show_progress(cfg))
+    s.stop.set_phase("polled", "during training")
+    log.info("Training: epochs %d-%d, %d steps each", start[0] if start else 1,
+             cfg.trainer.epochs, len(s.train_loader) + (start[1].steps if start and start[1] else 0))
+    train(s, start)
+    s.stop.set_phase("immediate", "during evaluation, after training had finished")
+    backend.finish_training(s.model)
+    infer = backend.inference_step(s.model)
+    run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
+                                                   progress_bar=show_progress(cfg))
+    s.stop.set_phase("finishing", "while writing the finished run's outputs")
+    send_test_signal("accuracy")
     report_test_accuracy(run, backend)
     if cfg.trainer.save_model:
         outputs.save_torch_atomic(os.path.join(s.output_dir, outputs.MODEL_FILE),
@@ -421,8 +434,11 @@ def evaluate_only(s, evaluate_from):
     s.model.load_state_dict(state["state_dict"])
     _, s.test_loader = s.backend.make_loaders(s.data, train=False)  # no training loader/worker
     infer = s.backend.inference_step(s.model)
+    s.stop.set_phase("immediate", "during evaluation")
     run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
                                                    progress_bar=show_progress(cfg))
+    s.stop.set_phase("finishing", "while writing the evaluation's outputs")
+    send_test_signal("accuracy")
     if "epoch" in state:  # a checkpoint: how far its training had got
         run.epochs = [EpochStats(**e) for e in state.get("epochs", [])]
     log.info("Evaluated %s", path)
@@ -443,31 +459,14 @@ def run_interrupted(run, stop, epoch, steps):
     return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
 
 
-class StopRequest:
-    """SIGINT/SIGTERM during training: the first asks the loop to stop after the current step
-    (checkpoint, metrics, exit); a second one stops at once."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __call__(self):
-        return self.signal is not None
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("%s received: stopping after the current step (again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+def stopped_now(run, exc):
+    """The status and the one line for a :class:`StopNow`: where it stopped and how to go on
+    from what is on disk."""
+    last = os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)
+    if os.path.exists(last):
+        then = f"checkpoint {last} is intact; continue with: {resume_hint(run.output_dir)}"
+    else:
+        then = "no checkpoint was written yet: start the run again"
+    run.status = "interrupted"
+    run.error = f"{exc}; {then}"
+    return run.error

@@ -63,31 +63,114 @@ def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_path, sig, code):
+@pytest.mark.parametrize("sig, step, epoch, steps_in", [
+    ("SIGINT", 160, 1, 10),    # inside epoch 2 (150 steps an epoch): resume skips 10 batches
+    ("SIGTERM", 150, 1, 0),    # on the last step of epoch 1: stops between two epochs
+])
+def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_path, sig, step,
+                                                                 epoch, steps_in):
+    """The stop lands at an exact step (the OCTCONV_EXP_SIGNAL_AT test hook sends the signal
+    to the run itself after that step), so the checkpoint's progress is asserted exactly."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *BASE,
-                             "trainer.epochs=3", f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run_dir / "epochs.csv").exists():  # wait until epoch 1 is done
-        assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == code
-    last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith("error: interrupted by") and "resume=true" in last_line
+    res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+                  env={"OCTCONV_EXP_SIGNAL_AT": f"step:{step}", "OCTCONV_EXP_SIGNAL": sig})
+    assert res.returncode == 128 + getattr(signal, sig), res.stderr[-3000:]
+    last_line = res.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: interrupted by {sig} at epoch {epoch + 1}, step "
+                                f"{steps_in}") and "resume=true" in last_line
     m = metrics(run_dir)
-    assert m["status"] == "interrupted"
+    assert m["status"] == "interrupted" and m["epochs_completed"] == epoch
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epoch"] >= 1
+    assert state["epoch"] == epoch
+    if steps_in:
+        assert state["progress"]["steps"] == steps_in and state["progress"]["images"] == 8 * steps_in
+    else:
+        assert state["progress"] is None
     resumed = run_cli(*BASE, "trainer.epochs=3", "resume=true", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{steps_in} step(s) into epoch {epoch + 1}" in resumed.stdout + resumed.stderr \
+        or not steps_in
     got, ref = metrics(run_dir), metrics(reference)
     assert got["status"] == "completed"
-    # Stopped inside an epoch or between two, the resumed run sees the same batches.
     assert {k: got[k] for k in SAME} == {k: ref[k] for k in SAME}
+    assert losses(run_dir) == losses(reference)
+
+
+SHORT = [*BASE, "dataset.train_size=400", "dataset.test_size=160", "trainer.epochs=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at, status, line", [
+    ("start-up", "interrupted", "interrupted by SIGINT at start-up; no checkpoint was written yet"),
+    ("step:3*2", "interrupted", "interrupted by SIGINT (a second signal) during training; no "
+                                "checkpoint"),
+    ("evaluation", "interrupted", "interrupted by SIGINT during evaluation, after training had "
+                                  "finished; checkpoint"),
+    ("accuracy", "completed", None),
+    ("accuracy*2", "interrupted", "interrupted by SIGINT (a second signal) while writing the "
+                                  "finished run's outputs; checkpoint"),
+])
+def test_a_signal_anywhere_in_a_run_is_one_line_and_a_record(tmp_path, at, status, line):
+    """Ctrl-C at start-up, a second Ctrl-C, Ctrl-C during evaluation and right after the final
+    accuracy: never a traceback, metrics.json always says what happened, and a resume hint is
+    given only when there is a checkpoint to resume (a finished one is re-evaluated)."""
+    run_dir = tmp_path / "run"
+    res = run_cli(*SHORT, f"hydra.run.dir={run_dir}", env={"OCTCONV_EXP_SIGNAL_AT": at})
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m["status"] == status
+    if line is None:  # finished: the outputs are written first, the signal is reported
+        assert res.returncode == 0 and (run_dir / "model.pt").exists()
+        assert "SIGINT received after the run finished" in res.stdout + res.stderr
+        assert m["test_accuracy"] is not None and m["epochs_completed"] == 2
+        return
+    assert res.returncode == 130
+    assert res.stderr.count("\n") == 1 and line in res.stderr
+    assert m["error"] in res.stderr
+    if "continue with: " in res.stderr:
+        hint = res.stderr.strip().split("continue with: ", 1)[1]
+        assert hint.startswith("python ") and "resume=true" in hint
+        again = run_cli("resume=true", f"hydra.run.dir={run_dir}")
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert metrics(run_dir)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the joblib workers' running jobs
+    stop at a checkpoint, the job not started yet is recorded, the report names them all."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
+         "hydra.launcher.n_jobs=2", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
+         "dataset.train_size=8000", "dataset.test_size=100", "trainer.epochs=1",
+         "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    logs = [sweep_dir / c / "seed=0" / "run.log" for c in ("conv=vanilla", "conv=octave")]
+    while not all(p.exists() and "Training: epochs" in p.read_text() for p in logs):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the training loop
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    for conv in ("vanilla", "octave"):
+        run_dir = sweep_dir / f"conv={conv}" / "seed=0"
+        m = metrics(run_dir)
+        assert m["status"] == "interrupted" and "continue with" in m["error"], m
+        assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    m = metrics(sweep_dir / "conv=multi-octave" / "seed=0")
+    assert m["status"] == "interrupted" and m["error"].startswith("not started")
+    assert "3 of 3 runs did not complete" in err
+    resumed = run_cli("-m", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
+                      "dataset.train_size=8000", "dataset.test_size=100", "trainer.epochs=1",
+                      "trainer.progress_bar=false", "resume=true",
+                      f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(metrics(sweep_dir / f"conv={c}" / "seed=0")["status"] == "completed"
+               for c in ("vanilla", "octave", "multi-octave"))
 
 
 @pytest.mark.slow
