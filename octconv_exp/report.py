@@ -5,8 +5,10 @@ Used at the end of every multirun (the ``SweepReport`` Hydra callback) and on it
     python -m octconv_exp.report SWEEP_DIR
 
 which also works after a sweep that ran on a cluster or was interrupted. Runs repeated with
-several seeds are aggregated to mean and standard deviation per configuration. Vanilla runs
-ignore alpha: they appear once, without an alpha, and as a horizontal baseline in the plots.
+several seeds are aggregated to mean and standard deviation per configuration (and model).
+Vanilla runs ignore alpha: they appear once, without an alpha, and as a horizontal baseline in
+the plots. A sweep dir holding the sweeper's job plan (``jobs.yaml``) also lists the planned
+jobs that never started, as ``missing``.
 """
 import argparse
 import csv
@@ -16,28 +18,49 @@ import math
 import os
 import statistics
 import sys
+import zlib
 from collections import OrderedDict
 
 import yaml
 
-from .outputs import METRICS_FILE, write_text_atomic
-from .sweep import SEED_KEY, config_name, split_override
+from .outputs import METRICS_FILE, atomic_write, write_text_atomic
+from .sweep import (DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config_name, model_name,
+                    read_plan, split_override)
 
 CONV_ORDER = {"vanilla": 0, "octave": 1, "multi-octave": 2}
-RUN_COLUMNS = ("conv", "alpha", "expansion", "optimizer", "seed", "test_accuracy", "train_loss",
-               "params", "flops_per_image", "train_images_per_second", "wall_seconds", "status",
-               "error", "config", "run_dir")
+RUN_COLUMNS = ("conv", "model", "alpha", "expansion", "optimizer", "seed", "test_accuracy",
+               "train_loss", "params", "flops_per_image", "train_images_per_second",
+               "wall_seconds", "status", "error", "config", "run_dir")
+AGG_COLUMNS_HEAD = ("conv", "model", "alpha", "expansion", "optimizer", "n", "seeds", "params",
+                    "flops_per_image")
 AGG_METRICS = ("test_accuracy", "train_loss", "train_images_per_second", "wall_seconds")
 PLOTS = ("accuracy_vs_alpha.png", "throughput_vs_alpha.png", "accuracy_vs_flops.png")
+#: One colour per conv mode, the same in every figure.
+CONV_COLORS = {"vanilla": "black", "octave": "tab:blue", "multi-octave": "tab:orange"}
+#: Conv modes not in CONV_COLORS get one of these, picked by their name (so also the same in
+#: every figure and every report).
+OTHER_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                "tab:cyan")
+#: Series of one conv mode that differ in something else (optimizer, model, ...): line styles
+#: and markers, in the order of that something.
+LINESTYLES = ("-", "--", "-.", ":")
+VANILLA_LINESTYLES = ("--", ":", "-.", "-")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+#: Overrides that do not change what a run computes, beside the noise config_name drops.
+CONFIG_DROP = ("resume",)
+NEVER_STARTED = f"never started (planned in {PLAN_FILE}, no run dir)"
 
 
 class ReportError(Exception):
     pass
 
 
-def find_runs(sweep_dir):
+def find_runs(sweep_dir, problems=None):
     """Every run dir (one holding .hydra/ or metrics.json) under ``sweep_dir``, with its
-    metrics (status 'missing' when a job never wrote them, e.g. killed) and overrides."""
+    metrics (status 'missing' when a job never wrote them, e.g. killed) and overrides, and a
+    'missing' row for each job of the sweep's plan (jobs.yaml) without a run dir (never
+    started). What prevents counting the jobs that never started (an unreadable plan) is
+    appended to ``problems``."""
     runs = []
     for root, dirs, files in os.walk(sweep_dir):
         dirs[:] = sorted(d for d in dirs if d not in (".submitit", "tensorboard"))
@@ -66,11 +89,60 @@ def find_runs(sweep_dir):
             except (OSError, ValueError) as exc:
                 metrics = {"status": "unreadable", "error": f"metrics.json: {exc}"}
         if metrics is None:
-            metrics = {"status": "missing", "error": "no metrics.json (killed or still running?)"}
+            # What the job was to be, from the config it started with.
+            metrics = dict(_config_values(os.path.join(root, ".hydra", "config.yaml")),
+                           status="missing", error="no metrics.json (killed or still running?)")
         if problem and metrics.get("status") == "completed":
             metrics = dict(metrics, status="unreadable", error=problem)
         runs.append(_row(root, sweep_dir, metrics, overrides))
+    runs += _never_started(sweep_dir, runs, problems)
     return runs
+
+
+def _never_started(sweep_dir, runs, problems):
+    """A 'missing' row for each planned job (jobs.yaml) that has no run dir among ``runs``."""
+    plan, plan_problems = read_plan(sweep_dir)
+    for text in plan_problems:
+        sys.stderr.write(f"warning: {text}\n")
+        if problems is not None:
+            problems.append(text)
+    if not plan:
+        return []
+    seen = {os.path.normpath(r["run_dir"]) for r in runs}
+    rows = []
+    for entry in plan:
+        subdir = os.path.normpath(entry["subdir"])
+        if subdir in seen:
+            continue
+        seen.add(subdir)
+        run_dir = os.path.join(sweep_dir, subdir)
+        error = NEVER_STARTED if not os.path.exists(run_dir) else \
+            "a run dir without .hydra/ or metrics.json (never started?)"
+        rows.append(_row(run_dir, sweep_dir, dict(entry["config"], status="missing", error=error),
+                         entry["overrides"]))
+    return rows
+
+
+def _config_values(path):
+    """The fields of metrics.json that a run's .hydra/config.yaml holds ({} when it cannot
+    be read)."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    values = {}
+    for name, key in PLAN_CONFIG_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if name == "model":
+            node = model_name(node)
+        if node is not None and (name == "model" or not isinstance(node, (dict, list))):
+            values[name] = node
+    return values
 
 
 def _number(value):
@@ -86,6 +158,13 @@ def _number(value):
         return None
 
 
+def _text(value):
+    """A name-like field (data set, optimizer) as a string, or None."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value)
+
+
 def _row(run_dir, sweep_dir, m, overrides):
     conv = m.get("conv") or _override(overrides, "conv")
     conv = None if conv is None else str(conv)
@@ -98,18 +177,24 @@ def _row(run_dir, sweep_dir, m, overrides):
     if not isinstance(seed, int) or isinstance(seed, bool):
         number = _number(seed)
         seed = int(number) if number is not None and float(number).is_integer() else None
+    epochs = _number(m.get("epochs"))
     row = {
-        "conv": conv, "alpha": None if conv == "vanilla" else alpha,
+        "conv": conv, "model": model_name(m.get("model")) or DEFAULT_MODEL,
+        "alpha": None if conv == "vanilla" else alpha,
         "expansion": m.get("expansion"), "optimizer": m.get("optimizer"), "seed": seed,
         "test_accuracy": _number(m.get("test_accuracy")), "train_loss": _number(m.get("train_loss")),
         "params": _number(m.get("params")), "flops_per_image": _number(m.get("flops_per_image")),
         "train_images_per_second": _number(m.get("train_images_per_second")),
         "wall_seconds": _number(m.get("wall_seconds")), "status": str(m.get("status", "unknown")),
         "error": m.get("error"),
-        # The configuration a seed repeats: the overrides minus seeds and paths (and alpha
-        # for vanilla, which ignores it).
-        "config": config_name(overrides, drop=("alpha",) if conv == "vanilla" else ()),
+        # The configuration a seed repeats: the overrides minus seeds, paths and resume=true
+        # (a job first run by a resumed sweep has it), and alpha for vanilla, which ignores it.
+        "config": config_name(overrides, drop=CONFIG_DROP + (("alpha",) if conv == "vanilla"
+                                                              else ())),
         "run_dir": os.path.relpath(run_dir, sweep_dir),
+        # For the figures' titles (not columns of summary.csv).
+        "dataset": _text(m.get("dataset")),
+        "epochs": int(epochs) if epochs is not None and float(epochs).is_integer() else epochs,
     }
     return row
 
@@ -125,29 +210,42 @@ def _override(overrides, key):
 def _sort_key(row):
     alpha = row["alpha"] if row["alpha"] is not None else -1.0
     return (CONV_ORDER.get(row["conv"], 99), str(row["conv"]), alpha, row["config"],
-            row["seed"] if isinstance(row["seed"], int) else -1, row["run_dir"])
+            str(row.get("model")), row["seed"] if isinstance(row["seed"], int) else -1,
+            row["run_dir"])
 
 
 def aggregate(runs):
-    """Completed runs grouped by configuration: mean, std (n > 1) and count of each metric."""
+    """Completed runs grouped by configuration and model: mean, std (n > 1) and count of each
+    metric (``<metric>_n``: the runs that had it)."""
     groups = OrderedDict()
     for row in sorted(runs, key=_sort_key):
         if row["status"] != "completed":
             continue
-        groups.setdefault(row["config"], []).append(row)
+        groups.setdefault((row["config"], row.get("model") or DEFAULT_MODEL), []).append(row)
     out = []
-    for config, rows in groups.items():
+    for (config, model), rows in groups.items():
         first = rows[0]
-        agg = {"conv": first["conv"], "alpha": first["alpha"], "expansion": first["expansion"],
-               "optimizer": first["optimizer"], "config": config, "n": len(rows),
+        agg = {"conv": first["conv"], "model": model, "alpha": first["alpha"],
+               "expansion": first["expansion"], "optimizer": first["optimizer"],
+               "config": config, "n": len(rows),
                "seeds": ",".join(str(r["seed"]) for r in rows),
-               "params": first["params"], "flops_per_image": first["flops_per_image"]}
+               "params": first["params"], "flops_per_image": first["flops_per_image"],
+               "datasets": _distinct(r.get("dataset") for r in rows),
+               "epoch_counts": _distinct(r.get("epochs") for r in rows)}
         for metric in AGG_METRICS:
             values = [r[metric] for r in rows if isinstance(r[metric], (int, float))]
             agg[metric] = statistics.fmean(values) if values else None
             agg[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+            agg[metric + "_n"] = len(values)
         out.append(agg)
     return out
+
+
+def _distinct(values):
+    """The distinct values that are not None, sorted (numbers before text)."""
+    return tuple(sorted({v for v in values if v is not None},
+                        key=lambda v: (not isinstance(v, (int, float)), v if isinstance(
+                            v, (int, float)) else 0, str(v))))
 
 
 def _fmt(value, digits=2):
@@ -175,30 +273,64 @@ def write_csv(path, rows, columns):
     write_text_atomic(path, buf.getvalue())
 
 
-def markdown(sweep_dir, runs, groups):
+def describe_setup(rows):
+    """``data: cifar10; model: seed_cnn; epochs: 10`` for runs or groups, listing every
+    distinct value where they differ."""
+    datasets, models, epochs = set(), set(), set()
+    for r in rows:
+        datasets.update(r["datasets"] if "datasets" in r else [r.get("dataset")])
+        models.add(r.get("model") or DEFAULT_MODEL)
+        epochs.update(r["epoch_counts"] if "epoch_counts" in r else [r.get("epochs")])
+
+    def join(values):
+        values = _distinct(values)
+        return ", ".join(_fmt(v) for v in values) if values else "unknown"
+
+    return f"data: {join(datasets)}; model: {join(models)}; epochs: {join(epochs)}"
+
+
+def seeds_text(counts):
+    """What the error bars of points aggregated over ``counts`` runs each show."""
+    counts = sorted({int(n) for n in counts if n})
+    if not counts:
+        return ""
+    if counts[-1] <= 1:
+        return "1 seed per point (no error bars)"
+    if len(counts) == 1:
+        return f"mean ± std over {counts[0]} seeds"
+    return f"mean ± std over N={counts[0]}-{counts[-1]} seeds"
+
+
+def markdown(sweep_dir, runs, groups, problems=()):
     failed = [r for r in runs if r["status"] != "completed"]
+    never = sum(1 for r in failed if r["error"] == NEVER_STARTED)
+    completed = [r for r in runs if r["status"] == "completed"]
     lines = [f"# Sweep summary: {os.path.abspath(sweep_dir)}", "",
-             f"{len(runs)} runs: {len(runs) - len(failed)} completed, {len(failed)} not completed."
+             f"{len(runs)} runs: {len(runs) - len(failed)} completed, {len(failed)} not completed"
+             + (f" ({never} never started)" if never else "") + "."
              " Vanilla ignores alpha and is shown once.", "",
-             "## By configuration (mean ± std over seeds)", "",
-             "| conv | alpha | expansion | optimizer | seeds | test accuracy % | train loss "
-             "| params | MFLOPs/image | train images/s | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Setup: {describe_setup(completed or runs)}.", ""]
+    if problems:
+        lines += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+    lines += ["## By configuration (mean ± std over seeds)", "",
+              "| conv | alpha | model | expansion | optimizer | seeds | test accuracy % "
+              "| train loss | params | MFLOPs/image | train images/s | wall s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in groups:
         flops = g["flops_per_image"] / 1e6 if g["flops_per_image"] else None
         lines.append(
-            f"| {g['conv']} | {_fmt(g['alpha'], 3) or '—'} | {_fmt(g['expansion'])} | "
+            f"| {g['conv']} | {_fmt(g['alpha'], 3) or '—'} | {g['model']} | {_fmt(g['expansion'])} | "
             f"{_fmt(g['optimizer'])} | {g['n']} | {_pm(g['test_accuracy'], g['test_accuracy_std'])} | "
             f"{_pm(g['train_loss'], g['train_loss_std'], 4)} | {_fmt(g['params'])} | "
             f"{_fmt(flops, 3)} | {_pm(g['train_images_per_second'], g['train_images_per_second_std'], 0)} | "
             f"{_pm(g['wall_seconds'], g['wall_seconds_std'], 1)} |")
     lines += ["", "## Runs", "",
-              "| conv | alpha | seed | test accuracy % | train loss | status | run dir |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| conv | alpha | model | seed | test accuracy % | train loss | status | run dir |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(runs, key=_sort_key):
-        lines.append(f"| {r['conv']} | {_fmt(r['alpha'], 3) or '—'} | {_fmt(r['seed'])} | "
-                     f"{_fmt(r['test_accuracy'])} | {_fmt(r['train_loss'], 4)} | {r['status']} | "
-                     f"`{r['run_dir']}` |")
+        lines.append(f"| {r['conv']} | {_fmt(r['alpha'], 3) or '—'} | {r['model']} | "
+                     f"{_fmt(r['seed'])} | {_fmt(r['test_accuracy'])} | "
+                     f"{_fmt(r['train_loss'], 4)} | {r['status']} | `{r['run_dir']}` |")
     if failed:
         lines += ["", "## Not completed", ""]
         for r in sorted(failed, key=_sort_key):
@@ -209,98 +341,160 @@ def markdown(sweep_dir, runs, groups):
     return "\n".join(lines) + "\n"
 
 
-def plot(sweep_dir, groups):
-    """The three figures, as PNG files in the sweep dir; returns the paths written."""
-    try:
-        import matplotlib
+# ------------------------------------------------------------------------------ figures
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
-        return []
-    written = []
-    by_conv = OrderedDict()
-    for g in sorted(groups, key=lambda g: (CONV_ORDER.get(g["conv"], 99), g["alpha"] or 0)):
-        by_conv.setdefault(g["conv"], []).append(g)
 
-    def alpha_figure(metric, ylabel, filename, title):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        alphas = [g["alpha"] for g in groups if g["alpha"] is not None]
-        for conv, rows in by_conv.items():
-            rows = [r for r in rows if r[metric] is not None]
-            if not rows:
-                continue
-            if conv == "vanilla":
-                for r in rows:
-                    ax.axhline(r[metric], color="black", linestyle="--", label="vanilla")
-                    if r[metric + "_std"]:
-                        ax.axhspan(r[metric] - r[metric + "_std"], r[metric] + r[metric + "_std"],
-                                   color="black", alpha=0.1)
-                continue
-            rows = [r for r in rows if r["alpha"] is not None]
-            ax.errorbar([r["alpha"] for r in rows], [r[metric] for r in rows],
-                        yerr=[r[metric + "_std"] or 0 for r in rows], marker="o", capsize=3,
-                        label=conv)
-        ax.set_xlabel("alpha (share of low-frequency channels)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        if alphas:
-            ax.set_xticks(sorted(set(alphas)))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        fig.tight_layout()
-        path = os.path.join(sweep_dir, filename)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+def conv_color(conv):
+    """The colour of a conv mode, the same in every figure."""
+    if conv in CONV_COLORS:
+        return CONV_COLORS[conv]
+    if conv is None:
+        return "tab:gray"
+    return OTHER_COLORS[zlib.crc32(str(conv).encode()) % len(OTHER_COLORS)]
 
-    alpha_figure("test_accuracy", "test accuracy (%)", PLOTS[0], "Test accuracy vs alpha")
-    alpha_figure("train_images_per_second", "training images / s", PLOTS[1],
-                 "Training throughput vs alpha")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for conv, rows in by_conv.items():
-        rows = [r for r in rows if r["flops_per_image"] and r["test_accuracy"] is not None]
-        if not rows:
+def _items(group):
+    """The overrides of a group's configuration, conv mode and alpha aside."""
+    return [i for i in str(group["config"]).split(",")
+            if i and i != "defaults" and not i.startswith("conv=") and not i.startswith("alpha=")]
+
+
+def _series(groups, keep):
+    """The groups that ``keep`` accepts as series: ``[(conv, label, style index, rows)]``,
+    one per conv mode and whatever else tells the groups apart (alpha aside), rows in alpha
+    order. A label names the conv mode, and what else differs where something does."""
+    groups = [g for g in groups if keep(g)]
+    common = set.intersection(*[set(_items(g)) for g in groups]) if groups else set()
+    with_model = len({g["model"] for g in groups}) > 1
+
+    def rest(g):
+        items = [i for i in _items(g) if i not in common]
+        return ",".join(([f"model={g['model']}"] if with_model else []) + items)
+
+    rests = sorted({rest(g) for g in groups})
+    series = OrderedDict()
+    for g in sorted(groups, key=lambda g: (CONV_ORDER.get(g["conv"], 99), str(g["conv"]),
+                                           rest(g), g["alpha"] or 0)):
+        series.setdefault((g["conv"], rest(g)), []).append(g)
+    return [(conv, str(conv) + (f" ({r})" if r else ""), rests.index(r), rows)
+            for (conv, r), rows in series.items()]
+
+
+def _new_figure():
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(6.4, 4.6))
+    return fig, fig.subplots()
+
+
+def _finish(fig, ax, title, groups, counts):
+    ax.set_title(f"{title}\n{describe_setup(groups)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=seeds_text(counts) or None, fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def alpha_figure(groups, metric, ylabel, title):
+    """``metric`` against alpha: a line with error bars per conv mode (and per setting that
+    tells groups of a conv mode apart), vanilla as a horizontal baseline with a band."""
+    fig, ax = _new_figure()
+    series = _series(groups, lambda g: g[metric] is not None
+                     and (g["conv"] == "vanilla" or g["alpha"] is not None))
+    plotted = []
+    for conv, label, style, rows in series:
+        color = conv_color(conv)
+        plotted += rows
+        if conv == "vanilla":
+            for i, r in enumerate(rows):
+                ax.axhline(r[metric], color=color, linestyle=VANILLA_LINESTYLES[style % 4],
+                           label=label if i == 0 else None)
+                if r[metric + "_std"]:
+                    ax.axhspan(r[metric] - r[metric + "_std"], r[metric] + r[metric + "_std"],
+                               color=color, alpha=0.1)
             continue
+        stds = [r[metric + "_std"] or 0 for r in rows]
+        ax.errorbar([r["alpha"] for r in rows], [r[metric] for r in rows],
+                    yerr=stds if any(stds) else None, marker=MARKERS[style % len(MARKERS)],
+                    linestyle=LINESTYLES[style % len(LINESTYLES)], capsize=3, color=color,
+                    label=label)
+    alphas = sorted({g["alpha"] for g in plotted if g["alpha"] is not None})
+    ax.set_xlabel("alpha (share of low-frequency channels)")
+    ax.set_ylabel(ylabel)
+    if alphas:
+        ax.set_xticks(alphas)
+    return _finish(fig, ax, title, plotted or groups, [g[metric + "_n"] for g in plotted])
+
+
+def compute_figure(groups):
+    """Test accuracy against MFLOPs per image, a point per group, alphas annotated."""
+    fig, ax = _new_figure()
+    series = _series(groups, lambda g: g["flops_per_image"] and g["test_accuracy"] is not None)
+    plotted = []
+    for conv, label, style, rows in series:
+        plotted += rows
+        stds = [r["test_accuracy_std"] or 0 for r in rows]
         ax.errorbar([r["flops_per_image"] / 1e6 for r in rows], [r["test_accuracy"] for r in rows],
-                    yerr=[r["test_accuracy_std"] or 0 for r in rows], marker="o", capsize=3,
-                    linestyle="-" if conv != "vanilla" else "none", label=conv)
+                    yerr=stds if any(stds) else None, marker=MARKERS[style % len(MARKERS)],
+                    capsize=3, color=conv_color(conv), label=label,
+                    linestyle="none" if conv == "vanilla" else LINESTYLES[style % len(LINESTYLES)])
         for r in rows:
             if r["alpha"] is not None:
                 ax.annotate(f"α={r['alpha']:g}", (r["flops_per_image"] / 1e6, r["test_accuracy"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs compute")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    path = os.path.join(sweep_dir, PLOTS[2])
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    return _finish(fig, ax, "Accuracy vs compute", plotted or groups,
+                   [g["test_accuracy_n"] for g in plotted])
+
+
+def figures(groups):
+    """The three figures (matplotlib Figures), by file name."""
+    return OrderedDict([
+        (PLOTS[0], alpha_figure(groups, "test_accuracy", "test accuracy (%)",
+                                "Test accuracy vs alpha")),
+        (PLOTS[1], alpha_figure(groups, "train_images_per_second", "training images / s",
+                                "Training throughput vs alpha")),
+        (PLOTS[2], compute_figure(groups)),
+    ])
+
+
+def plot(sweep_dir, groups):
+    """The three figures, as PNG files in the sweep dir; returns the paths written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
+        return []
+    written = []
+    for name, fig in figures(groups).items():
+        path = os.path.join(sweep_dir, name)
+        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
+        written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------ the report
 
 
 def build_report(sweep_dir, make_plots=True):
     """Write summary.csv, summary_by_config.csv, summary.md and the plots; returns the runs."""
     if not os.path.isdir(sweep_dir):
         raise ReportError(f"{sweep_dir} is not a directory")
-    runs = sorted(find_runs(sweep_dir), key=_sort_key)
+    problems = []
+    runs = sorted(find_runs(sweep_dir, problems), key=_sort_key)
     if not runs:
         raise ReportError(f"no run directories (with .hydra/ or metrics.json) under {sweep_dir}")
     groups = aggregate(runs)
     write_csv(os.path.join(sweep_dir, "summary.csv"), runs, RUN_COLUMNS)
-    agg_columns = ["conv", "alpha", "expansion", "optimizer", "n", "seeds", "params",
-                   "flops_per_image"] + [c for m in AGG_METRICS for c in (m, m + "_std")] + ["config"]
+    agg_columns = list(AGG_COLUMNS_HEAD) + [c for m in AGG_METRICS for c in (m, m + "_std")] \
+        + ["config"]
     write_csv(os.path.join(sweep_dir, "summary_by_config.csv"), groups, agg_columns)
     if make_plots and groups:
         plot(sweep_dir, groups)
-    write_text_atomic(os.path.join(sweep_dir, "summary.md"), markdown(sweep_dir, runs, groups))
+    write_text_atomic(os.path.join(sweep_dir, "summary.md"),
+                      markdown(sweep_dir, runs, groups, problems))
     return runs
 
 
@@ -308,9 +502,11 @@ def failure_line(sweep_dir, runs):
     failed = [r for r in runs if r["status"] != "completed"]
     if not failed:
         return None
+    never = sum(1 for r in failed if r["error"] == NEVER_STARTED)
     first = failed[0]
-    return (f"{len(failed)} of {len(runs)} runs did not complete (see "
-            f"{os.path.join(sweep_dir, 'summary.md')}); first: {first['run_dir']}: "
+    return (f"{len(failed)} of {len(runs)} runs did not complete"
+            + (f", {never} of them never started" if never else "")
+            + f" (see {os.path.join(sweep_dir, 'summary.md')}); first: {first['run_dir']}: "
             f"{first['status']}: {first['error']}")
 
 

@@ -4,13 +4,16 @@ job directories named by what the sweep varies.
 Vanilla convolutions ignore alpha, so `-m conv=vanilla,octave alpha=0.25,0.5` trains vanilla
 once (without its alpha override) and octave twice. Each job gets
 `hydra.sweep.subdir=<varying overrides>/seed=<seed>` (octconv_exp.sweep.job_subdirs).
-Everything else is BasicSweeper's.
+Before the first job is launched, the jobs it will run are written into the sweep dir
+(`jobs.yaml`, octconv_exp.sweep.write_plan), so that the report counts the jobs that never
+started. Everything else is BasicSweeper's.
 """
 import logging
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-from octconv_exp.sweep import dedupe_vanilla, job_subdirs
+from octconv_exp.errors import UserError
+from octconv_exp.sweep import dedupe_vanilla, job_subdirs, plan_entry, write_plan
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,18 @@ class DedupSweeper(BasicSweeper):
             log.info("Vanilla ignores alpha: %d duplicate vanilla job(s) not launched", dropped)
         subdirs = job_subdirs(kept, lambda job: config_of(job).seed)
         named = [job + [f"hydra.sweep.subdir='{subdir}'"] for job, subdir in zip(kept, subdirs)]
+        self._write_plan([plan_entry(subdir, job, config_of(job))
+                          for job, subdir in zip(kept, subdirs)])
         size = max(len(batch) for batch in batches) if batches else 1
         return [named[i:i + size] for i in range(0, len(named), size)] or [[]]
+
+    def _write_plan(self, entries):
+        sweep_dir = str(self.config.hydra.sweep.dir)
+        try:
+            write_plan(sweep_dir, entries)
+        except (OSError, UserError) as exc:  # the jobs will meet the same disk; let them say
+            log.warning("Could not write the job plan into %s (%s): the report will not count "
+                        "jobs that never start", sweep_dir, exc)
 
     def get_job_batch(self):
         if self._plan is None:

@@ -1,0 +1,375 @@
+"""The sweep report: the job plan (jobs that never started count as missing), the model column,
+and figures that people read (a fixed colour per conv mode, titles naming the setup, error
+bars saying what they are). Fake sweep dirs, written by hand, except one real tiny sweep."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from matplotlib.colors import to_hex
+
+from conftest import REPO, run_cli
+from octconv_exp import report, sweep
+from octconv_exp.outputs import OutputError
+
+TINY = ["dataset=synthetic", "dataset.train_size=32", "dataset.test_size=16", "trainer.epochs=1",
+        "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.save_model=false",
+        "trainer.checkpoint=false"]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def make_run(sweep_dir, subdir, metrics=None, overrides=(), config=None):
+    """A run dir as a job leaves it: .hydra/overrides.yaml (and config.yaml), metrics.json."""
+    d = os.path.join(str(sweep_dir), subdir)
+    os.makedirs(os.path.join(d, ".hydra"), exist_ok=True)
+    with open(os.path.join(d, ".hydra", "overrides.yaml"), "w") as f:
+        yaml.safe_dump(list(overrides), f)
+    if config is not None:
+        with open(os.path.join(d, ".hydra", "config.yaml"), "w") as f:
+            yaml.safe_dump(config, f)
+    if metrics is not None:
+        with open(os.path.join(d, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+    return d
+
+
+def metrics(conv, alpha=None, seed=0, acc=80.0, **extra):
+    m = {"status": "completed", "conv": conv, "alpha": 0.5 if alpha is None else alpha,
+         "expansion": 1, "optimizer": "sgd", "seed": seed, "dataset": "synthetic", "epochs": 2,
+         "test_accuracy": acc, "train_loss": 1.0, "params": 12346,
+         "flops_per_image": {"vanilla": 3.8e6, "octave": 2.8e6}.get(conv, 2.0e6) * (1 - (alpha or 0) / 2),
+         "train_images_per_second": 100.0 + acc, "wall_seconds": 3.0}
+    m.update(extra)
+    return m
+
+
+def entry(subdir, overrides, **config):
+    base = {"conv": "octave", "alpha": 0.5, "expansion": 1, "optimizer": "sgd", "seed": 0,
+            "dataset": "synthetic", "model": "seed_cnn", "epochs": 2}
+    base.update(config)
+    return {"subdir": subdir, "overrides": list(overrides), "config": base}
+
+
+# ------------------------------------------------------------------------------ the job plan
+
+
+def planned_sweep(root):
+    """Three planned jobs: one completed, one killed (run dir, no metrics.json), one that
+    never started (no run dir)."""
+    sweep.write_plan(str(root), [
+        entry("alpha=0.25/seed=0", ["conv=octave", "alpha=0.25", "seed=0"], alpha=0.25),
+        entry("alpha=0.5/seed=0", ["conv=octave", "alpha=0.5", "seed=0"]),
+        entry("alpha=0.75/seed=1", ["conv=octave", "alpha=0.75", "seed=1"], alpha=0.75, seed=1,
+              model="wide_cnn"),
+    ])
+    make_run(root, "alpha=0.25/seed=0", metrics("octave", 0.25),
+             ["conv=octave", "alpha=0.25", "seed=0"])
+    make_run(root, "alpha=0.5/seed=0", None, ["conv=octave", "alpha=0.5", "seed=0"])
+    return root
+
+
+def test_planned_jobs_without_a_run_dir_count_as_missing(tmp_path):
+    runs = report.build_report(str(planned_sweep(tmp_path)), make_plots=False)
+    by_dir = {r["run_dir"]: r for r in runs}
+    assert sorted(by_dir) == ["alpha=0.25/seed=0", "alpha=0.5/seed=0", "alpha=0.75/seed=1"]
+    never = by_dir["alpha=0.75/seed=1"]
+    assert never["status"] == "missing" and "never started" in never["error"]
+    # What it was to be, from the plan.
+    assert (never["conv"], never["alpha"], never["seed"], never["model"]) == \
+        ("octave", 0.75, 1, "wide_cnn")
+    assert never["config"] == "conv=octave,alpha=0.75"
+    assert by_dir["alpha=0.5/seed=0"]["status"] == "missing"
+    assert "killed" in by_dir["alpha=0.5/seed=0"]["error"]
+
+    line = report.failure_line(str(tmp_path), runs)
+    assert line.startswith("2 of 3 runs did not complete, 1 of them never started")
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [r["status"] for r in rows] == ["completed", "missing", "missing"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "3 runs: 1 completed, 2 not completed (1 never started)." in md
+    assert "`alpha=0.75/seed=1`: **missing** — never started" in md
+
+
+def test_a_sweep_dir_without_a_plan_reports_as_before(tmp_path):
+    make_run(tmp_path, "alpha=0.25/seed=0", metrics("octave", 0.25), ["conv=octave", "alpha=0.25"])
+    make_run(tmp_path, "alpha=0.5/seed=0", None, ["conv=octave", "alpha=0.5"])
+    runs = report.build_report(str(tmp_path), make_plots=False)
+    assert [(r["run_dir"], r["status"]) for r in runs] == [
+        ("alpha=0.25/seed=0", "completed"), ("alpha=0.5/seed=0", "missing")]
+    assert report.failure_line(str(tmp_path), runs).startswith("1 of 2 runs did not complete (")
+    assert "never started" not in (tmp_path / "summary.md").read_text()
+    # Only a plan: every job is missing, and that is a report, not "no runs".
+    empty = tmp_path / "planned_only"
+    sweep.write_plan(str(empty), [entry("conv=vanilla/seed=0", ["conv=vanilla"], conv="vanilla")])
+    (only,) = report.build_report(str(empty))
+    assert (only["conv"], only["alpha"], only["status"]) == ("vanilla", None, "missing")
+
+
+def test_a_planned_dir_that_exists_but_holds_no_run_is_still_counted(tmp_path):
+    sweep.write_plan(str(tmp_path), [entry("alpha=0.5/seed=0", ["alpha=0.5"])])
+    (tmp_path / "alpha=0.5" / "seed=0").mkdir(parents=True)  # e.g. only a log was written
+    (run,) = report.build_report(str(tmp_path), make_plots=False)
+    assert run["status"] == "missing" and "never started?" in run["error"]
+
+
+@pytest.mark.parametrize("text", ["jobs: [unclosed\n", "just a string\n", "jobs: 3\n"])
+def test_an_unreadable_plan_is_a_warning_and_the_report_goes_on(tmp_path, text, capsys):
+    make_run(tmp_path, "alpha=0.25/seed=0", metrics("octave", 0.25), ["conv=octave", "alpha=0.25"])
+    (tmp_path / sweep.PLAN_FILE).write_text(text)
+    runs = report.build_report(str(tmp_path), make_plots=False)
+    assert [r["status"] for r in runs] == ["completed"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Warnings" in md and "jobs that never started cannot be counted" in md
+    assert "warning: jobs.yaml" in capsys.readouterr().err
+
+
+def test_bad_plan_entries_are_left_out_one_by_one(tmp_path):
+    good = entry("alpha=0.5/seed=0", ["conv=octave", "alpha=0.5"])
+    bad = [{"subdir": "../outside"}, {"subdir": "/abs"}, "a string", {"overrides": ["x=1"]},
+           {"subdir": "alpha=0.75/seed=0", "overrides": "not a list", "config": [1]}]
+    (tmp_path / sweep.PLAN_FILE).write_text(yaml.safe_dump({"version": 1, "jobs": [good] + bad}))
+    runs = report.build_report(str(tmp_path), make_plots=False)
+    assert sorted(r["run_dir"] for r in runs) == ["alpha=0.5/seed=0", "alpha=0.75/seed=0"]
+    assert all(r["status"] == "missing" for r in runs)
+    assert (tmp_path / "summary.md").read_text().count("has no subdir inside the sweep dir") == 4
+
+
+def test_the_plan_is_written_atomically_and_merged_on_a_rerun(tmp_path, monkeypatch):
+    first = [entry("alpha=0.25/seed=0", ["conv=octave", "alpha=0.25"]),
+             entry("alpha=0.5/seed=0", ["conv=octave", "alpha=0.5"]),
+             entry("alpha=0.75/seed=0", ["conv=octave", "alpha=0.75"])]
+    path = sweep.write_plan(str(tmp_path), first)
+    assert path == str(tmp_path / "jobs.yaml")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+    plan, problems = sweep.read_plan(str(tmp_path))
+    assert plan == first and problems == []
+
+    # A resume: the same jobs with resume=true and more epochs, under the same names.
+    resumed = [dict(e, overrides=e["overrides"] + ["resume=true", "trainer.epochs=4"])
+               for e in first]
+    sweep.write_plan(str(tmp_path), resumed)
+    assert sweep.read_plan(str(tmp_path))[0] == resumed
+    # A re-run of one job alone (a single job is named by all its overrides): it supersedes
+    # the job of the same overrides; the others stay planned.
+    alone = [entry("conv=octave,alpha=0.75/seed=0", ["conv=octave", "alpha=0.75"])]
+    sweep.write_plan(str(tmp_path), alone)
+    assert [e["subdir"] for e in sweep.read_plan(str(tmp_path))[0]] == [
+        "conv=octave,alpha=0.75/seed=0", "alpha=0.25/seed=0", "alpha=0.5/seed=0"]
+
+    before = (tmp_path / "jobs.yaml").read_text()
+
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputError):
+        sweep.write_plan(str(tmp_path), first)
+    assert (tmp_path / "jobs.yaml").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["jobs.yaml"]  # no temp file left behind
+
+
+def test_a_killed_run_takes_what_it_was_from_its_config(tmp_path):
+    config = {"conv": {"mode": "multi-octave"}, "alpha": 0.25, "seed": 3, "expansion": 2,
+              "optimizer": {"name": "adam"}, "dataset": {"name": "cifar10"},
+              "trainer": {"epochs": 7}, "model": {"name": "wide_cnn"}}
+    make_run(tmp_path, "x/seed=3", None, [], config=config)
+    (run,) = report.find_runs(str(tmp_path))
+    assert (run["conv"], run["alpha"], run["seed"], run["model"], run["optimizer"],
+            run["dataset"], run["epochs"]) == ("multi-octave", 0.25, 3, "wide_cnn", "adam",
+                                               "cifar10", 7)
+    (tmp_path / "x" / "seed=3" / ".hydra" / "config.yaml").write_text("[not: a mapping")
+    (run,) = report.find_runs(str(tmp_path))
+    assert run["status"] == "missing" and run["model"] == "seed_cnn"
+
+
+def test_the_report_command_counts_jobs_that_never_started(tmp_path):
+    planned_sweep(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "octconv_exp.report", "--no-plots", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.startswith("warning: 2 of 3 runs did not complete, 1 of them never started")
+
+
+@pytest.mark.slow
+def test_the_sweeper_plans_the_real_job_dirs(tmp_path):
+    """A real sweep: the plan has the jobs it launched (vanilla once), named as their dirs;
+    a job removed afterwards (as if it never started) is reported missing."""
+    sweep_dir = tmp_path / "s"
+    res = run_cli("-m", "conv=vanilla,octave", "alpha=0.25,0.5", *TINY,
+                  f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan, problems = sweep.read_plan(str(sweep_dir))
+    assert problems == []
+    run_dirs = sorted(os.path.relpath(d, sweep_dir) for d, _, files in os.walk(sweep_dir)
+                      if "metrics.json" in files)
+    assert sorted(e["subdir"] for e in plan) == run_dirs == [
+        "conv=octave,alpha=0.25/seed=0", "conv=octave,alpha=0.5/seed=0", "conv=vanilla/seed=0"]
+    vanilla = next(e for e in plan if e["subdir"] == "conv=vanilla/seed=0")
+    assert not any(o.startswith("alpha=") for o in vanilla["overrides"])  # deduped as launched
+    for e in plan:
+        with open(os.path.join(sweep_dir, e["subdir"], ".hydra", "overrides.yaml")) as f:
+            assert yaml.safe_load(f) == e["overrides"]
+        with open(os.path.join(sweep_dir, e["subdir"], "metrics.json")) as f:
+            m = json.load(f)
+        assert {k: m[k] for k in ("conv", "seed", "dataset", "epochs")} == \
+            {k: e["config"][k] for k in ("conv", "seed", "dataset", "epochs")}
+        assert e["config"]["model"] == m.get("model", "seed_cnn")
+    assert len(read_csv(sweep_dir / "summary.csv")) == 3
+
+    import shutil
+
+    shutil.rmtree(sweep_dir / "conv=octave,alpha=0.5")
+    runs = report.build_report(str(sweep_dir), make_plots=False)
+    (missing,) = [r for r in runs if r["status"] != "completed"]
+    assert missing["run_dir"] == "conv=octave,alpha=0.5/seed=0" and missing["alpha"] == 0.5
+    assert missing["config"] == next(r["config"] for r in runs if r["alpha"] == 0.25).replace(
+        "alpha=0.25", "alpha=0.5")  # the same configuration names as the runs that did run
+    assert "1 of 3 runs did not complete, 1 of them never started" in \
+        report.failure_line(str(sweep_dir), runs)
+
+
+# ------------------------------------------------------------------------------ model column
+
+
+def test_the_model_is_a_column_and_models_never_aggregate_together(tmp_path):
+    ov = ["conv=octave", "alpha=0.5"]
+    make_run(tmp_path, "a/seed=0", metrics("octave", 0.5, seed=0, acc=70.0), ov)  # an old run
+    make_run(tmp_path, "a/seed=1", metrics("octave", 0.5, seed=1, acc=72.0, model="seed_cnn"), ov)
+    make_run(tmp_path, "b/seed=0", metrics("octave", 0.5, seed=0, acc=90.0, model="wide_cnn"), ov)
+    runs = report.build_report(str(tmp_path), make_plots=False)
+    with open(tmp_path / "summary.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header[:3] == ["conv", "model", "alpha"] and header[-2:] == ["config", "run_dir"]
+    assert [r["model"] for r in read_csv(tmp_path / "summary.csv")] == [
+        "seed_cnn", "seed_cnn", "wide_cnn"]
+    groups = read_csv(tmp_path / "summary_by_config.csv")
+    assert [(g["model"], g["n"], float(g["test_accuracy"])) for g in groups] == [
+        ("seed_cnn", "2", 71.0), ("wide_cnn", "1", 90.0)]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| octave | 0.500 | wide_cnn | 1 | sgd | 1 |" in md
+    assert "| octave | 0.500 | seed_cnn | 1 | 72.00 |" in md  # the run of seed 1
+    assert "model: seed_cnn, wide_cnn" in md
+    # Plots tell them apart too.
+    labels = legend_colors(report.figures(report.aggregate(runs))[report.PLOTS[0]])
+    assert set(labels) == {"octave (model=seed_cnn)", "octave (model=wide_cnn)"}
+
+
+def test_a_job_first_run_by_a_resumed_sweep_aggregates_with_its_seeds(tmp_path):
+    make_run(tmp_path, "alpha=0.5/seed=0", metrics("octave", 0.5, seed=0), ["alpha=0.5", "seed=0"])
+    make_run(tmp_path, "alpha=0.5/seed=1", metrics("octave", 0.5, seed=1),
+             ["alpha=0.5", "seed=1", "resume=true"])
+    report.build_report(str(tmp_path), make_plots=False)
+    (group,) = read_csv(tmp_path / "summary_by_config.csv")
+    assert group["n"] == "2" and group["config"] == "alpha=0.5"
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def legend_colors(fig):
+    """{legend label: colour (hex)} of a figure's only axes."""
+    (ax,) = fig.axes
+    out = {}
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+        line = handle.lines[0] if hasattr(handle, "lines") else handle  # errorbar or axhline
+        out[label] = to_hex(line.get_color())
+    return out
+
+
+def groups_of(tmp_path, seeds, per_seed=None):
+    """Aggregated groups of vanilla, octave and multi-octave runs, ``seeds[conv]`` seeds each
+    (``per_seed[seed]``: what differs in that seed's metrics)."""
+    per_seed = per_seed or {}
+    for conv, n in seeds.items():
+        for alpha in ((None,) if conv == "vanilla" else (0.25, 0.5)):
+            for seed in range(n):
+                ov = [f"conv={conv}", f"seed={seed}"] + ([f"alpha={alpha}"] if alpha else [])
+                make_run(tmp_path, f"{conv},{alpha}/seed={seed}",
+                         metrics(conv, alpha, seed=seed, acc=70.0 + seed + (alpha or 0) * 10,
+                                 **per_seed.get(seed, {})), ov)
+    return report.aggregate(report.find_runs(str(tmp_path)))
+
+
+def test_each_conv_mode_has_one_colour_in_every_figure(tmp_path):
+    groups = groups_of(tmp_path, {"vanilla": 3, "octave": 3, "multi-octave": 3})
+    figs = report.figures(groups)
+    assert list(figs) == list(report.PLOTS)
+    expected = {conv: to_hex(report.CONV_COLORS[conv]) for conv in ("vanilla", "octave", "multi-octave")}
+    assert expected["vanilla"] == "#000000" and len(set(expected.values())) == 3
+    for name, fig in figs.items():
+        assert legend_colors(fig) == expected, name
+    # The vanilla band (std over seeds) is vanilla's colour too; the order of the groups does
+    # not change any colour.
+    (ax,) = figs[report.PLOTS[0]].axes
+    assert [to_hex(p.get_facecolor()[:3]) for p in ax.patches] == ["#000000"]
+    for fig in report.figures(list(reversed(groups))).values():
+        assert legend_colors(fig) == expected
+    # A conv mode we do not know gets a colour of its own, always the same.
+    assert report.conv_color("other") == report.conv_color("other") not in expected.values()
+
+
+def test_titles_name_the_setup_and_the_error_bars_their_seeds(tmp_path):
+    groups = groups_of(tmp_path / "a", {"vanilla": 3, "octave": 3, "multi-octave": 3})
+    for fig in report.figures(groups).values():
+        (ax,) = fig.axes
+        assert ax.get_title().splitlines()[1] == "data: synthetic; model: seed_cnn; epochs: 2"
+        assert ax.get_legend().get_title().get_text() == "mean ± std over 3 seeds"
+
+    mixed = groups_of(tmp_path / "b", {"vanilla": 2, "octave": 3},
+                      {2: {"dataset": "cifar10", "epochs": 10, "model": "seed_cnn"}})
+    # The third seed of octave is another data set: runs differ, every value is named.
+    for fig in report.figures(mixed).values():
+        (ax,) = fig.axes
+        assert ax.get_title().splitlines()[1] == \
+            "data: cifar10, synthetic; model: seed_cnn; epochs: 2, 10"
+        assert ax.get_legend().get_title().get_text() == "mean ± std over N=2-3 seeds"
+
+    single = groups_of(tmp_path / "c", {"vanilla": 1, "octave": 1})
+    (ax,) = report.figures(single)[report.PLOTS[0]].axes
+    assert ax.get_legend().get_title().get_text() == "1 seed per point (no error bars)"
+    assert "mean ± std" not in ax.get_title()
+
+
+def test_n_counts_the_runs_that_had_the_metric(tmp_path):
+    groups = groups_of(tmp_path, {"octave": 3}, {0: {"train_images_per_second": None}})
+    figs = report.figures(groups)
+    assert figs[report.PLOTS[0]].axes[0].get_legend().get_title().get_text() == \
+        "mean ± std over 3 seeds"
+    assert figs[report.PLOTS[1]].axes[0].get_legend().get_title().get_text() == \
+        "mean ± std over 2 seeds"
+
+
+def test_series_are_split_by_what_else_varies(tmp_path):
+    for opt in ("sgd", "adam"):
+        for conv, alpha in (("vanilla", None), ("octave", 0.25), ("octave", 0.5)):
+            ov = [f"conv={conv}", f"optimizer={opt}", "trainer.epochs=2"] + (
+                [f"alpha={alpha}"] if alpha else [])
+            make_run(tmp_path, f"{opt},{conv},{alpha}/seed=0",
+                     metrics(conv, alpha, optimizer=opt), ov)
+    groups = report.aggregate(report.find_runs(str(tmp_path)))
+    for fig in report.figures(groups).values():
+        colors = legend_colors(fig)
+        assert sorted(colors) == ["octave (optimizer=adam)", "octave (optimizer=sgd)",
+                                  "vanilla (optimizer=adam)", "vanilla (optimizer=sgd)"]
+        assert {c for label, c in colors.items() if label.startswith("octave")} == {
+            to_hex(report.CONV_COLORS["octave"])}
+        (ax,) = fig.axes
+        lines = [h.lines[0] if hasattr(h, "lines") else h for h in ax.get_legend_handles_labels()[0]]
+        assert len({(ln.get_linestyle(), ln.get_marker()) for ln in lines}) == 4
+
+
+def test_plots_are_written_as_png_files(tmp_path):
+    groups_of(tmp_path, {"vanilla": 2, "octave": 2, "multi-octave": 2})
+    report.build_report(str(tmp_path))
+    for name in report.PLOTS:
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp files
+    assert "![accuracy_vs_alpha](accuracy_vs_alpha.png)" in (tmp_path / "summary.md").read_text()
