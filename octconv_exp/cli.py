@@ -146,6 +146,36 @@ def check_output_dir(cfg, multirun):
         what = "is not a directory" if not os.path.isdir(ancestor) else "is not writable"
         fail(f"{key}={target}: cannot create the output dir ({ancestor} {what}); choose "
              f"another with {key}=PATH")
+    problem = path_too_long(target, ancestor, below=(JOB_SUBDIR_ROOM if multirun else 0))
+    if problem:
+        fail(f"{key}: {problem}; choose a shorter one with {key}=PATH")
+
+
+#: The longest path a run writes below its dir (.hydra/attempts/<time>-<pid>/overrides.yaml,
+#: checkpoints/last.pt.<temp suffix>, tensorboard event files), with room to spare.
+FILES_ROOM = 120
+#: What a sweep's job subdir may add (``sweep.config_name`` caps each name at 200 bytes).
+JOB_SUBDIR_ROOM = 200 + len("/seed=") + 20
+
+
+def path_too_long(target, existing_ancestor, below=0):
+    """Why ``target`` cannot hold a run, or None: a name longer than the file system takes,
+    or a path that, with the files a run writes below it, is longer than it allows."""
+    try:
+        name_max = os.pathconf(existing_ancestor, "PC_NAME_MAX")
+        path_max = os.pathconf(existing_ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows): common limits
+        name_max, path_max = 255, 4096
+    for name in target.split(os.sep):
+        if len(os.fsencode(name)) > name_max:
+            return (f"the name {name[:40]}... is {len(os.fsencode(name))} bytes long, and this "
+                    f"file system takes {name_max} at most")
+    need = len(os.fsencode(target)) + below + FILES_ROOM
+    if need > path_max:
+        return (f"the path is {len(os.fsencode(target))} bytes long; with the files a run "
+                f"writes below it ({below + FILES_ROOM} bytes) it would pass this file "
+                f"system's limit of {path_max}")
+    return None
 
 
 #: Overrides whose value is a path: quoted for Hydra when they hold = , or spaces, so that a

@@ -38,6 +38,10 @@ def _name_order(item):
     return (LEADING_KEYS.index(key) if key in LEADING_KEYS else len(LEADING_KEYS), item)
 
 
+#: The longest job name (a folder name in the sweep dir), below the usual 255-byte limit.
+MAX_NAME_BYTES = 200
+
+
 def config_name(overrides, drop=()):
     """The readable name of a job's configuration (its overrides minus noise and ``drop``)."""
     kept, noise = [], []
@@ -54,6 +58,12 @@ def config_name(overrides, drop=()):
     if noise:
         digest = hashlib.sha1("\n".join(sorted(noise)).encode()).hexdigest()[:6]
         name += f",~{digest}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        # A sweep over many keys: past what a file system takes as one name (255 bytes).
+        # Keep the readable start, and a digest of the whole so names stay distinct.
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        head = name.encode()[:MAX_NAME_BYTES - len(digest) - len(",...~")].decode("utf-8", "ignore")
+        name = f"{head},...~{digest}"
     return name
 
 

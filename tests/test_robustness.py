@@ -530,3 +530,26 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
     assert metrics(run_dir)["status"] == "failed"
     if not mounted:
         pytest.skip("no tmpfs mount here (not root): the disk-full half was not run")
+
+
+def test_a_run_dir_path_too_long_is_refused_before_anything_is_written(tmp_path):
+    long_name = tmp_path / ("x" * 300)
+    res = run_cli("dataset=synthetic", f"hydra.run.dir={long_name}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "is 300 bytes long, and this file system takes 255 at most" in res.stderr
+    deep = tmp_path.joinpath(*["d" * 250] * 16)
+    res = run_cli("-m", "dataset=synthetic", f"hydra.sweep.dir={deep}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "limit of 4096" in res.stderr and "hydra.sweep.dir" in res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_job_names_of_a_sweep_over_many_keys_fit_a_file_name():
+    from octconv_exp.sweep import MAX_NAME_BYTES, config_name
+
+    overrides = [f"optimizer.some_rather_long_argument_name_{i}={i / 7:.6f}" for i in range(12)]
+    name = config_name(overrides)
+    assert len(name.encode()) <= MAX_NAME_BYTES and name.startswith("optimizer.some_rather")
+    other = config_name(overrides[:-1] + ["optimizer.some_rather_long_argument_name_11=0"])
+    assert other != name and len(other.encode()) <= MAX_NAME_BYTES
+    assert config_name(["alpha=0.25", "conv=octave"]) == "conv=octave,alpha=0.25"
