@@ -29,7 +29,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 # What must match between a checkpoint and the run that loads it.
-IDENTITY_KEYS = ("conv", "alpha", "expansion", "num_classes")
+IDENTITY_KEYS = ("model", "conv", "alpha", "expansion", "num_classes")
 
 
 def rng_state():
@@ -54,8 +54,10 @@ def set_rng_state(state):
 
 
 def identity(cfg, num_classes):
-    return {"conv": cfg.conv.mode, "alpha": float(cfg.alpha), "expansion": int(cfg.expansion),
-            "num_classes": int(num_classes)}
+    from .model import model_name
+
+    return {"model": model_name(cfg), "conv": cfg.conv.mode, "alpha": float(cfg.alpha),
+            "expansion": int(cfg.expansion), "num_classes": int(num_classes)}
 
 
 def check_identity(saved, cfg, num_classes, path):

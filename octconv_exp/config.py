@@ -21,6 +21,7 @@ from .errors import ConfigError
 CONV_MODES = ("vanilla", "octave", "multi-octave")
 DEVICES = ("auto", "cpu", "cuda", "ipu")
 DATASETS = ("cifar10", "synthetic", "image_folder")
+MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
@@ -55,21 +56,46 @@ class ConvConfig:
 
 @dataclass
 class DatasetConfig:
+    """What every data set takes; each option in conf/dataset/ extends it with its own keys
+    (its schema below), so ``--cfg job`` shows only the keys that apply."""
+
     name: str = MISSING
-    # cifar10: where the torchvision files are (the seed's --data-dir); image_folder: the folder
-    # holding train/<class>/* and test/<class>/*; synthetic: unused. ??? (MISSING): required
-    # on the command line.
-    root: Optional[str] = MISSING
-    download: bool = False
-    # cifar10 only: verify the files' MD5 sums (off only for hand-made CIFAR-format files).
-    verify_checksums: bool = True
-    # synthetic only: sizes and the generator's seed.
-    train_size: int = 10000
-    test_size: int = 2000
+    # Seeds the validation split (and the synthetic generator): the same seed, the same images.
     seed: int = 0
+    # Training images held out for validation: a count (>= 1) or a fraction in [0, 1).
+    val_size: float = 0
+    # CIFAR augmentation (4-pixel pad + random 32x32 crop, horizontal flip) of training batches.
+    augment: bool = False
     # Per-channel normalisation of images scaled to [0, 1]; null: computed from the training set.
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+
+
+@dataclass
+class Cifar10Config(DatasetConfig):
+    root: str = "data"  # the folder holding cifar-10-batches-py/ (the seed's --data-dir)
+    download: bool = True
+    # Verify the files' MD5 sums (off only for hand-made CIFAR-format files).
+    verify_checksums: bool = True
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    train_size: int = 10000
+    test_size: int = 2000
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    # The folder holding train/<class>/* and test/<class>/*; ??? (MISSING): required.
+    root: str = MISSING
+    # Images are resized to image_size x image_size (32: CIFAR-sized).
+    image_size: int = 32
+
+
+#: The schema of each data set option (conf/dataset/<name>.yaml names it in its defaults).
+DATASET_SCHEMAS = {"cifar10": Cifar10Config, "synthetic": SyntheticConfig,
+                   "image_folder": ImageFolderConfig}
 
 
 @dataclass
@@ -84,6 +110,8 @@ class TrainerConfig:
     save_model: bool = True
     # Write checkpoints/last.pt (and best.pt, by training loss) after every epoch.
     checkpoint: bool = True
+    # Label smoothing of the cross-entropy loss (0: none, the seed's loss).
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -129,7 +157,10 @@ class Schema:
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     logger: Any = MISSING
-    dataset: DatasetConfig = MISSING
+    # The model group (conf/model/): _target_, name and the model's own arguments.
+    model: Any = MISSING
+    # A data set option (its schema: DATASET_SCHEMAS) or your own (_target_ + its arguments).
+    dataset: Any = MISSING
     ipu: IpuConfig = MISSING
     speed: SpeedConfig = MISSING
     trainer: TrainerConfig = MISSING
@@ -140,6 +171,8 @@ def register_configs():
 
     cs = ConfigStore.instance()
     cs.store(name="octconv_exp_schema", node=Schema)
+    for name, schema in DATASET_SCHEMAS.items():
+        cs.store(group="dataset", name=f"{name}_schema", node=schema)
     cs.store(group="hydra/sweeper", name="octconv_exp", node={
         "_target_": "hydra_plugins.octconv_exp_sweeper.dedup_sweeper.DedupSweeper",
         "max_batch_size": None, "params": None})
@@ -198,7 +231,8 @@ def validate(cfg: DictConfig, check_environment=True):
     mode = cfg.conv.mode
     if mode not in CONV_MODES:
         raise ConfigError("conv.mode", mode, "expected one of " + ", ".join(CONV_MODES))
-    if mode != "vanilla" and alpha > 0:
+    seed_cnn = cfg.get("model") is None or cfg.model.get("name") == "seed_cnn"
+    if mode != "vanilla" and alpha > 0 and seed_cnn:  # other models: their own check (meta build)
         for channels in channel_splits(cfg.expansion):
             high, low = split_high_low(channels, alpha)
             if high == 0 or low == 0:
@@ -263,8 +297,11 @@ def validate(cfg: DictConfig, check_environment=True):
         raise ConfigError("resume", "true", "continues training: it cannot be combined with "
                           "train=false")
 
+    _validate_model(cfg)
     if check_environment:
         check_model_fits_in_memory(cfg)
+    else:
+        check_model(cfg)
 
     if check_environment and cfg.device == "cuda":
         import torch
@@ -372,6 +409,19 @@ def estimated_training_bytes(cfg):
     return params * 4 * 4
 
 
+def check_model(cfg):
+    """Build the model on the meta device (no memory, no time): a model that refuses its
+    arguments (a ResNet depth, an alpha its layers cannot split, a user model's signature) is
+    a ConfigError naming the model."""
+    from .model import model_name
+
+    try:
+        return estimated_training_bytes(cfg)
+    except ValueError as exc:
+        where = "" if cfg.conv.mode == "vanilla" else f"at conv={cfg.conv.mode} alpha={cfg.alpha}: "
+        raise ConfigError("model", model_name(cfg), where + str(exc)) from None
+
+
 def _available_memory():
     try:
         with open("/proc/meminfo") as f:
@@ -386,7 +436,7 @@ def _available_memory():
 def check_model_fits_in_memory(cfg):
     """Refuse a model whose weights alone cannot fit, before allocating it (the kernel would
     kill the process instead)."""
-    need, have = estimated_training_bytes(cfg), _available_memory()
+    need, have = check_model(cfg), _available_memory()
     if have is not None and need > have:
         raise ConfigError("expansion", cfg.expansion,
                           f"needs at least {need / 2**30:.1f} GiB for weights, gradients and "
@@ -424,21 +474,41 @@ def check_ipu_training(cfg):
 
 
 def _validate_dataset(ds, check_environment):
-    if ds.name not in DATASETS:
-        raise ConfigError("dataset.name", ds.name, "expected one of " + ", ".join(DATASETS))
+    custom = "_target_" in list(ds.keys())
+    if ds.get("name") not in DATASETS and not custom:
+        raise ConfigError("dataset.name", ds.get("name"), "expected one of " + ", ".join(DATASETS)
+                          + " (or dataset=custom dataset._target_=package.module.Class)")
     for key, positive in (("mean", False), ("std", True)):
         values = ds.get(key)
         if values is not None and (len(values) != 3 or not all(
                 _is_number(v) and (v > 0 if positive else True) for v in values)):
             raise ConfigError(f"dataset.{key}", OmegaConf.to_container(values),
                               "must be null or a list of 3 numbers" + (" > 0" if positive else ""))
+    seed = ds.get("seed", 0)
+    _require_int("dataset.seed", seed, 0, "must be an integer >= 0")
+    if seed > MAX_SEED:
+        raise ConfigError("dataset.seed", seed, f"must be an integer in [0, {MAX_SEED}]")
+    val = ds.get("val_size", 0)
+    if not _is_number(val) or val < 0 or (val >= 1 and not float(val).is_integer()):
+        raise ConfigError("dataset.val_size", val, "must be a count of images (an integer >= 1), "
+                          "a fraction in [0, 1), or 0 for no validation split")
+    if not isinstance(ds.get("augment", False), bool):
+        raise ConfigError("dataset.augment", ds.get("augment"), "must be true or false")
+    if custom:
+        if OmegaConf.is_missing(ds, "_target_"):
+            raise ConfigError("dataset._target_", "???", "dataset=custom needs "
+                              "dataset._target_=package.module.Class (README: your own data set)")
+        if check_environment and _import_target(ds._target_) is None:
+            raise ConfigError("dataset._target_", ds._target_, "cannot be imported; name a class "
+                              "as package.module.Class, importable from where run.py starts")
+        return
     if ds.name == "synthetic":
         _require_int("dataset.train_size", ds.train_size, 1, "must be a positive integer")
         _require_int("dataset.test_size", ds.test_size, 1, "must be a positive integer")
-        _require_int("dataset.seed", ds.seed, 0, "must be an integer >= 0")
-        if ds.seed > MAX_SEED:
-            raise ConfigError("dataset.seed", ds.seed, f"must be an integer in [0, {MAX_SEED}]")
         return
+    if ds.name == "image_folder":
+        _require_int("dataset.image_size", ds.get("image_size", 32), 1,
+                     "must be a positive integer (pixels per side)")
     if OmegaConf.is_missing(ds, "root"):
         if not check_environment:
             return  # to be given on the command line; the run itself checks it
@@ -452,6 +522,20 @@ def _validate_dataset(ds, check_environment):
             return  # torchvision creates it and downloads into it
         raise ConfigError("dataset.root", ds.root,
                           f"folder does not exist (looked at {os.path.abspath(ds.root)})")
+
+
+def _validate_model(cfg):
+    node = cfg.get("model")
+    if node is None:
+        return  # a config from before the model group: the seed's CNN
+    if not isinstance(node, DictConfig) or not node.get("_target_"):
+        raise ConfigError("model._target_", None if not isinstance(node, DictConfig)
+                          else node.get("_target_"),
+                          "must name a model class (model=" + "|".join(MODELS)
+                          + ", or model._target_=package.module.Class)")
+    ls = cfg.trainer.get("label_smoothing", 0.0)
+    if not _is_number(ls) or not 0 <= ls < 1:
+        raise ConfigError("trainer.label_smoothing", ls, "must be a number in [0, 1)")
 
 
 def _validate_ipu(cfg):

@@ -53,7 +53,9 @@ class DataBundle:
 
 def load_data(ds_cfg) -> DataBundle:
     """Load the data set a ``dataset`` config node names."""
-    if ds_cfg.name == "synthetic":
+    if "_target_" in list(ds_cfg.keys()):
+        train, test = load_custom(ds_cfg)
+    elif ds_cfg.name == "synthetic":
         train = make_synthetic(ds_cfg.train_size, seed=ds_cfg.seed, split="train")
         test = make_synthetic(ds_cfg.test_size, seed=ds_cfg.seed, split="test")
     elif ds_cfg.name == "cifar10":
@@ -61,8 +63,10 @@ def load_data(ds_cfg) -> DataBundle:
         train = load_cifar10(ds_cfg.root, train=True, **kwargs)
         test = load_cifar10(ds_cfg.root, train=False, **kwargs)
     elif ds_cfg.name == "image_folder":
-        train = load_image_folder(os.path.join(ds_cfg.root, "train"))
-        test = load_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes)
+        size = int(ds_cfg.get("image_size", IMAGE_SIZE))
+        train = load_image_folder(os.path.join(ds_cfg.root, "train"), image_size=size)
+        test = load_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes,
+                                 image_size=size)
     else:  # the config validation rejects this first
         raise ValueError(f"unknown dataset {ds_cfg.name}")
     mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
@@ -154,8 +158,8 @@ def _image_files(class_dir):
     return found
 
 
-def _read_image(path):
-    """One image as a 32x32 RGB uint8 array; a file Pillow cannot read, or one over its
+def _read_image(path, image_size=IMAGE_SIZE):
+    """One image as an image_size x image_size RGB uint8 array; a file Pillow cannot read, or one over its
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), is a :class:`UserError` naming it."""
     import warnings
 
@@ -167,7 +171,7 @@ def _read_image(path):
             # both as what they are, an image far too large to be a training sample.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
                 return np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UserError(f"image {path} is over Pillow's decompression-bomb limit of "
@@ -177,9 +181,9 @@ def _read_image(path):
         raise UserError(f"cannot read image {path}: {exc}") from None
 
 
-def load_image_folder(folder, classes: Optional[List[str]] = None):
+def load_image_folder(folder, classes: Optional[List[str]] = None, image_size=IMAGE_SIZE):
     """Every image under folder/<class>/ (nested folders included), converted to RGB and
-    resized to 32x32, as one tensor.
+    resized to image_size x image_size, as one tensor.
 
     A class folder without images is an error for the training set (a class the model could
     never learn, usually a copy that went wrong); in a test set it is allowed, since a test
@@ -206,7 +210,7 @@ def load_image_folder(folder, classes: Optional[List[str]] = None):
         if not files:
             empty.append(name)
         for path in files:
-            images.append(_read_image(path))
+            images.append(_read_image(path, image_size))
             labels.append(index[name])
     if not images:
         raise UserError(f"image folder {os.path.abspath(folder)} holds no images "
@@ -222,6 +226,100 @@ def load_image_folder(folder, classes: Optional[List[str]] = None):
     stacked = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
     return ImageSet(images=stacked, labels=torch.tensor(labels, dtype=torch.int64),
                     classes=list(classes))
+
+
+# --------------------------------------------------------------------------------------------
+# Your own data set (dataset._target_)
+
+#: Keys of every dataset node that octconv-exp reads itself; the rest are the class's arguments.
+COMMON_DATASET_KEYS = ("_target_", "name", "seed", "val_size", "augment", "mean", "std")
+
+
+def load_custom(ds_cfg):
+    """``dataset._target_``: a class called as torchvision's data sets are,
+    ``Class(**arguments, train=True|False)``, returning a map-style data set of (image, label)
+    pairs, loaded into memory as one uint8 tensor per split."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(ds_cfg, resolve=True)
+    target = str(node["_target_"])
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"dataset._target_={target} cannot be imported ({exc})") from None
+    kwargs = {k: v for k, v in node.items() if k not in COMMON_DATASET_KEYS}
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(**kwargs, train=train)
+        except TypeError as exc:
+            raise UserError(f"dataset._target_={target}: {exc}; it is called as "
+                            f"{name}(**arguments, train=True|False)") from None
+        splits.append(as_image_set(ds, f"{target}(train={train})"))
+    train, test = splits
+    if test.classes != train.classes:
+        test.classes = train.classes
+    return train, test
+
+
+def _as_uint8_chw(image):
+    """A PIL image, an HxWx3 uint8 array or a 3xHxW tensor (uint8, or float in [0, 1]) as a
+    3xHxW uint8 tensor; None for anything else."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+        image = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 3:
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        else:
+            image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        return None
+    if image.dtype == torch.uint8:
+        return image.contiguous()
+    if image.is_floating_point():
+        return (image.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    return None
+
+
+def as_image_set(ds, what):
+    """A map-style data set of (image, label) pairs as an :class:`ImageSet`."""
+    try:
+        n = len(ds)
+    except TypeError:
+        raise UserError(f"{what} has no len(): a map-style data set is needed") from None
+    if n == 0:
+        raise UserError(f"{what} is empty")
+    images, labels, shape = [], [], None
+    for i in range(n):
+        item = ds[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise UserError(f"{what}[{i}] is not an (image, label) pair")
+        image, label = _as_uint8_chw(item[0]), item[1]
+        if image is None:
+            raise UserError(f"{what}[{i}]: the image is a {type(item[0]).__name__}; expected a "
+                            "PIL image, an HxWx3 uint8 array or a 3xHxW tensor")
+        if shape is None:
+            shape = tuple(image.shape)
+        elif tuple(image.shape) != shape:
+            raise UserError(f"{what}[{i}] is {tuple(image.shape)} and [0] is {shape}: every "
+                            "image must have the same size")
+        try:
+            labels.append(int(label))
+        except (TypeError, ValueError):
+            raise UserError(f"{what}[{i}]: the label {label!r} is not an integer") from None
+        images.append(image)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if labels.min() < 0:
+        raise UserError(f"{what}: labels must be >= 0, found {int(labels.min())}")
+    classes = getattr(ds, "classes", None)
+    if not classes:
+        classes = [str(c) for c in range(int(labels.max()) + 1)]
+    if int(labels.max()) >= len(classes):
+        raise UserError(f"{what}: label {int(labels.max())} and only {len(classes)} classes")
+    return ImageSet(images=torch.stack(images), labels=labels, classes=[str(c) for c in classes])
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,8 +139,12 @@ class ClassificationModel(nn.Module):
     :class:`FusedOctConv2d` elsewhere).
     """
 
+    #: The input size the classifier is built for (three 2x2 max-pools down to 4x4).
+    input_size = 32
+
     def __init__(self, conv_mode="vanilla", alpha=0.5, expansion=1, num_classes=10,
-                 parallel_scope: Optional[Callable[[nn.Module], ContextManager]] = None):
+                 parallel_scope: Optional[Callable[[nn.Module], ContextManager]] = None,
+                 label_smoothing=0.0):
         super().__init__()
         if not isinstance(expansion, int) or expansion < 1:
             raise ValueError(f"expansion must be a positive integer, got {expansion!r}")
@@ -166,7 +170,10 @@ class ClassificationModel(nn.Module):
             raise ValueError(f"conv_mode must be vanilla, octave or multi-octave, got {conv_mode!r}")
         self.fc = nn.Linear(c * 4 * 4, num_classes)
         self.log_softmax = nn.LogSoftmax(dim=1)
-        self.loss = nn.NLLLoss()
+        # The seed's NLLLoss; with label smoothing the same cross-entropy (log_softmax of
+        # log-probabilities is the identity), smoothed. Neither has parameters.
+        self.loss = (nn.NLLLoss() if not label_smoothing
+                     else nn.CrossEntropyLoss(label_smoothing=float(label_smoothing)))
 
     def forward(self, x, labels=None):
         out = self.convlayers(x)
@@ -186,11 +193,148 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
+class WithLoss(nn.Module):
+    """A plain classifier (``forward(x)`` returns logits) with its loss computed inside
+    ``forward(x, labels)``, as PopTorch requires and every backend's loop expects:
+    ``(logits, cross-entropy)``, or the logits alone without labels."""
+
+    def __init__(self, net, label_smoothing=0.0):
+        super().__init__()
+        self.net = net
+        self.loss = nn.CrossEntropyLoss(label_smoothing=float(label_smoothing))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        if labels is None:
+            return out
+        return out, self.loss(out, labels)
+
+
+#: What build_model offers a model's constructor, each when the constructor takes it.
+OFFERED_ARGUMENTS = ("conv_mode", "alpha", "num_classes", "expansion", "parallel_scope",
+                     "label_smoothing")
+SEED_MODEL = {"_target_": "octconv_exp.model.ClassificationModel", "name": "seed_cnn"}
+
+
+def model_node(cfg):
+    """The ``model`` config node as a plain dict (the seed's CNN for configs from before the
+    model group existed)."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("model") if hasattr(cfg, "get") else None
+    if node is None:
+        return dict(SEED_MODEL)
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+
+
+def model_class(node):
+    """The class (or factory) ``model._target_`` names; ValueError naming it if it cannot be
+    imported."""
+    import importlib
+
+    target = node.get("_target_")
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"model._target_={target} cannot be imported ({exc}); name a class "
+                         "as package.module.Class, importable from where run.py starts") from None
+
+
+def model_name(cfg):
+    """The model as summaries name it: ``seed_cnn``, ``resnet_cifar-20``, ``resnet_imagenet-50``
+    (with ``-w2`` for width 2), or the name/class a user model gives."""
+    node = model_node(cfg)
+    name = str(node.get("name") or str(node.get("_target_")).rpartition(".")[2])
+    if "depth" in node:
+        name += f"-{node['depth']}"
+    if node.get("width", 1) not in (1, None):
+        name += f"-w{node['width']}"
+    return name
+
+
+def _takes_labels(model):
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 def build_model(cfg, num_classes=10, parallel_scope=None):
-    """The model a composed config describes (``parallel_scope``: the IPU backend's MultiConv)."""
-    return ClassificationModel(conv_mode=cfg.conv.mode, alpha=float(cfg.alpha),
-                               expansion=int(cfg.expansion), num_classes=num_classes,
-                               parallel_scope=parallel_scope)
+    """The model a composed config describes (``parallel_scope``: the IPU backend's MultiConv).
+
+    ``model._target_`` is called with the model node's own arguments (depth, width, ...) and,
+    among conv_mode, alpha, num_classes, expansion, parallel_scope and label_smoothing, those
+    its signature takes. A model whose ``forward`` takes only ``x`` is a plain classifier
+    returning logits: it is wrapped in :class:`WithLoss`. A model that cannot take conv_mode
+    is refused for an octave conv mode (it would silently train vanilla)."""
+    import inspect
+
+    node = model_node(cfg)
+    cls = model_class(node)
+    kwargs = {k: v for k, v in node.items() if k not in ("_target_", "name")}
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    offered = {"conv_mode": cfg.conv.mode, "alpha": float(cfg.alpha), "num_classes": num_classes,
+               "expansion": int(cfg.expansion), "parallel_scope": parallel_scope,
+               "label_smoothing": float((trainer or {}).get("label_smoothing", 0.0) or 0.0)}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    any_keyword = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for key, value in offered.items():
+        if key in kwargs:
+            continue
+        if key in params or any_keyword:
+            if key == "parallel_scope" and value is None and key not in params:
+                continue
+            kwargs[key] = value
+        elif key == "conv_mode" and value != "vanilla":
+            raise ValueError(f"model {node.get('_target_')} takes no conv_mode argument, so it "
+                             f"cannot be built with conv={value}; give its constructor "
+                             "conv_mode (and alpha), or use conv=vanilla")
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {node.get('_target_')}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model._target_={node.get('_target_')} returned a "
+                         f"{type(model).__name__}, not a torch.nn.Module")
+    if not _takes_labels(model):
+        model = WithLoss(model, label_smoothing=offered["label_smoothing"])
+    return model
+
+
+def check_input_size(model, image_shape):
+    """Refuse an input size the model cannot take, in one line, before training starts."""
+    net = model.net if isinstance(model, WithLoss) else model
+    fixed = getattr(net, "input_size", None)
+    if fixed is not None and tuple(image_shape[-2:]) != (fixed, fixed):
+        raise ValueError(f"takes {fixed}x{fixed} images only (its classifier is sized for them), "
+                         f"and the data set has {image_shape[-2]}x{image_shape[-1]}; use "
+                         "dataset.image_size=32, or model=resnet_cifar / resnet_imagenet, which "
+                         "take any size")
+    smallest = getattr(net, "min_input_size", None)
+    if smallest is not None and min(image_shape[-2:]) < smallest:
+        raise ValueError(f"needs inputs of at least {smallest}x{smallest} in this conv mode, "
+                         f"and the data set has {image_shape[-2]}x{image_shape[-1]}")
+
+
+def theoretical_ratio(model, cfg, image_shape, num_classes):
+    """The model's FLOPs relative to vanilla if channels split exactly by alpha: the seed CNN's
+    formula, a model's ``conv_specs`` (the ResNets), else None (a model we cannot read)."""
+    net = model.net if isinstance(model, WithLoss) else model
+    if isinstance(net, ClassificationModel):
+        return theoretical_flops_ratio(cfg.conv.mode, float(cfg.alpha), int(cfg.expansion),
+                                       num_classes)
+    if hasattr(net, "conv_specs"):
+        from .resnet import theoretical_flops_ratio as from_specs
+
+        return from_specs(net.conv_specs(tuple(image_shape[-2:])))
+    return None
 
 
 class FlopCounter(TorchFunctionMode):

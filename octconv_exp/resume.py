@@ -24,10 +24,11 @@ MAY_CHANGE_ON_RESUME = ("trainer.epochs", "trainer.progress_bar", "trainer.save_
 #: Always this command's own, whatever the checkpoint says.
 THIS_COMMAND = ("resume", "ckpt_path", "train", "profile_dir")
 #: Group nodes whose saved option is taken whole (their keys differ from option to option).
-WHOLE_NODES = ("optimizer", "scheduler", "dataset", "logger")
+WHOLE_NODES = ("optimizer", "scheduler", "dataset", "logger", "model")
 #: What train=false takes from the checkpoint unless the command line sets it.
-FROM_CHECKPOINT_ON_EVALUATION = ("conv", "alpha", "expansion", "dataset", "seed", "optimizer",
-                                 "scheduler", "trainer.epochs", "trainer.batch_size")
+FROM_CHECKPOINT_ON_EVALUATION = ("model", "conv", "alpha", "expansion", "dataset", "seed",
+                                 "optimizer", "scheduler", "trainer.epochs",
+                                 "trainer.batch_size", "trainer.label_smoothing")
 
 
 def explicit_keys(overrides):

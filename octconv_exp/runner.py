@@ -24,7 +24,8 @@ from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
 from .loop import (EpochProgress, EpochStats, Interrupted, evaluate, send_test_signal,
                    train_epoch)
-from .model import build_model, count_flops_per_image, count_parameters, theoretical_flops_ratio
+from .model import (build_model, check_input_size, count_flops_per_image, count_parameters,
+                    model_name, theoretical_ratio)
 
 log = logging.getLogger("octconv_exp")
 
@@ -41,17 +42,17 @@ def build_scheduler(sched_cfg, optimizer):
 FLOPS_KEYS = ("flops_per_image", "flops_ratio", "flops_ratio_theoretical")
 
 
-def flops_summary(cfg, num_classes):
-    """Counted FLOPs per image, their ratio to the vanilla model of the same expansion, and
-    the ratio the channel split would give in theory. Counted on CPU models built for the
-    purpose, so every backend reports the same numbers."""
+def flops_summary(cfg, num_classes, image_shape=(3, 32, 32)):
+    """Counted FLOPs per image, their ratio to the vanilla model of the same config, and the
+    ratio the channel split would give in theory (None for a model whose layers we cannot
+    read). Counted on CPU models built for the purpose, so every backend reports the same."""
     model = build_model(cfg, num_classes=num_classes)
-    flops = count_flops_per_image(model)
+    flops = count_flops_per_image(model, tuple(image_shape))
     vanilla_cfg = OmegaConf.merge(cfg, {"conv": {"mode": "vanilla"}})
-    vanilla = count_flops_per_image(build_model(vanilla_cfg, num_classes=num_classes))
-    return {"flops_per_image": flops, "flops_ratio": flops / vanilla,
-            "flops_ratio_theoretical": theoretical_flops_ratio(cfg.conv.mode, float(cfg.alpha),
-                                                               int(cfg.expansion), num_classes)}
+    vanilla = count_flops_per_image(build_model(vanilla_cfg, num_classes=num_classes),
+                                    tuple(image_shape))
+    return {"flops_per_image": flops, "flops_ratio": flops / vanilla if vanilla else None,
+            "flops_ratio_theoretical": theoretical_ratio(model, cfg, image_shape, num_classes)}
 
 
 def set_threads(threads):
@@ -96,6 +97,7 @@ class Run:
         self.status = "running"
         self.error = None
         self.flops = None
+        self.image_size = None
         self.torch_threads = None
         self.checkpoint = None
         self.resumed = False  # a resume restored its checkpoint (from then on, it may write)
@@ -108,13 +110,15 @@ class Run:
         train_seconds = sum(e.train_seconds for e in self.epochs)
         m = {
             "status": self.status,
+            "model": model_name(cfg),
             "conv": cfg.conv.mode,
             "alpha": cfg.alpha,
             "expansion": cfg.expansion,
             "optimizer": cfg.optimizer.get("name"),
             "lr": cfg.optimizer.get("lr"),
             "scheduler": cfg.scheduler.get("name"),
-            "dataset": cfg.dataset.name,
+            "dataset": cfg.dataset.get("name"),
+            "image_size": self.image_size,
             "device": self.device,
             "seed": cfg.seed,
             "epochs": cfg.trainer.epochs,
@@ -245,14 +249,21 @@ def _run(s, resume_from, evaluate_from):
              cfg.dataset.name, len(s.data.train), len(s.data.test), s.num_classes,
              time.perf_counter() - t0)
     check_batches(cfg, len(s.data.train))
+    image_shape = tuple(s.data.train.images.shape[1:])
+    run.image_size = list(image_shape[1:])
     s.model = backend.build_model(num_classes=s.num_classes)
+    try:
+        check_input_size(s.model, image_shape)
+    except ValueError as exc:
+        raise UserError(f"model={model_name(cfg)} {exc}") from None
     run.params = count_parameters(s.model)
-    run.flops = flops_summary(cfg, s.num_classes)
-    log.info("Model: conv=%s alpha=%s expansion=%d, %d parameters, %.2f MFLOPs per image "
-             "(%.3f of vanilla; %.3f in theory); device %s, %d threads", cfg.conv.mode,
-             cfg.alpha, cfg.expansion, run.params, run.flops["flops_per_image"] / 1e6,
-             run.flops["flops_ratio"], run.flops["flops_ratio_theoretical"], s.device,
-             run.torch_threads)
+    run.flops = flops_summary(cfg, s.num_classes, image_shape)
+    theory = run.flops["flops_ratio_theoretical"]
+    log.info("Model: %s conv=%s alpha=%s, %d parameters, %.2f MFLOPs per %dx%d image "
+             "(%.3f of vanilla; %s in theory); device %s, %d threads", model_name(cfg),
+             cfg.conv.mode, cfg.alpha, run.params, run.flops["flops_per_image"] / 1e6,
+             image_shape[1], image_shape[2], run.flops["flops_ratio"],
+             "n/a" if theory is None else f"{theory:.3f}", s.device, run.torch_threads)
     send_test_signal("start-up")
     if not cfg.train:
         return evaluate_only(s, evaluate_from)

@@ -11,7 +11,8 @@ from octconv_exp.config import ConfigError, validate
 from octconv_exp.errors import USER_ERROR_EXIT
 
 CONF = os.path.join(REPO, "conf")
-GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
+GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu", "model")
+USER_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_code")
 
 
 def options(group):
@@ -48,11 +49,13 @@ def test_every_group_option_composes_and_validates(composer, group, tmp_path):
         extra = [f"dataset.root={tmp_path}"] if (group, option) == ("dataset", "image_folder") else []
         if (group, option) == ("optimizer", "lamb"):
             extra.append("device=ipu")  # LAMB exists only in poptorch.optim
+        if (group, option) == ("dataset", "custom"):
+            extra.append("dataset._target_=my_research.Stripes")
         cfg = composer(f"{group}={option}", *extra)
         validate(cfg, check_environment=False)
         if group == "conv":
             assert cfg.conv.mode == option
-        if group in ("optimizer", "scheduler", "dataset"):
+        if group in ("optimizer", "scheduler", "dataset", "model"):
             assert cfg[group].name == option
 
 
