@@ -236,6 +236,12 @@ def preflight(argv):
         args, overrides = _split_args(argv)
     except SystemExit:
         return argv  # argparse already said what is wrong
+    modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun),
+                                   ("--cfg", args.cfg), ("--info", args.info),
+                                   ("--shell-completion", args.shell_completion)) if on]
+    if len(modes) > 1:  # Hydra raises a ValueError with a traceback for this
+        fail(f"{' and '.join(modes)} cannot be combined: give one of --run, --multirun, --cfg, "
+             "--info and --shell-completion")
     if args.help or args.hydra_help or args.info or args.shell_completion or args.run:
         return argv
     flags = argv[:len(argv) - len(overrides)] if overrides else list(argv)

@@ -234,3 +234,45 @@ def test_image_folders_of_any_size_for_resnets_and_not_for_the_seed_model(tmp_pa
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "model=seed_cnn takes 32x32 images only" in res.stderr
     assert metrics(tmp_path / "s")["status"] == "failed"
+
+
+@pytest.mark.parametrize("preset, depth", [("resnet20_cifar10", 20), ("resnet56_cifar10", 56),
+                                           ("resnet20_octave", 20), ("resnet56_octave", 56)])
+def test_recipes_are_he_et_al_s(preset, depth):
+    from octconv_exp.config import validate
+
+    cfg = compose(f"experiment={preset}")
+    validate(cfg, check_environment=False)
+    assert (cfg.model.name, cfg.model.depth, cfg.dataset.name, cfg.dataset.augment) == (
+        "resnet_cifar", depth, "cifar10", True)
+    o, t = cfg.optimizer, cfg.trainer
+    assert (o.name, o.lr, o.momentum, o.weight_decay, t.batch_size) == ("sgd", 0.1, 0.9, 1e-4, 128)
+    # /10 at 50% and 75% of 164 epochs (He et al.'s 32k and 48k of 64k iterations)
+    assert list(cfg.scheduler.milestones) == [82, 123] and t.epochs == 164
+
+
+def test_warmup_multistep_schedule_and_its_exact_resume():
+    from octconv_exp.schedules import WarmupMultiStepLR
+
+    def run(epochs, state=None):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        sched = WarmupMultiStepLR(opt, milestones=[4, 6], gamma=0.1, warmup_epochs=2,
+                                  warmup_factor=0.2)
+        if state is not None:  # as the runner restores a checkpoint
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return lrs, (opt.state_dict(), sched.state_dict())
+
+    lrs, _ = run(8)
+    assert lrs == pytest.approx([0.02, 0.06, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    first, state = run(3)
+    rest, _ = run(5, state)
+    assert first + rest == pytest.approx(lrs)
+    with pytest.raises(ValueError, match="milestones must be increasing"):
+        WarmupMultiStepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                          milestones=[6, 4])
