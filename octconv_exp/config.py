@@ -25,7 +25,7 @@ MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
-SCHEDULERS = ("none", "cosine", "step")
+SCHEDULERS = ("none", "cosine", "step", "multistep")
 LOGGERS = ("csv", "tensorboard")
 MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
 PARTIALS_TYPES = ("float", "half")
@@ -433,15 +433,37 @@ def _available_memory():
     return None
 
 
+def _free_gpu_memory(device):
+    """Free memory of the CUDA device a run will use (None when it will not use one)."""
+    import torch
+
+    if device not in ("cuda", "auto") or not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.mem_get_info()[0]
+    except (RuntimeError, AssertionError):
+        return None
+
+
 def check_model_fits_in_memory(cfg):
-    """Refuse a model whose weights alone cannot fit, before allocating it (the kernel would
-    kill the process instead)."""
+    """Refuse a model whose weights alone cannot fit, before allocating it: in host memory
+    (the kernel would kill the process instead) and, on CUDA, in the GPU's free memory (torch
+    would fail with an out-of-memory traceback mid-run)."""
     need, have = check_model(cfg), _available_memory()
+    what = "expansion" if (cfg.get("model") is None or cfg.model.get("name") == "seed_cnn") \
+        else "model"
+    shown = cfg.expansion if what == "expansion" else cfg.model.get("name")
     if have is not None and need > have:
-        raise ConfigError("expansion", cfg.expansion,
+        raise ConfigError(what, shown,
                           f"needs at least {need / 2**30:.1f} GiB for weights, gradients and "
                           f"optimizer state, and {have / 2**30:.1f} GiB is available; use a "
-                          "smaller expansion")
+                          f"smaller {what}")
+    gpu = _free_gpu_memory(cfg.device)
+    if gpu is not None and need > gpu:
+        raise ConfigError(what, shown,
+                          f"needs at least {need / 2**30:.1f} GiB of GPU memory for weights, "
+                          f"gradients and optimizer state, and the GPU has {gpu / 2**30:.1f} GiB "
+                          f"free; use a smaller {what}, or device=cpu")
 
 
 def check_optimizer_for_device(name):
