@@ -6,7 +6,9 @@ when a run was interrupted inside an epoch, how far it got (steps and running su
 a resumed run sees the same batches in the same order as an uninterrupted one.
 
 Files (atomic writes): ``<run dir>/checkpoints/last.pt`` after every epoch (and on
-interruption), ``best.pt`` when the monitored metric improves.
+interruption), ``best.pt`` when the monitored metric improves: the validation accuracy when
+the run has a validation split (``dataset.val_size``), else the training loss. Both hold the
+monitor's name (``monitor``) and its best value so far (``best``).
 
 Everything in them is a tensor or a plain Python value (the NumPy RNG state is stored as a
 tensor and numbers), so they load with ``torch.load(..., weights_only=True)`` on every torch
@@ -131,8 +133,18 @@ def _way_back(path):
     return ""
 
 
+def monitor_for(cfg):
+    """What best.pt follows: ``val_accuracy`` when the run holds out a validation split
+    (dataset.val_size > 0), else ``train_loss``."""
+    try:
+        return "val_accuracy" if float(cfg.dataset.get("val_size", 0) or 0) > 0 else "train_loss"
+    except (TypeError, ValueError, AttributeError):  # a config that failed validation
+        return "train_loss"
+
+
 class Checkpointer:
-    """Writes last.pt (and best.pt) into the run dir."""
+    """Writes last.pt (and best.pt) into the run dir. ``monitor``: the metric best.pt follows
+    (higher is better for accuracies, lower for losses; a tie is no improvement)."""
 
     def __init__(self, output_dir, monitor="train_loss"):
         self.dir = os.path.join(output_dir, CHECKPOINT_DIR)
@@ -160,4 +172,6 @@ class Checkpointer:
     def _improves(self, metric):
         if self.best is None:
             return True
-        return metric > self.best if self.monitor == "test_accuracy" else metric < self.best
+        from .loop import HIGHER_IS_BETTER
+
+        return metric > self.best if self.monitor in HIGHER_IS_BETTER else metric < self.best

@@ -221,6 +221,55 @@ def keep_the_record(overrides):
     return overrides
 
 
+#: Group choices preflight took from a run's record, which are not the command's own choices
+#: (resume and evaluation take those from the checkpoint): read by ``resume.explicit_keys``.
+RECORDED_GROUPS_ENV = "OCTCONV_EXP_RECORDED_GROUPS"
+RECORD_GROUPS = ("model", "conv", "dataset", "optimizer", "scheduler", "logger", "ipu",
+                 "experiment")
+
+
+def with_recorded_groups(overrides):
+    """resume=true / train=false of one run: compose with the group options the run was made
+    with (its .hydra/overrides.yaml), unless the command chooses them, so that a key of its
+    data set or model (``dataset.train_size`` of a synthetic run) composes; the checkpoint's
+    config still decides the values (:mod:`.resume`)."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    os.environ.pop(RECORDED_GROUPS_ENV, None)
+    if not (_sets(overrides, "resume", True) or _sets(overrides, "train", False)):
+        return overrides
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - the composition below reports it in one line
+        return overrides
+    given = {ov.key_or_group: ov for ov in parsed}
+    where = None
+    if "ckpt_path" in given and given["ckpt_path"].value() is not None:
+        where = str(given["ckpt_path"].value())
+        if not os.path.isdir(where):
+            where = os.path.dirname(os.path.abspath(where))
+            if os.path.basename(where) == "checkpoints":
+                where = os.path.dirname(where)
+    elif "hydra.run.dir" in given:
+        where = str(given["hydra.run.dir"].value())
+    record = os.path.join(where, ".hydra", "overrides.yaml") if where else None
+    if record is None or not os.path.isfile(record):
+        return overrides
+    try:
+        with open(record) as f:
+            recorded = [str(o) for o in (yaml.safe_load(f) or [])]
+        taken = [ov.input_line for ov in parser.parse_overrides(recorded)
+                 if ov.key_or_group in RECORD_GROUPS and ov.key_or_group not in given
+                 and ov.package is None and not ov.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - an unreadable record: compose from the command alone
+        return overrides
+    if taken:
+        os.environ[RECORDED_GROUPS_ENV] = "\n".join(taken)
+    return taken + list(overrides)
+
+
 def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
     argv Hydra should see (path values quoted, attempt files kept apart)."""
@@ -249,6 +298,8 @@ def preflight(argv):
         overrides = quote_paths(overrides, args.multirun)
         if args.cfg is None:
             overrides = keep_the_record(overrides)
+        if not args.multirun:
+            overrides = with_recorded_groups(overrides)
         argv = flags + overrides
     config_dir = os.path.abspath(args.config_dir) if args.config_dir else CONFIG_DIR
     config_name = args.config_name or CONFIG_NAME

@@ -99,6 +99,13 @@ DATASET_SCHEMAS = {"cifar10": Cifar10Config, "synthetic": SyntheticConfig,
 
 
 @dataclass
+class EarlyStoppingConfig:
+    # Stop when the validation accuracy has not improved for this many epochs (an integer
+    # >= 1; needs dataset.val_size > 0); null: train every epoch.
+    patience: Optional[int] = None
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -108,10 +115,12 @@ class TrainerConfig:
     progress_bar: bool = True
     # Write the trained weights (model.pt) into the run dir.
     save_model: bool = True
-    # Write checkpoints/last.pt (and best.pt, by training loss) after every epoch.
+    # Write checkpoints/last.pt after every epoch, and best.pt for the best epoch (by validation
+    # accuracy with dataset.val_size > 0, else by training loss).
     checkpoint: bool = True
     # Label smoothing of the cross-entropy loss (0: none, the seed's loss).
     label_smoothing: float = 0.0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -283,6 +292,7 @@ def validate(cfg: DictConfig, check_environment=True):
                               "or device=auto on a GPU machine")
 
     _validate_dataset(cfg.dataset, check_environment)
+    _validate_early_stopping(cfg)
     _validate_ipu(cfg)
     _validate_multi_conv(cfg.conv.multi_conv)
 
@@ -518,6 +528,8 @@ def _validate_dataset(ds, check_environment):
         raise ConfigError("dataset.augment", ds.get("augment"), "must be true or false")
     if custom:
         if OmegaConf.is_missing(ds, "_target_"):
+            if not check_environment:
+                return  # to be given on the command line, as image_folder's root
             raise ConfigError("dataset._target_", "???", "dataset=custom needs "
                               "dataset._target_=package.module.Class (README: your own data set)")
         if check_environment and _import_target(ds._target_) is None:
@@ -544,6 +556,20 @@ def _validate_dataset(ds, check_environment):
             return  # torchvision creates it and downloads into it
         raise ConfigError("dataset.root", ds.root,
                           f"folder does not exist (looked at {os.path.abspath(ds.root)})")
+
+
+def _validate_early_stopping(cfg):
+    """trainer.early_stopping.patience: null, or an integer >= 1 with a validation split."""
+    patience = OmegaConf.select(cfg, "trainer.early_stopping.patience", default=None)
+    if patience is None:
+        return
+    _require_int("trainer.early_stopping.patience", patience, 1,
+                 "must be null (off) or an integer >= 1")
+    if not (cfg.dataset.get("val_size", 0) or 0) > 0:
+        raise ConfigError("trainer.early_stopping.patience", patience,
+                          "stops on the validation accuracy and needs a validation split: set "
+                          "dataset.val_size (a count or a fraction of the training images), "
+                          "or trainer.early_stopping.patience=null")
 
 
 def _validate_model(cfg):

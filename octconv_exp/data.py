@@ -4,7 +4,9 @@ Every data set becomes an :class:`ImageSet`: ``images`` (N, 3, 32, 32) uint8 and
 int64. Nothing happens per sample in Python at training time: :class:`BatchLoader` indexes a
 shuffled batch out of the tensor and normalises the whole batch at once, on the training
 device (the airbench approach). The seed's ``ToTensor() + Normalize(mean, std)`` is exactly
-``(uint8 / 255 - mean) / std``, which is what the loader computes.
+``(uint8 / 255 - mean) / std``, which is what the loader computes. ``dataset.augment`` pads,
+crops and flips whole batches there too (:func:`augment_batch`); ``dataset.val_size`` holds
+training images out for validation (:func:`split_validation`) before the statistics.
 """
 import os
 import pickle
@@ -41,10 +43,11 @@ class ImageSet:
 
 @dataclass
 class DataBundle:
-    train: ImageSet
+    train: ImageSet  # what the model trains on: without the validation images, if any
     test: ImageSet
     mean: Sequence[float]
     std: Sequence[float]
+    val: Optional[ImageSet] = None  # dataset.val_size images held out of the training set
 
     @property
     def num_classes(self):
@@ -69,13 +72,58 @@ def load_data(ds_cfg) -> DataBundle:
                                  image_size=size)
     else:  # the config validation rejects this first
         raise ValueError(f"unknown dataset {ds_cfg.name}")
+    # Held out before the statistics: they describe the images the model trains on.
+    train, val = split_validation(train, ds_cfg.get("val_size", 0) or 0, ds_cfg.get("seed", 0))
     mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
     if mean is None or std is None:
         stats = train.channel_stats()
         mean = stats[0] if mean is None else mean
         std = stats[1] if std is None else std
     return DataBundle(train=train, test=test, mean=tuple(float(m) for m in mean),
-                      std=tuple(float(s) for s in std))
+                      std=tuple(float(s) for s in std), val=val)
+
+
+def derived_seed(*parts):
+    """A 63-bit seed for a torch.Generator from integers (a seed, an epoch, a batch, ...):
+    distinct tuples give unrelated streams, and no arithmetic on large seeds can overflow."""
+    import hashlib
+
+    text = ":".join(str(int(p)) if not isinstance(p, str) else p for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def validation_count(val_size, n):
+    """How many of ``n`` training images ``dataset.val_size`` holds out: a count (>= 1), or a
+    fraction of ``n`` in (0, 1) rounded to the nearest image (at least one); 0: none."""
+    if not val_size:
+        return 0
+    if val_size >= 1:
+        return int(val_size)
+    return max(1, int(round(float(val_size) * n)))
+
+
+def split_validation(train: ImageSet, val_size, seed):
+    """``(rest, val)``: ``dataset.val_size`` images of ``train`` held out for validation
+    (``val`` is None for 0), chosen by a generator of their own seeded from ``seed``
+    (dataset.seed) alone, so the same seed holds out the same images whatever the run's seed.
+    Not stratified. Both parts keep the images in their original order."""
+    n = len(train)
+    k = validation_count(val_size, n)
+    if k == 0:
+        return train, None
+    if k >= n:
+        shown = int(val_size) if float(val_size).is_integer() else val_size
+        raise UserError(f"dataset.val_size={shown} holds out {k} of the {n} training images "
+                        "and leaves none to train on; lower dataset.val_size")
+    gen = torch.Generator().manual_seed(derived_seed("validation", seed))
+    order = torch.randperm(n, generator=gen)
+    held, rest = order[:k].sort().values, order[k:].sort().values
+
+    def part(index):
+        return ImageSet(images=train.images[index], labels=train.labels[index],
+                        classes=list(train.classes))
+
+    return part(rest), part(held)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,15 +460,54 @@ class Normalise:
         return torch.addcmul(self.shift, images_uint8.to(torch.float32), self.scale)
 
 
+#: The CIFAR augmentation's padding (pixels on each side before the random crop).
+AUGMENT_PADDING = 4
+
+
+def augment_batch(images, generator, padding=AUGMENT_PADDING):
+    """The standard CIFAR augmentation of a whole batch of normalised images, with tensor ops
+    only: each image padded by ``padding`` pixels of 0 on every side, cropped back to its
+    H x W at a random offset, and flipped left-right with probability 1/2.
+
+    The padding is 0 *after* normalisation, i.e. the data set's mean colour, where
+    torchvision's ``RandomCrop(padding=4)`` on unnormalised images pads black: a detail of
+    the border, the same on every backend. The offsets and flips are drawn from
+    ``generator`` (a CPU generator), so a batch's augmentation depends on the generator's
+    seed alone, not on the device or on anything drawn before it."""
+    b, _, h, w = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+    flips = torch.rand(b, generator=generator) < 0.5
+    rows = offsets[0].view(b, 1) + torch.arange(h)  # rows of the padded image, per image
+    cols = offsets[1].view(b, 1) + torch.arange(w)
+    cols = torch.where(flips.view(b, 1), cols.flip(1), cols)  # a flip reads the crop backwards
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    # One gather: (b, 1, 1), (b, h, 1), (b, 1, w) around the channel slice -> (b, h, w, c).
+    out = padded[torch.arange(b, device=device).view(b, 1, 1), :,
+                 rows.to(device).view(b, h, 1), cols.to(device).view(b, 1, w)]
+    return out.permute(0, 3, 1, 2)
+
+
+def augmentation_generator(seed, epoch, batch):
+    """The generator of one training batch's augmentation: from (seed, epoch, batch index)
+    alone, so a resumed run that skips the batches already done augments the rest exactly
+    as an uninterrupted run did."""
+    return torch.Generator().manual_seed(derived_seed("augment", seed, epoch, batch))
+
+
 class BatchLoader:
     """Shuffled batches of an :class:`ImageSet`, normalised as whole batches on ``device``.
 
     The uint8 images are moved to the device once; each batch is one index operation and one
-    fused normalisation, so the loader costs a small fraction of a training step.
+    fused normalisation, so the loader costs a small fraction of a training step. With
+    ``augment``, each batch is then augmented on the device (:func:`augment_batch`) with
+    the randomness of :func:`augmentation_generator` (``augment_seed``, the pass number,
+    the batch index).
     """
 
     def __init__(self, data: ImageSet, batch_size, mean, std, shuffle=False, drop_last=False,
-                 device="cpu", seed=0, memory_format=torch.contiguous_format):
+                 device="cpu", seed=0, memory_format=torch.contiguous_format, augment=False,
+                 augment_seed=0):
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
@@ -430,6 +517,9 @@ class BatchLoader:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.normalise = Normalise(mean, std, device=self.device)
         self.memory_format = memory_format
+        self.augment = bool(augment)
+        self.augment_seed = int(augment_seed)
+        self.epoch = 1  # the number of the next pass (the training loader: the epoch)
         self.epoch_start_state = self.generator.get_state()
         self.skip = 0  # batches the next pass leaves out (resuming inside an epoch)
 
@@ -443,26 +533,29 @@ class BatchLoader:
 
     def state_dict(self, inside_pass=False):
         """Where the shuffling stands: the generator state the next pass starts from (or, with
-        ``inside_pass``, the one the current pass started from)."""
+        ``inside_pass``, the one the current pass started from), and that pass's number."""
         state = self.epoch_start_state if inside_pass else self.generator.get_state()
-        return {"generator": state.clone()}
+        return {"generator": state.clone(), "epoch": self.epoch - 1 if inside_pass else self.epoch}
 
-    def resume_pass(self, generator_state, skip):
+    def resume_pass(self, generator_state, skip, epoch=None):
         """Make the next pass the one that started from ``generator_state``, minus its first
-        ``skip`` batches."""
+        ``skip`` batches (and, given ``epoch``, number it so: its augmentation follows)."""
         self.generator.set_state(generator_state)
         self.epoch_start_state = generator_state.clone()
         self.skip = int(skip)
+        if epoch is not None:
+            self.epoch = int(epoch)
 
     def __iter__(self):
         n = self.num_samples
         skip, self.skip = self.skip, 0
+        epoch, self.epoch = self.epoch, self.epoch + 1
         self.epoch_start_state = self.generator.get_state()
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.device)
         else:
             order = None
-        for i in range(skip, len(self)):
+        for i in range(skip, len(self)):  # len(): every batch of the pass (skip is cleared)
             start = i * self.batch_size
             stop = min(start + self.batch_size, n)
             if order is None:
@@ -470,4 +563,7 @@ class BatchLoader:
             else:
                 idx = order[start:stop]
                 x, y = self.images[idx], self.labels[idx]
-            yield self.normalise(x).contiguous(memory_format=self.memory_format), y
+            x = self.normalise(x)
+            if self.augment:
+                x = augment_batch(x, augmentation_generator(self.augment_seed, epoch, i))
+            yield x.contiguous(memory_format=self.memory_format), y

@@ -26,16 +26,19 @@ class TensorBoardLogger:
         self.hparams = hparams
 
     def log_epoch(self, stats):
-        for name in ("train_loss", "train_accuracy", "train_images_per_second", "lr"):
+        for name in ("train_loss", "train_accuracy", "train_images_per_second", "lr",
+                     "val_loss", "val_accuracy"):  # val_*: None without a validation split
             value = getattr(stats, name)
             if value is not None:
                 self.writer.add_scalar(name, value, stats.epoch)
         self.writer.flush()
 
     def finish(self, metrics):
+        # val_accuracy: the best epoch's (metrics.json), present with a validation split.
         final = {f"final/{k}": metrics[k] for k in ("test_accuracy", "train_loss",
-                                                     "train_images_per_second")
-                 if isinstance(metrics.get(k), (int, float))}
+                                                     "train_images_per_second", "val_accuracy")
+                 if isinstance(metrics.get(k), (int, float))
+                 and not isinstance(metrics.get(k), bool)}
         if metrics.get("test_accuracy") is not None:
             self.writer.add_scalar("test_accuracy", metrics["test_accuracy"],
                                    metrics.get("epochs_completed") or 0)
@@ -50,5 +53,7 @@ def make_logger(cfg, output_dir):
                "optimizer": str(cfg.optimizer.name), "lr": float(cfg.optimizer.lr),
                "scheduler": str(cfg.scheduler.name), "seed": int(cfg.seed),
                "dataset": str(cfg.dataset.name), "batch_size": int(cfg.trainer.batch_size),
-               "epochs": int(cfg.trainer.epochs)}
+               "epochs": int(cfg.trainer.epochs),
+               "val_size": float(cfg.dataset.get("val_size", 0) or 0),
+               "augment": bool(cfg.dataset.get("augment", False))}
     return TensorBoardLogger(os.path.join(output_dir, cfg.logger.log_dir), hparams)

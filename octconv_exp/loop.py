@@ -15,8 +15,10 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import Diverged
@@ -30,6 +32,9 @@ class EpochStats:
     train_images: int
     train_seconds: float
     lr: float = float("nan")
+    # On the validation split after the epoch (None without one): see :func:`evaluate`.
+    val_loss: Optional[float] = None
+    val_accuracy: Optional[float] = None
 
     @property
     def train_images_per_second(self):
@@ -39,7 +44,33 @@ class EpochStats:
         return {"epoch": self.epoch, "train_loss": self.train_loss,
                 "train_accuracy": self.train_accuracy, "train_images": self.train_images,
                 "train_seconds": round(self.train_seconds, 4), "lr": self.lr,
-                "train_images_per_second": round(self.train_images_per_second, 2)}
+                "train_images_per_second": round(self.train_images_per_second, 2),
+                "val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
+
+
+#: What best.pt and metrics.json's best_epoch follow: the validation accuracy (higher is
+#: better) when there is a validation split, else the training loss (lower is better).
+HIGHER_IS_BETTER = ("val_accuracy", "test_accuracy")
+
+
+def best_epoch(epochs, monitor):
+    """The first epoch with the best value of ``monitor`` (ties keep the earlier epoch, as
+    best.pt does), or None when no epoch has a value."""
+    best = None
+    for stats in epochs:
+        value = getattr(stats, monitor)
+        if value is None:
+            continue
+        if best is None or (value > getattr(best, monitor) if monitor in HIGHER_IS_BETTER
+                            else value < getattr(best, monitor)):
+            best = stats
+    return best
+
+
+def epochs_without_improvement(epochs, monitor):
+    """Epochs completed since the best one (0: the last epoch was the best)."""
+    best = best_epoch(epochs, monitor)
+    return 0 if best is None else epochs[-1].epoch - best.epoch
 
 
 def count_correct(output, labels):
@@ -202,18 +233,40 @@ def _describe(loss, correct, seen):
     return text
 
 
-def evaluate(infer, loader, progress_bar=True):
-    """Accuracy (percent) over every image the loader yields, and how many that was."""
+def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evaluation"):
+    """``(accuracy, images, loss)``: the accuracy (percent) over every image the loader yields,
+    how many that was, and the mean cross-entropy of the outputs against the labels.
+
+    The model's outputs are log-probabilities (the seed's log_softmax) or logits; cross-entropy
+    applies log_softmax, which leaves log-probabilities as they are, so this is the NLL of
+    either. It is the plain cross-entropy, without the training loss's label smoothing, so
+    that validation losses compare across ``trainer.label_smoothing``.
+    ``signal_point``: the test hook's point after the first batch (None: none)."""
     correct = torch.zeros((), dtype=torch.int64)
+    loss_sum = None
     seen = 0
-    for data, labels in tqdm(loader, total=len(loader), desc="Test", disable=not progress_bar,
+    for data, labels in tqdm(loader, total=len(loader), desc=desc, disable=not progress_bar,
                              leave=False, dynamic_ncols=True):
         output = infer(data)
         ok, n = count_correct(output, labels)
         correct += ok.cpu()
+        # Summed on the device, read once at the end.
+        batch_loss = F.cross_entropy(output.float(), labels[-n:].to(output.device),
+                                     reduction="sum")
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         seen += n
-        if _SIGNAL_AT[0] and seen == n:
-            send_test_signal("evaluation")
+        if _SIGNAL_AT[0] and signal_point is not None and seen == n:
+            send_test_signal(signal_point)
     if seen == 0:
-        raise ValueError("the test loader yielded no batch")
-    return 100.0 * correct.item() / seen, seen
+        raise ValueError(f"the {desc.lower()} loader yielded no batch")
+    return 100.0 * correct.item() / seen, seen, loss_sum.item() / seen
+
+
+def validate(backend, model, loader, progress_bar=True):
+    """The validation split through the backend's inference path (as the test set goes):
+    ``(accuracy, images, loss)`` as :func:`evaluate` gives them. The backend switches the
+    model to inference and back (on IPUs: the training executable makes way for the
+    inference one, see ``IpuBackend.validating``)."""
+    with backend.validating(model) as infer:
+        return evaluate(infer, loader, progress_bar=progress_bar, desc="Validation",
+                        signal_point=None)

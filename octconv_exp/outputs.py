@@ -13,7 +13,7 @@ METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
 MODEL_FILE = "model.pt"
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_images", "train_seconds",
-                 "train_images_per_second", "lr")
+                 "train_images_per_second", "lr", "val_loss", "val_accuracy")
 
 
 class OutputError(UserError):

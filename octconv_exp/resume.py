@@ -35,8 +35,12 @@ def explicit_keys(overrides):
     """The config keys a list of Hydra overrides sets (``conv=octave`` -> ``conv``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    import os
+
+    recorded = set(os.environ.get("OCTCONV_EXP_RECORDED_GROUPS", "").split("\n")) - {""}
     keys = []
-    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+    for ov in OverridesParser.create().parse_overrides([o for o in overrides
+                                                        if o not in recorded]):
         key = ov.key_or_group
         if ov.package is None and not key.startswith("hydra"):
             keys.append(key)

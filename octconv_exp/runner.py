@@ -1,4 +1,5 @@
 """One run: validate the config, build data/model/backend, train, evaluate, write outputs."""
+import json
 import logging
 import os
 import random
@@ -15,15 +16,15 @@ from .backends import ipus_needed, make_backend, resolve_device
 from .config import validate
 from .data import load_data
 from .loggers import make_logger
-from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, identity, rng_state,
-                         set_rng_state)
+from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, identity,
+                         monitor_for, rng_state, set_rng_state)
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import RunInterrupted, UserError
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
-from .loop import (EpochProgress, EpochStats, Interrupted, evaluate, send_test_signal,
-                   train_epoch)
+from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
+                   evaluate, send_test_signal, train_epoch, validate as validate_epoch)
 from .model import (build_model, check_input_size, count_flops_per_image, count_parameters,
                     model_name, theoretical_ratio)
 
@@ -101,11 +102,21 @@ class Run:
         self.torch_threads = None
         self.checkpoint = None
         self.resumed = False  # a resume restored its checkpoint (from then on, it may write)
+        self.val_samples = None  # images in the validation split (None: no split)
+        self.stopped_early = False  # trainer.early_stopping ended training before the last epoch
+        self.monitor = None  # what best.pt follows (None: from the config, see metrics())
 
     def metrics(self):
+        """What metrics.json holds. ``train_loss``/``train_accuracy`` are the last epoch's;
+        ``test_accuracy`` is the final model's (after the last epoch trained, also when early
+        stopping ended training), not best.pt's. ``best_epoch`` is the epoch best.pt holds,
+        by ``best_monitor``: ``val_accuracy`` with a validation split, else ``train_loss``;
+        ``val_accuracy`` and ``val_loss`` are that epoch's, on ``val_samples`` images."""
         cfg = self.cfg
         now = time.time()
         last = self.epochs[-1] if self.epochs else None
+        monitor = self.monitor or monitor_for(cfg)
+        best = best_epoch(self.epochs, monitor)
         train_images = sum(e.train_images for e in self.epochs)
         train_seconds = sum(e.train_seconds for e in self.epochs)
         m = {
@@ -128,6 +139,12 @@ class Run:
             "train_accuracy": last.train_accuracy if last else None,
             "test_accuracy": self.test_accuracy,
             "test_samples": self.test_samples,
+            "best_epoch": best.epoch if best else None,
+            "best_monitor": monitor,
+            "val_accuracy": best.val_accuracy if best else None,
+            "val_loss": best.val_loss if best else None,
+            "val_samples": self.val_samples,
+            "stopped_early": self.stopped_early,
             "params": self.params,
             **(self.flops or dict.fromkeys(FLOPS_KEYS)),
             "train_images_per_second": (train_images / train_seconds) if train_seconds else None,
@@ -205,6 +222,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
         if resume_from is not None:
             cfg = config_for_resume(cfg, resume_from[1], explicit or [], resume_from[0])
     elif not cfg.train:
+        check_not_a_training_record(output_dir)
         path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
         evaluate_from = (path, load_checkpoint(path))
         cfg = config_for_evaluation(cfg, evaluate_from[1], explicit or [])
@@ -273,20 +291,32 @@ def _run(s, resume_from, evaluate_from):
         # The IPU loader's order is fixed when its worker starts: tell it first.
         backend.start_at_epoch(resume_from[1]["epoch"] + 1)
     s.train_loader, s.test_loader = backend.make_loaders(s.data)
+    s.val_loader = None
+    if s.data.val is not None and getattr(backend, "synthetic_data", False):
+        log.info("ipu.synthetic_data=true: no validation (the device computes on its own data)")
+    elif s.data.val is not None:
+        s.val_loader = backend.make_val_loader(s.data)
+        run.val_samples = len(s.data.val)
+        log.info("Validation: %d images held out of the training set (dataset.seed=%s), "
+                 "evaluated after every epoch", run.val_samples, cfg.dataset.get("seed"))
+    # best.pt (and metrics.json's best_epoch) follow the validation accuracy when there is one.
+    run.monitor = "val_accuracy" if s.val_loader is not None else "train_loss"
     s.scheduler = build_scheduler(cfg.scheduler, s.optimizer)
-    s.checkpointer = Checkpointer(s.output_dir, monitor="train_loss")
+    s.checkpointer = Checkpointer(s.output_dir, monitor=run.monitor)
     start = restore(s, resume_from) if resume_from is not None else None
     s.logger = make_logger(cfg, s.output_dir)
     s.step = backend.training_step(s.model, s.optimizer)
     s.stop.set_phase("polled", "during training")
-    log.info("Training: epochs %d-%d, %d steps each", start[0] if start else 1,
-             cfg.trainer.epochs, len(s.train_loader) + (start[1].steps if start and start[1] else 0))
+    steps = len(s.train_loader) + (start[1].steps if start and start[1] else 0)
+    augmented = ", batches augmented (4-pixel pad, random crop, horizontal flip)"
+    log.info("Training: epochs %d-%d, %d steps each%s", start[0] if start else 1,
+             cfg.trainer.epochs, steps, augmented if cfg.dataset.get("augment", False) else "")
     train(s, start)
     s.stop.set_phase("immediate", "during evaluation, after training had finished")
     backend.finish_training(s.model)
     infer = backend.inference_step(s.model)
-    run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
-                                                   progress_bar=show_progress(cfg))
+    run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
+                                                      progress_bar=show_progress(cfg))
     s.stop.set_phase("finishing", "while writing the finished run's outputs")
     send_test_signal("accuracy")
     report_test_accuracy(run, backend)
@@ -310,10 +340,21 @@ def check_batches(cfg, train_images):
 
 
 def train(s, start):
-    """The epochs (from where a checkpoint left off), with a checkpoint after each."""
+    """The epochs (from where a checkpoint left off), each followed by the validation pass
+    (with a validation split) and a checkpoint; early stopping ends them when the validation
+    accuracy has not improved for ``trainer.early_stopping.patience`` epochs."""
     cfg, run = s.cfg, s.run
     epochs_csv = os.path.join(run.output_dir, outputs.EPOCHS_FILE)
     first_epoch, progress = (start or (1, None))
+    patience = OmegaConf.select(cfg, "trainer.early_stopping.patience", default=None)
+    if run.monitor != "val_accuracy":
+        patience = None  # no validation numbers (ipu.synthetic_data): nothing to stop on
+    if patience and progress is None and run.epochs and first_epoch <= cfg.trainer.epochs \
+            and epochs_without_improvement(run.epochs, "val_accuracy") >= patience:
+        run.stopped_early = True  # a resumed run that had stopped early stays stopped
+        log.info("Early stopping: validation accuracy has not improved since epoch %d",
+                 best_epoch(run.epochs, "val_accuracy").epoch)
+        return
     for epoch in range(first_epoch, cfg.trainer.epochs + 1):
         lr = s.optimizer.param_groups[0]["lr"]
         try:
@@ -325,18 +366,31 @@ def train(s, start):
             raise run_interrupted(run, s.stop, epoch, exc.progress.steps) from None
         progress = None
         stats.lr = lr
+        if s.val_loader is not None:
+            stats.val_accuracy, _, stats.val_loss = validate_epoch(
+                s.backend, s.model, s.val_loader, progress_bar=show_progress(cfg))
         if s.scheduler is not None:
             s.scheduler.step()
             s.backend.on_epoch_end(s.optimizer)
         run.epochs.append(stats)
         outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
         s.logger.log_epoch(stats)
-        log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g", epoch,
+        log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g%s", epoch,
                  cfg.trainer.epochs, stats.train_loss,
                  "n/a" if stats.train_accuracy is None else f"{stats.train_accuracy:.2f}%",
-                 stats.train_images_per_second, lr)
+                 stats.train_images_per_second, lr,
+                 "" if stats.val_accuracy is None else
+                 f"; validation loss {stats.val_loss:.4f}, accuracy {stats.val_accuracy:.2f}%")
         if cfg.trainer.checkpoint:
-            save_checkpoint(s, epoch, None, metric=stats.train_loss)
+            save_checkpoint(s, epoch, None, metric=getattr(stats, s.checkpointer.monitor))
+        if patience and epoch < cfg.trainer.epochs \
+                and epochs_without_improvement(run.epochs, "val_accuracy") >= patience:
+            run.stopped_early = True
+            log.info("Early stopping after epoch %d: validation accuracy has not improved for "
+                     "%d epochs (best %.2f%% at epoch %d)", epoch, patience,
+                     best_epoch(run.epochs, "val_accuracy").val_accuracy,
+                     best_epoch(run.epochs, "val_accuracy").epoch)
+            break
         if s.stop() and epoch < cfg.trainer.epochs:
             raise run_interrupted(run, s.stop, epoch + 1, 0)
 
@@ -361,6 +415,21 @@ def save_checkpoint(s, epochs_done, progress, metric=None):
         rng=rng_state(), loader=loader_state, epoch=epochs_done,
         progress=None if progress is None or loader_state is None else progress.state_dict(),
         epochs=[vars(e) for e in s.run.epochs], device=s.run.device), metric=metric)
+
+
+def check_not_a_training_record(output_dir):
+    """train=false writes an evaluation's metrics.json: never over a training run's record."""
+    path = os.path.join(output_dir, outputs.METRICS_FILE)
+    try:
+        with open(path) as f:
+            status = json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status != "evaluated":
+        raise UserError(f"train=false: {output_dir} holds a training run's record "
+                        f"(metrics.json status {status}), which an evaluation would replace; "
+                        "evaluate into another dir (leave hydra.run.dir out), or re-evaluate "
+                        f"that run in place with: {resume_hint(output_dir)}")
 
 
 def find_resume_checkpoint(cfg, output_dir, fresh_if_no_checkpoint=False):
@@ -409,7 +478,10 @@ def restore(s, resume_from):
     if run.epochs:
         outputs.write_epochs_csv(os.path.join(s.output_dir, outputs.EPOCHS_FILE),
                                  [e.as_row() for e in run.epochs])
-    s.checkpointer.best = state.get("best")
+    # The best so far, if it is of what this run's best.pt follows (checkpoints from before
+    # validation splits name no monitor: they followed the training loss).
+    if state.get("monitor", "train_loss") == s.checkpointer.monitor:
+        s.checkpointer.best = state.get("best")
     set_rng_state(state["rng"])
     progress = None
     loader = s.train_loader
@@ -417,7 +489,8 @@ def restore(s, resume_from):
     if loader_state is not None and hasattr(loader, "resume_pass"):
         progress_state = state.get("progress")
         skip = progress_state["steps"] if progress_state else 0
-        loader.resume_pass(loader_state["generator"], skip)
+        # The pass numbered as the epoch it is: its augmentation depends on it.
+        loader.resume_pass(loader_state["generator"], skip, epoch=state["epoch"] + 1)
         if progress_state:
             progress = EpochProgress.from_state_dict(progress_state, device=loader.device)
     run.resumed = True
@@ -446,12 +519,16 @@ def evaluate_only(s, evaluate_from):
     _, s.test_loader = s.backend.make_loaders(s.data, train=False)  # no training loader/worker
     infer = s.backend.inference_step(s.model)
     s.stop.set_phase("immediate", "during evaluation")
-    run.test_accuracy, run.test_samples = evaluate(infer, s.test_loader,
-                                                   progress_bar=show_progress(cfg))
+    run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
+                                                      progress_bar=show_progress(cfg))
     s.stop.set_phase("finishing", "while writing the evaluation's outputs")
     send_test_signal("accuracy")
     if "epoch" in state:  # a checkpoint: how far its training had got
         run.epochs = [EpochStats(**e) for e in state.get("epochs", [])]
+        # metrics.json's best_epoch / val_* describe that training (not re-validated here).
+        run.monitor = state.get("monitor") or monitor_for(cfg)
+        if run.monitor == "val_accuracy" and s.data.val is not None:
+            run.val_samples = len(s.data.val)
     log.info("Evaluated %s", path)
     report_test_accuracy(run, s.backend)
     run.status = "evaluated"

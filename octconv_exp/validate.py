@@ -33,7 +33,10 @@ def _options(dirs, group, skip=()):
 
 
 #: What a config dir may hold: the primary config and these folders (Hydra's own under hydra/).
-KNOWN_FOLDERS = GROUPS + ("experiment", "hydra")
+#: Checked once per conv mode each, not in the product above (each model builds on the meta
+#: device; the other groups do not depend on which model it is).
+MODEL_GROUP = "model"
+KNOWN_FOLDERS = GROUPS + (MODEL_GROUP, "experiment", "hydra")
 
 
 def scan_config_dir(config_dir):
@@ -92,6 +95,10 @@ def combinations(dirs, skip=()):
     choices = [[f"{g}={o}" for o in _options(dirs, g, skip)] for g in groups]
     for combo in itertools.product(*choices):
         yield " ".join(combo), list(combo)
+    for model in _options(dirs, MODEL_GROUP, skip):
+        for conv in _options(dirs, "conv", skip) or [None]:
+            combo = [f"{MODEL_GROUP}={model}"] + ([f"conv={conv}"] if conv else [])
+            yield " ".join(combo), combo
     for preset in _options(dirs, "experiment", skip):
         yield f"experiment={preset}", [f"experiment={preset}"]
 

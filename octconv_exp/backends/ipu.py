@@ -17,7 +17,13 @@ _poplar_executor.py, _dataloader.py, optim.py, ops.py) and tested with a test do
   sampler in a worker process (so the data order comes from :class:`SeededEpochSampler`, not
   from the worker's RNG), and only the configured optimizer attributes are passed to
   ``poptorch.optim`` (PopTorch makes every attribute passed explicitly *variable*).
+- ``dataset.augment`` happens in that worker too, one combined batch at a time
+  (:class:`AugmentingCollate`), seeded by (seed, epoch, batch) as on the CPU/GPU.
+- Validation after each epoch uses one inference model, built at the first validation and
+  reused (for the test set too); the training executable detaches for it and re-attaches
+  at its next step (:meth:`IpuBackend.validating`).
 """
+import contextlib
 import inspect
 import json
 import logging
@@ -27,7 +33,7 @@ from typing import List
 import torch
 from omegaconf import OmegaConf
 
-from ..data import Normalise
+from ..data import Normalise, augment_batch, augmentation_generator
 from ..config import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
 from ..errors import UserError
 from . import ipus_needed
@@ -91,17 +97,22 @@ class SeededEpochSampler(torch.utils.data.Sampler):
     sampler carries only integers, counts its own passes in whichever process iterates it,
     and starts at ``first_epoch`` so a resumed run sees the epochs' orders it would have."""
 
-    def __init__(self, size, seed, first_epoch=1):
+    def __init__(self, size, seed, first_epoch=1, tagged=False):
         self.size, self.seed, self.epoch = int(size), int(seed), int(first_epoch)
+        # tagged: yield (epoch, position in the pass, index) keys for :class:`TaggedSamples`.
+        self.tagged = bool(tagged)
 
     def order(self, epoch):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=gen)
 
     def __iter__(self):
-        order = self.order(self.epoch)
+        epoch = self.epoch
+        order = self.order(epoch).tolist()
         self.epoch += 1
-        return iter(order.tolist())
+        if self.tagged:
+            return iter([(epoch, position, index) for position, index in enumerate(order)])
+        return iter(order)
 
     def __len__(self):
         return self.size
@@ -115,6 +126,41 @@ def normalised_tensor_dataset(images, labels, mean, std, chunk=8192):
     for start in range(0, images.shape[0], chunk):
         out[start:start + chunk] = normalise(images[start:start + chunk])
     return torch.utils.data.TensorDataset(out, labels)
+
+
+class TaggedSamples(torch.utils.data.Dataset):
+    """A data set read with the ``(epoch, position, index)`` keys of a tagged
+    :class:`SeededEpochSampler`: each sample says where in which pass it stands, so that
+    :class:`AugmentingCollate` can seed its batch's augmentation in the loader's worker."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, position, index = key
+        image, label = self.dataset[index]
+        return image, label, epoch, position
+
+
+class AugmentingCollate:
+    """``collate_fn`` of the training loader with ``dataset.augment``: stacks a combined batch
+    of :class:`TaggedSamples` and augments it as one batch (``data.augment_batch``), with the
+    generator of (seed, epoch, combined-batch index), so a run resumed at an epoch
+    augments as an uninterrupted one did. Plain integers only: the worker gets a pickled copy
+    (a torch.Generator does not pickle on torch 2.0.1)."""
+
+    def __init__(self, seed, combined_batch):
+        self.seed, self.combined_batch = int(seed), int(combined_batch)
+
+    def __call__(self, samples):
+        images = torch.stack([sample[0] for sample in samples])
+        labels = torch.stack([torch.as_tensor(sample[1]) for sample in samples])
+        epoch, position = int(samples[0][2]), int(samples[0][3])
+        generator = augmentation_generator(self.seed, epoch, position // self.combined_batch)
+        return augment_batch(images, generator).contiguous(), labels
 
 
 class TestBatches:
@@ -285,38 +331,61 @@ class IpuBackend:
             combined = self.combined_batch(t.batch_size, True)
             if len(data.train) < combined:
                 # Checked here: PopTorch's Async loader fails on it at construction, less clearly.
+                held = ("" if data.val is None else
+                        f", after dataset.val_size held out {len(data.val)}")
                 raise UserError(
-                    f"the training set ({len(data.train)} images) is smaller than one combined "
-                    f"batch ({combined} = trainer.batch_size x ipu.device_iterations x "
-                    "ipu.replicas x ipu.gradient_accumulation); lower them")
+                    f"the training set ({len(data.train)} images{held}) is smaller than one "
+                    f"combined batch ({combined} = trainer.batch_size x ipu.device_iterations x "
+                    "ipu.replicas x ipu.gradient_accumulation); lower them"
+                    + ("" if data.val is None else " or dataset.val_size"))
             train_ds = normalised_tensor_dataset(data.train.images, data.train.labels,
                                                  data.mean, data.std)
             self.train_options = self.make_options(train=True)
-            # The order comes from the run's seed in whichever process iterates the sampler.
-            sampler = SeededEpochSampler(len(train_ds), cfg.seed, self.first_epoch)
+            augment = bool(cfg.dataset.get("augment", False))
+            # The order comes from the run's seed in whichever process iterates the sampler;
+            # so does the augmentation, batch by batch, in the loader's worker.
+            sampler = SeededEpochSampler(len(train_ds), cfg.seed, self.first_epoch,
+                                         tagged=augment)
+            extra = {}
+            if augment:
+                train_ds = TaggedSamples(train_ds)
+                extra["collate_fn"] = AugmentingCollate(cfg.seed, combined)
             # drop_last=False would hand the compiled model a smaller last batch (validation
             # refuses it for device=ipu).
             train_loader = poptorch.DataLoader(self.train_options, train_ds,
                                                batch_size=t.batch_size, shuffle=False,
                                                sampler=sampler, drop_last=True,
                                                num_workers=ipu.num_workers,
-                                               mode=poptorch.DataLoaderMode.Async)
+                                               mode=poptorch.DataLoaderMode.Async, **extra)
             loaders.append(train_loader)
-        test_ds = normalised_tensor_dataset(data.test.images, data.test.labels, data.mean, data.std)
         self.test_options = self.make_options(train=False)
-        # Whole combined batches through PopTorch's loader; the rest is padded at inference.
-        combined = self.combined_batch(t.test_batch_size, train=False)
-        full = (len(test_ds) // combined) * combined
-        test_loaders: List = []
-        if full:
-            test_loaders.append(poptorch.DataLoader(
-                self.test_options, torch.utils.data.Subset(test_ds, range(full)),
-                batch_size=t.test_batch_size, shuffle=False, drop_last=True,
-                num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async))
-        tail_x, tail_y = test_ds.tensors[0][full:], test_ds.tensors[1][full:]
-        test = TestBatches(test_loaders[0] if test_loaders else [], tail_x, tail_y)
-        self.loaders = loaders + test_loaders
+        test = self.inference_batches(data.test, data)
+        self.loaders = loaders + self.loaders
         return train_loader, test
+
+    def make_val_loader(self, data):
+        """The validation split, read as the test set is (None without one)."""
+        if data.val is None:
+            return None
+        if getattr(self, "test_options", None) is None:
+            self.test_options = self.make_options(train=False)
+        return self.inference_batches(data.val, data)
+
+    def inference_batches(self, images, data):
+        """An :class:`ImageSet` for the inference model: whole combined batches through
+        PopTorch's loader, then the rest (padded at inference)."""
+        poptorch, t, ipu = self.poptorch, self.cfg.trainer, self.cfg.ipu
+        ds = normalised_tensor_dataset(images.images, images.labels, data.mean, data.std)
+        combined = self.combined_batch(t.test_batch_size, train=False)
+        full = (len(ds) // combined) * combined
+        loader = []
+        if full:
+            loader = poptorch.DataLoader(
+                self.test_options, torch.utils.data.Subset(ds, range(full)),
+                batch_size=t.test_batch_size, shuffle=False, drop_last=True,
+                num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async)
+            self.loaders.append(loader)
+        return TestBatches(loader, ds.tensors[0][full:], ds.tensors[1][full:])
 
     def start_at_epoch(self, epoch):
         """resume=true: the loader's order continues at ``epoch`` (before make_loaders)."""
@@ -350,23 +419,58 @@ class IpuBackend:
             self.training_model.setOptimizer(optimizer)
 
     def sync_to_host(self, model):
-        """Checkpoints read the model on the host: bring the IPU's weights back first."""
-        if self.training_model is not None and self.training_model.isCompiled():
-            self.training_model.copyWeightsToHost()
+        """Checkpoints read the model on the host: bring the IPU's weights back first. A
+        training executable detached for validation brought them back when it detached
+        (poptorch 3.4 python/_poplar_executor.py:1553-1569, detachFromDevice), and reading
+        weights from a detached executable would reload its engine onto a device it no
+        longer holds (PopART willow/src/popx/devicex.cpp:241-250)."""
+        tm = self.training_model
+        if tm is not None and tm.isCompiled() and tm.isAttachedToDevice():
+            tm.copyWeightsToHost()
 
     def finish_training(self, model):
         # A model that never compiled (resume=true on a finished run) has no executable:
         # copyWeightsToHost would raise NO_EXECUTABLE_ERR (poptorch 3.4
-        # python/_poplar_executor.py, copyWeightsToHost).
-        if self.training_model is None or not self.training_model.isCompiled():
+        # python/_poplar_executor.py, copyWeightsToHost). One detached for the last
+        # validation already holds nothing the host lacks (see sync_to_host).
+        tm = self.training_model
+        if tm is None or not tm.isCompiled() or not tm.isAttachedToDevice():
             return
-        self.training_model.copyWeightsToHost()
-        if self.training_model.isAttachedToDevice():
-            self.training_model.detachFromDevice()  # free the IPUs for the inference model
+        tm.copyWeightsToHost()
+        tm.detachFromDevice()  # free the IPUs for the inference model
+
+    @contextlib.contextmanager
+    def validating(self, model):
+        """A validation pass between two training epochs, as PopTorch's own test of it does
+        (poptorch 3.4 tests/attach_detach_test.py, test_attach_detach_accuracy): the
+        training executable detaches, which copies its weights and optimizer state to the
+        host (_poplar_executor.py:1553-1569) and frees its IPUs; the inference model (built
+        at the first validation, then reused) attaches, and since the host's weights are
+        newer than its own it copies them to its device before running
+        (_poplar_executor.py:1250-1262, _host_weights_version); it detaches after the pass,
+        and the training executable attaches again at its next step (__call__, 1243-1244),
+        writing the weights and the optimizer state back (_on_device_attach, 414-432).
+        Machines with IPUs for only one of them need this; with the IPU Model it costs
+        nothing."""
+        tm = self.training_model
+        if tm is not None and tm.isAttachedToDevice():
+            tm.detachFromDevice()
+        infer = self.inference_step(model)
+        try:
+            yield infer
+        finally:
+            im = self.inference_model
+            if im is not None and im.isAttachedToDevice():
+                im.detachFromDevice()
+            model.train()
 
     def inference_step(self, model):
+        """The inference model (one per backend: built at the first call with the model in
+        eval mode, then reused for validation and the test set: the same Options and batch
+        shape, so one executable)."""
         model.eval()
-        self.inference_model = self.poptorch.inferenceModel(model, self.test_options)
+        if self.inference_model is None:
+            self.inference_model = self.poptorch.inferenceModel(model, self.test_options)
         inference_model = self.inference_model
         combined = self.combined_batch(self.cfg.trainer.test_batch_size, train=False)
 

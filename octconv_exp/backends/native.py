@@ -1,4 +1,5 @@
 """CPU and CUDA: plain PyTorch."""
+import contextlib
 import os
 
 import torch
@@ -66,15 +67,26 @@ class NativeBackend:
     def make_loaders(self, data, train=True):
         t = self.cfg.trainer
         if train:
+            # dataset.augment: the run's seed decides the augmentation, as it does the order.
             train = BatchLoader(data.train, t.batch_size, data.mean, data.std, shuffle=True,
                                 drop_last=t.drop_last, device=self.device, seed=self.cfg.seed,
-                                memory_format=self.memory_format)
+                                memory_format=self.memory_format,
+                                augment=bool(self.cfg.dataset.get("augment", False)),
+                                augment_seed=self.cfg.seed)
         else:
             train = None
-        # Evaluation sees every test image: no shuffling, no dropped tail.
+        # Evaluation sees every test image: no shuffling, no dropped tail, no augmentation.
         test = BatchLoader(data.test, t.test_batch_size, data.mean, data.std, shuffle=False,
                            drop_last=False, device=self.device, memory_format=self.memory_format)
         return train, test
+
+    def make_val_loader(self, data):
+        """The validation split as the test set is read (None without one)."""
+        if data.val is None:
+            return None
+        t = self.cfg.trainer
+        return BatchLoader(data.val, t.test_batch_size, data.mean, data.std, shuffle=False,
+                           drop_last=False, device=self.device, memory_format=self.memory_format)
 
     def training_step(self, model, optimizer):
         model.train()
@@ -98,6 +110,16 @@ class NativeBackend:
                 return self.forward(module, images)
 
         return infer
+
+    @contextlib.contextmanager
+    def validating(self, model):
+        """The inference step for a validation pass inside training: the model in eval mode
+        for the pass, back in training mode after it."""
+        training = model.training
+        try:
+            yield self.inference_step(model)
+        finally:
+            model.train(training)
 
     def on_epoch_end(self, optimizer):
         """The optimizer lives here: a scheduler's changes already apply."""

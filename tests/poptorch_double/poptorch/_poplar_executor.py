@@ -467,6 +467,13 @@ class PoplarExecutor:
                         return p.copyWeightsToHostIfNeeded()
                     return False
 
+                @property
+                def _host_weights_version(self):
+                    # 267-273 (__getattribute__): the training executor's version, which an
+                    # inference model of the same weights compares with its own (1250-1262).
+                    p = parent()
+                    return None if p is None else p._host_weights_version
+
                 def destroy(self):
                     p = parent()
                     if p is not None:
@@ -480,7 +487,8 @@ class PoplarExecutor:
         self.record = {"training": training, "options": options._summary(),
                        "model_mode_at_wrap": "train" if model.training else "eval",
                        "calls": 0, "samples": 0, "optimizer": None, "set_optimizer_lrs": [],
-                       "copy_weights_to_host": 0, "detach": 0, "input_batch_sizes": []}
+                       "copy_weights_to_host": 0, "copy_weights_to_device": 0, "detach": 0,
+                       "attach": 0, "input_batch_sizes": []}
         if optimizer is not None:
             info = {"class": type(optimizer).__name__,
                     "lr": optimizer.param_groups[0]["lr"],
@@ -632,7 +640,20 @@ class PoplarExecutor:
         self._host_weights_version += 1
 
     def copyWeightsToHost(self) -> None:
-        """555-573: raises poptorch.Error(NO_EXECUTABLE_ERR) before the first compilation."""
+        """555-573: raises poptorch.Error(NO_EXECUTABLE_ERR) before the first compilation.
+
+        The double also refuses it on an executable detached from its device: PopTorch has no
+        check (Compiler.cpp:1106-1131 goes straight to PopART's Session::weightsToHost), and
+        PopART's Devicex::run (willow/src/popx/devicex.cpp:241-250, sdk-release-3.4) finds no
+        engine loaded and loads it again onto the detached device
+        (loadEngineAndConnectStreams, 1307-1330) without writing the weights to it: at best a
+        Poplar error, at worst the device's memory copied over the host's weights. Its
+        detachFromDevice already brought the weights to the host (1553-1569), so nothing
+        needs it; the message below is the double's."""
+        if self.isCompiled() and not self._is_attached:
+            raise createPoptorchError(
+                "poptorch double: copyWeightsToHost() on an executable detached from its device "
+                "(detachFromDevice() already copied its weights to the host); attach it first")
         self._copy_weights_to_host()
         self.record["copy_weights_to_host"] += 1
 
@@ -646,6 +667,7 @@ class PoplarExecutor:
     def copyWeightsToDevice(self) -> None:
         """577-598."""
         self._copy_weights_to_device()
+        self.record["copy_weights_to_device"] += 1
 
     def load_state_dict(self, state_dict, strict: bool = True):
         # 458-474
@@ -701,6 +723,7 @@ class PoplarExecutor:
             raise createPoptorchError("Device is already attached")
         self._attach_ipus()
         self._is_attached = True
+        self.record["attach"] += 1
         self._on_device_attach()
 
     def destroy(self) -> None:
@@ -855,6 +878,14 @@ class PoplarExecutor:
             hook = getattr(self._user_model, "copyWeightsToHostIfNeeded", None)
             if callable(hook):
                 hook()  # 1250-1262: a training model of the same weights syncs first
+                # 1255-1262: weights the training model brought to the host since this
+                # executable last had them are copied to its device ("Implicit
+                # copyWeightsToDevice()"). The double computes with the host weights either
+                # way; the copy is recorded.
+                version = self._user_model._host_weights_version
+                if self._host_weights_version != version:
+                    self.copyWeightsToDevice()
+                    self._host_weights_version = version
         compiled = self._executable_inputs
         if len(compiled) != len(bound):
             raise createPoptorchError("Number of positional arguments mismatch: expected "
