@@ -256,7 +256,9 @@ def test_validate_accepts_every_shipped_config():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     checked = int(res.stdout.strip().splitlines()[-1].split()[0])
-    assert checked == 3 * 5 * 3 * 3 * 1 * 2 + 4  # every group combination and preset
+    # every group combination (conv, optimizer, scheduler, dataset, ipu, logger), each model
+    # in each conv mode, and every preset
+    assert checked == 3 * 5 * 4 * 4 * 1 * 2 + 3 * 3 + 8
 
 
 @pytest.mark.slow
@@ -297,7 +299,7 @@ def test_validate_a_config_dir_of_its_own(tmp_path):
     assert res.returncode == 1
     lines = res.stdout.strip().splitlines()
     assert lines and all("optimizer=broken" in line and "optimizer.lr=-1" in line for line in lines)
-    assert len(lines) == 3 * 3 * 3 * 1 * 2  # every combination with the broken optimizer
+    assert len(lines) == 3 * 4 * 4 * 1 * 2  # every combination with the broken optimizer
 
 
 @pytest.mark.slow
@@ -553,3 +555,38 @@ def test_job_names_of_a_sweep_over_many_keys_fit_a_file_name():
     other = config_name(overrides[:-1] + ["optimizer.some_rather_long_argument_name_11=0"])
     assert other != name and len(other.encode()) <= MAX_NAME_BYTES
     assert config_name(["alpha=0.25", "conv=octave"]) == "conv=octave,alpha=0.25"
+
+
+def test_a_model_that_cannot_fit_in_gpu_memory_is_refused_before_allocating(monkeypatch):
+    """On CUDA the estimate is compared with the GPU's free memory (no GPU here: torch.cuda is
+    faked; the host check passes)."""
+    from hydra import compose, initialize_config_dir
+
+    from octconv_exp import config as config_module
+    from octconv_exp.errors import ConfigError
+
+    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
+        cfg = compose(config_name="config", overrides=["dataset=synthetic", "device=cuda",
+                                                       "model=resnet_imagenet"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**30, 80 * 2**30))
+    need = config_module.check_model(cfg)  # ResNet-50, 10 classes: 23.5 M parameters x 16 bytes
+    assert 23e6 * 16 < need < 24e6 * 16
+    with pytest.raises(ConfigError, match=r"model=resnet_imagenet: needs at least 1\.\d GiB of "
+                                          r"GPU memory .* the GPU has 1\.0 GiB free"):
+        config_module.check_model_fits_in_memory(
+            config_module.OmegaConf.merge(cfg, {"model": {"width": 2}}))
+    config_module.check_model_fits_in_memory(cfg)  # 0.4 GiB of 1 GiB: fits
+
+
+@pytest.mark.slow
+def test_evaluating_into_a_training_run_dir_is_refused_and_changes_nothing(reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = (run_dir / "metrics.json").read_bytes()
+    res = run_cli("train=false", f"ckpt_path={run_dir}", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "holds a training run's record (metrics.json status completed)" in res.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
