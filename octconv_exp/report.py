@@ -30,10 +30,12 @@ from .sweep import (DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config
 CONV_ORDER = {"vanilla": 0, "octave": 1, "multi-octave": 2}
 RUN_COLUMNS = ("conv", "model", "alpha", "expansion", "optimizer", "seed", "test_accuracy",
                "train_loss", "params", "flops_per_image", "train_images_per_second",
-               "wall_seconds", "status", "error", "config", "run_dir")
+               "wall_seconds", "status", "error", "config", "run_dir", "val_accuracy",
+               "best_epoch")
 AGG_COLUMNS_HEAD = ("conv", "model", "alpha", "expansion", "optimizer", "n", "seeds", "params",
                     "flops_per_image")
-AGG_METRICS = ("test_accuracy", "train_loss", "train_images_per_second", "wall_seconds")
+AGG_METRICS = ("test_accuracy", "train_loss", "train_images_per_second", "wall_seconds",
+               "val_accuracy")
 PLOTS = ("accuracy_vs_alpha.png", "throughput_vs_alpha.png", "accuracy_vs_flops.png")
 #: One colour per conv mode, the same in every figure.
 CONV_COLORS = {"vanilla": "black", "octave": "tab:blue", "multi-octave": "tab:orange"}
@@ -183,6 +185,7 @@ def _row(run_dir, sweep_dir, m, overrides):
         "alpha": None if conv == "vanilla" else alpha,
         "expansion": m.get("expansion"), "optimizer": m.get("optimizer"), "seed": seed,
         "test_accuracy": _number(m.get("test_accuracy")), "train_loss": _number(m.get("train_loss")),
+        "val_accuracy": _number(m.get("val_accuracy")), "best_epoch": _number(m.get("best_epoch")),
         "params": _number(m.get("params")), "flops_per_image": _number(m.get("flops_per_image")),
         "train_images_per_second": _number(m.get("train_images_per_second")),
         "wall_seconds": _number(m.get("wall_seconds")), "status": str(m.get("status", "unknown")),
@@ -312,15 +315,19 @@ def markdown(sweep_dir, runs, groups, problems=()):
              f"Setup: {describe_setup(completed or runs)}.", ""]
     if problems:
         lines += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+    with_val = any(g.get("val_accuracy") is not None for g in groups)
     lines += ["## By configuration (mean ± std over seeds)", "",
               "| conv | alpha | model | expansion | optimizer | seeds | test accuracy % "
-              "| train loss | params | MFLOPs/image | train images/s | wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              + ("| val accuracy % (best epoch) " if with_val else "")
+              + "| train loss | params | MFLOPs/image | train images/s | wall s |",
+              "| --- " * (12 + with_val) + "|"]
     for g in groups:
         flops = g["flops_per_image"] / 1e6 if g["flops_per_image"] else None
+        val = f"{_pm(g.get('val_accuracy'), g.get('val_accuracy_std'))} | " if with_val else ""
         lines.append(
             f"| {g['conv']} | {_fmt(g['alpha'], 3) or '—'} | {g['model']} | {_fmt(g['expansion'])} | "
             f"{_fmt(g['optimizer'])} | {g['n']} | {_pm(g['test_accuracy'], g['test_accuracy_std'])} | "
+            f"{val}"
             f"{_pm(g['train_loss'], g['train_loss_std'], 4)} | {_fmt(g['params'])} | "
             f"{_fmt(flops, 3)} | {_pm(g['train_images_per_second'], g['train_images_per_second_std'], 0)} | "
             f"{_pm(g['wall_seconds'], g['wall_seconds_std'], 1)} |")

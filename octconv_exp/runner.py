@@ -334,9 +334,13 @@ def check_batches(cfg, train_images):
     """A training set smaller than one batch yields no batch when the last one is dropped."""
     t = cfg.trainer
     if cfg.train and t.drop_last and train_images < t.batch_size:
+        held = cfg.dataset.get("val_size", 0) or 0
+        after = f" after dataset.val_size={held} held out" if held else ""
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training set "
-                        f"({train_images} images) and trainer.drop_last=true drops every batch; "
-                        "lower trainer.batch_size or set trainer.drop_last=false")
+                        f"({train_images} images{after}) and trainer.drop_last=true drops every "
+                        "batch; lower trainer.batch_size"
+                        + (" or dataset.val_size" if held else "")
+                        + " or set trainer.drop_last=false")
 
 
 def train(s, start):

@@ -246,7 +246,7 @@ def test_the_model_is_a_column_and_models_never_aggregate_together(tmp_path):
     runs = report.build_report(str(tmp_path), make_plots=False)
     with open(tmp_path / "summary.csv") as f:
         header = f.readline().strip().split(",")
-    assert header[:3] == ["conv", "model", "alpha"] and header[-2:] == ["config", "run_dir"]
+    assert header[:3] == ["conv", "model", "alpha"] and header[-4:] == ["config", "run_dir", "val_accuracy", "best_epoch"]
     assert [r["model"] for r in read_csv(tmp_path / "summary.csv")] == [
         "seed_cnn", "seed_cnn", "wide_cnn"]
     groups = read_csv(tmp_path / "summary_by_config.csv")
@@ -373,3 +373,20 @@ def test_plots_are_written_as_png_files(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp files
     assert "![accuracy_vs_alpha](accuracy_vs_alpha.png)" in (tmp_path / "summary.md").read_text()
+
+
+def test_validation_accuracy_and_best_epoch_reach_the_summaries(tmp_path):
+    from octconv_exp.report import build_report
+
+    for seed, val in ((0, 61.0), (1, 63.0)):
+        make_run(tmp_path, f"conv=octave,alpha=0.5/seed={seed}",
+                 {"status": "completed", "conv": "octave", "alpha": 0.5, "seed": seed,
+                  "test_accuracy": 60.0 + seed, "val_accuracy": val, "best_epoch": 3},
+                 overrides=["conv=octave", "alpha=0.5", f"seed={seed}"])
+    build_report(str(tmp_path), make_plots=False)
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert sorted((r["val_accuracy"], r["best_epoch"]) for r in rows) == [("61.0", "3"),
+                                                                       ("63.0", "3")]
+    groups = list(csv.DictReader(open(tmp_path / "summary_by_config.csv")))
+    assert float(groups[0]["val_accuracy"]) == 62.0
+    assert "val accuracy % (best epoch)" in (tmp_path / "summary.md").read_text()
