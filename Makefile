@@ -10,7 +10,7 @@ SDK_PY := $(SDK_VENV)/bin/python
 SDK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python) $(shell command -v python3.8 2>/dev/null))
 SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 
-.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench clean
+.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench mutate clean
 
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -67,6 +67,24 @@ demo: venv
 
 bench: venv
 	$(PY) bench/bench_octconv.py
+
+# Mutation testing, on demand (not part of `make test` or CI): mutmut changes one thing at a
+# time in the core modules (a "mutant": a flipped comparison, a dropped call, another
+# constant) and runs the fast tests against each; a mutant they pass on "survived": a bug
+# no test notices. It edits the files in place one mutant at a time (restoring each from
+# its .bak), so leave the work tree alone while it runs. Reading the result:
+# docs/development.md ("Mutation testing"). mutmut is installed into the venv here, not
+# listed in requirements.txt. A failing runner exits 1 for mutmut (pytest's 2, a module
+# that no longer imports, would count as "survived").
+MUTATE_PATHS ?= octconv_exp/loop.py,octconv_exp/checkpoint.py,octconv_exp/outputs.py,octconv_exp/runner.py,octconv_exp/data.py
+MUTATE_TESTS ?= tests/test_outputs.py tests/test_data.py tests/test_validation.py tests/test_robustness.py tests/test_ipu.py
+# MUTANT=ID: (re)check that one mutant only.
+MUTANT ?=
+mutate: venv
+	$(PY) -m pip install --quiet 'mutmut>=2.5,<3'
+	$(PY) -m mutmut run $(MUTANT) --paths-to-mutate '$(MUTATE_PATHS)' --tests-dir tests --simple-output \
+		--runner "sh -c '$(abspath $(PY)) -m pytest -x -q -p no:cacheprovider -m \"not slow\" $(MUTATE_TESTS) >/dev/null 2>&1 || exit 1'"; \
+	rc=$$?; $(PY) -m mutmut results; test $$((rc & 1)) -eq 0
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -56,7 +56,11 @@ def test_every_conv_mode_runs_through_run_py_on_the_double(mode, tmp_path):
     assert m["status"] == "completed" and m["device"] == "ipu"
     # Every test image evaluated: 437 = 14 whole combined batches of 10 x 3 x 2, plus 17.
     assert m["test_samples"] == 437
-    assert m["test_accuracy"] > 10.0
+    # Learned, not chance: the 437 test images hold 43 or 44 of each of the 10 classes, so
+    # predictions that ignore the images get at most 44 right on average, and
+    # P(Binomial(437, 44/437) >= 110 right, i.e. > 25 %) < 2e-19. These runs reach 38.9 %
+    # (octave, multi-octave) and 43.0 % (vanilla) here.
+    assert m["test_accuracy"] > 25.0
 
     train_exec, infer_exec = log["executors"]
     assert train_exec["training"] and not infer_exec["training"]

@@ -42,3 +42,18 @@ class Stripes:
         rgb = torch.zeros(s, s, 3, dtype=torch.int64)
         rgb[..., 0 if label < 2 else 2] = img
         return (rgb + self.noise[i]).clamp(0, 255).to(torch.uint8).numpy(), label
+
+
+class DropNet(nn.Module):
+    """TinyNet with dropout: its masks come from torch's global random generator, so a run
+    resumed inside an epoch repeats the uninterrupted one only if that generator's state was
+    restored from the checkpoint (tests/test_robustness.py)."""
+
+    def __init__(self, num_classes=10, hidden=8, p=0.5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, hidden, 3, padding=1), nn.ReLU(),
+                                      nn.Dropout(p), nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Sequential(nn.Dropout(p), nn.Linear(hidden * 16, num_classes))
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
