@@ -32,18 +32,26 @@ venv-sdk: $(SDK_VENV)/.installed
 
 # Both environments: the newest torch (the whole suite) and the Poplar SDK's torch 2.0.1 on
 # Python 3.8 (the tests marked `sdk`: every conv mode end to end on CPU and on the PopTorch
-# double, config validation, resume, plus every fast test). The two suites run side by side:
-# each keeps about one core busy (most tests wait on a run.py subprocess), and this machine
-# has two. The SDK suite's output follows the newest suite's; either failing fails `make test`.
+# double, config validation, resume, plus every fast test). Two processes run at a time, one
+# per core (most tests wait on a run.py subprocess): the newest suite's files in SHARD_B run
+# after the SDK suite in the background, the rest in the foreground. Logs are printed after;
+# any part failing fails `make test`.
 SDK_LOG ?= .pytest-sdk.log
+SHARD_LOG ?= .pytest-shard.log
+SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py
 test: venv venv-sdk
-	@$(SDK_PY) -m pytest -q -p no:cacheprovider -m "sdk or not slow" tests > $(SDK_LOG) 2>&1 & sdk=$$!; \
-	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite"; \
-	$(PY) -m pytest -q tests; newest=$$?; \
-	wait $$sdk; sdk_rc=$$?; \
+	@( $(SDK_PY) -m pytest -q -p no:cacheprovider -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
+	   $(PY) -m pytest -q -p no:cacheprovider $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
+	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 1 of 2)"; \
+	$(PY) -m pytest -q -p no:cacheprovider tests $(addprefix --ignore=,$(SHARD_B)); newest=$$?; \
+	wait $$bg; \
+	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 2 of 2: $(SHARD_B))"; \
+	cat $(SHARD_LOG); \
 	echo "== Python $$($(SDK_PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)') (Poplar SDK 3.3/3.4): fast tests and tests marked sdk"; \
-	cat $(SDK_LOG); rm -f $(SDK_LOG); \
-	test $$newest -eq 0 && test $$sdk_rc -eq 0
+	cat $(SDK_LOG); \
+	sdk_rc=$$(cat $(SDK_LOG).rc 2>/dev/null || echo 1); shard_rc=$$(cat $(SHARD_LOG).rc 2>/dev/null || echo 1); \
+	rm -f $(SDK_LOG) $(SDK_LOG).rc $(SHARD_LOG) $(SHARD_LOG).rc; \
+	test $$newest -eq 0 && test $$sdk_rc -eq 0 && test $$shard_rc -eq 0
 
 # The whole suite, slow end-to-end tests included (they are the proof of several features).
 test-newest: venv

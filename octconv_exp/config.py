@@ -419,17 +419,31 @@ def estimated_training_bytes(cfg):
     return params * 4 * 4
 
 
+_MODEL_CHECKS = {}
+
+
 def check_model(cfg):
     """Build the model on the meta device (no memory, no time): a model that refuses its
     arguments (a ResNet depth, an alpha its layers cannot split, a user model's signature) is
-    a ConfigError naming the model."""
-    from .model import model_name
+    a ConfigError naming the model. Returns the training-memory estimate; remembered per model
+    configuration, since ``validate`` checks many configs that share one model."""
+    import json
 
-    try:
-        return estimated_training_bytes(cfg)
-    except ValueError as exc:
-        where = "" if cfg.conv.mode == "vanilla" else f"at conv={cfg.conv.mode} alpha={cfg.alpha}: "
-        raise ConfigError("model", model_name(cfg), where + str(exc)) from None
+    from .model import model_name, model_node
+
+    key = json.dumps([model_node(cfg), cfg.conv.mode, float(cfg.alpha), int(cfg.expansion)],
+                     sort_keys=True, default=str)
+    if key not in _MODEL_CHECKS:
+        try:
+            _MODEL_CHECKS[key] = estimated_training_bytes(cfg)
+        except ValueError as exc:
+            where = ("" if cfg.conv.mode == "vanilla"
+                     else f"at conv={cfg.conv.mode} alpha={cfg.alpha}: ")
+            _MODEL_CHECKS[key] = ConfigError("model", model_name(cfg), where + str(exc))
+    result = _MODEL_CHECKS[key]
+    if isinstance(result, ConfigError):
+        raise ConfigError(result.key, result.value, result.expected)
+    return result
 
 
 def _available_memory():
