@@ -230,6 +230,20 @@ class ConvBN(nn.Module):
         return self.relu(out) if self.relu is not None else out
 
 
+def projection_shortcut(in_channels, out_channels, stride, alpha_in, alpha_out, **kw):
+    """A residual block's shortcut: None (identity) when shape and channel split stay, else a
+    1x1 ConvBN projection with the block's stride and alphas."""
+    if stride == 1 and in_channels == out_channels and alpha_in == alpha_out:
+        return None
+    return ConvBN(in_channels, out_channels, 1, stride, alpha_in, alpha_out, relu=False, **kw)
+
+
+def residual(block, out, x):
+    """ReLU(out + shortcut(x)), per frequency: the end of every residual block."""
+    identity = x if block.shortcut is None else block.shortcut(x)
+    return block.relu(freq_add(out, identity))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 ConvBNs and a shortcut (a 1x1 ConvBN projection whenever the block changes the
     channels, the resolution or the frequency split, else the identity)."""
@@ -241,15 +255,12 @@ class BasicBlock(nn.Module):
         kw = dict(conv_mode=conv_mode, parallel_scope=parallel_scope)
         self.conv1 = ConvBN(in_channels, out_channels, 3, stride, alpha_in, mid, **kw)
         self.conv2 = ConvBN(out_channels, out_channels, 3, 1, mid, alpha_out, relu=False, **kw)
-        self.shortcut = None
-        if stride != 1 or in_channels != out_channels or alpha_in != alpha_out:
-            self.shortcut = ConvBN(in_channels, out_channels, 1, stride, alpha_in, alpha_out,
-                                   relu=False, **kw)
+        self.shortcut = projection_shortcut(in_channels, out_channels, stride, alpha_in,
+                                            alpha_out, **kw)
         self.relu = FreqReLU(inplace=True)
 
     def forward(self, x):
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return self.relu(freq_add(self.conv2(self.conv1(x)), identity))
+        return residual(self, self.conv2(self.conv1(x)), x)
 
 
 class Bottleneck(nn.Module):
@@ -269,15 +280,12 @@ class Bottleneck(nn.Module):
         self.conv1 = ConvBN(in_channels, planes, 1, 1, alpha_in, alpha_out, **kw)
         self.conv2 = ConvBN(planes, planes, 3, stride, alpha_out, alpha_out, **kw)
         self.conv3 = ConvBN(planes, out_channels, 1, 1, alpha_out, alpha_out, relu=False, **kw)
-        self.shortcut = None
-        if stride != 1 or in_channels != out_channels or alpha_in != alpha_out:
-            self.shortcut = ConvBN(in_channels, out_channels, 1, stride, alpha_in, alpha_out,
-                                   relu=False, **kw)
+        self.shortcut = projection_shortcut(in_channels, out_channels, stride, alpha_in,
+                                            alpha_out, **kw)
         self.relu = FreqReLU(inplace=True)
 
     def forward(self, x):
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return self.relu(freq_add(self.conv3(self.conv2(self.conv1(x))), identity))
+        return residual(self, self.conv3(self.conv2(self.conv1(x))), x)
 
 
 def init_weights(model: nn.Module):

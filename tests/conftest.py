@@ -101,3 +101,15 @@ def poptorch(monkeypatch):
     yield module
     for name in [m for m in sys.modules if m == "poptorch" or m.startswith("poptorch.")]:
         sys.modules.pop(name, None)
+
+
+def compose_config(*overrides):
+    """The composed primary config for these overrides (conf/config.yaml), as run.py sees it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import DOUBLE, REPO, run_cli
+from conftest import compose_config as compose, DOUBLE, run_cli
 SMALL = ["dataset=synthetic", "dataset.train_size=960", "dataset.test_size=437",
          "trainer.epochs=2", "trainer.batch_size=8", "trainer.test_batch_size=10",
          "trainer.progress_bar=false", "ipu.num_workers=0"]
@@ -26,15 +26,6 @@ def run_ipu(tmp_path, *args, ipus=0, env=None):
     return res, record, metrics
 
 
-def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import DOUBLE, REPO, run_cli, write_image_folder
+from conftest import compose_config as compose, DOUBLE, run_cli, write_image_folder
 
 USER_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_code")
 MODELS = {  # tiny versions of each family
@@ -17,15 +17,6 @@ MODELS = {  # tiny versions of each family
 MODES = ("vanilla", "octave", "multi-octave")
 
 
-def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def metrics(run_dir):

@@ -3,13 +3,12 @@ split itself, the loaders, the IPU backend's validation (against the PopTorch do
 end-to-end runs through run.py."""
 import csv
 import json
-import os
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import DOUBLE, REPO, run_cli
+from conftest import compose_config as compose, DOUBLE, run_cli
 from octconv_exp.data import (BatchLoader, ImageSet, augment_batch, augmentation_generator,
                               load_data, make_synthetic, split_validation)
 from octconv_exp.errors import ConfigError, UserError
@@ -79,15 +78,6 @@ def test_load_data_computes_statistics_on_what_remains():
     assert load_data(OmegaConf.merge(node, {"val_size": 0})).val is None
 
 
-def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def test_early_stopping_needs_a_validation_split():
