@@ -464,7 +464,7 @@ class Normalise:
 AUGMENT_PADDING = 4
 
 
-def augment_batch(images, generator, padding=AUGMENT_PADDING):
+def augment_batch(images, generator, padding=AUGMENT_PADDING, whole=None, rank=0, world_size=1):
     """The standard CIFAR augmentation of a whole batch of normalised images, with tensor ops
     only: each image padded by ``padding`` pixels of 0 on every side, cropped back to its
     H x W at a random offset, and flipped left-right with probability 1/2.
@@ -473,10 +473,18 @@ def augment_batch(images, generator, padding=AUGMENT_PADDING):
     torchvision's ``RandomCrop(padding=4)`` on unnormalised images pads black: a detail of
     the border, the same on every backend. The offsets and flips are drawn from
     ``generator`` (a CPU generator), so a batch's augmentation depends on the generator's
-    seed alone, not on the device or on anything drawn before it."""
+    seed alone, not on the device or on anything drawn before it.
+
+    ``images`` may be one rank's :func:`shard_of` a global batch of ``whole`` images: the
+    offsets and flips are drawn for all ``whole`` and this rank's part is used, so the
+    ranks together augment the global batch as one process would."""
     b, _, h, w = images.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5
+    whole = b if whole is None else int(whole)
+    offsets = torch.randint(0, 2 * padding + 1, (2, whole), generator=generator)
+    flips = torch.rand(whole, generator=generator) < 0.5
+    if whole != b:
+        part = shard_of(torch.arange(whole), rank, world_size)
+        offsets, flips = offsets[:, part], flips[part]
     rows = offsets[0].view(b, 1) + torch.arange(h)  # rows of the padded image, per image
     cols = offsets[1].view(b, 1) + torch.arange(w)
     cols = torch.where(flips.view(b, 1), cols.flip(1), cols)  # a flip reads the crop backwards
@@ -495,6 +503,29 @@ def augmentation_generator(seed, epoch, batch):
     return torch.Generator().manual_seed(derived_seed("augment", seed, epoch, batch))
 
 
+def batch_count(n, batch_size, drop_last, world_size=1):
+    """Steps in one pass over ``n`` samples, ``batch_size`` per rank over ``world_size`` ranks:
+    a global batch is ``batch_size * world_size`` samples."""
+    g = int(batch_size) * int(world_size)
+    return n // g if drop_last else -(-n // g)
+
+
+def global_batch(index, step, batch_size, world_size=1):
+    """The samples (positions in the pass's order) of global batch ``step``."""
+    g = int(batch_size) * int(world_size)
+    return index[step * g:(step + 1) * g]
+
+
+def shard_of(batch, rank, world_size):
+    """This rank's part of a global batch: contiguous, as equal as can be (the ranks' parts
+    differ by one sample at most, only in a last, smaller batch). With ``batch_size`` per rank
+    the union over ranks is the global batch, so N ranks step on exactly the samples one
+    process at ``N * batch_size`` would."""
+    if world_size == 1:
+        return batch
+    return torch.tensor_split(batch, int(world_size))[int(rank)]
+
+
 class BatchLoader:
     """Shuffled batches of an :class:`ImageSet`, normalised as whole batches on ``device``.
 
@@ -503,11 +534,15 @@ class BatchLoader:
     ``augment``, each batch is then augmented on the device (:func:`augment_batch`) with
     the randomness of :func:`augmentation_generator` (``augment_seed``, the pass number,
     the batch index).
+
+    Data-parallel (``world_size`` > 1): every rank draws the same seeded order and takes its
+    :func:`shard_of` each global batch of ``batch_size * world_size`` samples; augmentation is
+    drawn for the global batch and sliced, so the ranks together see what one process would.
     """
 
     def __init__(self, data: ImageSet, batch_size, mean, std, shuffle=False, drop_last=False,
                  device="cpu", seed=0, memory_format=torch.contiguous_format, augment=False,
-                 augment_seed=0):
+                 augment_seed=0, rank=0, world_size=1):
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
@@ -522,14 +557,15 @@ class BatchLoader:
         self.epoch = 1  # the number of the next pass (the training loader: the epoch)
         self.epoch_start_state = self.generator.get_state()
         self.skip = 0  # batches the next pass leaves out (resuming inside an epoch)
+        self.rank, self.world_size = int(rank), int(world_size)
 
     @property
     def num_samples(self):
         return self.labels.shape[0]
 
     def __len__(self):
-        n, b = self.num_samples, self.batch_size
-        return (n // b if self.drop_last else -(-n // b)) - self.skip
+        return batch_count(self.num_samples, self.batch_size, self.drop_last,
+                           self.world_size) - self.skip
 
     def state_dict(self, inside_pass=False):
         """Where the shuffling stands: the generator state the next pass starts from (or, with
@@ -554,16 +590,17 @@ class BatchLoader:
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.device)
         else:
-            order = None
+            order = torch.arange(n, device=self.device)
         for i in range(skip, len(self)):  # len(): every batch of the pass (skip is cleared)
-            start = i * self.batch_size
-            stop = min(start + self.batch_size, n)
-            if order is None:
-                x, y = self.images[start:stop], self.labels[start:stop]
+            whole = global_batch(order, i, self.batch_size, self.world_size)
+            idx = shard_of(whole, self.rank, self.world_size)
+            if not self.shuffle and self.world_size == 1:
+                x, y = self.images[idx[0]:idx[-1] + 1], self.labels[idx[0]:idx[-1] + 1]
             else:
-                idx = order[start:stop]
                 x, y = self.images[idx], self.labels[idx]
             x = self.normalise(x)
             if self.augment:
-                x = augment_batch(x, augmentation_generator(self.augment_seed, epoch, i))
+                # Drawn for the global batch, this rank's part kept (world_size 1: all).
+                x = augment_batch(x, augmentation_generator(self.augment_seed, epoch, i),
+                                  whole=len(whole), rank=self.rank, world_size=self.world_size)
             yield x.contiguous(memory_format=self.memory_format), y
