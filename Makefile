@@ -75,6 +75,7 @@ demo: venv
 
 bench: venv
 	$(PY) bench/bench_octconv.py
+	$(PY) bench/bench_streaming.py
 
 # Mutation testing, on demand (not part of `make test` or CI): mutmut changes one thing at a
 # time in the core modules (a "mutant": a flipped comparison, a dropped call, another

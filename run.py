@@ -46,6 +46,14 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    from octconv_exp.cli import fail
+    from octconv_exp.distributed import agree_on_launch
+    from octconv_exp.errors import UserError
+
+    try:  # torchrun: the ranks agree on one run dir before Hydra names it
+        sys.argv[1:] = agree_on_launch(sys.argv[1:])
+    except UserError as exc:
+        fail(str(exc))
     sys.argv[1:] = preflight(sys.argv[1:])
     try:
         main()

@@ -7,6 +7,7 @@ Two places can reject a command line:
 - validation (ranges, cross-key rules, missing data, devices): :func:`run_task` catches
   :class:`~octconv_exp.errors.UserError`, records it in the run's ``metrics.json`` and exits.
 """
+import contextlib
 import itertools
 import logging
 import os
@@ -226,6 +227,9 @@ def keep_the_record(overrides):
 RECORDED_GROUPS_ENV = "OCTCONV_EXP_RECORDED_GROUPS"
 RECORD_GROUPS = ("model", "conv", "dataset", "optimizer", "scheduler", "logger", "ipu",
                  "experiment")
+#: Keys a group option requires (``???`` in conf/): recorded with the groups, so that a
+#: resumed image folder run composes without its dataset.root on the command line.
+RECORD_REQUIRED = ("dataset.root", "dataset._target_")
 
 
 def with_recorded_groups(overrides):
@@ -261,7 +265,8 @@ def with_recorded_groups(overrides):
         with open(record) as f:
             recorded = [str(o) for o in (yaml.safe_load(f) or [])]
         taken = [ov.input_line for ov in parser.parse_overrides(recorded)
-                 if ov.key_or_group in RECORD_GROUPS and ov.key_or_group not in given
+                 if ov.key_or_group in RECORD_GROUPS + RECORD_REQUIRED
+                 and ov.key_or_group not in given
                  and ov.package is None and not ov.is_sweep_override()]
     except Exception:  # noqa: BLE001 - an unreadable record: compose from the command alone
         return overrides
@@ -327,7 +332,9 @@ def preflight(argv):
                 full = compose(config_name=config_name, overrides=combos[0],
                                return_hydra_config=True)
                 check_output_dir(full, args.multirun)
-                if not args.multirun:
+                from .distributed import launched_rank
+
+                if not args.multirun and launched_rank() == 0:  # rank 0 holds the lock
                     from omegaconf import OmegaConf
 
                     # Before Hydra writes into it: refuse a run dir another live run holds.
@@ -393,6 +400,7 @@ def run_task(cfg):
     """
     from hydra.core.hydra_config import HydraConfig
 
+    from .distributed import GpuClaim, launched_rank
     from .resume import explicit_keys
     from .rundir import RunDirLock
     from .runner import Run, run_experiment
@@ -409,19 +417,24 @@ def run_task(cfg):
             signal.signal(sig, note_sweep_stop)
     if multirun and SWEEP_STOP["signal"] is not None:
         return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
+    writer = launched_rank() == 0  # data-parallel: rank 0 writes the run's outputs
+    # Jobs running side by side on this machine each take a GPU of their own (when it has
+    # several); the lock dies with the job.
+    gpu_claim = (GpuClaim(hydra_cfg.sweep.dir, hydra_cfg.job.num) if in_worker else None)
     with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
         try:
-            with RunDirLock(output_dir):
-                adopt_attempt_files(output_dir, hydra_cfg)
+            with (RunDirLock(output_dir) if writer else contextlib.nullcontext()):
+                if writer:
+                    adopt_attempt_files(output_dir, hydra_cfg)
                 try:
                     metrics = run_experiment(cfg, output_dir, run=run,
                                              threads=launcher_threads(cfg),
                                              fresh_if_no_checkpoint=multirun,
                                              explicit=explicit_keys(hydra_cfg.overrides.task),
-                                             stop=stop)
+                                             stop=stop, gpu_claim=gpu_claim)
                 finally:
                     stop.set_phase("closing", "")
-                    if run.resumed or run.status == "evaluated":
+                    if writer and (run.resumed or run.status == "evaluated"):
                         record_effective_config(output_dir, run.cfg)
         except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
             stop.set_phase("closing", "")
@@ -456,6 +469,7 @@ def _not_started(run, cfg, output_dir, hydra_cfg, signum):
 def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
     """A run that ended in an exception: recorded in metrics.json where this attempt owns the
     record, then one line (a single run exits; a sweep job returns None and the sweep goes on)."""
+    from .distributed import launched_rank
     from .errors import Diverged, RunInterrupted
     from .rundir import RunDirBusy
     from .runner import stopped_now
@@ -481,6 +495,8 @@ def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
             sweep_dir = str(hydra_cfg.sweep.dir)
             sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
             return None
+        if launched_rank() != 0:  # data-parallel: rank 0 says it, for all of them
+            sys.exit(exc.exit_code)
         fail(run.error, exc.exit_code)  # a single run, or a sequential sweep: stop it
     run.status = "diverged" if isinstance(exc, Diverged) else "failed"
     run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
@@ -497,14 +513,18 @@ def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
         sweep_dir = str(hydra_cfg.sweep.dir)
         sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
         return None
-    fail(run.error)
+    rank = launched_rank()
+    fail(f"rank {rank}: {run.error}" if rank else run.error)
 
 
 def owns_record(run, cfg, output_dir):
     """May a failed run write metrics.json? Not a resume or an evaluation that failed before
     it got going in a dir that already holds a run's record."""
+    from .distributed import launched_rank
     from .outputs import METRICS_FILE
 
+    if launched_rank() != 0:
+        return False  # data-parallel: rank 0 writes the record
     attempt = bool(cfg.resume) or not cfg.train
     return (not attempt or run.resumed
             or not os.path.exists(os.path.join(output_dir, METRICS_FILE)))

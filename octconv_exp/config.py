@@ -91,6 +91,14 @@ class ImageFolderConfig(DatasetConfig):
     root: str = MISSING
     # Images are resized to image_size x image_size (32: CIFAR-sized).
     image_size: int = 32
+    # true: decoded into memory; false: streamed from disk by DataLoader workers; auto:
+    # streamed when the decoded images would exceed max_memory_gb.
+    in_memory: str = "auto"
+    max_memory_gb: float = 4.0
+    # DataLoader worker processes decoding a streamed folder (0: in the training process).
+    workers: int = 2
+    # A streamed folder's normalisation statistics come from this many training images.
+    stats_images: int = 10000
 
 
 #: The schema of each data set option (conf/dataset/<name>.yaml names it in its defaults).
@@ -121,6 +129,18 @@ class TrainerConfig:
     # Label smoothing of the cross-entropy loss (0: none, the seed's loss).
     label_smoothing: float = 0.0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Data-parallel runs (torchrun, submitit tasks): BatchNorm over the global batch.
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    """Data-parallel runs (torchrun, submitit tasks): octconv_exp/distributed.py."""
+
+    # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
+    backend: str = "auto"
+    # How long a collective waits for the other ranks before the run fails (a rank that died).
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -150,6 +170,9 @@ class IpuConfig:
     num_workers: int = 4
 
 
+DISTRIBUTED_BACKENDS = ("auto", "gloo", "nccl")
+
+
 @dataclass
 class Schema:
     alpha: float = MISSING
@@ -173,6 +196,7 @@ class Schema:
     ipu: IpuConfig = MISSING
     speed: SpeedConfig = MISSING
     trainer: TrainerConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def register_configs():
@@ -262,6 +286,13 @@ def validate(cfg: DictConfig, check_environment=True):
     _require_int("trainer.epochs", t.epochs, 1, "must be an integer >= 1")
     _require_int("trainer.batch_size", t.batch_size, 1, "must be a positive integer")
     _require_int("trainer.test_batch_size", t.test_batch_size, 1, "must be a positive integer")
+    d = cfg.get("distributed")
+    if d is not None:
+        if d.backend not in DISTRIBUTED_BACKENDS:
+            raise ConfigError("distributed.backend", d.backend,
+                              "expected one of " + ", ".join(DISTRIBUTED_BACKENDS))
+        if not _is_number(d.timeout_s) or d.timeout_s <= 0:
+            raise ConfigError("distributed.timeout_s", d.timeout_s, "must be a number of seconds > 0")
 
     name = _optimizer_name(cfg)
     lr = cfg.optimizer.get("lr", None)
@@ -557,6 +588,12 @@ def _validate_dataset(ds, check_environment):
     if ds.name == "image_folder":
         _require_int("dataset.image_size", ds.get("image_size", 32), 1,
                      "must be a positive integer (pixels per side)")
+        from .streaming import choose_in_memory
+
+        choose_in_memory(ds.get("in_memory", "auto"), 0, 1, ds.get("max_memory_gb", 4))
+        _require_int("dataset.workers", ds.get("workers", 2), 0, "must be an integer >= 0")
+        _require_int("dataset.stats_images", ds.get("stats_images", 10000), 2,
+                     "must be an integer >= 2")
     if OmegaConf.is_missing(ds, "root"):
         if not check_environment:
             return  # to be given on the command line; the run itself checks it

@@ -8,6 +8,7 @@ device (the airbench approach). The seed's ``ToTensor() + Normalize(mean, std)``
 crops and flips whole batches there too (:func:`augment_batch`); ``dataset.val_size`` holds
 training images out for validation (:func:`split_validation`) before the statistics.
 """
+import logging
 import os
 import pickle
 import sys
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+
+log = logging.getLogger("octconv_exp")
 
 IMAGE_SIZE = 32
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -33,6 +36,15 @@ class ImageSet:
 
     def __len__(self):
         return self.labels.shape[0]
+
+    def part(self, rank, world_size):
+        """This rank's contiguous part of the set (data-parallel evaluation: each image is
+        evaluated by exactly one rank; the parts differ by one image at most)."""
+        if world_size == 1:
+            return self
+        index = shard_of(torch.arange(len(self)), rank, world_size)
+        return ImageSet(images=self.images[index], labels=self.labels[index],
+                        classes=list(self.classes))
 
     def channel_stats(self):
         """Per-channel mean and std of the images scaled to [0, 1]."""
@@ -53,6 +65,19 @@ class DataBundle:
     def num_classes(self):
         return len(self.train.classes)
 
+    @property
+    def streamed(self):
+        """Are the images read from disk batch by batch (an image folder too large to hold,
+        see :mod:`.streaming`), rather than held in memory as one tensor?"""
+        return not isinstance(self.train, ImageSet)
+
+    @property
+    def image_shape(self):
+        """(channels, height, width) of every image."""
+        if self.streamed:
+            return (3, int(self.train.image_size), int(self.train.image_size))
+        return tuple(self.train.images.shape[1:])
+
 
 def load_data(ds_cfg) -> DataBundle:
     """Load the data set a ``dataset`` config node names."""
@@ -66,10 +91,20 @@ def load_data(ds_cfg) -> DataBundle:
         train = load_cifar10(ds_cfg.root, train=True, **kwargs)
         test = load_cifar10(ds_cfg.root, train=False, **kwargs)
     elif ds_cfg.name == "image_folder":
+        from .streaming import choose_in_memory, decode_files, scan_image_folder
+
         size = int(ds_cfg.get("image_size", IMAGE_SIZE))
-        train = load_image_folder(os.path.join(ds_cfg.root, "train"), image_size=size)
-        test = load_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes,
+        train = scan_image_folder(os.path.join(ds_cfg.root, "train"), image_size=size)
+        test = scan_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes,
                                  image_size=size)
+        in_memory, reason = choose_in_memory(ds_cfg.get("in_memory", "true"),
+                                             len(train) + len(test), size,
+                                             ds_cfg.get("max_memory_gb", 4))
+        log.info("Image folder %s: %d + %d images, %s", ds_cfg.root, len(train), len(test),
+                 reason)
+        if not in_memory:
+            return load_streamed(ds_cfg, train, test)
+        train, test = decode_files(train), decode_files(test)
     else:  # the config validation rejects this first
         raise ValueError(f"unknown dataset {ds_cfg.name}")
     # Held out before the statistics: they describe the images the model trains on.
@@ -77,6 +112,26 @@ def load_data(ds_cfg) -> DataBundle:
     mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
     if mean is None or std is None:
         stats = train.channel_stats()
+        mean = stats[0] if mean is None else mean
+        std = stats[1] if std is None else std
+    return DataBundle(train=train, test=test, mean=tuple(float(m) for m in mean),
+                      std=tuple(float(s) for s in std), val=val)
+
+
+def load_streamed(ds_cfg, train, test) -> DataBundle:
+    """An image folder read from disk batch by batch (:mod:`.streaming`): the file lists, the
+    validation split held out of them as :func:`split_validation` holds images out, and the
+    statistics from ``dataset.stats_images`` training images (all of them when fewer)."""
+    from .streaming import file_stats, split_files
+
+    train, val = split_files(train, ds_cfg.get("val_size", 0) or 0, ds_cfg.get("seed", 0))
+    mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
+    if mean is None or std is None:
+        sample = int(ds_cfg.get("stats_images", 10000))
+        stats = file_stats(train, sample=sample, seed=ds_cfg.get("seed", 0),
+                           workers=int(ds_cfg.get("workers", 2)))
+        log.info("Image folder statistics from %s training images",
+                 "all" if len(train) <= sample else f"{sample} of the {len(train)}")
         mean = stats[0] if mean is None else mean
         std = stats[1] if std is None else std
     return DataBundle(train=train, test=test, mean=tuple(float(m) for m in mean),
@@ -235,45 +290,11 @@ def load_image_folder(folder, classes: Optional[List[str]] = None, image_size=IM
 
     A class folder without images is an error for the training set (a class the model could
     never learn, usually a copy that went wrong); in a test set it is allowed, since a test
-    split may lack a class, and said in a warning."""
-    if not os.path.isdir(folder):
-        raise UserError(f"image folder {os.path.abspath(folder)} does not exist; dataset.root "
-                        "must hold train/<class>/* and test/<class>/*")
-    found = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
-    if not found:
-        raise UserError(f"image folder {os.path.abspath(folder)} has no class subfolders; "
-                        "expected <class>/<image> files")
-    training = classes is None
-    if training:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise UserError(f"image folder {os.path.abspath(folder)} has classes not in the "
-                            f"training set: {', '.join(unknown)}")
-    index = {name: i for i, name in enumerate(classes)}
-    images, labels, empty = [], [], []
-    for name in found:
-        files = _image_files(os.path.join(folder, name))
-        if not files:
-            empty.append(name)
-        for path in files:
-            images.append(_read_image(path, image_size))
-            labels.append(index[name])
-    if not images:
-        raise UserError(f"image folder {os.path.abspath(folder)} holds no images "
-                        f"({', '.join(IMAGE_EXTENSIONS)})")
-    if empty:
-        where = ", ".join(os.path.join(os.path.abspath(folder), name) for name in empty)
-        if training:
-            raise UserError(f"class folder{'s' if len(empty) > 1 else ''} without images "
-                            f"({', '.join(IMAGE_EXTENSIONS)}): {where}; remove "
-                            f"{'them' if len(empty) > 1 else 'it'} or add images")
-        print(f"warning: test class folder{'s' if len(empty) > 1 else ''} without images: "
-              f"{where}", file=sys.stderr)
-    stacked = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
-    return ImageSet(images=stacked, labels=torch.tensor(labels, dtype=torch.int64),
-                    classes=list(classes))
+    split may lack a class, and said in a warning. The listing is
+    :func:`~octconv_exp.streaming.scan_image_folder`'s, which a streamed folder reads too."""
+    from .streaming import decode_files, scan_image_folder
+
+    return decode_files(scan_image_folder(folder, classes=classes, image_size=image_size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ class EpochProgress:
 # A test hook: ``OCTCONV_EXP_SIGNAL_AT=point[*count]`` sends this process SIGINT (or
 # ``OCTCONV_EXP_SIGNAL``) ``count`` times when the run reaches ``point``: "start-up" (data and
 # model built), "step:K" (after the K-th training step this process ran), "evaluation" (after
-# the first test batch) or "accuracy" (right after the final accuracy). Tests stop a run at an
+# the first test batch) or "accuracy" (right after the final accuracy); with
+# ``OCTCONV_EXP_SIGNAL_RANK=R``, only data-parallel rank R. Tests stop a run at an
 # exact place with it instead of racing a timer; unset, it costs one comparison per step.
 _SIGNAL_AT = os.environ.get("OCTCONV_EXP_SIGNAL_AT", "").partition("*")
 _steps_run = 0
@@ -163,6 +164,12 @@ def send_test_signal(point):
     at, _, count = _SIGNAL_AT
     if at != point:
         return
+    only = os.environ.get("OCTCONV_EXP_SIGNAL_RANK")  # data-parallel: signal one rank only
+    if only is not None:
+        from .distributed import WORLD
+
+        if int(only) != WORLD.rank:
+            return
     sig = getattr(signal, os.environ.get("OCTCONV_EXP_SIGNAL", "SIGINT"))
     for _ in range(int(count or 1)):
         os.kill(os.getpid(), sig)
@@ -184,7 +191,7 @@ class Interrupted(Exception):
 
 
 def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25, resume=None,
-                should_stop=None):
+                should_stop=None, reduce=None):
     """One pass over ``loader``. Per step only the step itself runs: losses and outputs are
     kept and folded into the epoch's sums every ``refresh_every`` steps (one synchronisation
     and a handful of ops for all of them), which also updates the bar and checks for
@@ -193,7 +200,9 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
     A step may return no output (PopTorch's Sum output mode): the accuracy is then None.
     ``resume`` (an :class:`EpochProgress`) continues an epoch a checkpoint stopped inside (the
     loader must then skip the batches already done); ``should_stop()`` is asked after every
-    step and ends the epoch with :class:`Interrupted`."""
+    step and ends the epoch with :class:`Interrupted`. ``reduce`` (data-parallel: a sum over
+    the ranks) turns this process's sums into the run's: the loss is then the mean of every
+    rank's step losses, the accuracy and image count those of all ranks' images."""
     p = resume or EpochProgress()
     total = len(loader) + p.steps
     bar = tqdm(loader, total=total, initial=p.steps, desc=f"Epoch {epoch}/{epochs}",
@@ -220,10 +229,14 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
         p.flush(epoch)
     finally:
         bar.close()
-    mean_loss = p.loss_sum.item() / p.steps
-    accuracy = 100.0 * p.correct.item() / p.seen if p.seen else None
+    sums = [p.loss_sum.item(), p.steps, 0 if p.correct is None else p.correct.item(), p.seen,
+            p.images]
+    if reduce is not None:
+        sums = reduce(sums)
+    loss_sum, steps, correct, seen, images = sums
+    accuracy = 100.0 * correct / seen if seen else None
     elapsed = time.perf_counter() - start
-    return EpochStats(epoch, mean_loss, accuracy, p.images, elapsed)
+    return EpochStats(epoch, loss_sum / steps, accuracy, int(images), elapsed)
 
 
 def _describe(loss, correct, seen):
@@ -233,7 +246,8 @@ def _describe(loss, correct, seen):
     return text
 
 
-def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evaluation"):
+def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evaluation",
+             reduce=None):
     """``(accuracy, images, loss)``: the accuracy (percent) over every image the loader yields,
     how many that was, and the mean cross-entropy of the outputs against the labels.
 
@@ -241,7 +255,9 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
     applies log_softmax, which leaves log-probabilities as they are, so this is the NLL of
     either. It is the plain cross-entropy, without the training loss's label smoothing, so
     that validation losses compare across ``trainer.label_smoothing``.
-    ``signal_point``: the test hook's point after the first batch (None: none)."""
+    ``signal_point``: the test hook's point after the first batch (None: none).
+    ``reduce`` (data-parallel: a sum over the ranks, each evaluating its part of the set):
+    the counts and the loss of the whole set."""
     correct = torch.zeros((), dtype=torch.int64)
     loss_sum = None
     seen = 0
@@ -259,14 +275,18 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
             send_test_signal(signal_point)
     if seen == 0:
         raise ValueError(f"the {desc.lower()} loader yielded no batch")
-    return 100.0 * correct.item() / seen, seen, loss_sum.item() / seen
+    correct, loss_sum = correct.item(), loss_sum.item()
+    if reduce is not None:
+        correct, seen, loss_sum = reduce([correct, seen, loss_sum])
+        seen = int(seen)
+    return 100.0 * correct / seen, seen, loss_sum / seen
 
 
-def validate(backend, model, loader, progress_bar=True):
+def validate(backend, model, loader, progress_bar=True, reduce=None):
     """The validation split through the backend's inference path (as the test set goes):
     ``(accuracy, images, loss)`` as :func:`evaluate` gives them. The backend switches the
     model to inference and back (on IPUs: the training executable makes way for the
     inference one, see ``IpuBackend.validating``)."""
     with backend.validating(model) as infer:
         return evaluate(infer, loader, progress_bar=progress_bar, desc="Validation",
-                        signal_point=None)
+                        signal_point=None, reduce=reduce)

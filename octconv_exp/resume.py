@@ -7,6 +7,7 @@ sets to another value is refused, naming each. ``train=false`` evaluates the sav
 the saved data set unless the command line says otherwise.
 """
 import copy
+import os
 import shlex
 import sys
 
@@ -146,5 +147,11 @@ def hydra_quoted(value):
 def resume_hint(output_dir):
     """A command that continues the run in ``output_dir`` when pasted into a shell."""
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "run.py"
-    return (f"python {shlex.quote(script)} resume=true "
+    launcher = "python"
+    if os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun rank: the same ranks again (a checkpoint inside an epoch needs them).
+        local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ["WORLD_SIZE"]
+        launcher = (f"torchrun --nproc_per_node={world}" if local == world
+                    else f"torchrun --nnodes=... --nproc_per_node={local} (as before)")
+    return (f"{launcher} {shlex.quote(script)} resume=true "
             + shlex.quote(f"hydra.run.dir={hydra_quoted(output_dir)}"))

@@ -11,11 +11,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import outputs
+from . import distributed, outputs
 from .backends import ipus_needed, make_backend, resolve_device
 from .config import validate
 from .data import load_data
-from .loggers import make_logger
+from .data import derived_seed
+from .loggers import NullLogger, make_logger
 from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, identity,
                          monitor_for, rng_state, set_rng_state)
 from .checkpoint import load as load_checkpoint
@@ -135,6 +136,9 @@ class Run:
             "epochs": cfg.trainer.epochs,
             "epochs_completed": len(self.epochs),
             "batch_size": cfg.trainer.batch_size,
+            # Data-parallel ranks (torchrun, submitit tasks); batch_size is per rank.
+            "world_size": distributed.WORLD.world_size,
+            "global_batch_size": cfg.trainer.batch_size * distributed.WORLD.world_size,
             "train_loss": last.train_loss if last else None,
             "train_accuracy": last.train_accuracy if last else None,
             "test_accuracy": self.test_accuracy,
@@ -165,6 +169,8 @@ class Run:
         return m
 
     def write_metrics(self):
+        if not distributed.is_writer():
+            return  # data-parallel: rank 0 writes the run's record
         outputs.write_json_atomic(os.path.join(self.output_dir, outputs.METRICS_FILE),
                                   self.metrics())
 
@@ -198,7 +204,7 @@ class Session:
 
 
 def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if_no_checkpoint=False,
-                   explicit=None, stop=None):
+                   explicit=None, stop=None, gpu_claim=None):
     """Train and evaluate the configured model (or only evaluate one, ``train=false``);
     returns the metrics dict.
 
@@ -208,12 +214,13 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     ``explicit`` lists the keys the command line set: resume and evaluation take the config
     saved with the checkpoint, and only these may differ from it (see :mod:`.resume`);
     ``stop`` is the caller's entered :class:`StopRequest` (run.py holds one from start-up to
-    the last output written), else this call installs its own.
+    the last output written), else this call installs its own; ``gpu_claim`` (a
+    :class:`~octconv_exp.distributed.GpuClaim`): a parallel sweep's job takes a GPU of its own.
     """
     if stop is None:
         with StopRequest() as own:
             return run_experiment(cfg, output_dir, run, threads, fresh_if_no_checkpoint,
-                                  explicit, stop=own)
+                                  explicit, stop=own, gpu_claim=gpu_claim)
     validate(cfg)
     run = run or Run(cfg, output_dir)
     resume_from = evaluate_from = None  # (path, state) of the checkpoint, read once
@@ -230,6 +237,19 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     os.makedirs(output_dir, exist_ok=True)
     run.torch_threads = set_threads(threads)
     device = resolve_device(cfg.device, ipus_needed=ipus_needed(cfg))
+    if device == "ipu" and cfg.trainer.get("sync_batchnorm", False):
+        raise UserError("trainer.sync_batchnorm=true: not on IPUs (each replica normalises "
+                        "its own micro-batch); set trainer.sync_batchnorm=false for device=ipu")
+    try:
+        device = distributed.setup(cfg, device)  # torchrun/submitit ranks: join the group
+    except distributed.collective_errors() as exc:
+        distributed.teardown()
+        raise distributed.peer_failure(exc) from exc
+    if device == "cuda" and gpu_claim is not None:  # one GPU per job of a parallel sweep
+        device = gpu_claim.acquire(torch.cuda.device_count())
+        if device != "cuda":
+            torch.cuda.set_device(torch.device(device))
+            log.info("Parallel sweep: job %d runs on GPU %s", gpu_claim.job_num, device)
     run.device = device
     if resume_from is not None:
         check_resume_device(resume_from[1].get("device"), device, resume_from[0])
@@ -240,12 +260,28 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     session.stop = stop
     try:
         return _run(session, resume_from, evaluate_from)
+    except (RuntimeError, ValueError) as exc:
+        if distributed.WORLD.active and is_collective_failure(exc):
+            raise distributed.peer_failure(exc) from exc
+        raise
     except getattr(backend, "device_errors", ()) as exc:
         # The device refused (no IPUs to attach, a failed compilation): one line, not a trace.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"device={device}: PopTorch failed: {first}") from exc
     finally:
         backend.close()
+        distributed.teardown()
+        if gpu_claim is not None:
+            gpu_claim.release()
+
+
+def is_collective_failure(exc):
+    """Did a collective fail (a rank that died, a timeout), rather than our own code?"""
+    text = str(exc)
+    return (type(exc).__name__ == "DistBackendError"
+            or any(mark in text for mark in ("Connection", "connection", "gloo", "Gloo", "NCCL",
+                                              "timed out", "Timed out", "Broken pipe", "peer",
+                                              "ProcessGroup", "transport", "Socket", "socket")))
 
 
 def _run(s, resume_from, evaluate_from):
@@ -266,8 +302,13 @@ def _run(s, resume_from, evaluate_from):
     log.info("Data: %s, %d training and %d test images, %d classes (%.2fs)",
              cfg.dataset.name, len(s.data.train), len(s.data.test), s.num_classes,
              time.perf_counter() - t0)
+    if s.data.streamed and s.device == "ipu":
+        raise UserError("dataset.in_memory: device=ipu reads an image folder in memory (the "
+                        "streamed loader is CPU/GPU only); set dataset.in_memory=true, or "
+                        "dataset.image_size smaller so that it fits")
     check_batches(cfg, len(s.data.train))
-    image_shape = tuple(s.data.train.images.shape[1:])
+    check_ranks(cfg, s.data)
+    image_shape = s.data.image_shape
     run.image_size = list(image_shape[1:])
     s.model = backend.build_model(num_classes=s.num_classes)
     try:
@@ -275,6 +316,17 @@ def _run(s, resume_from, evaluate_from):
     except ValueError as exc:
         raise UserError(f"model={model_name(cfg)} {exc}") from None
     run.params = count_parameters(s.model)
+    world = distributed.WORLD
+    if world.active:
+        if cfg.trainer.get("sync_batchnorm", False):
+            s.model = distributed.convert_sync_batchnorm(s.model, s.device)
+        # The weights are the same on every rank (same seed; DDP also broadcasts rank 0's);
+        # what is random in training (dropout) differs per rank, as in separate processes.
+        torch.manual_seed(derived_seed("rank", cfg.seed, world.rank))
+        log.info("Data-parallel: rank %d of %d (%s, %s), batch %d per rank, %d in all%s",
+                 world.rank, world.world_size, world.launcher, world.backend,
+                 cfg.trainer.batch_size, cfg.trainer.batch_size * world.world_size,
+                 ", synchronised BatchNorm" if cfg.trainer.get("sync_batchnorm", False) else "")
     run.flops = flops_summary(cfg, s.num_classes, image_shape)
     theory = run.flops["flops_ratio_theoretical"]
     log.info("Model: %s conv=%s alpha=%s, %d parameters, %.2f MFLOPs per %dx%d image "
@@ -304,7 +356,7 @@ def _run(s, resume_from, evaluate_from):
     s.scheduler = build_scheduler(cfg.scheduler, s.optimizer)
     s.checkpointer = Checkpointer(s.output_dir, monitor=run.monitor)
     start = restore(s, resume_from) if resume_from is not None else None
-    s.logger = make_logger(cfg, s.output_dir)
+    s.logger = make_logger(cfg, s.output_dir) if distributed.is_writer() else NullLogger()
     s.step = backend.training_step(s.model, s.optimizer)
     s.stop.set_phase("polled", "during training")
     steps = len(s.train_loader) + (start[1].steps if start and start[1] else 0)
@@ -316,11 +368,12 @@ def _run(s, resume_from, evaluate_from):
     backend.finish_training(s.model)
     infer = backend.inference_step(s.model)
     run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
-                                                      progress_bar=show_progress(cfg))
+                                                      progress_bar=show_progress(cfg),
+                                                      reduce=reducer())
     s.stop.set_phase("finishing", "while writing the finished run's outputs")
     send_test_signal("accuracy")
     report_test_accuracy(run, backend)
-    if cfg.trainer.save_model:
+    if cfg.trainer.save_model and distributed.is_writer():
         outputs.save_torch_atomic(os.path.join(s.output_dir, outputs.MODEL_FILE),
                                   model_file(cfg, s.model, s.num_classes))
     run.status = "completed"
@@ -330,10 +383,39 @@ def _run(s, resume_from, evaluate_from):
     return metrics
 
 
+def reducer():
+    """How a rank's sums become the run's (data-parallel: summed over ranks), or None."""
+    return distributed.all_reduce_sum if distributed.WORLD.active else None
+
+
+def check_ranks(cfg, data):
+    """Data-parallel: every rank needs samples in every step and in every evaluation."""
+    world = distributed.WORLD.world_size
+    if world == 1:
+        return
+    t = cfg.trainer
+    n = len(data.train)
+    tail = n % (t.batch_size * world)
+    if cfg.train and not t.drop_last and 0 < tail < world:
+        raise UserError(f"{world} ranks: the last training batch has {tail} images, fewer than "
+                        "the ranks that share it; set trainer.drop_last=true or change "
+                        "trainer.batch_size")
+    for name, part in (("test", data.test), ("validation", data.val)):
+        if part is not None and len(part) < world:
+            raise UserError(f"{world} ranks: the {name} set has {len(part)} images, fewer than "
+                            "the ranks that share it; run with fewer ranks")
+
+
 def check_batches(cfg, train_images):
     """A training set smaller than one batch yields no batch when the last one is dropped."""
     t = cfg.trainer
-    if cfg.train and t.drop_last and train_images < t.batch_size:
+    world = distributed.WORLD.world_size
+    if cfg.train and t.drop_last and train_images < t.batch_size * world:
+        if world > 1:
+            raise UserError(f"trainer.batch_size={t.batch_size} per rank x {world} ranks is "
+                            f"larger than the training set ({train_images} images) and "
+                            "trainer.drop_last=true drops every batch; lower trainer.batch_size "
+                            "or run with fewer ranks")
         held = cfg.dataset.get("val_size", 0) or 0
         after = f" after dataset.val_size={held} held out" if held else ""
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training set "
@@ -359,12 +441,20 @@ def train(s, start):
         log.info("Early stopping: validation accuracy has not improved since epoch %d",
                  best_epoch(run.epochs, "val_accuracy").epoch)
         return
+    if distributed.WORLD.active:  # every rank stops at the step any of them was asked to
+        def should_stop():
+            signum = distributed.max_over_ranks(s.stop.signal or 0)
+            if signum and s.stop.signal is None:
+                s.stop.signal = signum  # another rank's signal: this one stops as it does
+            return bool(signum)
+    else:
+        should_stop = s.stop
     for epoch in range(first_epoch, cfg.trainer.epochs + 1):
         lr = s.optimizer.param_groups[0]["lr"]
         try:
             stats = train_epoch(s.step, s.train_loader, epoch, cfg.trainer.epochs,
                                 progress_bar=show_progress(cfg), resume=progress,
-                                should_stop=s.stop)
+                                should_stop=should_stop, reduce=reducer())
         except Interrupted as exc:
             save_checkpoint(s, epoch - 1, exc.progress)
             raise run_interrupted(run, s.stop, epoch, exc.progress.steps) from None
@@ -372,12 +462,14 @@ def train(s, start):
         stats.lr = lr
         if s.val_loader is not None:
             stats.val_accuracy, _, stats.val_loss = validate_epoch(
-                s.backend, s.model, s.val_loader, progress_bar=show_progress(cfg))
+                s.backend, s.model, s.val_loader, progress_bar=show_progress(cfg),
+                reduce=reducer())
         if s.scheduler is not None:
             s.scheduler.step()
             s.backend.on_epoch_end(s.optimizer)
         run.epochs.append(stats)
-        outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
+        if distributed.is_writer():
+            outputs.write_epochs_csv(epochs_csv, [e.as_row() for e in run.epochs])
         s.logger.log_epoch(stats)
         log.info("Epoch %d/%d: loss %.4f, accuracy %s, %.0f images/s, lr %g%s", epoch,
                  cfg.trainer.epochs, stats.train_loss,
@@ -395,7 +487,7 @@ def train(s, start):
                      best_epoch(run.epochs, "val_accuracy").val_accuracy,
                      best_epoch(run.epochs, "val_accuracy").epoch)
             break
-        if s.stop() and epoch < cfg.trainer.epochs:
+        if should_stop() and epoch < cfg.trainer.epochs:
             raise run_interrupted(run, s.stop, epoch + 1, 0)
 
 
@@ -408,17 +500,27 @@ def model_file(cfg, model, num_classes):
 
 
 def save_checkpoint(s, epochs_done, progress, metric=None):
+    """Rank 0 writes the checkpoint (data-parallel: with every rank's RNG state and, inside an
+    epoch, every rank's running sums, gathered here from all of them)."""
     s.backend.sync_to_host(s.model)
     loader = s.train_loader
     loader_state = (loader.state_dict(inside_pass=progress is not None)
                     if hasattr(loader, "resume_pass") else None)
+    progress_state = None if progress is None or loader_state is None else progress.state_dict()
+    world = distributed.WORLD
+    extra = {}
+    if world.active:
+        ranks = distributed.gather({"rng": rng_state(), "progress": progress_state})
+        extra = {"world_size": world.world_size, "ranks": ranks}
+    if not distributed.is_writer():
+        return
     s.checkpointer.save(dict(
         model_file(s.cfg, s.model, s.num_classes),
         optimizer=s.optimizer.state_dict(),
         scheduler=None if s.scheduler is None else s.scheduler.state_dict(),
         rng=rng_state(), loader=loader_state, epoch=epochs_done,
-        progress=None if progress is None or loader_state is None else progress.state_dict(),
-        epochs=[vars(e) for e in s.run.epochs], device=s.run.device), metric=metric)
+        progress=progress_state,
+        epochs=[vars(e) for e in s.run.epochs], device=s.run.device, **extra), metric=metric)
 
 
 def check_not_a_training_record(output_dir):
@@ -478,8 +580,9 @@ def restore(s, resume_from):
     if s.scheduler is not None and state.get("scheduler") is not None:
         s.scheduler.load_state_dict(state["scheduler"])
     run = s.run
+    state = state_of_this_rank(state, path)
     run.epochs = [EpochStats(**e) for e in state["epochs"]]
-    if run.epochs:
+    if run.epochs and distributed.is_writer():
         outputs.write_epochs_csv(os.path.join(s.output_dir, outputs.EPOCHS_FILE),
                                  [e.as_row() for e in run.epochs])
     # The best so far, if it is of what this run's best.pt follows (checkpoints from before
@@ -503,6 +606,27 @@ def restore(s, resume_from):
     return state["epoch"] + 1, progress
 
 
+def state_of_this_rank(state, path):
+    """A data-parallel checkpoint holds every rank's RNG state and running sums: this rank's
+    replace rank 0's. One taken inside an epoch resumes only with the ranks that took it (the
+    rest of the epoch is split by rank); at an epoch's end any number of ranks may go on."""
+    saved = int(state.get("world_size", 1))
+    world = distributed.WORLD
+    inside = state.get("progress") is not None
+    if saved != world.world_size:
+        if inside:
+            raise UserError(f"resume=true: checkpoint {path} was written inside an epoch by "
+                            f"{saved} rank(s) and this run has {world.world_size}; resume it "
+                            f"with {saved} (torchrun --nproc_per_node={saved} ...)")
+        log.warning("resume=true: checkpoint %s was written by %d rank(s), this run has %d: "
+                    "the global batch changes from here on", path, saved, world.world_size)
+        return state
+    if world.active and state.get("ranks"):
+        mine = state["ranks"][world.rank]
+        state = dict(state, rng=mine["rng"], progress=mine["progress"])
+    return state
+
+
 def report_test_accuracy(run, backend):
     if getattr(backend, "synthetic_data", False):
         # The inference model computed on synthetic data too: the number means nothing.
@@ -524,7 +648,8 @@ def evaluate_only(s, evaluate_from):
     infer = s.backend.inference_step(s.model)
     s.stop.set_phase("immediate", "during evaluation")
     run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
-                                                      progress_bar=show_progress(cfg))
+                                                      progress_bar=show_progress(cfg),
+                                                      reduce=reducer())
     s.stop.set_phase("finishing", "while writing the evaluation's outputs")
     send_test_signal("accuracy")
     if "epoch" in state:  # a checkpoint: how far its training had got

@@ -93,14 +93,35 @@ def job_dir(_root_):
     return f"{config_name(overrides)}/seed={seed}"
 
 
+def launch_pid():
+    """Resolver ``${octconv_exp.pid:}``: this process's id, or under torchrun rank 0's
+    (distributed.agree_on_launch), so that every rank names the same run dir."""
+    from .distributed import LAUNCH_PID_ENV
+
+    return os.environ.get(LAUNCH_PID_ENV) or str(os.getpid())
+
+
+def launch_time(pattern):
+    """Resolver ``${octconv_exp.now:pattern}``: Hydra's ``${now:}`` (the local time, as
+    strftime formats it), or under torchrun rank 0's launch time."""
+    import datetime
+
+    from .distributed import LAUNCH_TIME_ENV
+
+    stamp = os.environ.get(LAUNCH_TIME_ENV)
+    when = datetime.datetime.fromtimestamp(float(stamp)) if stamp else datetime.datetime.now()
+    return when.strftime(pattern)
+
+
 def register():
     if not OmegaConf.has_resolver("octconv_exp.job_dir"):
         OmegaConf.register_new_resolver("octconv_exp.job_dir", job_dir)
     if not OmegaConf.has_resolver("octconv_exp.pid"):
         # Cached like ${now:}, so a sweep's jobs (parallel workers too) agree on its directory;
         # two sweeps started in the same second differ by their process id.
-        OmegaConf.register_new_resolver("octconv_exp.pid", lambda: str(os.getpid()),
-                                        use_cache=True)
+        OmegaConf.register_new_resolver("octconv_exp.pid", launch_pid, use_cache=True)
+    if not OmegaConf.has_resolver("octconv_exp.now"):
+        OmegaConf.register_new_resolver("octconv_exp.now", launch_time, use_cache=True)
     # The sweeper is a Hydra plugin, which Hydra only loads from the hydra_plugins namespace
     # package: ours is shipped inside this package.
     plugins = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")

@@ -62,7 +62,8 @@ def write_image_folder(root, classes=("cats", "dogs", "owls"), per_class=(12, 5)
         for k, name in enumerate(classes):
             d = os.path.join(root, split, name)
             os.makedirs(d, exist_ok=True)
-            picked = (data.labels == 2 * k).nonzero().squeeze(1)
+            label = 2 * k if len(classes) <= 5 else k % 10  # synthetic has 10 classes
+            picked = (data.labels == label).nonzero().squeeze(1)
             for j in range(n):
                 arr = data.images[picked[i % len(picked)]].permute(1, 2, 0).numpy()
                 i += 1
@@ -107,6 +108,8 @@ def compose_config(*overrides):
     """The composed primary config for these overrides (conf/config.yaml), as run.py sees it."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    import octconv_exp.config  # noqa: F401 (registers the schemas the configs name)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):

@@ -6,6 +6,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from .. import distributed
 from ..config import check_optimizer_for_device
 from ..data import BatchLoader
 from ..model import build_model
@@ -40,14 +41,24 @@ class NativeBackend:
         if cuda and speed.cudnn_benchmark and not cfg.deterministic:
             torch.backends.cudnn.benchmark = True
         self.compiled = None
+        self.data_parallel = None  # the model in DistributedDataParallel (torchrun ranks)
+        self.loaders = []  # streaming loaders, whose worker processes close() stops
         self.synthetic_data = False  # real images always
 
     def build_model(self, num_classes):
         model = build_model(self.cfg, num_classes=num_classes).to(self.device)
         return model.to(memory_format=self.memory_format)
 
-    def runnable(self, model):
-        """The module the steps call: the model, or its torch.compile'd twin (same weights)."""
+    def runnable(self, model, training=False):
+        """The module the steps call: the model, or its torch.compile'd twin (same weights);
+        data-parallel training steps go through the model's DistributedDataParallel wrapper
+        (inference reads the model itself: each rank evaluates its own images)."""
+        if training and distributed.WORLD.active:
+            if self.data_parallel is None:
+                self.data_parallel = distributed.wrap(model, self.device)
+                if self.cfg.speed.compile:
+                    self.data_parallel = torch.compile(self.data_parallel)
+            return self.data_parallel
         if not self.cfg.speed.compile:
             return model
         if self.compiled is None:
@@ -65,32 +76,58 @@ class NativeBackend:
         return instantiate(optimizer_kwargs(self.cfg.optimizer), params=model.parameters())
 
     def make_loaders(self, data, train=True):
+        """Data-parallel ranks each take their shard of every training batch and their part
+        of the test set."""
         t = self.cfg.trainer
+        world = distributed.WORLD
+        loader_class = self.loader_class(data)
         if train:
             # dataset.augment: the run's seed decides the augmentation, as it does the order.
-            train = BatchLoader(data.train, t.batch_size, data.mean, data.std, shuffle=True,
-                                drop_last=t.drop_last, device=self.device, seed=self.cfg.seed,
-                                memory_format=self.memory_format,
-                                augment=bool(self.cfg.dataset.get("augment", False)),
-                                augment_seed=self.cfg.seed)
+            train = loader_class(data.train, t.batch_size, data.mean, data.std, shuffle=True,
+                                 drop_last=t.drop_last, device=self.device, seed=self.cfg.seed,
+                                 memory_format=self.memory_format,
+                                 augment=bool(self.cfg.dataset.get("augment", False)),
+                                 augment_seed=self.cfg.seed, rank=world.rank,
+                                 world_size=world.world_size)
         else:
             train = None
         # Evaluation sees every test image: no shuffling, no dropped tail, no augmentation.
-        test = BatchLoader(data.test, t.test_batch_size, data.mean, data.std, shuffle=False,
-                           drop_last=False, device=self.device, memory_format=self.memory_format)
+        test = self.evaluation_loader(data, data.test)
+        if hasattr(train, "close"):
+            self.loaders.append(train)
         return train, test
+
+    def evaluation_loader(self, data, images):
+        """This rank's part of a test or validation set, in order, unaugmented."""
+        world = distributed.WORLD
+        loader = self.loader_class(data)(images.part(world.rank, world.world_size),
+                                         self.cfg.trainer.test_batch_size, data.mean, data.std,
+                                         shuffle=False, drop_last=False, device=self.device,
+                                         memory_format=self.memory_format)
+        if hasattr(loader, "close"):
+            self.loaders.append(loader)
+        return loader
+
+    def loader_class(self, data):
+        """:class:`BatchLoader` over images in memory; over a streamed image folder, a
+        :class:`~octconv_exp.streaming.StreamingLoader` with ``dataset.workers`` workers."""
+        if not data.streamed:
+            return BatchLoader
+        import functools
+
+        from ..streaming import StreamingLoader
+
+        return functools.partial(StreamingLoader, workers=int(self.cfg.dataset.get("workers", 2)))
 
     def make_val_loader(self, data):
         """The validation split as the test set is read (None without one)."""
         if data.val is None:
             return None
-        t = self.cfg.trainer
-        return BatchLoader(data.val, t.test_batch_size, data.mean, data.std, shuffle=False,
-                           drop_last=False, device=self.device, memory_format=self.memory_format)
+        return self.evaluation_loader(data, data.val)
 
     def training_step(self, model, optimizer):
         model.train()
-        module = self.runnable(model)
+        module = self.runnable(model, training=True)
 
         def step(images, labels):
             optimizer.zero_grad(set_to_none=True)
@@ -131,7 +168,10 @@ class NativeBackend:
         """Weights already live in ``model``; nothing to copy back."""
 
     def close(self):
-        """Nothing to release."""
+        """Stop the worker processes of streaming loaders."""
+        for loader in self.loaders:
+            loader.close()
+        self.loaders = []
 
     def profile(self, model, optimizer, profile_dir):
         """One training iteration under torch.profiler (after one warm-up iteration)."""
