@@ -11,7 +11,6 @@ training images out for validation (:func:`split_validation`) before the statist
 import logging
 import os
 import pickle
-import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 

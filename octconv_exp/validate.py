@@ -9,7 +9,9 @@ invalid configuration; exit status 1 if any, 0 otherwise.
 
 ``--config-dir DIR``: a folder with its own ``config.yaml`` is validated as a primary config
 dir of its own; a folder without one adds its groups (e.g. your ``experiment/`` presets) to
-ours. ``--override`` applies to every configuration (e.g. ``dataset.root=/data``).
+ours. ``--only-added`` checks only what the folders bring: their own primary configs, and the
+configurations that use one of their options (your presets, your options with ours), not
+the few hundred shipped ones again. ``--override`` applies to every configuration (e.g. ``dataset.root=/data``).
 ``--jobs N`` composes in N processes (default: one per core; Hydra's compose takes ~0.1 s a
 configuration, so a few hundred combinations take tens of seconds on one core).
 """
@@ -103,6 +105,12 @@ def combinations(dirs, skip=()):
         yield f"experiment={preset}", [f"experiment={preset}"]
 
 
+def added_options(dirs):
+    """``group=option`` of every option file in ``dirs`` (folders added to ours)."""
+    return {f"{g}={o}" for d in dirs for g in GROUPS + (MODEL_GROUP, "experiment")
+            for o in group_options(d, g) or []}
+
+
 def check(overrides_for, config_dir, config_name, search_dirs, extra, indexed=False):
     """Validate each configuration; returns a list of 'label: problem' lines (of
     ``(index, line)`` pairs with ``indexed``)."""
@@ -165,6 +173,9 @@ def main(argv=None):
                         help="another config dir to validate (repeatable)")
     parser.add_argument("--override", action="append", default=[],
                         help="KEY=VALUE applied to every configuration (repeatable)")
+    parser.add_argument("--only-added", action="store_true",
+                        help="check only what the --config-dir folders bring: their own "
+                             "primary configs, and configurations using one of their options")
     parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes composing configurations (default: one per core)")
@@ -191,6 +202,11 @@ def main(argv=None):
         if os.path.join(os.path.abspath(config_dir), CONFIG_NAME + ".yaml") in broken:
             continue  # its primary config does not parse: nothing to compose
         combos = list(combinations([config_dir] + extra_dirs, broken))
+        if args.only_added and config_dir == CONFIG_DIR:
+            if not extra_dirs:
+                continue  # only primary config dirs of their own were given
+            mine = added_options(extra_dirs)
+            combos = [c for c in combos if mine.intersection(c[1])]
         total += len(combos)
         found = check_all(combos, config_dir, CONFIG_NAME, extra_dirs, args.override, args.jobs)
         prefix = "" if config_dir == CONFIG_DIR else f"{config_dir}: "

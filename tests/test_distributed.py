@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config, run_cli
-from octconv_exp import config as _config, distributed  # noqa: F401 (the schema)
-from octconv_exp.data import BatchLoader, ImageSet, make_synthetic
+from octconv_exp import distributed
+from octconv_exp.data import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
 
 # Two ranks of a small run: 128 training images, 4 steps of 2 x 16 per epoch. Channels-first:
