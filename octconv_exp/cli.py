@@ -113,6 +113,10 @@ def _override_combinations(overrides):
     return combos
 
 
+#: Groups whose options combine (each in its own package): logger=[csv,tensorboard,mlflow].
+MULTI_OPTION_GROUPS = ("logger",)
+
+
 def _check_group_choices(overrides, config_dir):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -124,6 +128,8 @@ def _check_group_choices(overrides, config_dir):
         if options is None:
             continue
         values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+        if key in MULTI_OPTION_GROUPS and len(values) == 1 and isinstance(values[0], list):
+            values = values[0]  # several options at once: logger=[tensorboard,mlflow]
         for value in values:
             if not isinstance(value, str) or value not in options:
                 fail(f"{key}={value}: not an option of config group '{key}'; "
@@ -443,7 +449,21 @@ def run_task(cfg):
             stop.set_phase("closing", "")
             return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)
     log.info("Outputs in %s", output_dir)
-    return metrics.get("test_accuracy")
+    return task_value(run.cfg, metrics, hydra_cfg)
+
+
+def task_value(cfg, metrics, hydra_cfg):
+    """What run.py returns to the sweeper: under a search (search=optuna), the objectives of
+    ``search.objectives`` (None for a run without them: a failed trial); otherwise the test
+    accuracy."""
+    if "optuna" not in str(hydra_cfg.sweeper.get("_target_", "")).lower():
+        return metrics.get("test_accuracy")
+    from omegaconf import OmegaConf
+
+    from .search import objective_values
+
+    objectives = OmegaConf.select(cfg, "search.objectives", default=None) or ["accuracy"]
+    return objective_values(metrics, list(objectives))
 
 
 def parallel_launcher(hydra_cfg):

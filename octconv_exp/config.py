@@ -26,7 +26,6 @@ MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
 SCHEDULERS = ("none", "cosine", "step", "multistep")
-LOGGERS = ("csv", "tensorboard")
 MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
 PARTIALS_TYPES = ("float", "half")
 OUTPUT_MODES = ("default", "final", "all", "sum")
@@ -174,6 +173,14 @@ DISTRIBUTED_BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass
+class SearchConfig:
+    """What a search optimises (hydra/sweeper=octconv_exp_optuna), and the objectives of the
+    Pareto front in a sweep's report: names in octconv_exp.search.OBJECTIVES."""
+
+    objectives: List[str] = field(default_factory=lambda: ["accuracy", "flops_per_image"])
+
+
+@dataclass
 class Schema:
     alpha: float = MISSING
     expansion: int = MISSING
@@ -197,6 +204,7 @@ class Schema:
     speed: SpeedConfig = MISSING
     trainer: TrainerConfig = MISSING
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 def register_configs():
@@ -210,6 +218,25 @@ def register_configs():
         "_target_": "hydra_plugins.octconv_exp_sweeper.dedup_sweeper.DedupSweeper",
         "max_batch_size": None, "params": None})
     sweep.register()
+    register_optuna_sweeper(cs)
+
+
+def register_optuna_sweeper(cs):
+    """``hydra/sweeper=octconv_exp_optuna`` (experiment=alpha_search): the Hydra Optuna
+    sweeper plugin's config with our sweeper class and NSGA-II, when the plugin is installed."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:
+        return
+
+    @dataclass
+    class OctconvExpOptunaConf(OptunaSweeperConf):
+        _target_: str = ("hydra_plugins.octconv_exp_sweeper.optuna_search."
+                         "OptunaSearchSweeper")
+        defaults: List[Any] = field(default_factory=lambda: [{"sampler": "nsgaii"}])
+
+    cs.store(group="hydra/sweeper", name="octconv_exp_optuna", node=OctconvExpOptunaConf,
+             provider="octconv_exp")
 
 
 register_configs()
@@ -286,6 +313,17 @@ def validate(cfg: DictConfig, check_environment=True):
     _require_int("trainer.epochs", t.epochs, 1, "must be an integer >= 1")
     _require_int("trainer.batch_size", t.batch_size, 1, "must be a positive integer")
     _require_int("trainer.test_batch_size", t.test_batch_size, 1, "must be a positive integer")
+    objectives = OmegaConf.select(cfg, "search.objectives", default=None)
+    if objectives is not None:
+        from .search import OBJECTIVES
+
+        if len(objectives) == 0:
+            raise ConfigError("search.objectives", [], "needs at least one of " + ", ".join(OBJECTIVES))
+        for name in objectives:
+            if name not in OBJECTIVES:
+                raise ConfigError("search.objectives", list(objectives),
+                                  f"{name} is not an objective; expected some of "
+                                  + ", ".join(OBJECTIVES))
     d = cfg.get("distributed")
     if d is not None:
         if d.backend not in DISTRIBUTED_BACKENDS:
@@ -310,9 +348,11 @@ def validate(cfg: DictConfig, check_environment=True):
     if scheduler != "none":
         _check_scheduler(cfg.scheduler, float(lr))
 
-    if cfg.logger.get("name") not in LOGGERS:
-        raise ConfigError("logger.name", cfg.logger.get("name"),
-                          "expected one of " + ", ".join(LOGGERS))
+    from .loggers import LOGGERS, selected
+
+    for name in selected(cfg):
+        if name not in LOGGERS:
+            raise ConfigError("logger", name, "expected some of " + ", ".join(LOGGERS))
 
     if str(cfg.speed.channels_last) not in ("true", "false", "auto", "True", "False"):
         raise ConfigError("speed.channels_last", cfg.speed.channels_last,

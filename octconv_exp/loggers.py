@@ -1,7 +1,15 @@
-"""Per-run loggers beyond the always-on CSV/JSON files (``logger`` config group)."""
+"""Per-run loggers beyond the always-on CSV/JSON files (``logger`` config group, whose
+options combine: ``logger=[csv,tensorboard,mlflow]``)."""
+import json
+import logging
 import os
 
 from .errors import UserError
+
+log = logging.getLogger("octconv_exp")
+
+#: The options of the logger group (conf/logger/): csv adds nothing to the run dir's files.
+LOGGERS = ("csv", "tensorboard", "mlflow")
 
 
 class NullLogger:
@@ -10,6 +18,28 @@ class NullLogger:
 
     def finish(self, metrics):
         pass
+
+    def close(self, status):
+        """The run ended without finish() (failed, interrupted): nothing to record."""
+
+
+class Loggers:
+    """Several loggers as one."""
+
+    def __init__(self, loggers):
+        self.loggers = list(loggers)
+
+    def log_epoch(self, stats):
+        for logger in self.loggers:
+            logger.log_epoch(stats)
+
+    def finish(self, metrics):
+        for logger in self.loggers:
+            logger.finish(metrics)
+
+    def close(self, status):
+        for logger in self.loggers:
+            logger.close(status)
 
 
 class TensorBoardLogger:
@@ -45,15 +75,226 @@ class TensorBoardLogger:
         self.writer.add_hparams(self.hparams, final, run_name="hparams")
         self.writer.close()
 
+    def close(self, status):
+        self.writer.close()
 
-def make_logger(cfg, output_dir):
-    if cfg.logger.name != "tensorboard":
-        return NullLogger()
-    hparams = {"conv": cfg.conv.mode, "alpha": float(cfg.alpha), "expansion": int(cfg.expansion),
-               "optimizer": str(cfg.optimizer.name), "lr": float(cfg.optimizer.lr),
-               "scheduler": str(cfg.scheduler.name), "seed": int(cfg.seed),
-               "dataset": str(cfg.dataset.name), "batch_size": int(cfg.trainer.batch_size),
-               "epochs": int(cfg.trainer.epochs),
-               "val_size": float(cfg.dataset.get("val_size", 0) or 0),
-               "augment": bool(cfg.dataset.get("augment", False))}
-    return TensorBoardLogger(os.path.join(output_dir, cfg.logger.log_dir), hparams)
+
+def selected(cfg):
+    """The logger options a config selects, with their nodes: ``{name: node}``. Configs from
+    before loggers combined name one, as ``logger.name``."""
+    node = cfg.logger
+    if "name" in node:
+        return {str(node.name): node}
+    return {str(name): node[name] for name in node}
+
+
+def make_logger(cfg, output_dir, device=None):
+    """The run's loggers; ``device``: the device it runs on (cfg.device may say auto)."""
+    found = selected(cfg)
+    loggers = []
+    if "tensorboard" in found:
+        hparams = {"conv": cfg.conv.mode, "alpha": float(cfg.alpha), "expansion": int(cfg.expansion),
+                   "optimizer": str(cfg.optimizer.name), "lr": float(cfg.optimizer.lr),
+                   "scheduler": str(cfg.scheduler.name), "seed": int(cfg.seed),
+                   "dataset": str(cfg.dataset.name), "batch_size": int(cfg.trainer.batch_size),
+                   "epochs": int(cfg.trainer.epochs),
+                   "val_size": float(cfg.dataset.get("val_size", 0) or 0),
+                   "augment": bool(cfg.dataset.get("augment", False))}
+        log_dir = found["tensorboard"].get("log_dir", "tensorboard")
+        loggers.append(TensorBoardLogger(os.path.join(output_dir, log_dir), hparams))
+    if "mlflow" in found:
+        loggers.append(MlflowLogger(cfg, found["mlflow"], output_dir, device=device))
+    return Loggers(loggers) if loggers else NullLogger()
+
+
+# ------------------------------------------------------------------------------------------
+# MLflow
+def default_tracking_uri():
+    """A local SQLite database in the working dir (beside outputs/ and multirun/)."""
+    return "sqlite:///" + os.path.abspath("mlruns.db")
+
+
+def _mlflow():
+    try:
+        import mlflow  # noqa: F401
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise UserError("logger=mlflow needs MLflow: pip install -r requirements.txt "
+                        "(mlflow-skinny)") from None
+    return MlflowClient
+
+
+def flatten(node, prefix=""):
+    """A nested dict as MLflow params: dotted keys, values as text (at most 500 characters:
+    older tracking servers refuse longer ones)."""
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            out[name] = text[:500]
+    return out
+
+
+def connect(node):
+    """The MLflow client for ``logger.mlflow`` and the experiment's id, checking first that
+    the tracking store answers (an unreachable server: one line, before any training)."""
+    MlflowClient = _mlflow()
+    uri = node.get("tracking_uri") or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        # Fail fast at start instead of retrying for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=uri)
+    name = str(node.get("experiment_name") or "octconv-exp")
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = None
+            if uri.startswith("sqlite:///"):  # beside the database, not in the cwd's ./mlruns
+                folder = os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".",
+                                      "mlartifacts")
+                artifacts = "file://" + os.path.abspath(folder)
+            experiment_id = client.create_experiment(name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+    except Exception as exc:  # noqa: BLE001 - whatever the store raises: one line
+        first = " ".join(str(exc).split())[:300]
+        raise UserError(f"logger.mlflow.tracking_uri={uri}: the tracking store does not "
+                        f"answer ({type(exc).__name__}: {first}); start it, or set "
+                        "logger.mlflow.tracking_uri=null for a local SQLite database") from None
+    return client, experiment_id, uri
+
+
+#: The run dir's note of its MLflow run: a resumed run goes on logging into the same one.
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
+class MlflowLogger:
+    """One MLflow run per job (per run dir): params, per-epoch metrics, final metrics,
+    artifacts and tags; a resumed run continues its MLflow run."""
+
+    EPOCH_METRICS = ("train_loss", "train_accuracy", "train_images_per_second", "lr",
+                     "val_loss", "val_accuracy")
+    FINAL_METRICS = ("test_accuracy", "val_accuracy", "train_loss", "train_accuracy",
+                     "train_images_per_second", "flops_per_image", "flops_ratio", "params",
+                     "wall_seconds", "epochs_completed")
+
+    def __init__(self, cfg, node, output_dir, device=None):
+        from omegaconf import OmegaConf
+
+        self.client, experiment_id, self.uri = connect(node)
+        self.output_dir = output_dir
+        self.finished = False
+        self.run_id = self._previous_run()
+        if self.run_id is None:
+            from .model import model_name
+
+            tags = {"conv": str(cfg.conv.mode), "alpha": str(cfg.alpha),
+                    "model": model_name(cfg), "device": str(device or cfg.device),
+                    "dataset": str(cfg.dataset.get("name")),
+                    "run_dir": os.path.abspath(output_dir)}
+            sweep_dir = _sweep_dir()
+            if sweep_dir:
+                tags["sweep_dir"] = sweep_dir
+            run = self.client.create_run(experiment_id, run_name=_run_name(output_dir),
+                                         tags=tags)
+            self.run_id = run.info.run_id
+            config = OmegaConf.to_container(cfg, resolve=True)
+            self._log_params(flatten(config))
+            from .outputs import write_json_atomic
+
+            write_json_atomic(os.path.join(output_dir, MLFLOW_RUN_FILE),
+                              {"run_id": self.run_id, "tracking_uri": self.uri,
+                               "experiment_id": experiment_id})
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+        log.info("MLflow: run %s in %s", self.run_id, self.uri)
+
+    def _previous_run(self):
+        try:
+            with open(os.path.join(self.output_dir, MLFLOW_RUN_FILE)) as f:
+                saved = json.load(f)
+            if saved.get("tracking_uri") != self.uri:
+                return None
+            return self.client.get_run(saved["run_id"]).info.run_id
+        except Exception:  # noqa: BLE001 - no note, or a run the store no longer has
+            return None
+
+    def _log_params(self, params):
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def _log_metrics(self, values, step):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_epoch(self, stats):
+        self._log_metrics({k: getattr(stats, k) for k in self.EPOCH_METRICS}, stats.epoch)
+
+    def finish(self, metrics):
+        final = {f"final_{k}" if k in self.EPOCH_METRICS else k: metrics.get(k)
+                 for k in self.FINAL_METRICS}
+        self._log_metrics(final, metrics.get("epochs_completed") or 0)
+        for name in ("metrics.json", "epochs.csv", os.path.join(".hydra", "config.yaml")):
+            path = os.path.join(self.output_dir, name)
+            if os.path.isfile(path):
+                self.client.log_artifact(self.run_id, path)
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.finished = True
+
+    def close(self, status):
+        if self.finished:
+            return
+        try:
+            self.client.set_terminated(self.run_id,
+                                       "KILLED" if status == "interrupted" else "FAILED")
+        except Exception:  # noqa: BLE001 - the run's own error is what matters
+            pass
+
+
+def log_sweep(config, sweep_dir, files):
+    """A sweep's report as an MLflow run of its own (``sweep report``) in the experiment of
+    its jobs, tagged with the sweep dir: summary, Pareto front and plots as artifacts."""
+    node = selected(config).get("mlflow")
+    if node is None:
+        return None
+    client, experiment_id, _ = connect(node)
+    run = client.create_run(experiment_id, run_name="sweep report",
+                            tags={"sweep_dir": os.path.abspath(sweep_dir), "kind": "sweep report"})
+    for path in files:
+        if os.path.isfile(path):
+            client.log_artifact(run.info.run_id, path)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _run_name(output_dir):
+    """The run dir's name, with its parent's for a sweep job (``alpha=0.25,conv=octave/seed=0``)."""
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    return f"{os.path.basename(parent)}/{name}" if name.startswith("seed=") else name
+
+
+def _sweep_dir():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return os.path.abspath(str(hydra_cfg.sweep.dir))
+    except (ImportError, ValueError):
+        pass
+    return None

@@ -36,7 +36,11 @@ AGG_COLUMNS_HEAD = ("conv", "model", "alpha", "expansion", "optimizer", "n", "se
                     "flops_per_image")
 AGG_METRICS = ("test_accuracy", "train_loss", "train_images_per_second", "wall_seconds",
                "val_accuracy")
-PLOTS = ("accuracy_vs_alpha.png", "throughput_vs_alpha.png", "accuracy_vs_flops.png")
+PLOTS = ("accuracy_vs_alpha.png", "throughput_vs_alpha.png", "accuracy_vs_flops.png",
+         "accuracy_vs_throughput.png")
+#: The non-dominated configurations for the sweep's search.objectives.
+PARETO_FILE = "pareto.csv"
+DEFAULT_OBJECTIVES = ("accuracy", "flops_per_image")
 #: One colour per conv mode, the same in every figure.
 CONV_COLORS = {"vanilla": "black", "octave": "tab:blue", "multi-octave": "tab:orange"}
 #: Conv modes not in CONV_COLORS get one of these, picked by their name (so also the same in
@@ -434,8 +438,75 @@ def alpha_figure(groups, metric, ylabel, title):
     return _finish(fig, ax, title, plotted or groups, [g[metric + "_n"] for g in plotted])
 
 
+def group_value(group, name):
+    """A configuration's value of a search objective (``accuracy``: its validation accuracy
+    when it has one, else its test accuracy), or None."""
+    from .search import value
+
+    return value({"val_accuracy": group.get("val_accuracy"),
+                  "test_accuracy": group.get("test_accuracy"),
+                  "flops_per_image": group.get("flops_per_image"),
+                  "params": group.get("params"),
+                  "train_images_per_second": group.get("train_images_per_second")}, name)
+
+
+def front(groups, objectives):
+    """The configurations on the Pareto front of ``objectives`` (those with every value)."""
+    from .search import directions, pareto_front
+
+    scored = [g for g in groups if all(group_value(g, o) is not None for o in objectives)]
+    points = [[group_value(g, o) for o in objectives] for g in scored]
+    return [scored[i] for i in pareto_front(points, directions(objectives))]
+
+
+def mark_front(ax, groups, objectives, x_of, y_of):
+    """Ring the configurations on the front of ``objectives`` and join them."""
+    on_front = sorted(front(groups, objectives), key=x_of)
+    if not on_front:
+        return
+    from .search import OBJECTIVES
+
+    arrows = {"maximize": "↑", "minimize": "↓"}
+    label = "Pareto front (" + ", ".join(f"{o} {arrows[OBJECTIVES[o]]}" for o in objectives) + ")"
+    ax.plot([x_of(g) for g in on_front], [y_of(g) for g in on_front], linestyle=":",
+            color="grey", marker="o", markersize=13, markerfacecolor="none",
+            markeredgecolor="black", label=label, zorder=1)
+
+
+def sweep_objectives(sweep_dir, runs):
+    """The sweep's search.objectives (its first run's .hydra/config.yaml; the default when
+    no run says)."""
+    from .search import OBJECTIVES
+
+    for row in runs:
+        path = os.path.join(sweep_dir, row["run_dir"], ".hydra", "config.yaml")
+        try:
+            with open(path) as f:
+                found = ((yaml.safe_load(f) or {}).get("search") or {}).get("objectives")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if isinstance(found, list) and found and all(str(o) in OBJECTIVES for o in found):
+            return tuple(str(o) for o in found)
+    return DEFAULT_OBJECTIVES
+
+
+def pareto_rows(groups, objectives):
+    """pareto.csv's rows: the front's configurations, best first in the first objective."""
+    from .search import OBJECTIVES
+
+    sign = -1 if OBJECTIVES[objectives[0]] == "maximize" else 1
+    rows = []
+    for g in front(groups, objectives):
+        row = {k: g.get(k) for k in ("conv", "model", "alpha", "expansion", "optimizer", "n",
+                                     "test_accuracy", "config")}
+        row.update({o: group_value(g, o) for o in objectives})
+        rows.append(row)
+    return sorted(rows, key=lambda r: sign * r[objectives[0]])
+
+
 def compute_figure(groups):
-    """Test accuracy against MFLOPs per image, a point per group, alphas annotated."""
+    """Test accuracy against MFLOPs per image, a point per group, alphas annotated; the
+    Pareto front of accuracy and FLOPs ringed."""
     fig, ax = _new_figure()
     series = _series(groups, lambda g: g["flops_per_image"] and g["test_accuracy"] is not None)
     plotted = []
@@ -450,9 +521,39 @@ def compute_figure(groups):
             if r["alpha"] is not None:
                 ax.annotate(f"α={r['alpha']:g}", (r["flops_per_image"] / 1e6, r["test_accuracy"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
+    mark_front(ax, plotted, ("accuracy", "flops_per_image"),
+               lambda g: g["flops_per_image"] / 1e6, lambda g: g["test_accuracy"])
     ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
     return _finish(fig, ax, "Accuracy vs compute", plotted or groups,
+                   [g["test_accuracy_n"] for g in plotted])
+
+
+def throughput_figure(groups):
+    """Test accuracy against training images/s, a point per group, alphas annotated; the
+    Pareto front of accuracy and throughput ringed."""
+    fig, ax = _new_figure()
+    series = _series(groups, lambda g: g["train_images_per_second"]
+                     and g["test_accuracy"] is not None)
+    plotted = []
+    for conv, label, style, rows in series:
+        plotted += rows
+        ax.errorbar([r["train_images_per_second"] for r in rows],
+                    [r["test_accuracy"] for r in rows],
+                    xerr=[r["train_images_per_second_std"] or 0 for r in rows],
+                    yerr=[r["test_accuracy_std"] or 0 for r in rows],
+                    marker=MARKERS[style % len(MARKERS)], capsize=3, color=conv_color(conv),
+                    label=label,
+                    linestyle="none" if conv == "vanilla" else LINESTYLES[style % len(LINESTYLES)])
+        for r in rows:
+            if r["alpha"] is not None:
+                ax.annotate(f"α={r['alpha']:g}", (r["train_images_per_second"], r["test_accuracy"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)
+    mark_front(ax, plotted, ("accuracy", "train_images_per_second"),
+               lambda g: g["train_images_per_second"], lambda g: g["test_accuracy"])
+    ax.set_xlabel("training images / s")
+    ax.set_ylabel("test accuracy (%)")
+    return _finish(fig, ax, "Accuracy vs throughput", plotted or groups,
                    [g["test_accuracy_n"] for g in plotted])
 
 
@@ -464,6 +565,7 @@ def figures(groups):
         (PLOTS[1], alpha_figure(groups, "train_images_per_second", "training images / s",
                                 "Training throughput vs alpha")),
         (PLOTS[2], compute_figure(groups)),
+        (PLOTS[3], throughput_figure(groups)),
     ])
 
 
@@ -498,6 +600,10 @@ def build_report(sweep_dir, make_plots=True):
     agg_columns = list(AGG_COLUMNS_HEAD) + [c for m in AGG_METRICS for c in (m, m + "_std")] \
         + ["config"]
     write_csv(os.path.join(sweep_dir, "summary_by_config.csv"), groups, agg_columns)
+    objectives = sweep_objectives(sweep_dir, runs)
+    write_csv(os.path.join(sweep_dir, PARETO_FILE), pareto_rows(groups, objectives),
+              ["conv", "model", "alpha", "expansion", "optimizer", "n", *objectives]
+              + (["test_accuracy"] if "test_accuracy" not in objectives else []) + ["config"])
     if make_plots and groups:
         plot(sweep_dir, groups)
     write_text_atomic(os.path.join(sweep_dir, "summary.md"),
@@ -523,6 +629,19 @@ except ImportError:  # pragma: no cover - hydra < 1.1
     Callback = object
 
 
+def track_sweep(config, sweep_dir):
+    """With logger=mlflow: the report's files as an MLflow run of the sweep's experiment (a
+    tracking store that fails here is a warning: the report itself is written)."""
+    from .errors import UserError
+    from .loggers import log_sweep
+
+    names = ["summary.md", "summary.csv", "summary_by_config.csv", PARETO_FILE, *PLOTS]
+    try:
+        log_sweep(config, sweep_dir, [os.path.join(sweep_dir, n) for n in names])
+    except (UserError, Exception) as exc:  # noqa: BLE001 - the report is on disk already
+        sys.stderr.write(f"warning: sweep report not logged to MLflow: {exc}\n")
+
+
 class SweepReport(Callback):
     """Hydra callback: the report when a multirun ends, and a non-zero exit if a run failed."""
 
@@ -534,6 +653,7 @@ class SweepReport(Callback):
             sys.stderr.write(f"error: sweep report: {exc}\n")
             sys.exit(1)
         print(f"Sweep summary: {os.path.join(sweep_dir, 'summary.md')}")
+        track_sweep(config, sweep_dir)
         line = failure_line(sweep_dir, runs)
         if line:
             sys.stderr.write(f"error: {line}\n")

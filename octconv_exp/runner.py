@@ -269,6 +269,8 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"device={device}: PopTorch failed: {first}") from exc
     finally:
+        if session.logger is not None:
+            session.logger.close(run.status)  # a run that ended early: its tracker says so
         backend.close()
         distributed.teardown()
         if gpu_claim is not None:
@@ -356,7 +358,8 @@ def _run(s, resume_from, evaluate_from):
     s.scheduler = build_scheduler(cfg.scheduler, s.optimizer)
     s.checkpointer = Checkpointer(s.output_dir, monitor=run.monitor)
     start = restore(s, resume_from) if resume_from is not None else None
-    s.logger = make_logger(cfg, s.output_dir) if distributed.is_writer() else NullLogger()
+    s.logger = (make_logger(cfg, s.output_dir, device=s.device) if distributed.is_writer()
+                else NullLogger())
     s.step = backend.training_step(s.model, s.optimizer)
     s.stop.set_phase("polled", "during training")
     steps = len(s.train_loader) + (start[1].steps if start and start[1] else 0)

@@ -93,6 +93,16 @@ def job_dir(_root_):
     return f"{config_name(overrides)}/seed={seed}"
 
 
+def objective_directions(objectives):
+    """Resolver ``${octconv_exp.directions:${search.objectives}}``."""
+    from .search import OBJECTIVES, directions
+
+    unknown = [str(o) for o in objectives if str(o) not in OBJECTIVES]
+    if unknown:  # the config validation names them; the sweeper must not fail first
+        return ["maximize"] * len(objectives)
+    return directions(objectives)
+
+
 def launch_pid():
     """Resolver ``${octconv_exp.pid:}``: this process's id, or under torchrun rank 0's
     (distributed.agree_on_launch), so that every rank names the same run dir."""
@@ -122,6 +132,9 @@ def register():
         OmegaConf.register_new_resolver("octconv_exp.pid", launch_pid, use_cache=True)
     if not OmegaConf.has_resolver("octconv_exp.now"):
         OmegaConf.register_new_resolver("octconv_exp.now", launch_time, use_cache=True)
+    if not OmegaConf.has_resolver("octconv_exp.directions"):
+        # hydra.sweeper.direction of a search: one per objective of search.objectives.
+        OmegaConf.register_new_resolver("octconv_exp.directions", objective_directions)
     # The sweeper is a Hydra plugin, which Hydra only loads from the hydra_plugins namespace
     # package: ours is shipped inside this package.
     plugins = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")

@@ -2,8 +2,9 @@
 
     python -m octconv_exp.validate [--config-dir DIR ...] [--override KEY=VALUE ...]
 
-Composes every combination of the config groups' options and every experiment preset,
-validates each against the schema and the ranges (without looking at this machine: no CUDA
+Composes every combination of the options of the groups that shape training (conv,
+optimizer, scheduler, dataset, ipu), each model in each conv mode, each logger and search
+option on its own, and every experiment preset; validates each against the schema and the ranges (without looking at this machine: no CUDA
 or data folders needed), builds each model on the meta device, and prints one line per
 invalid configuration; exit status 1 if any, 0 otherwise.
 
@@ -23,7 +24,10 @@ import sys
 
 from .cli import CONFIG_DIR, CONFIG_NAME, describe_composition_error, group_options
 
-GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu", "logger")
+#: Groups whose options interact: every combination is composed.
+GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
+#: Groups whose options do not touch the training configuration: each option once.
+SINGLE_GROUPS = ("logger", "search")
 
 
 def _options(dirs, group, skip=()):
@@ -38,7 +42,7 @@ def _options(dirs, group, skip=()):
 #: Checked once per conv mode each, not in the product above (each model builds on the meta
 #: device; the other groups do not depend on which model it is).
 MODEL_GROUP = "model"
-KNOWN_FOLDERS = GROUPS + (MODEL_GROUP, "experiment", "hydra")
+KNOWN_FOLDERS = GROUPS + SINGLE_GROUPS + (MODEL_GROUP, "experiment", "hydra")
 
 
 def scan_config_dir(config_dir):
@@ -101,13 +105,16 @@ def combinations(dirs, skip=()):
         for conv in _options(dirs, "conv", skip) or [None]:
             combo = [f"{MODEL_GROUP}={model}"] + ([f"conv={conv}"] if conv else [])
             yield " ".join(combo), combo
+    for group in SINGLE_GROUPS:
+        for option in _options(dirs, group, skip):
+            yield f"{group}={option}", [f"{group}={option}"]
     for preset in _options(dirs, "experiment", skip):
         yield f"experiment={preset}", [f"experiment={preset}"]
 
 
 def added_options(dirs):
     """``group=option`` of every option file in ``dirs`` (folders added to ours)."""
-    return {f"{g}={o}" for d in dirs for g in GROUPS + (MODEL_GROUP, "experiment")
+    return {f"{g}={o}" for d in dirs for g in GROUPS + SINGLE_GROUPS + (MODEL_GROUP, "experiment")
             for o in group_options(d, g) or []}
 
 

@@ -278,6 +278,8 @@ def legend_colors(fig):
     (ax,) = fig.axes
     out = {}
     for handle, label in zip(*ax.get_legend_handles_labels()):
+        if label.startswith("Pareto front"):
+            continue  # not a series of a conv mode (test_the_pareto_front_is_written_and_ringed)
         line = handle.lines[0] if hasattr(handle, "lines") else handle  # errorbar or axhline
         out[label] = to_hex(line.get_color())
     return out
@@ -361,7 +363,9 @@ def test_series_are_split_by_what_else_varies(tmp_path):
         assert {c for label, c in colors.items() if label.startswith("octave")} == {
             to_hex(report.CONV_COLORS["octave"])}
         (ax,) = fig.axes
-        lines = [h.lines[0] if hasattr(h, "lines") else h for h in ax.get_legend_handles_labels()[0]]
+        lines = [h.lines[0] if hasattr(h, "lines") else h
+                 for h, label in zip(*ax.get_legend_handles_labels())
+                 if not label.startswith("Pareto front")]
         assert len({(ln.get_linestyle(), ln.get_marker()) for ln in lines}) == 4
 
 
@@ -390,3 +394,36 @@ def test_validation_accuracy_and_best_epoch_reach_the_summaries(tmp_path):
     groups = list(csv.DictReader(open(tmp_path / "summary_by_config.csv")))
     assert float(groups[0]["val_accuracy"]) == 62.0
     assert "val accuracy % (best epoch)" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_pareto_front_is_written_and_ringed(tmp_path):
+    """pareto.csv: the configurations no other beats in both accuracy and FLOPs (grid sweeps
+    too); the accuracy-vs-FLOPs and accuracy-vs-throughput figures ring their fronts."""
+    import csv
+
+    rows = [("vanilla", None, 80.0, 4.0e6, 900.0), ("octave", 0.25, 78.0, 3.0e6, 1200.0),
+            ("octave", 0.5, 79.0, 2.0e6, 1000.0), ("multi-octave", 0.5, 79.0, 2.0e6, 1500.0),
+            ("octave", 0.75, 70.0, 2.5e6, 800.0)]
+    for i, (conv, alpha, acc, flops, speed) in enumerate(rows):
+        d = tmp_path / f"run{i}"
+        (d / ".hydra").mkdir(parents=True)
+        overrides = [f"conv={conv}"] + ([f"alpha={alpha}"] if alpha is not None else [])
+        (d / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides))
+        (d / "metrics.json").write_text(json.dumps({
+            "status": "completed", "conv": conv, "alpha": alpha if alpha is not None else 0.5,
+            "seed": 0, "test_accuracy": acc, "flops_per_image": flops,
+            "train_images_per_second": speed, "params": 1000, "model": "seed_cnn"}))
+    report.build_report(str(tmp_path))
+    with open(tmp_path / "pareto.csv") as f:
+        front = [(r["conv"], r["alpha"]) for r in csv.DictReader(f)]
+    # accuracy up, FLOPs down: vanilla (best accuracy) and both alpha=0.5 (fewest FLOPs, and
+    # the more accurate of the rest); octave 0.25 and 0.75 are beaten.
+    assert front == [("vanilla", ""), ("octave", "0.5"), ("multi-octave", "0.5")]
+    groups = report.aggregate(report.find_runs(str(tmp_path)))
+    figs = report.figures(groups)
+    for name, expected in (("accuracy_vs_flops.png", {(4.0, 80.0), (2.0, 79.0)}),
+                           ("accuracy_vs_throughput.png", {(900.0, 80.0), (1500.0, 79.0)})):
+        (ax,) = figs[name].axes
+        handles, labels = ax.get_legend_handles_labels()
+        (ring,) = [h for h, label in zip(handles, labels) if label.startswith("Pareto front")]
+        assert set(zip(*ring.get_data())) == expected, name

@@ -1,0 +1,122 @@
+"""Multi-objective search (search=optuna, experiment=alpha_search) and the Pareto front of a
+sweep's report. The study is read back through Optuna's own API."""
+import csv
+import os
+
+import pytest
+
+from conftest import compose_config, run_cli
+from octconv_exp.search import directions, objective_values, pareto_front
+
+optuna = pytest.importorskip("optuna")  # requirements.txt installs it; the plugin pins <3
+
+SMALL = ["dataset=synthetic", "dataset.train_size=160", "dataset.test_size=60",
+         "trainer.epochs=1", "trainer.progress_bar=false"]
+
+
+def study(sweep_dir, name="alpha_search"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/optuna.db")
+
+
+def test_pareto_front_keeps_the_non_dominated_points():
+    points = [[90, 5.0], [85, 2.0], [80, 2.0], [95, 9.0], [90, 6.0], [85, 2.0]]
+    dirs = directions(["accuracy", "flops_per_image"])
+    assert dirs == ["maximize", "minimize"]
+    # [80, 2] and [90, 6] are dominated; the two equal [85, 2] do not dominate each other.
+    assert pareto_front(points, dirs) == [0, 1, 3, 5]
+    assert pareto_front([[1.0], [3.0], [2.0]], ["maximize"]) == [1]
+    assert pareto_front([[1.0, 1.0], [2.0, 2.0]], ["minimize", "maximize"]) == [0, 1]
+
+
+def test_a_trial_is_told_its_objectives_or_nothing():
+    m = {"status": "completed", "val_accuracy": 71.0, "test_accuracy": 70.0,
+         "flops_per_image": 2.0e6, "params": 12000, "train_images_per_second": 900.0}
+    assert objective_values(m, ["accuracy", "flops_per_image"]) == (71.0, 2.0e6)
+    assert objective_values(dict(m, val_accuracy=None), ["accuracy"]) == 70.0  # no split
+    assert objective_values(dict(m, status="diverged"), ["accuracy"]) is None
+    assert objective_values(dict(m, params=float("nan")), ["params"]) is None
+    assert objective_values(None, ["accuracy"]) is None
+
+
+def test_search_objectives_are_checked_in_one_line():
+    result = run_cli("dataset=synthetic", "search.objectives=[accuracy,speed]")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: search.objectives=['accuracy', 'speed']: speed is not an objective")
+
+
+def test_the_search_preset_composes_nsga2_on_sqlite_with_one_direction_per_objective():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import REPO
+
+    compose_config()  # the schema
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["experiment=alpha_search",
+                                 "search.objectives=[accuracy,flops_per_image,params]",
+                                 "hydra.sweep.dir=/tmp/s"])
+    GlobalHydra.instance().clear()
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("optuna_search.OptunaSearchSweeper")
+    assert sweeper.sampler._target_ == "optuna.samplers.NSGAIISampler"
+    assert list(sweeper.direction) == ["maximize", "minimize", "minimize"]
+    assert sweeper.storage == "sqlite:////tmp/s/optuna.db"
+    assert cfg.dataset.val_size == 0.1  # selects on validation accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.sdk
+def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
+    sweep = str(tmp_path / "search")
+    args = ["-m", "experiment=alpha_search", *SMALL, f"hydra.sweep.dir={sweep}"]
+    result = run_cli(*args, "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = study(sweep)
+    assert [t.state.name for t in s.trials] == ["COMPLETE"] * 2
+    assert sorted(d for d in os.listdir(sweep) if d.startswith("trial=")) == ["trial=0", "trial=1"]
+    # Each trial's values are its run's objectives: validation accuracy and FLOPs.
+    import json
+
+    for t in s.trials:
+        with open(os.path.join(sweep, f"trial={t.number}", "metrics.json")) as f:
+            m = json.load(f)
+        assert t.values == [m["val_accuracy"], m["flops_per_image"]]
+        assert (m["conv"], m["alpha"], m["expansion"]) == (
+            t.params["conv"], t.params["alpha"], t.params["expansion"])
+    # The report: pareto.csv holds the front of the configurations, and the plots exist.
+    with open(os.path.join(sweep, "pareto.csv")) as f:
+        rows = list(csv.DictReader(f))
+    points = [[float(r["accuracy"]), float(r["flops_per_image"])] for r in rows]
+    assert rows and pareto_front(points, ["maximize", "minimize"]) == list(range(len(rows)))
+    assert os.path.exists(os.path.join(sweep, "accuracy_vs_flops.png"))
+    assert os.path.exists(os.path.join(sweep, "accuracy_vs_throughput.png"))
+
+    # A sweep killed inside a trial leaves it RUNNING: the next run records it failed, runs
+    # its parameters again, and tops the study up to n_trials finished trials.
+    stale = s.ask()
+    stale.suggest_categorical("conv", ["octave", "multi-octave"])
+    stale.suggest_categorical("alpha", [0.125, 0.25, 0.375, 0.5, 0.625, 0.75])
+    stale.suggest_categorical("expansion", [1, 2])
+    result = run_cli(*args, "hydra.sweeper.n_trials=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = study(sweep).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2 + ["FAIL", "COMPLETE"]
+    assert trials[3].params == trials[2].params
+    assert os.path.exists(os.path.join(sweep, "trial=3", "metrics.json"))
+    assert not os.path.exists(os.path.join(sweep, "trial=4"))
+    # Run again as it is: the study is complete, nothing runs, the report is rewritten.
+    result = run_cli(*args, "hydra.sweeper.n_trials=3")
+    assert result.returncode == 0 and len(study(sweep).trials) == 4
+
+
+@pytest.mark.slow
+def test_failed_trials_are_failed_in_the_study_not_numbers(tmp_path):
+    sweep = str(tmp_path / "search")
+    result = run_cli("-m", "experiment=alpha_search", *SMALL, "trainer.batch_size=1000",
+                     "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 1  # the report names the failed runs
+    assert "2 of 2 runs did not complete" in result.stderr
+    assert [(t.state.name, t.values) for t in study(sweep).trials] == [("FAIL", None)] * 2

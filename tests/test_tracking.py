@@ -1,0 +1,96 @@
+"""logger=mlflow: each job an MLflow run in a local SQLite store (read back through MLflow's
+own API), loggers combined, an unreachable tracking server refused at start."""
+import json
+import os
+
+import pytest
+
+from conftest import compose_config, run_cli
+from octconv_exp.loggers import flatten, selected
+
+mlflow = pytest.importorskip("mlflow")
+
+SMALL = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=50",
+         "trainer.epochs=2", "trainer.progress_bar=false"]
+
+
+def runs_of(tmp_path, experiment="octconv-exp"):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def test_loggers_combine_and_old_configs_name_one():
+    cfg = compose_config("logger=[csv,tensorboard,mlflow]")
+    assert list(selected(cfg)) == ["csv", "tensorboard", "mlflow"]
+    assert list(selected(compose_config())) == ["csv"]
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create({"logger": {"name": "tensorboard", "log_dir": "tb"}})
+    assert list(selected(old)) == ["tensorboard"] and selected(old)["tensorboard"].log_dir == "tb"
+
+
+def test_params_are_the_flattened_config():
+    params = flatten({"a": 1, "b": {"c": [1, 2], "d": {"e": None}}, "f": "x" * 900, "g": {}})
+    assert params == {"a": "1", "b.c": "[1, 2]", "b.d.e": "None", "f": "x" * 500, "g": "{}"}
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_training(tmp_path):
+    result = run_cli(*SMALL, "logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:9",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=str(tmp_path))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: logger.mlflow.tracking_uri=http://127.0.0.1:9: the tracking "
+                           "store does not answer"), result.stderr[-2000:]
+    assert "Epoch 1" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.sdk
+def test_a_run_is_an_mlflow_run_and_a_resume_continues_it(tmp_path):
+    run_dir = str(tmp_path / "run")
+    result = run_cli(*SMALL, "logger=[csv,tensorboard,mlflow]", f"hydra.run.dir={run_dir}",
+                     "conv=octave", "alpha=0.25", cwd=str(tmp_path),
+                     env={"OCTCONV_EXP_SIGNAL_AT": "step:30"})  # epoch 2 of 25-step epochs
+    assert result.returncode == 130, result.stderr[-2000:]
+    df = runs_of(tmp_path)
+    assert list(df.status) == ["KILLED"]
+    result = run_cli("resume=true", f"hydra.run.dir={run_dir}", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    df = runs_of(tmp_path)
+    assert len(df) == 1  # the same MLflow run, continued
+    row = df.iloc[0]
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        m = json.load(f)
+    assert row.status == "FINISHED"
+    assert row["params.conv.mode"] == "octave" and row["params.alpha"] == "0.25"
+    assert row["params.trainer.epochs"] == "2"
+    assert row["metrics.test_accuracy"] == pytest.approx(m["test_accuracy"])
+    assert row["metrics.flops_per_image"] == m["flops_per_image"]
+    assert (row["tags.conv"], row["tags.alpha"], row["tags.device"]) == ("octave", "0.25", "cpu")
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(row.run_id, "train_loss")
+    assert sorted(h.step for h in history) == [1, 2]
+    with open(os.path.join(run_dir, "epochs.csv")) as f:
+        losses = [float(line.split(",")[1]) for line in f.read().splitlines()[1:]]
+    assert sorted(h.value for h in history) == pytest.approx(sorted(losses))
+    assert {a.path for a in client.list_artifacts(row.run_id)} == {
+        "metrics.json", "epochs.csv", "config.yaml"}
+    assert os.path.isdir(os.path.join(run_dir, "tensorboard"))  # loggers combined
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_experiment_with_a_run_per_job_and_its_report(tmp_path):
+    sweep = str(tmp_path / "sweep")
+    result = run_cli("-m", *SMALL, "trainer.epochs=1", "conv=vanilla,octave", "logger=mlflow",
+                     "logger.mlflow.experiment_name=my_sweep", f"hydra.sweep.dir={sweep}",
+                     cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    df = runs_of(tmp_path, "my_sweep")
+    jobs = df[df["tags.kind"] != "sweep report"] if "tags.kind" in df else df
+    assert sorted(jobs["tags.conv"]) == ["octave", "vanilla"]
+    assert set(df["tags.sweep_dir"]) == {os.path.abspath(sweep)}
+    report = df[df["tags.kind"] == "sweep report"]
+    assert len(report) == 1
+    client = mlflow.tracking.MlflowClient()
+    files = {a.path for a in client.list_artifacts(report.run_id.iloc[0])}
+    assert {"summary.md", "summary.csv", "pareto.csv", "accuracy_vs_flops.png"} <= files
