@@ -24,8 +24,8 @@ import os
 
 log = logging.getLogger(__name__)
 
-try:  # the plugin is optional: without it this sweeper is simply not offered
-    import optuna
+try:  # the plugin is optional: without it this sweeper is simply not offered. (Optuna itself
+    # is imported when a search starts: Hydra imports every plugin module at start-up.)
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 except ImportError:  # pragma: no cover - exercised where the plugin is not installed
     OptunaSweeper = None
@@ -76,6 +76,8 @@ if OptunaSweeper is not None:
             """``(finished trials, number of the next trial)`` of the study this sweep
             continues (0, 0 for a new one); trials left RUNNING by a sweep that was killed
             are recorded FAIL and their parameters queued to run first."""
+            import optuna
+
             if impl.storage is None:
                 return 0, 0
             try:
