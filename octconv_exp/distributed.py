@@ -61,10 +61,28 @@ def is_writer():
 
 
 def launched_rank(env=None):
-    """The rank torchrun or a submitit task gives this process (0 when neither does)."""
+    """The rank torchrun or a submitit task gives this process, or its PopRun instance index
+    (0 when none does)."""
     env = os.environ if env is None else env
     found = torchrun_env(env) or submitit_env(env)
-    return int(found["RANK"]) if found else 0
+    if found:
+        return int(found["RANK"])
+    instance = poprun_instance(env)
+    return instance[0] if instance else 0
+
+
+def poprun_instance(env=None):
+    """``(instance index, instances)`` when poprun started this process as one of several
+    instances (its POPDIST_* variables: the index and count follow from the replicas, as
+    popdist's getInstanceIndex/getNumInstances give them), else None."""
+    env = os.environ if env is None else env
+    if "POPDIST_NUM_TOTAL_REPLICAS" not in env:
+        return None
+    total = int(env["POPDIST_NUM_TOTAL_REPLICAS"])
+    local = int(env.get("POPDIST_NUM_LOCAL_REPLICAS", "1") or 1)
+    if total // local <= 1:
+        return None
+    return int(env.get("POPDIST_REPLICA_INDEX_OFFSET", "0")) // local, total // local
 
 
 def torchrun_env(env=None):
@@ -119,7 +137,7 @@ def agree_on_launch(argv, timeout_s=600):
     global _STORE
     env = torchrun_env()
     if env is None:
-        return argv
+        return agree_under_poprun(argv)
     import torch.distributed as dist
 
     if any(a in ("-m", "--multirun") for a in argv):
@@ -139,6 +157,46 @@ def agree_on_launch(argv, timeout_s=600):
         argv = [a for a in argv if not a.startswith(("hydra.output_subdir=", "++hydra.output_subdir="))]
         argv = argv + ["hydra.output_subdir=null"]
     return argv
+
+
+def agree_under_poprun(argv):
+    """Under poprun with several instances: each instance runs the same command, and nothing
+    shared names one run dir for all of them before Hydra does, so the command must name it."""
+    instance = poprun_instance()
+    if instance is None:
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise UserError("-m under poprun: run one poprun per configuration")
+    if not any(a.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for a in argv):
+        raise UserError(f"poprun with {instance[1]} instances: name the run dir the instances "
+                        "share with hydra.run.dir=PATH (on a file system they all see)")
+    if instance[0] != 0:
+        argv = [a for a in argv if not a.startswith(("hydra.output_subdir=", "++hydra.output_subdir="))]
+        argv = argv + ["hydra.output_subdir=null"]
+    return argv
+
+
+def join_poprun(instance, instances, local_instance=0):
+    """This PopRun instance joins the others (Horovod, as Graphcore's scripts combine results
+    across instances: graphcore/examples vision/cnns/pytorch/utils/distributed.py)."""
+    global WORLD
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        raise UserError(f"poprun with {instances} instances: combining loss and accuracy across "
+                        "instances needs Horovod (Graphcore's build ships with the Poplar SDK: "
+                        "pip install horovod from the SDK's wheels)") from None
+    hvd.init()
+    WORLD = World(rank=instance, local_rank=local_instance, world_size=instances,
+                  backend="horovod", launcher="poprun")
+    if instance != 0:
+        quiet_this_rank()
+
+
+def _hvd():
+    import horovod.torch as hvd
+
+    return hvd
 
 
 def backend_for(cfg, device):
@@ -208,7 +266,7 @@ def quiet_this_rank():
 def teardown():
     """Leave the process group (at the end of a run, however it ended)."""
     global WORLD
-    if WORLD.active:
+    if WORLD.active and WORLD.backend != "horovod":
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -241,9 +299,13 @@ def all_reduce_sum(values, device="cpu"):
     if not WORLD.active:
         return list(values)
     import torch
-    import torch.distributed as dist
 
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if WORLD.backend == "horovod":
+        hvd = _hvd()
+        return hvd.allreduce(t, op=hvd.Sum).tolist()
+    import torch.distributed as dist
+
     dist.all_reduce(t)
     return t.tolist()
 
@@ -254,9 +316,13 @@ def max_over_ranks(value, device="cpu"):
     if not WORLD.active:
         return int(value)
     import torch
-    import torch.distributed as dist
 
     t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    if WORLD.backend == "horovod":
+        hvd = _hvd()
+        return int(hvd.allreduce(t, op=hvd.Max).item())
+    import torch.distributed as dist
+
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -265,6 +331,8 @@ def gather(obj):
     """Every rank's ``obj`` as a list indexed by rank (a single process: ``[obj]``)."""
     if not WORLD.active:
         return [obj]
+    if WORLD.backend == "horovod":
+        return list(_hvd().allgather_object(obj))
     import torch.distributed as dist
 
     out = [None] * WORLD.world_size
@@ -273,7 +341,7 @@ def gather(obj):
 
 
 def barrier():
-    if WORLD.active:
+    if WORLD.active and WORLD.backend != "horovod":
         import torch.distributed as dist
 
         dist.barrier()

@@ -33,7 +33,8 @@ from typing import List
 import torch
 from omegaconf import OmegaConf
 
-from ..data import Normalise, augment_batch, augmentation_generator
+from .. import distributed
+from ..data import Normalise, augment_batch, augmentation_generator, shard_of
 from ..config import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
 from ..errors import UserError
 from . import ipus_needed
@@ -118,6 +119,42 @@ class SeededEpochSampler(torch.utils.data.Sampler):
         return self.size
 
 
+class InstanceShardSampler(torch.utils.data.Sampler):
+    """PopRun instances: every instance draws the same seeded order (``sampler``) and keeps
+    its contiguous share of each global combined batch (``combined`` samples per instance x
+    ``instances``), as data-parallel ranks do (``data.shard_of``); the tail that does not fill
+    a global batch is dropped, as the training loader drops its last batch. PopTorch's own
+    partitioning (auto_distributed_partitioning: contiguous blocks of the whole dataset,
+    python/__init__.py:126-211) is turned off for it."""
+
+    def __init__(self, sampler, combined, instance, instances):
+        self.sampler, self.combined = sampler, int(combined)
+        self.instance, self.instances = int(instance), int(instances)
+
+    def __iter__(self):
+        keys = list(iter(self.sampler))
+        g = self.combined * self.instances
+        out = []
+        for start in range(0, len(keys) - g + 1, g):
+            part = shard_of(torch.arange(start, start + g), self.instance, self.instances)
+            out += [keys[i] for i in part.tolist()]
+        return iter(out)
+
+    def __len__(self):
+        g = self.combined * self.instances
+        return (len(self.sampler) // g) * self.combined
+
+
+def popdist_module():
+    """Graphcore's popdist when poprun started this process (its environment set), else
+    None (graphcore/examples vision/cnns/pytorch/utils/distributed.py: isPopdistEnvSet)."""
+    try:
+        import popdist
+    except ImportError:
+        return None
+    return popdist if popdist.isPopdistEnvSet() else None
+
+
 def normalised_tensor_dataset(images, labels, mean, std, chunk=8192):
     """The whole data set normalised once (in chunks, to bound the temporaries), so PopTorch's
     DataLoader workers only index tensors."""
@@ -193,6 +230,10 @@ class IpuBackend:
                             f"poptorch.ipuHardwareIsAvailable({needed}) is False; check "
                             "`gc-info -l`, lower ipu.replicas, or set ipu.use_ipu_model=true to "
                             "run on the IPU Model simulator")
+        self.popdist = popdist_module()
+        self.instance, self.instances = 0, 1
+        if self.popdist is not None:
+            self.join_poprun()
         self.training_model = None
         self.inference_model = None
         self.loaders = []
@@ -205,13 +246,40 @@ class IpuBackend:
         # enableSyntheticData feeds the inference model too: its accuracy means nothing.
         self.synthetic_data = bool(ipu.synthetic_data)
 
+    def join_poprun(self):
+        """Under poprun: the instance layout poprun gives, checked against the config, and
+        (several instances) the others joined to combine results."""
+        popdist, ipu = self.popdist, self.cfg.ipu
+        popdist.init()
+        local, total = popdist.getNumLocalReplicas(), popdist.getNumTotalReplicas()
+        self.instance, self.instances = popdist.getInstanceIndex(), popdist.getNumInstances()
+        if int(ipu.replicas) != local:
+            raise UserError(
+                f"ipu.replicas={ipu.replicas}: under poprun each instance runs the replicas "
+                f"poprun gives it, here {local} ({total} replicas over {self.instances} "
+                f"instance(s): poprun --num-replicas {total} --num-instances {self.instances}); "
+                f"set ipu.replicas={local}")
+        if self.instances > 1:
+            distributed.join_poprun(self.instance, self.instances,
+                                    popdist.getLocalInstanceIndex())
+        log.info("PopRun: instance %d of %d, %d local replica(s) of %d", self.instance,
+                 self.instances, local, total)
+
     # ---------------------------------------------------------------------------- options
 
     def make_options(self, train):
         poptorch, cfg, ipu = self.poptorch, self.cfg, self.cfg.ipu
-        opts = poptorch.Options()
+        if self.popdist is not None:
+            # Its replication factor (this instance's replicas) and process id are set, and
+            # may not be set again (graphcore/examples vision/cnns/pytorch/train/train.py
+            # :291-299; poptorch tests/popdist_test.py:15-41).
+            import popdist.poptorch
+
+            opts = popdist.poptorch.Options(ipus_per_replica=1)
+        else:
+            opts = poptorch.Options()
+            opts.replicationFactor(ipu.replicas)
         opts.deviceIterations(ipu.device_iterations)
-        opts.replicationFactor(ipu.replicas)
         if train:
             # Inference models refuse gradient accumulation.
             opts.Training.gradientAccumulation(ipu.gradient_accumulation)
@@ -329,14 +397,16 @@ class IpuBackend:
         loaders: List = []
         if train:
             combined = self.combined_batch(t.batch_size, True)
-            if len(data.train) < combined:
+            if len(data.train) < combined * self.instances:
                 # Checked here: PopTorch's Async loader fails on it at construction, less clearly.
                 held = ("" if data.val is None else
                         f", after dataset.val_size held out {len(data.val)}")
                 raise UserError(
                     f"the training set ({len(data.train)} images{held}) is smaller than one "
-                    f"combined batch ({combined} = trainer.batch_size x ipu.device_iterations x "
-                    "ipu.replicas x ipu.gradient_accumulation); lower them"
+                    f"combined batch ({combined * self.instances} = trainer.batch_size x "
+                    "ipu.device_iterations x ipu.replicas x ipu.gradient_accumulation"
+                    + (f" x {self.instances} PopRun instances" if self.instances > 1 else "")
+                    + "); lower them"
                     + ("" if data.val is None else " or dataset.val_size"))
             train_ds = normalised_tensor_dataset(data.train.images, data.train.labels,
                                                  data.mean, data.std)
@@ -347,6 +417,11 @@ class IpuBackend:
             sampler = SeededEpochSampler(len(train_ds), cfg.seed, self.first_epoch,
                                          tagged=augment)
             extra = {}
+            if self.popdist is not None:  # this instance's share; not PopTorch's partitions
+                extra["auto_distributed_partitioning"] = False
+                if self.instances > 1:
+                    sampler = InstanceShardSampler(sampler, combined, self.instance,
+                                                   self.instances)
             if augment:
                 train_ds = TaggedSamples(train_ds)
                 extra["collate_fn"] = AugmentingCollate(cfg.seed, combined)
@@ -359,7 +434,7 @@ class IpuBackend:
                                                mode=poptorch.DataLoaderMode.Async, **extra)
             loaders.append(train_loader)
         self.test_options = self.make_options(train=False)
-        test = self.inference_batches(data.test, data)
+        test = self.inference_batches(data.test.part(self.instance, self.instances), data)
         self.loaders = loaders + self.loaders
         return train_loader, test
 
@@ -369,7 +444,7 @@ class IpuBackend:
             return None
         if getattr(self, "test_options", None) is None:
             self.test_options = self.make_options(train=False)
-        return self.inference_batches(data.val, data)
+        return self.inference_batches(data.val.part(self.instance, self.instances), data)
 
     def inference_batches(self, images, data):
         """An :class:`ImageSet` for the inference model: whole combined batches through
@@ -380,10 +455,11 @@ class IpuBackend:
         full = (len(ds) // combined) * combined
         loader = []
         if full:
+            extra = {} if self.popdist is None else {"auto_distributed_partitioning": False}
             loader = poptorch.DataLoader(
                 self.test_options, torch.utils.data.Subset(ds, range(full)),
                 batch_size=t.test_batch_size, shuffle=False, drop_last=True,
-                num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async)
+                num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async, **extra)
             self.loaders.append(loader)
         return TestBatches(loader, ds.tensors[0][full:], ds.tensors[1][full:])
 

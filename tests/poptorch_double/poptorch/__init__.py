@@ -9,6 +9,11 @@ buffer whose slots are overwritten in place, a worker with its own copies and RN
 _poplar_executor.py (trainingModel, inferenceModel, PoplarExecutor, device accounting, output
 modes, optimizer state on the "device"), optim.py, ops.py (MultiConv), enums.py, _errors.py.
 
+Beside it (tests/poptorch_double): ``popdist`` (popdist/: the PopRun instance API and
+``popdist.poptorch.Options``) and ``horovod.torch`` (horovod/: its collectives over gloo), for
+PopRun runs; the training executable reduces gradients across processes when
+``Options.Distributed.numProcesses > 1`` (_poplar_executor.py, _reduce_across_processes).
+
 Double-only (not PopTorch):
 - ``LOG`` records what reached the double ("options", "dataloaders", "executors",
   "multiconv", "events"); written as JSON at exit to the file named by POPTORCH_DOUBLE_LOG.

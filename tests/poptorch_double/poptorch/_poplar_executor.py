@@ -1060,6 +1060,8 @@ class PoplarExecutor:
                     else:
                         loss.backward()
                     results.append(_map_tensors(out, lambda t: t.detach()))
+            if self._options.Distributed.numProcesses > 1:
+                _reduce_across_processes(optimizer, opts_mean(self._options))
             # One optimizer step per device iteration, with the state kept "on the IPU".
             optimizer.state = self._device_opt_state
             try:
@@ -1150,3 +1152,24 @@ def inferenceModel(model, options: Optional[Options] = None) -> PoplarExecutor:
         model = model._user_model
     return PoplarExecutor(model=copy.copy(model), options=options, training=False,
                           poptorch_version=__version__)
+
+
+def _reduce_across_processes(optimizer, mean):
+    """Distributed replicated graphs (PopRun instances): popart_compiler/source/Compiler.cpp
+    :655-666 sets enableDistributedReplicatedGraphs when numProcesses > 1, with
+    globalReplicationFactor = processes x local replicas, so the gradient reduction spans
+    every replica of every process (Mean: over all of them). The IPUs do it over their links;
+    the double does it over torch.distributed (the group the Horovod double's init() made)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise createPoptorchError(
+            "poptorch double: numProcesses > 1 needs torch.distributed (hvd.init()) to reduce "
+            "gradients across processes")
+    size = dist.get_world_size()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                if mean:
+                    p.grad /= size
