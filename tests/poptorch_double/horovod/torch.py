@@ -3,7 +3,6 @@ allreduce(tensor, op=Sum|Average|Max|Min), allgather_object, broadcast_object (H
 torch API: horovod/torch/mpi_ops.py, functions.py)."""
 import os
 
-import torch
 import torch.distributed as dist
 
 
