@@ -566,6 +566,13 @@ class BatchLoader:
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
+        self._set_up_passes(batch_size, mean, std, shuffle, drop_last, seed, memory_format,
+                            augment, augment_seed, rank, world_size)
+
+    def _set_up_passes(self, batch_size, mean, std, shuffle, drop_last, seed, memory_format,
+                       augment, augment_seed, rank, world_size):
+        """What decides the passes (order, shards, augmentation, resumption): the state a
+        loader over files (streaming.StreamingLoader) shares with this one."""
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_last = drop_last

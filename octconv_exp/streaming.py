@@ -31,7 +31,7 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 
-from .data import (IMAGE_EXTENSIONS, IMAGE_SIZE, BatchLoader, ImageSet, Normalise, _image_files,
+from .data import (IMAGE_EXTENSIONS, IMAGE_SIZE, BatchLoader, ImageSet, _image_files,
                    _read_image, derived_seed, global_batch, shard_of, split_validation)
 from .errors import ConfigError, UserError
 
@@ -409,18 +409,8 @@ class StreamingLoader(BatchLoader):
         self.files = files
         self.labels = files.labels
         self.image_size = int(files.image_size)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.normalise = Normalise(mean, std, device=self.device)
-        self.memory_format = memory_format
-        self.augment = bool(augment)
-        self.augment_seed = int(augment_seed)
-        self.epoch = 1
-        self.epoch_start_state = self.generator.get_state()
-        self.skip = 0
-        self.rank, self.world_size = int(rank), int(world_size)
+        self._set_up_passes(batch_size, mean, std, shuffle, drop_last, seed, memory_format,
+                            augment, augment_seed, rank, world_size)
         self.workers = int(workers)
         self.seed = int(seed)
         self.pools_started = 0  # DataLoader iterators (worker pools) created: one per loader
