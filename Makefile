@@ -12,6 +12,9 @@ SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 
 .PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench mutate clean
 
+# Both venvs build at once (pip waits on downloads and the disk more than on a core).
+MAKEFLAGS += -j2
+
 # The venv is (re)built when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -409,13 +409,20 @@ def test_auto_streams_a_folder_over_max_memory_gb_and_says_so(tmp_path, caplog):
 def test_bad_streaming_settings_are_one_line(tmp_path):
     from conftest import run_cli, write_image_folder
 
+    from conftest import compose_config
+    from octconv_exp.config import validate
+
     root = write_image_folder(str(tmp_path / "folder"), per_class=(4, 2), size=32)
-    for override, key in (("dataset.in_memory=maybe", "dataset.in_memory"),
-                          ("dataset.max_memory_gb=-1", "dataset.max_memory_gb"),
+    # The command line: one line, exit status 2 (the validation's ConfigError, as below).
+    result = run_cli("dataset=image_folder", f"dataset.root={root}", "dataset.in_memory=maybe")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: dataset.in_memory=maybe: "
+                                                             "expected true, false or auto")
+    for override, key in (("dataset.max_memory_gb=-1", "dataset.max_memory_gb"),
                           ("dataset.workers=-2", "dataset.workers")):
-        result = run_cli("dataset=image_folder", f"dataset.root={root}", override)
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {key}"), result.stderr
+        with pytest.raises(ConfigError) as caught:
+            validate(compose_config("dataset=image_folder", f"dataset.root={root}", override))
+        assert str(caught.value).startswith(key), caught.value
 
 
 def test_a_streamed_folder_is_refused_on_ipus(tmp_path, poptorch):
