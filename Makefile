@@ -41,7 +41,7 @@ venv-sdk: $(SDK_VENV)/.installed
 # any part failing fails `make test`.
 SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
-SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py
+SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py
 test: venv venv-sdk
 	@( $(SDK_PY) -m pytest -q -p no:cacheprovider -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
 	   $(PY) -m pytest -q -p no:cacheprovider $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \

@@ -188,7 +188,7 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
          "hydra.launcher.n_jobs=2", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
-         "dataset.train_size=8000", "dataset.test_size=100", "trainer.epochs=1",
+         "dataset.train_size=4000", "dataset.test_size=100", "trainer.epochs=1",
          "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -207,13 +207,13 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
         m = metrics(run_dir)
         assert m["status"] == "interrupted" and "continue with" in m["error"], m
         progress = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]
-        assert 0 < progress["steps"] < 1000  # stopped inside the only epoch (1000 steps)
+        assert 0 < progress["steps"] < 500  # stopped inside the only epoch (500 steps)
         steps_done[conv] = progress["steps"]
     m = metrics(sweep_dir / "conv=multi-octave" / "seed=0")
     assert m["status"] == "interrupted" and m["error"].startswith("not started")
     assert "3 of 3 runs did not complete" in err
     resumed = run_cli("-m", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
-                      "dataset.train_size=8000", "dataset.test_size=100", "trainer.epochs=1",
+                      "dataset.train_size=4000", "dataset.test_size=100", "trainer.epochs=1",
                       "trainer.progress_bar=false", "resume=true",
                       f"hydra.sweep.dir={sweep_dir}", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -226,7 +226,7 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
         attempts = (run_dir / "run.log").read_text().split("Resuming from ")
         assert len(attempts) == 2, conv
         assert f"0 epoch(s) done, {steps} step(s) into epoch 1" in attempts[1], attempts[1][:500]
-        assert [r["train_images"] for r in epoch_rows(run_dir)] == ["8000"]  # none twice
+        assert [r["train_images"] for r in epoch_rows(run_dir)] == ["4000"]  # none twice
         assert metrics(run_dir)["epochs_completed"] == 1
     log = (sweep_dir / "conv=multi-octave" / "seed=0" / "run.log").read_text()
     assert "starting this job afresh" in log and "Resuming from" not in log
@@ -286,9 +286,10 @@ def test_same_seed_same_metrics_other_seed_other_metrics(reference, tmp_path):
     assert {k: metrics(again)[k] for k in SAME} == {k: metrics(reference)[k] for k in SAME}
     assert losses(again) == losses(reference)
     other = tmp_path / "other"
-    res = run_cli(*BASE, "trainer.epochs=3", "seed=1", "deterministic=true", f"hydra.run.dir={other}")
+    # Another seed: another first epoch already (one epoch is enough to tell).
+    res = run_cli(*BASE, "trainer.epochs=1", "seed=1", "deterministic=true", f"hydra.run.dir={other}")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert losses(other) != losses(reference)
+    assert losses(other)[0] != losses(reference)[0]
 
 
 @pytest.mark.slow
