@@ -72,8 +72,8 @@ demo: venv
 	rm -rf $(DEMO_DIR)
 	$(PY) run.py -m experiment=smoke hydra.sweep.dir=$(DEMO_DIR)
 	@echo "Demo outputs: $(abspath $(DEMO_DIR))"
-	@echo "  summary: $(abspath $(DEMO_DIR))/summary.md (and summary.csv, summary_by_config.csv)"
-	@echo "  plots:   $(abspath $(DEMO_DIR))/accuracy_vs_alpha.png, throughput_vs_alpha.png, accuracy_vs_flops.png"
+	@echo "  summary: $(abspath $(DEMO_DIR))/summary.md (and summary.csv, summary_by_config.csv, pareto.csv)"
+	@echo "  plots:   $(abspath $(DEMO_DIR))/accuracy_vs_alpha.png, throughput_vs_alpha.png, accuracy_vs_flops.png, accuracy_vs_throughput.png"
 	@echo "  runs:    one directory per job, e.g. $(DEMO_DIR)/conv=octave,alpha=0.25/seed=0/"
 
 bench: venv

@@ -558,7 +558,7 @@ def throughput_figure(groups):
 
 
 def figures(groups):
-    """The three figures (matplotlib Figures), by file name."""
+    """The four figures (matplotlib Figures), by file name."""
     return OrderedDict([
         (PLOTS[0], alpha_figure(groups, "test_accuracy", "test accuracy (%)",
                                 "Test accuracy vs alpha")),
@@ -570,7 +570,7 @@ def figures(groups):
 
 
 def plot(sweep_dir, groups):
-    """The three figures, as PNG files in the sweep dir; returns the paths written."""
+    """The figures, as PNG files in the sweep dir; returns the paths written."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
