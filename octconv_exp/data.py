@@ -609,15 +609,21 @@ class BatchLoader:
         if epoch is not None:
             self.epoch = int(epoch)
 
-    def __iter__(self):
+    def _start_pass(self, device):
+        """``(skip, epoch, order)`` of the pass about to run: the batches it leaves out, its
+        number, and its order of the samples (on ``device``); moves the loader on a pass."""
         n = self.num_samples
         skip, self.skip = self.skip, 0
         epoch, self.epoch = self.epoch, self.epoch + 1
         self.epoch_start_state = self.generator.get_state()
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.device)
+            order = torch.randperm(n, generator=self.generator).to(device)
         else:
-            order = torch.arange(n, device=self.device)
+            order = torch.arange(n, device=device)
+        return skip, epoch, order
+
+    def __iter__(self):
+        skip, epoch, order = self._start_pass(self.device)
         for i in range(skip, len(self)):  # len(): every batch of the pass (skip is cleared)
             whole = global_batch(order, i, self.batch_size, self.world_size)
             idx = shard_of(whole, self.rank, self.world_size)

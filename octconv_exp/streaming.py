@@ -445,14 +445,7 @@ class StreamingLoader(BatchLoader):
         return batches
 
     def __iter__(self):
-        n = self.num_samples
-        skip, self.skip = self.skip, 0
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        self.epoch_start_state = self.generator.get_state()
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
-        else:
-            order = torch.arange(n)
+        skip, epoch, order = self._start_pass("cpu")
         self._batches.batches = self._pass_keys(order, skip, epoch)
         if self._dataloader is None:
             self._dataloader = self._make_dataloader()
