@@ -153,10 +153,16 @@ def agree_on_launch(argv, timeout_s=600):
     launch = json.loads(store.get(_STORE_KEY).decode())
     os.environ[LAUNCH_TIME_ENV] = repr(launch["time"])
     os.environ[LAUNCH_PID_ENV] = str(launch["pid"])
-    if rank != 0:
-        argv = [a for a in argv if not a.startswith(("hydra.output_subdir=", "++hydra.output_subdir="))]
-        argv = argv + ["hydra.output_subdir=null"]
-    return argv
+    return argv_of_rank(argv, rank)
+
+
+def argv_of_rank(argv, rank):
+    """What a rank runs: rank 0 the command as given; the others without a Hydra record of
+    their own (rank 0 writes .hydra/ in the shared run dir)."""
+    if rank == 0:
+        return argv
+    return [a for a in argv if not a.startswith(("hydra.output_subdir=", "++hydra.output_subdir="))] \
+        + ["hydra.output_subdir=null"]
 
 
 def agree_under_poprun(argv):
@@ -170,10 +176,7 @@ def agree_under_poprun(argv):
     if not any(a.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for a in argv):
         raise UserError(f"poprun with {instance[1]} instances: name the run dir the instances "
                         "share with hydra.run.dir=PATH (on a file system they all see)")
-    if instance[0] != 0:
-        argv = [a for a in argv if not a.startswith(("hydra.output_subdir=", "++hydra.output_subdir="))]
-        argv = argv + ["hydra.output_subdir=null"]
-    return argv
+    return argv_of_rank(argv, instance[0])
 
 
 def join_poprun(instance, instances, local_instance=0):
@@ -288,43 +291,50 @@ def peer_failure(exc):
                      f"(another rank stopped or distributed.timeout_s passed): {first}")
 
 
-def collective_errors():
-    """The exceptions a failed collective raises (torch 2.0: RuntimeError; newer torch also
-    DistBackendError, a RuntimeError)."""
-    return (RuntimeError,)
+def is_collective_failure(exc):
+    """Did a collective fail (a rank that died, a timeout), rather than our own code? (torch
+    2.0 raises RuntimeError; newer torch DistBackendError, a RuntimeError.)"""
+    text = str(exc)
+    return (type(exc).__name__ == "DistBackendError"
+            or any(mark in text for mark in ("Connection", "connection", "gloo", "Gloo", "NCCL",
+                                              "timed out", "Timed out", "Broken pipe", "peer",
+                                              "ProcessGroup", "transport", "Socket", "socket")))
 
 
-def all_reduce_sum(values, device="cpu"):
+def _all_reduce(values, dtype, maximum=False):
+    """``values`` summed (or their maximum) over the ranks, as a host tensor. NCCL reduces
+    tensors on this rank's GPU only; gloo and Horovod host tensors."""
+    import torch
+
+    t = torch.tensor(values, dtype=dtype)
+    if WORLD.backend == "horovod":
+        hvd = _hvd()
+        return hvd.allreduce(t, op=hvd.Max if maximum else hvd.Sum)
+    import torch.distributed as dist
+
+    if WORLD.backend == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def all_reduce_sum(values):
     """Sum a list of numbers over the ranks (float64; exact for counts below 2**53)."""
     if not WORLD.active:
         return list(values)
     import torch
 
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    if WORLD.backend == "horovod":
-        hvd = _hvd()
-        return hvd.allreduce(t, op=hvd.Sum).tolist()
-    import torch.distributed as dist
-
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce([float(v) for v in values], torch.float64).tolist()
 
 
-def max_over_ranks(value, device="cpu"):
+def max_over_ranks(value):
     """The largest of every rank's integer ``value`` (e.g. the signal a rank received, 0
     for none), on every rank: one small all-reduce."""
     if not WORLD.active:
         return int(value)
     import torch
 
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    if WORLD.backend == "horovod":
-        hvd = _hvd()
-        return int(hvd.allreduce(t, op=hvd.Max).item())
-    import torch.distributed as dist
-
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_all_reduce([int(value)], torch.int64, maximum=True)[0])
 
 
 def gather(obj):
@@ -338,22 +348,6 @@ def gather(obj):
     out = [None] * WORLD.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier():
-    if WORLD.active and WORLD.backend != "horovod":
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def check_same_everywhere(name, value):
-    """Refuse a run whose ranks disagree on ``value`` (e.g. the run dir a user's own
-    ``${now:}`` pattern resolved differently per rank)."""
-    values = gather(value)
-    if len(set(map(str, values))) > 1:
-        raise UserError(f"the ranks resolved different {name}: {', '.join(map(str, values))}; "
-                        f"set {name} explicitly (the same for every rank)")
 
 
 # ------------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
                         "its own micro-batch); set trainer.sync_batchnorm=false for device=ipu")
     try:
         device = distributed.setup(cfg, device)  # torchrun/submitit ranks: join the group
-    except distributed.collective_errors() as exc:
+    except RuntimeError as exc:  # the group could not form (a rank missing, a timeout)
         distributed.teardown()
         raise distributed.peer_failure(exc) from exc
     if device == "cuda" and gpu_claim is not None:  # one GPU per job of a parallel sweep
@@ -261,7 +261,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     try:
         return _run(session, resume_from, evaluate_from)
     except (RuntimeError, ValueError) as exc:
-        if distributed.WORLD.active and is_collective_failure(exc):
+        if distributed.WORLD.active and distributed.is_collective_failure(exc):
             raise distributed.peer_failure(exc) from exc
         raise
     except getattr(backend, "device_errors", ()) as exc:
@@ -275,15 +275,6 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
         distributed.teardown()
         if gpu_claim is not None:
             gpu_claim.release()
-
-
-def is_collective_failure(exc):
-    """Did a collective fail (a rank that died, a timeout), rather than our own code?"""
-    text = str(exc)
-    return (type(exc).__name__ == "DistBackendError"
-            or any(mark in text for mark in ("Connection", "connection", "gloo", "Gloo", "NCCL",
-                                              "timed out", "Timed out", "Broken pipe", "peer",
-                                              "ProcessGroup", "transport", "Socket", "socket")))
 
 
 def _run(s, resume_from, evaluate_from):
