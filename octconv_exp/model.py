@@ -82,17 +82,11 @@ class FusedOctConv2d(octconv.OctConv2d):
                                padding=self.padding)
             y_l2h = self.conv_l2h(x_l)
             if self.stride == 1 and y_h.shape[-2:] != y_l2h.shape[-2:]:
-                # Nearest upsampling fused into the add: a broadcast over 2x2 blocks, without
-                # materialising the upsampled map (needs the exact 2x relation octconv has for
-                # even sizes). Measured faster in channels-first memory only: its backward is
-                # a strided reduction that is slow for channels_last tensors.
-                b, c, h, w = y_l2h.shape
-                if y_h.shape[-2:] == (2 * h, 2 * w) and y_h.is_contiguous():
-                    y_h = (y_h.view(b, c, h, 2, w, 2) + y_l2h.view(b, c, h, 1, w, 1)).reshape(y_h.shape)
-                else:
-                    y_h = y_h + F.interpolate(y_l2h, size=y_h.shape[-2:])
-            else:
-                y_h = y_h + y_l2h
+                y_l2h = F.interpolate(y_l2h, size=y_h.shape[-2:])
+            # In place: the convolution's backward does not need its output. (A broadcast add
+            # over 2x2 blocks instead of the upsampling measured 1.5-7x slower forward and
+            # backward in both memory formats: its backward is a strided reduction.)
+            y_h = y_h.add_(y_l2h)
         return y_h if y_l is None else (y_h, y_l)
 
 
@@ -131,12 +125,37 @@ class OctaveBlock(nn.Module):
         return self.high_seq(out)
 
 
+class FusedOctaveBlock(OctaveBlock):
+    """The octave block as ``conv=multi-octave`` runs it on CPU/GPU: :class:`FusedOctConv2d`,
+    then per frequency BatchNorm -> MaxPool -> ReLU (in place).
+
+    The same modules and state dict as :class:`OctaveBlock`, and the same values and gradients:
+    ReLU is monotone, so ``max(relu(a), relu(b)) = relu(max(a, b))``, and the max-pool picks
+    the same element either way (where every element of a window is <= 0 both give 0 and a
+    zero gradient). Pooling first runs the ReLU and its backward on a quarter of the elements
+    (measured: README, Performance)."""
+
+    def __init__(self, in_channels, out_channels, alpha):
+        super().__init__(in_channels, out_channels, alpha, conv_cls=FusedOctConv2d)
+
+    @staticmethod
+    def _finish(seq, y):
+        bn, _, pool = seq
+        return F.relu_(pool(bn(y)))
+
+    def forward(self, x):
+        out = self.octconv(x)
+        if self.has_low:
+            return self._finish(self.high_seq, out[0]), self._finish(self.low_seq, out[1])
+        return self._finish(self.high_seq, out)
+
+
 class ClassificationModel(nn.Module):
     """CNN classifier for 3x32x32 images; width 16 * expansion channels.
 
     conv_mode: "vanilla" (nn.Conv2d), "octave" (octconv.OctConv2d) or "multi-octave" (the
     octave convolutions of each layer as one parallel group: ``parallel_scope`` on IPUs,
-    :class:`FusedOctConv2d` elsewhere).
+    :class:`FusedOctaveBlock` elsewhere).
     """
 
     #: The input size the classifier is built for (three 2x2 max-pools down to 4x4).
@@ -155,14 +174,15 @@ class ClassificationModel(nn.Module):
             self.convlayers = nn.Sequential(make_conv_block(3, c), make_conv_block(c, 2 * c),
                                             make_conv_block(2 * c, c))
         elif conv_mode in ("octave", "multi-octave"):
-            conv_cls = octconv.OctConv2d
-            if conv_mode == "multi-octave" and parallel_scope is None:
-                conv_cls = FusedOctConv2d
+            fused = conv_mode == "multi-octave" and parallel_scope is None
             if conv_mode == "octave":
                 parallel_scope = None
 
             def block(cin, cout, a):
-                return OctaveBlock(cin, cout, a, conv_cls=conv_cls, parallel_scope=parallel_scope)
+                if fused:
+                    return FusedOctaveBlock(cin, cout, a)
+                return OctaveBlock(cin, cout, a, conv_cls=octconv.OctConv2d,
+                                   parallel_scope=parallel_scope)
 
             self.convlayers = nn.Sequential(block(3, c, (0.0, alpha)), block(c, 2 * c, (alpha, alpha)),
                                             block(2 * c, c, (alpha, 0.0)))

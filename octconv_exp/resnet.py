@@ -162,14 +162,15 @@ def freq_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Freq) -> Freq:
     return tuple(fn(t) for t in x) if isinstance(x, tuple) else fn(x)
 
 
-def freq_add(a: Freq, b: Freq) -> Freq:
-    """The residual add, per frequency."""
+def freq_add(a: Freq, b: Freq, inplace: bool = False) -> Freq:
+    """The residual add, per frequency (``inplace``: into ``a``'s tensors)."""
     if isinstance(a, tuple) != isinstance(b, tuple):
         raise ValueError("cannot add a (high, low) octave pair and a single tensor: the "
                          "shortcut must produce the frequencies the residual branch does")
+    add = torch.Tensor.add_ if inplace else torch.add
     if isinstance(a, tuple):
-        return a[0] + b[0], a[1] + b[1]
-    return a + b
+        return add(a[0], b[0]), add(a[1], b[1])
+    return add(a, b)
 
 
 class FreqApply(nn.Module):
@@ -239,9 +240,10 @@ def projection_shortcut(in_channels, out_channels, stride, alpha_in, alpha_out, 
 
 
 def residual(block, out, x):
-    """ReLU(out + shortcut(x)), per frequency: the end of every residual block."""
+    """ReLU(out + shortcut(x)), per frequency: the end of every residual block. ``out`` is a
+    BatchNorm's output, which its backward does not read: the add and the ReLU run in place."""
     identity = x if block.shortcut is None else block.shortcut(x)
-    return block.relu(freq_add(out, identity))
+    return block.relu(freq_add(out, identity, inplace=True))
 
 
 class BasicBlock(nn.Module):

@@ -5,8 +5,8 @@ import octconv
 import pytest
 import torch
 
-from octconv_exp.model import (ClassificationModel, FusedOctConv2d, OctaveBlock,
-                               count_parameters, octave_branches)
+from octconv_exp.model import (ClassificationModel, FusedOctaveBlock, FusedOctConv2d,
+                               OctaveBlock, count_parameters, octave_branches)
 
 MODES = ("vanilla", "octave", "multi-octave")
 
@@ -46,6 +46,44 @@ def test_seed_layer_structure():
     assert not hasattr(model.convlayers[2], "low_seq")
     fused = ClassificationModel("multi-octave", 0.5, 1)
     assert all(type(b.octconv) is FusedOctConv2d for b in fused.convlayers)
+    assert all(type(b) is FusedOctaveBlock for b in fused.convlayers)
+    # The same state dict as the seed's block order.
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("alpha", [(0.0, 0.5), (0.5, 0.5), (0.5, 0.0), (0.25, 0.75)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_block_pools_before_relu_with_the_same_values_and_gradients(alpha, channels_last):
+    """BatchNorm -> MaxPool -> ReLU gives bit for bit the values and gradients of the seed's
+    BatchNorm -> ReLU -> MaxPool, ties and all-negative windows included."""
+    torch.manual_seed(0)
+    fused = FusedOctaveBlock(8, 8, alpha)
+    seed_order = OctaveBlock(8, 8, alpha, conv_cls=FusedOctConv2d)
+    seed_order.load_state_dict(fused.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fused.to(memory_format=fmt)
+    seed_order.to(memory_format=fmt)
+    x = _inputs(8, alpha[0], 8)
+    x = tuple(t.detach().round().contiguous(memory_format=fmt) for t in _flat(x))  # ties
+    with torch.no_grad():  # a shift that leaves whole windows negative after BatchNorm
+        for block in (fused, seed_order):
+            block.high_seq[0].bias.fill_(-0.8)
+    x_a = tuple(t.clone().requires_grad_() for t in x)
+    x_b = tuple(t.clone().requires_grad_() for t in x)
+    y_a = _flat(fused(x_a if len(x_a) > 1 else x_a[0]))
+    y_b = _flat(seed_order(x_b if len(x_b) > 1 else x_b[0]))
+    for a, b in zip(y_a, y_b):
+        assert torch.equal(a, b)
+    assert any((t == 0).any() for t in y_a)
+    grads = [torch.randn_like(t) for t in y_a]
+    torch.autograd.backward(y_a, grads)
+    torch.autograd.backward(y_b, grads)
+    for a, b in zip(x_a, x_b):
+        assert torch.equal(a.grad, b.grad)
+    for (name, p), q in zip(fused.named_parameters(), seed_order.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, r), s in zip(fused.named_buffers(), seed_order.buffers()):
+        assert torch.equal(r, s), name
 
 
 def test_octave_alpha_zero_has_vanilla_parameter_shapes():

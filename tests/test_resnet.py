@@ -341,6 +341,9 @@ def test_frequency_pieces():
     assert p_h.shape == (2, 6, 4, 4) and p_l.shape == (2, 2, 2, 2)
     s_h, s_l = freq_add((h, l), (h, l))
     assert torch.equal(s_h, 2 * h) and torch.equal(s_l, 2 * l)
+    a_h, a_l = h.clone(), l.clone()
+    i_h, i_l = freq_add((a_h, a_l), (h, l), inplace=True)
+    assert i_h is a_h and i_l is a_l and torch.equal(a_h, 2 * h) and torch.equal(a_l, 2 * l)
     with pytest.raises(ValueError, match="shortcut"):
         freq_add((h, l), h)
     pooled = FreqGlobalAvgPool()((h, l))
