@@ -148,7 +148,10 @@ class SpeedConfig:
 
     # true | false | auto (true on CPU, where it was measured faster for every conv mode)
     channels_last: str = "auto"
-    compile: bool = False  # torch.compile the model (tens of seconds of compilation)
+    # true | false | auto (on where measured to repay its compilation over the run's steps;
+    # off on torch < 2.1, with deterministic=true, and where compiled steps measured no faster:
+    # octconv_exp/backends/native.py COMPILE_MEASURED)
+    compile: str = "auto"
     autocast_bf16: bool = False  # CUDA: bf16 autocast for the forward pass
     cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest algorithms
 
@@ -354,9 +357,9 @@ def validate(cfg: DictConfig, check_environment=True):
         if name not in LOGGERS:
             raise ConfigError("logger", name, "expected some of " + ", ".join(LOGGERS))
 
-    if str(cfg.speed.channels_last) not in ("true", "false", "auto", "True", "False"):
-        raise ConfigError("speed.channels_last", cfg.speed.channels_last,
-                          "expected one of true, false, auto")
+    for key in ("channels_last", "compile"):
+        if str(cfg.speed[key]) not in ("true", "false", "auto", "True", "False"):
+            raise ConfigError(f"speed.{key}", cfg.speed[key], "expected one of true, false, auto")
     for key in ("autocast_bf16", "cudnn_benchmark"):
         if cfg.speed[key] and cfg.device == "cpu":
             raise ConfigError(f"speed.{key}", "true", "applies to CUDA only; use device=cuda "

@@ -106,6 +106,7 @@ class Run:
         self.val_samples = None  # images in the validation split (None: no split)
         self.stopped_early = False  # trainer.early_stopping ended training before the last epoch
         self.monitor = None  # what best.pt follows (None: from the config, see metrics())
+        self.backend = None  # speed.compile's decision is read from it (CPU/GPU backends)
 
     def metrics(self):
         """What metrics.json holds. ``train_loss``/``train_accuracy`` are the last epoch's;
@@ -160,6 +161,9 @@ class Run:
             "finished": iso_time(now),
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
+            # speed.compile (CPU/GPU): whether the training steps ran torch.compile'd, and why
+            "compiled": getattr(self.backend, "compile", None),
+            "compile_decision": getattr(self.backend, "compile_reason", None),
             "versions": outputs.package_versions(),
         }
         if self.checkpoint is not None:
@@ -256,6 +260,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     seed_everything(cfg.seed)
     set_deterministic(cfg.deterministic)
     backend = make_backend(cfg, device)
+    run.backend = backend
     session = Session(cfg, run, backend, device)
     session.stop = stop
     try:
@@ -352,6 +357,10 @@ def _run(s, resume_from, evaluate_from):
     s.logger = (make_logger(cfg, s.output_dir, device=s.device) if distributed.is_writer()
                 else NullLogger())
     s.step = backend.training_step(s.model, s.optimizer)
+    if hasattr(backend, "plan"):  # the steps still to take, for speed.compile=auto
+        done = start[1].steps if start and start[1] else 0
+        backend.plan(len(s.train_loader) * (cfg.trainer.epochs - (start[0] if start else 1) + 1)
+                     - done)
     s.stop.set_phase("polled", "during training")
     steps = len(s.train_loader) + (start[1].steps if start and start[1] else 0)
     augmented = ", batches augmented (4-pixel pad, random crop, horizontal flip)"

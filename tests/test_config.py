@@ -94,6 +94,8 @@ def test_seed_command_lines_compose(composer, tmp_path):
     (["dataset=image_folder"], "dataset.root"),
     (["dataset=cifar10", "dataset.download=false", "dataset.root=/no/such/folder"], "dataset.root"),
     (["dataset.std=[0.2,0.0,0.2]"], "dataset.std"),
+    (["speed.compile=sometimes"], "speed.compile"),
+    (["speed.channels_last=maybe"], "speed.channels_last"),
 ])
 def test_bad_values_name_the_key(composer, overrides, key):
     cfg = composer(*overrides)

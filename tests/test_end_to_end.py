@@ -200,6 +200,9 @@ def test_speed_settings(tmp_path):
         runs[name] = (m, row, weights)
     default, default_row, default_weights = runs["last"]  # channels_last: auto is true on CPU
     assert default["test_samples"] == 500 and int(default_row["train_images"]) == 128
+    # speed.compile=auto: off on this CPU, where compiled steps measured no faster.
+    assert default["compiled"] is False and default["compile_decision"].startswith("auto: off")
+    assert runs["compiled"][0]["compiled"] is True
     for name in ("first", "compiled"):
         m, row, weights = runs[name]
         assert m["train_loss"] == pytest.approx(default["train_loss"], rel=1e-5, abs=0), name

@@ -1,5 +1,6 @@
 """CPU and CUDA: plain PyTorch."""
 import contextlib
+import logging
 import os
 
 import torch
@@ -10,6 +11,8 @@ from .. import distributed
 from ..config import check_optimizer_for_device
 from ..data import BatchLoader
 from ..model import build_model
+
+log = logging.getLogger("octconv_exp")
 
 
 def optimizer_kwargs(opt_cfg):
@@ -28,6 +31,61 @@ def use_channels_last(setting, device_type):
     return setting == "true"
 
 
+#: torch.compile against eager where this project measured it (``make bench``, and
+#: bench/bench_cuda.py on a GPU): device type -> (seconds of compilation before the first
+#: compiled step, compiled step time / eager step time), the most favourable case measured over
+#: the conv modes and models. ``speed.compile=auto`` uses it; a device type without an entry
+#: is not compiled (unmeasured).
+COMPILE_MEASURED = {
+    # 2-core x86-64, torch 2.14.1 (2026-11-30, docs/performance.md "torch.compile"): seed CNN
+    # at expansion 1 batch 8 and expansion 4 batch 64, ResNet-20 at batch 128, channels_last,
+    # every conv mode: 12-68 s of compilation, then compiled steps 0.99-1.37x eager's.
+    "cpu": (12.0, 0.99),
+}
+#: A compiled step has to be at least this much faster to be worth it (smaller differences
+#: were within run-to-run noise).
+COMPILE_MIN_SAVING = 0.05
+#: Under speed.compile=auto, the first training steps run eager: the first PROBE_SKIP warm up,
+#: the next PROBE_STEPS are timed to estimate what compiling would save over the run.
+PROBE_SKIP, PROBE_STEPS = 2, 5
+
+
+def compile_decision(setting, device_type, deterministic=False, steps_left=None,
+                     eager_step_s=None, measured=None, torch_version=None):
+    """Whether to torch.compile, and why: ``(True | False | None, reason)``. None: auto needs
+    ``steps_left`` and ``eager_step_s`` (timed eager steps) to decide.
+
+    auto compiles when ``steps_left x eager_step_s x (1 - measured ratio)`` (the time it would
+    save) exceeds the measured compilation time; never on torch < 2.1 (the Poplar SDK's 2.0.1:
+    torch.compile's first release), with ``deterministic=true`` (compiled kernels are outside
+    torch's deterministic-algorithm checks), on a device type not measured, or where compiled
+    steps measured less than COMPILE_MIN_SAVING faster."""
+    setting = str(setting).lower()
+    if setting in ("true", "false"):
+        return setting == "true", f"speed.compile={setting}"
+    measured = COMPILE_MEASURED if measured is None else measured
+    version = torch_version or torch.__version__
+    major_minor = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    if major_minor < (2, 1):
+        return False, f"auto: off on torch {version} (torch.compile is used from torch 2.1)"
+    if deterministic:
+        return False, "auto: off with deterministic=true"
+    if device_type not in measured:
+        return False, (f"auto: off: torch.compile has not been measured on {device_type} "
+                       "(bench/bench_cuda.py measures it on a GPU)")
+    warmup_s, ratio = measured[device_type]
+    if ratio > 1 - COMPILE_MIN_SAVING:
+        return False, (f"auto: off: compiled steps measured {ratio:.2f}x eager's on "
+                       f"{device_type} at best")
+    if steps_left is None or eager_step_s is None:
+        return None, "auto: deciding after timing the first eager steps"
+    saved = steps_left * eager_step_s * (1 - ratio)
+    verdict = saved > warmup_s
+    return verdict, (f"auto: {'on' if verdict else 'off'}: {steps_left} steps x "
+                     f"{eager_step_s * 1e3:.1f} ms x {1 - ratio:.0%} saved = {saved:.0f} s "
+                     f"{'>' if verdict else '<='} {warmup_s:.0f} s of compilation")
+
+
 class NativeBackend:
     def __init__(self, cfg, device):
         self.cfg = cfg
@@ -41,6 +99,11 @@ class NativeBackend:
         if cuda and speed.cudnn_benchmark and not cfg.deterministic:
             torch.backends.cudnn.benchmark = True
         self.compiled = None
+        # speed.compile: decided now for true/false and where auto is off; otherwise (None)
+        # by the training step after timing its first eager steps (steps_left: plan()).
+        self.compile, self.compile_reason = compile_decision(
+            speed.compile, self.device.type, deterministic=bool(cfg.get("deterministic", False)))
+        self.steps_left = None
         self.data_parallel = None  # the model in DistributedDataParallel (torchrun ranks)
         self.loaders = []  # streaming loaders, whose worker processes close() stops
         self.synthetic_data = False  # real images always
@@ -53,17 +116,22 @@ class NativeBackend:
         """The module the steps call: the model, or its torch.compile'd twin (same weights);
         data-parallel training steps go through the model's DistributedDataParallel wrapper
         (inference reads the model itself: each rank evaluates its own images)."""
+        compile_now = bool(self.compile)
         if training and distributed.WORLD.active:
             if self.data_parallel is None:
                 self.data_parallel = distributed.wrap(model, self.device)
-                if self.cfg.speed.compile:
-                    self.data_parallel = torch.compile(self.data_parallel)
-            return self.data_parallel
-        if not self.cfg.speed.compile:
+            if compile_now and self.compiled is None:
+                self.compiled = torch.compile(self.data_parallel)
+            return self.compiled if compile_now else self.data_parallel
+        if not compile_now:
             return model
         if self.compiled is None:
             self.compiled = torch.compile(model)
         return self.compiled
+
+    def plan(self, steps_left):
+        """The training steps this run still has to take (speed.compile=auto weighs them)."""
+        self.steps_left = int(steps_left)
 
     def forward(self, module, *args):
         if self.autocast:
@@ -128,8 +196,38 @@ class NativeBackend:
     def training_step(self, model, optimizer):
         model.train()
         module = self.runnable(model, training=True)
+        probe = {"steps": 0, "seconds": []}
+
+        def decide(images):
+            """speed.compile=auto: time eager steps, then compile if it repays itself."""
+            import time
+
+            probe["steps"] += 1
+            n = probe["steps"]
+            if n == PROBE_SKIP + PROBE_STEPS + 1:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                probe["seconds"].append(time.perf_counter())
+                intervals = [b - a for a, b in zip(probe["seconds"], probe["seconds"][1:])]
+                eager_s = sorted(intervals)[len(intervals) // 2]
+                left = None if self.steps_left is None else max(0, self.steps_left - n + 1)
+                self.compile, self.compile_reason = compile_decision(
+                    "auto", self.device.type, steps_left=left, eager_step_s=eager_s)
+                self.compile = bool(self.compile)
+                log.info("speed.compile=%s", self.compile_reason)
+                return self.runnable(model, training=True)
+            if n > PROBE_SKIP:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                probe["seconds"].append(time.perf_counter())
+            return None
 
         def step(images, labels):
+            nonlocal module
+            if self.compile is None:
+                decided = decide(images)
+                if decided is not None:
+                    module = decided
             optimizer.zero_grad(set_to_none=True)
             output, loss = self.forward(module, images, labels)
             loss.backward()
