@@ -10,7 +10,7 @@ SDK_PY := $(SDK_VENV)/bin/python
 SDK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python) $(shell command -v python3.8 2>/dev/null))
 SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 
-.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench mutate clean
+.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench bench-e2e mutate clean
 
 # Both venvs build at once (pip waits on downloads and the disk more than on a core).
 MAKEFLAGS += -j2
@@ -76,9 +76,16 @@ demo: venv
 	@echo "  plots:   $(abspath $(DEMO_DIR))/accuracy_vs_alpha.png, throughput_vs_alpha.png, accuracy_vs_flops.png, accuracy_vs_throughput.png"
 	@echo "  runs:    one directory per job, e.g. $(DEMO_DIR)/conv=octave,alpha=0.25/seed=0/"
 
+# Whole epochs through run.py first (what users run, with the defaults), then single layers,
+# steps and the framework's overhead, then the streaming loader. The CUDA column, on a GPU:
+# $(PY) bench/bench_cuda.py (docs/performance.md).
 bench: venv
+	$(PY) bench/bench_end_to_end.py
 	$(PY) bench/bench_octconv.py
 	$(PY) bench/bench_streaming.py
+
+bench-e2e: venv
+	$(PY) bench/bench_end_to_end.py
 
 # Mutation testing, on demand (not part of `make test` or CI): mutmut changes one thing at a
 # time in the core modules (a "mutant": a flipped comparison, a dropped call, another

@@ -17,8 +17,11 @@ def test_explicit_settings_win():
 @pytest.mark.parametrize("kwargs, reason", [
     (dict(torch_version="2.0.1+cpu"), "off on torch 2.0.1"),
     (dict(deterministic=True), "deterministic"),
-    (dict(device_type="cuda", measured={"cpu": (1.0, 0.5)}), "not been measured on cuda"),
-    (dict(measured={"cpu": (12.0, 0.99)}), "measured 0.99x"),
+    (dict(device_type="cuda", measured={"cpu": {"seed_cnn/vanilla": (1.0, 0.5)}}),
+     "not been measured for seed_cnn/vanilla on cuda"),
+    (dict(conv="octave", measured={"cpu": {"seed_cnn/vanilla": (1.0, 0.5)}}),
+     "not been measured for seed_cnn/octave"),
+    (dict(measured={"cpu": {"seed_cnn/vanilla": (12.0, 0.99)}}), "measured 0.99x"),
 ])
 def test_auto_is_off_where_compile_cannot_pay(kwargs, reason):
     kwargs = {"device_type": "cpu", "steps_left": 10**6, "eager_step_s": 1.0,
@@ -27,14 +30,16 @@ def test_auto_is_off_where_compile_cannot_pay(kwargs, reason):
     assert on is False and reason in why
 
 
-def test_auto_is_off_on_this_cpu_as_measured():
-    on, why = compile_decision("auto", "cpu", steps_left=10**6, eager_step_s=1.0,
-                               torch_version="2.14.1")
-    assert on is False and "measured" in why
+@pytest.mark.parametrize("model", ["seed_cnn", "resnet_cifar-20"])
+@pytest.mark.parametrize("conv", ["vanilla", "octave", "multi-octave"])
+def test_auto_is_off_on_this_cpu_as_measured(model, conv):
+    on, why = compile_decision("auto", "cpu", model=model, conv=conv, steps_left=10**6,
+                               eager_step_s=1.0, torch_version="2.14.1")
+    assert on is False and f"{model}/{conv} measured" in why
 
 
 def test_auto_weighs_the_saving_over_the_run_against_the_compilation():
-    table = {"cuda": (30.0, 0.6)}  # 30 s to compile, then steps 40 % shorter
+    table = {"cuda": {"seed_cnn/vanilla": (30.0, 0.6)}}  # 30 s to compile, 40 % shorter steps
     # 1000 steps x 0.1 s x 0.4 = 40 s saved > 30 s
     on, why = compile_decision("auto", "cuda", steps_left=1000, eager_step_s=0.1,
                                measured=table, torch_version="2.5.0")
@@ -68,7 +73,7 @@ def test_training_step_times_eager_steps_then_decides(monkeypatch, steps_left, c
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(torch, "__version__", "2.5.0")  # also where the tests run torch 2.0.1
     # A device where compiled steps measured twice as fast after 1 ms of compilation.
-    monkeypatch.setattr(native, "COMPILE_MEASURED", {"cpu": (0.001, 0.5)})
+    monkeypatch.setattr(native, "COMPILE_MEASURED", {"cpu": {"seed_cnn/multi-octave": (0.001, 0.5)}})
     cfg = compose_config("conv=multi-octave", "speed.compile=auto")
     backend = NativeBackend(cfg, "cpu")
     assert backend.compile is None and "deciding" in backend.compile_reason

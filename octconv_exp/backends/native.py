@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from .. import distributed
 from ..config import check_optimizer_for_device
 from ..data import BatchLoader
-from ..model import build_model
+from ..model import build_model, model_name
 
 log = logging.getLogger("octconv_exp")
 
@@ -31,16 +31,23 @@ def use_channels_last(setting, device_type):
     return setting == "true"
 
 
-#: torch.compile against eager where this project measured it (``make bench``, and
-#: bench/bench_cuda.py on a GPU): device type -> (seconds of compilation before the first
-#: compiled step, compiled step time / eager step time), the most favourable case measured over
-#: the conv modes and models. ``speed.compile=auto`` uses it; a device type without an entry
-#: is not compiled (unmeasured).
+#: torch.compile against eager where this project measured it (bench/bench_cuda.py, whose
+#: compile section prints these entries; ``--device cpu`` for the CPU): device type ->
+#: "model/conv" -> (seconds until the first two compiled steps were done, compiled step time /
+#: eager step time), the least favourable over the sizes measured. ``speed.compile=auto``
+#: compiles only a model and conv mode listed for the device: a device type or model without
+#: an entry is not compiled (unmeasured).
 COMPILE_MEASURED = {
-    # 2-core x86-64, torch 2.14.1 (2026-11-30, docs/performance.md "torch.compile"): seed CNN
-    # at expansion 1 batch 8 and expansion 4 batch 64, ResNet-20 at batch 128, channels_last,
-    # every conv mode: 12-68 s of compilation, then compiled steps 0.99-1.37x eager's.
-    "cpu": (12.0, 0.99),
+    # 2-core x86-64, torch 2.14.1, channels_last, 2026-11-30 (docs/performance.md
+    # "torch.compile"; bench/bench_cuda.py --device cpu --sections compile): seed CNN at
+    # expansion 1 batch 8 and expansion 4 batch 64, ResNet-20 at batch 128; compilation times
+    # from an empty inductor cache. Compiled steps were slower, or at most 5 % faster.
+    "cpu": {
+        "seed_cnn/vanilla": (13.6, 1.115), "seed_cnn/octave": (17.5, 1.112),
+        "seed_cnn/multi-octave": (16.6, 1.196),
+        "resnet_cifar-20/vanilla": (26.8, 1.065), "resnet_cifar-20/octave": (64.3, 0.970),
+        "resnet_cifar-20/multi-octave": (68.5, 0.959),
+    },
 }
 #: A compiled step has to be at least this much faster to be worth it (smaller differences
 #: were within run-to-run noise).
@@ -50,16 +57,16 @@ COMPILE_MIN_SAVING = 0.05
 PROBE_SKIP, PROBE_STEPS = 2, 5
 
 
-def compile_decision(setting, device_type, deterministic=False, steps_left=None,
-                     eager_step_s=None, measured=None, torch_version=None):
+def compile_decision(setting, device_type, model="seed_cnn", conv="vanilla", deterministic=False,
+                     steps_left=None, eager_step_s=None, measured=None, torch_version=None):
     """Whether to torch.compile, and why: ``(True | False | None, reason)``. None: auto needs
     ``steps_left`` and ``eager_step_s`` (timed eager steps) to decide.
 
     auto compiles when ``steps_left x eager_step_s x (1 - measured ratio)`` (the time it would
     save) exceeds the measured compilation time; never on torch < 2.1 (the Poplar SDK's 2.0.1:
     torch.compile's first release), with ``deterministic=true`` (compiled kernels are outside
-    torch's deterministic-algorithm checks), on a device type not measured, or where compiled
-    steps measured less than COMPILE_MIN_SAVING faster."""
+    torch's deterministic-algorithm checks), for a device type, model or conv mode not
+    measured, or where compiled steps measured less than COMPILE_MIN_SAVING faster."""
     setting = str(setting).lower()
     if setting in ("true", "false"):
         return setting == "true", f"speed.compile={setting}"
@@ -70,13 +77,15 @@ def compile_decision(setting, device_type, deterministic=False, steps_left=None,
         return False, f"auto: off on torch {version} (torch.compile is used from torch 2.1)"
     if deterministic:
         return False, "auto: off with deterministic=true"
-    if device_type not in measured:
-        return False, (f"auto: off: torch.compile has not been measured on {device_type} "
-                       "(bench/bench_cuda.py measures it on a GPU)")
-    warmup_s, ratio = measured[device_type]
+    key = f"{model}/{conv}"
+    entry = measured.get(device_type, {}).get(key)
+    if entry is None:
+        return False, (f"auto: off: torch.compile has not been measured for {key} on "
+                       f"{device_type} (bench/bench_cuda.py measures it)")
+    warmup_s, ratio = entry
     if ratio > 1 - COMPILE_MIN_SAVING:
-        return False, (f"auto: off: compiled steps measured {ratio:.2f}x eager's on "
-                       f"{device_type} at best")
+        return False, (f"auto: off: compiled steps of {key} measured {ratio:.2f}x eager's on "
+                       f"{device_type}")
     if steps_left is None or eager_step_s is None:
         return None, "auto: deciding after timing the first eager steps"
     saved = steps_left * eager_step_s * (1 - ratio)
@@ -101,8 +110,10 @@ class NativeBackend:
         self.compiled = None
         # speed.compile: decided now for true/false and where auto is off; otherwise (None)
         # by the training step after timing its first eager steps (steps_left: plan()).
+        self.compile_key = dict(model=model_name(cfg), conv=cfg.conv.mode)
         self.compile, self.compile_reason = compile_decision(
-            speed.compile, self.device.type, deterministic=bool(cfg.get("deterministic", False)))
+            speed.compile, self.device.type, deterministic=bool(cfg.get("deterministic", False)),
+            **self.compile_key)
         self.steps_left = None
         self.data_parallel = None  # the model in DistributedDataParallel (torchrun ranks)
         self.loaders = []  # streaming loaders, whose worker processes close() stops
@@ -212,7 +223,8 @@ class NativeBackend:
                 eager_s = sorted(intervals)[len(intervals) // 2]
                 left = None if self.steps_left is None else max(0, self.steps_left - n + 1)
                 self.compile, self.compile_reason = compile_decision(
-                    "auto", self.device.type, steps_left=left, eager_step_s=eager_s)
+                    "auto", self.device.type, steps_left=left, eager_step_s=eager_s,
+                    **self.compile_key)
                 self.compile = bool(self.compile)
                 log.info("speed.compile=%s", self.compile_reason)
                 return self.runnable(model, training=True)
