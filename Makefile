@@ -43,10 +43,10 @@ SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
 SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py
 test: venv venv-sdk
-	@( $(SDK_PY) -m pytest -q -p no:cacheprovider -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
-	   $(PY) -m pytest -q -p no:cacheprovider $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
+	@( $(SDK_PY) -m pytest -q -p no:cacheprovider --durations=15 -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
+	   $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
 	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 1 of 2)"; \
-	$(PY) -m pytest -q -p no:cacheprovider tests $(addprefix --ignore=,$(SHARD_B)); newest=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests $(addprefix --ignore=,$(SHARD_B)); newest=$$?; \
 	wait $$bg; \
 	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 2 of 2: $(SHARD_B))"; \
 	cat $(SHARD_LOG); \

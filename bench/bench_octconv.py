@@ -63,15 +63,23 @@ def warm(fns, n):
 
 def single_layer(device, args):
     c, size, batch, alpha = 128, 32, 32, 0.5
+    fmt = args.memory_format
     torch.manual_seed(0)
-    vanilla = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
-    ref = octconv.OctConv2d(c, c, 3, padding=1, alpha=alpha).to(device)
-    fused = FusedOctConv2d(c, c, 3, padding=1, alpha=alpha).to(device)
+    vanilla = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
+    ref = octconv.OctConv2d(c, c, 3, padding=1, alpha=alpha).to(device).to(memory_format=fmt)
+    fused = FusedOctConv2d(c, c, 3, padding=1, alpha=alpha).to(device).to(memory_format=fmt)
     fused.load_state_dict(ref.state_dict())
     high = int((1 - alpha) * c)
-    x = torch.randn(batch, c, size, size, device=device)
-    xo = (torch.randn(batch, high, size, size, device=device),
-          torch.randn(batch, c - high, size // 2, size // 2, device=device))
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device).contiguous(memory_format=fmt)
+
+    x = randn(batch, c, size, size)
+    xo = (randn(batch, high, size, size), randn(batch, c - high, size // 2, size // 2))
+    # Dense output gradients, as a network's backward gives (the expanded gradient of a
+    # .sum() would favour a broadcast add, whose backward is then a trivial reduction).
+    grads = {id(x): (randn(batch, c, size, size),),
+             id(xo): (randn(batch, high, size, size), randn(batch, c - high, size // 2, size // 2))}
 
     def fwd(m, inp):
         def f():
@@ -83,7 +91,7 @@ def single_layer(device, args):
         def f():
             out = m(inp)
             out = out if isinstance(out, tuple) else (out,)
-            sum(o.sum() for o in out).backward()
+            torch.autograd.backward(out, grads[id(inp)])
         return f
 
     rows = {}
@@ -93,7 +101,8 @@ def single_layer(device, args):
         t = interleaved(fns, args.repeats, args.layer_inner, device)
         rows[kind] = {k: {"ms": v * 1e3, "ratio": v / t["vanilla"]} for k, v in t.items()}
     return {"channels": c, "size": size, "batch": batch, "alpha": alpha,
-            "theoretical_ratio": octave_cost(alpha, alpha), "times": rows}
+            "theoretical_ratio": octave_cost(alpha, alpha), "times": rows,
+            "memory_format": "channels_last" if fmt == torch.channels_last else "channels_first"}
 
 
 # ------------------------------------------------------------------------------- whole model
@@ -335,7 +344,8 @@ def _main_tables(r):
     lines = []
     s = r["single_layer"]
     lines.append(f"Single layer: {s['channels']} channels, {s['size']}x{s['size']}, batch {s['batch']}, "
-                 f"alpha {s['alpha']} (theory {s['theoretical_ratio']:.3f}x vanilla)")
+                 f"alpha {s['alpha']}, {s.get('memory_format', 'channels_first')} "
+                 f"(theory {s['theoretical_ratio']:.3f}x vanilla)")
     lines.append("| pass | vanilla ms | octave (octconv) | multi-octave (fused) |")
     lines.append("| --- | --- | --- | --- |")
     for kind, t in s["times"].items():
