@@ -146,16 +146,22 @@ def compile_section(device, args):
             print(f"  compile: {key} {mode}: {warmup:.1f} s, "
                   f"{t['compiled'] / t['eager']:.3f}x eager", file=sys.stderr, flush=True)
             torch._dynamo.reset()
-    # octconv_exp/backends/native.py COMPILE_MEASURED: per model (as metrics.json names it)
-    # and conv mode, the longest compilation and the least favourable ratio over the sizes.
+    entry = compile_entry(rows)
+    print(f"COMPILE_MEASURED[{device.type!r}] = {json.dumps(entry)}", flush=True)
+    return {"rows": rows, "COMPILE_MEASURED_entry": {device.type: entry}}
+
+
+def compile_entry(rows):
+    """octconv_exp/backends/native.py COMPILE_MEASURED's entry for one device: per model (as
+    metrics.json names it) and conv mode, the longest compilation and the least favourable
+    compiled/eager ratio over the sizes measured."""
     entry = {}
     for r in rows:
         key = f"{MODEL_NAMES[r['model']]}/{r['conv']}"
         warmup, ratio = entry.get(key, (0.0, 0.0))
         entry[key] = (round(max(warmup, r["compile_warmup_s"]), 1),
                       round(max(ratio, r["compiled_vs_eager"]), 3))
-    print(f"COMPILE_MEASURED[{device.type!r}] = {json.dumps(entry)}", flush=True)
-    return {"rows": rows, "COMPILE_MEASURED_entry": {device.type: entry}}
+    return entry
 
 
 def write(path, data):

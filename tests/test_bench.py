@@ -1,0 +1,59 @@
+"""The benchmarks' own arithmetic (their measurements are not tests: bench/ prints them)."""
+import importlib.util
+import os
+
+import pytest
+
+from conftest import REPO
+from octconv_exp.backends.native import compile_decision
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(speeds, flops=0.5):
+    """bench_end_to_end rows for one case from images/s per mode."""
+    return [{"case": "seed_exp4_b64", "conv": mode, "flops_ratio": 1.0 if mode == "vanilla" else flops,
+             "time_vs_vanilla": speeds["vanilla"] / v, "time_vs_octave": speeds["octave"] / v}
+            for mode, v in speeds.items()]
+
+
+def test_end_to_end_targets_use_time_ratios():
+    e2e = _load("bench_end_to_end")
+    # multi-octave 1000 img/s against octave 880: 0.88 of its time; 500 img/s vanilla: 0.5
+    # of vanilla's time against a FLOPs ratio of 0.5 -> 1.0.
+    targets = {t["what"]: t for t in e2e.target_values(
+        _rows({"vanilla": 500.0, "octave": 880.0, "multi-octave": 1000.0}))}
+    t = targets["multi-octave time / octave time"]
+    assert t["value"] == pytest.approx(0.88) and t["met"]
+    f = targets["multi-octave time / vanilla time, over its FLOPs ratio"]
+    assert f["value"] == pytest.approx(1.0) and f["met"]
+    slow = {t["what"]: t for t in e2e.target_values(
+        _rows({"vanilla": 500.0, "octave": 1000.0, "multi-octave": 950.0}))}
+    assert not slow["multi-octave time / octave time"]["met"]
+    assert not any(t["case"] == "resnet20_b128" for t in slow.values())  # case not run
+
+
+def test_cuda_bench_compile_entry_feeds_speed_compile_auto():
+    cuda = _load("bench_cuda")
+    rows = [{"model": "seed_exp4_b64", "conv": "octave", "compile_warmup_s": 20.0,
+             "compiled_vs_eager": 0.7},
+            {"model": "seed_exp1_b8", "conv": "octave", "compile_warmup_s": 30.04,
+             "compiled_vs_eager": 0.8},
+            {"model": "resnet20_b128", "conv": "vanilla", "compile_warmup_s": 40.0,
+             "compiled_vs_eager": 1.2}]
+    entry = cuda.compile_entry(rows)
+    # The least favourable over the seed CNN's two sizes, keyed as metrics.json names models.
+    assert entry == {"seed_cnn/octave": (30.0, 0.8), "resnet_cifar-20/vanilla": (40.0, 1.2)}
+    measured = {"cuda": entry}
+    on, why = compile_decision("auto", "cuda", model="seed_cnn", conv="octave", steps_left=10**4,
+                               eager_step_s=0.05, measured=measured, torch_version="2.5.0")
+    assert on is True  # 10^4 x 50 ms x 20 % = 100 s > 30 s
+    on, _ = compile_decision("auto", "cuda", model="resnet_cifar-20", conv="vanilla",
+                             steps_left=10**6, eager_step_s=1.0, measured=measured,
+                             torch_version="2.5.0")
+    assert on is False
