@@ -2,9 +2,10 @@
 
 ``ClassificationModel`` reproduces Graphcore's ``octconv_example.py`` layer for layer (the
 parameter names too, so weights move between the two): three conv -> BatchNorm -> ReLU ->
-MaxPool blocks, then Linear -> LogSoftmax. ``forward(x, labels)`` returns
-``(log_probs, loss)``: the loss is computed inside the model because PopTorch requires it, and
-so every backend runs the same training loop.
+MaxPool blocks (multi-octave on CPU/GPU pools before the ReLU: the same values and
+gradients, see :class:`FusedOctaveBlock`), then Linear -> LogSoftmax. ``forward(x, labels)``
+returns ``(log_probs, loss)``: the loss is computed inside the model because PopTorch requires
+it, and so every backend runs the same training loop.
 """
 import contextlib
 from typing import Callable, ContextManager, Optional
