@@ -39,14 +39,19 @@ venv-sdk: $(SDK_VENV)/.installed
 # per core (most tests wait on a run.py subprocess): the newest suite's files in SHARD_B run
 # after the SDK suite in the background, the rest in the foreground. Logs are printed after;
 # any part failing fails `make test`.
+# One torch/OpenMP thread per test process: the two suites already keep both cores busy, and
+# two 2-thread processes on 2 cores made every oneDNN parallel region wait for a descheduled
+# thread (docs/development.md). Tests that need more threads set them themselves.
+TEST_THREADS ?= 1
+TEST_ENV := OMP_NUM_THREADS=$(TEST_THREADS) MKL_NUM_THREADS=$(TEST_THREADS)
 SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
 SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py
 test: venv venv-sdk
-	@( $(SDK_PY) -m pytest -q -p no:cacheprovider --durations=15 -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
-	   $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
+	@( $(TEST_ENV) $(SDK_PY) -m pytest -q -p no:cacheprovider --durations=15 -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
+	   $(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
 	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 1 of 2)"; \
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests $(addprefix --ignore=,$(SHARD_B)); newest=$$?; \
+	$(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests $(addprefix --ignore=,$(SHARD_B)); newest=$$?; \
 	wait $$bg; \
 	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 2 of 2: $(SHARD_B))"; \
 	cat $(SHARD_LOG); \
