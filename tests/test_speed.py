@@ -103,3 +103,22 @@ def test_auto_backend_on_this_torch():
     assert backend.compile is False
     expected = "off on torch" if torch.__version__.startswith("2.0.") else "measured"
     assert expected in backend.compile_reason
+
+
+def test_data_parallel_training_and_inference_compile_apart(monkeypatch):
+    """Under torchrun with compile on, training steps run the compiled DDP wrapper and
+    inference the compiled model itself: a DDP forward would broadcast buffers (a collective)
+    while each rank evaluates its own images."""
+    from octconv_exp import distributed
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or ("compiled", m))
+    monkeypatch.setattr(distributed, "WORLD", distributed.World(world_size=2))
+    monkeypatch.setattr(distributed, "wrap", lambda model, device: ("ddp", model))
+    backend = NativeBackend(compose_config("speed.compile=true"), "cpu")
+    model = backend.build_model(10)
+    train = backend.runnable(model, training=True)
+    infer = backend.runnable(model)
+    assert train == ("compiled", ("ddp", model)) and infer == ("compiled", model)
+    assert backend.runnable(model, training=True) is train and backend.runnable(model) is infer
+    assert len(compiled) == 2

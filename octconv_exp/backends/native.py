@@ -116,6 +116,9 @@ class NativeBackend:
             **self.compile_key)
         self.steps_left = None
         self.data_parallel = None  # the model in DistributedDataParallel (torchrun ranks)
+        # Its compiled twin: apart from the model's, which inference uses (a DDP forward
+        # would broadcast buffers, a collective, while each rank evaluates its own images).
+        self.compiled_data_parallel = None
         self.loaders = []  # streaming loaders, whose worker processes close() stops
         self.synthetic_data = False  # real images always
 
@@ -131,9 +134,11 @@ class NativeBackend:
         if training and distributed.WORLD.active:
             if self.data_parallel is None:
                 self.data_parallel = distributed.wrap(model, self.device)
-            if compile_now and self.compiled is None:
-                self.compiled = torch.compile(self.data_parallel)
-            return self.compiled if compile_now else self.data_parallel
+            if not compile_now:
+                return self.data_parallel
+            if self.compiled_data_parallel is None:
+                self.compiled_data_parallel = torch.compile(self.data_parallel)
+            return self.compiled_data_parallel
         if not compile_now:
             return model
         if self.compiled is None:
