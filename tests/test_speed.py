@@ -62,9 +62,18 @@ class _Recorder(torch.nn.Module):
         return self.model(*args)
 
 
-@pytest.mark.parametrize("steps_left, compiled", [(10**6, True), (PROBE_SKIP + PROBE_STEPS, False)])
+@pytest.mark.parametrize("steps_left, compiled", [(10**6, True), (PROBE_SKIP + PROBE_STEPS, False),
+                                                  (None, False)])
 def test_training_step_times_eager_steps_then_decides(monkeypatch, steps_left, compiled):
-    calls, compiles = [], []
+    from octconv_exp import distributed
+
+    calls, compiles, agreed = [], [], []
+
+    def max_over_ranks(value):  # data-parallel ranks decide on the slowest rank's time
+        agreed.append(value)
+        return value
+
+    monkeypatch.setattr(distributed, "max_over_ranks", max_over_ranks)
 
     def fake_compile(model):
         compiles.append(model)
@@ -79,7 +88,8 @@ def test_training_step_times_eager_steps_then_decides(monkeypatch, steps_left, c
     assert backend.compile is None and "deciding" in backend.compile_reason
     model = backend.build_model(10)
     optimizer = backend.build_optimizer(model)
-    backend.plan(steps_left)
+    if steps_left is not None:  # None: a caller that never said how long the run is
+        backend.plan(steps_left)
     step = backend.training_step(model, optimizer)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     probe = PROBE_SKIP + PROBE_STEPS
@@ -90,6 +100,9 @@ def test_training_step_times_eager_steps_then_decides(monkeypatch, steps_left, c
         step(x, y)
     assert backend.compile is compiled
     assert backend.compile_reason.startswith("auto: " + ("on" if compiled else "off"))
+    assert len(agreed) == 1 and agreed[0] > 0  # the median eager step, in microseconds
+    if steps_left is None:
+        assert "run length unknown" in backend.compile_reason
     assert compiles == ([model] if compiled else []) and len(calls) == (3 if compiled else 0)
     # Inference after training uses the same decision.
     backend.inference_step(model)(x)

@@ -226,11 +226,14 @@ class NativeBackend:
                 probe["seconds"].append(time.perf_counter())
                 intervals = [b - a for a, b in zip(probe["seconds"], probe["seconds"][1:])]
                 eager_s = sorted(intervals)[len(intervals) // 2]
-                left = None if self.steps_left is None else max(0, self.steps_left - n + 1)
-                self.compile, self.compile_reason = compile_decision(
-                    "auto", self.device.type, steps_left=left, eager_step_s=eager_s,
-                    **self.compile_key)
-                self.compile = bool(self.compile)
+                # Data-parallel ranks decide alike: on the slowest rank's time (microseconds).
+                eager_s = distributed.max_over_ranks(int(eager_s * 1e6)) / 1e6
+                if self.steps_left is None:
+                    self.compile, self.compile_reason = False, "auto: off: run length unknown"
+                else:
+                    self.compile, self.compile_reason = compile_decision(
+                        "auto", self.device.type, steps_left=max(0, self.steps_left - n + 1),
+                        eager_step_s=eager_s, **self.compile_key)
                 log.info("speed.compile=%s", self.compile_reason)
                 return self.runnable(model, training=True)
             if n > PROBE_SKIP:
