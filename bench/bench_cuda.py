@@ -25,17 +25,18 @@ not a measurement).
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _shared import interleaved, sync, warm, write_results  # noqa: E402
 from octconv_exp.model import ClassificationModel  # noqa: E402
 from octconv_exp.resnet import ResNetCifar  # noqa: E402
 
@@ -59,11 +60,6 @@ SETTINGS = {
 }
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_step(build, mode, batch, device, channels_last, bf16, compiled=False):
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -83,19 +79,6 @@ def make_step(build, mode, batch, device, channels_last, bf16, compiled=False):
     return step
 
 
-def timed(fns, rounds, inner, device):
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync(device)
-            samples[k].append((time.perf_counter() - t) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def settings_section(device, args):
     rows = []
     for key, build, batch in args.selected:
@@ -108,10 +91,8 @@ def settings_section(device, args):
         # cudnn.benchmark is process-wide: set it per call.
         calls = {k: (lambda b=b, f=f: (setattr(torch.backends.cudnn, "benchmark", b), f()))
                  for k, (b, f) in fns.items()}
-        for fn in calls.values():
-            for _ in range(args.warmup):
-                fn()
-        t = timed(calls, args.rounds, args.inner, device)
+        warm(calls, args.warmup)
+        t = interleaved(calls, args.rounds, args.inner, device)
         torch.backends.cudnn.benchmark = False
         for (setting, mode), seconds in t.items():
             rows.append({"model": key, "batch": batch, "setting": setting, "conv": mode,
@@ -136,9 +117,8 @@ def compile_section(device, args):
                 compiled()
             sync(device)
             warmup = time.perf_counter() - t0
-            for _ in range(args.warmup):
-                eager()
-            t = timed({"eager": eager, "compiled": compiled}, args.rounds, args.inner, device)
+            warm({"eager": eager}, args.warmup)
+            t = interleaved({"eager": eager, "compiled": compiled}, args.rounds, args.inner, device)
             rows.append({"model": key, "batch": batch, "conv": mode,
                          "compile_warmup_s": warmup, "eager_step_ms": t["eager"] * 1e3,
                          "compiled_step_ms": t["compiled"] * 1e3,
@@ -162,12 +142,6 @@ def compile_entry(rows):
         entry[key] = (round(max(warmup, r["compile_warmup_s"]), 1),
                       round(max(ratio, r["compiled_vs_eager"]), 3))
     return entry
-
-
-def write(path, data):
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-    print(f"written: {path}", flush=True)
 
 
 def main(argv=None):
@@ -196,10 +170,10 @@ def main(argv=None):
             "rounds": args.rounds, "inner": args.inner, "quick": args.quick}
     prefix = "cuda" if device.type == "cuda" else "cpu-check"
     if "settings" in args.sections:
-        write(os.path.join(args.out_dir, f"{prefix}-settings.json"),
+        write_results(os.path.join(args.out_dir, f"{prefix}-settings.json"),
               {**head, "rows": settings_section(device, args)})
     if "compile" in args.sections:
-        write(os.path.join(args.out_dir, f"{prefix}-compile.json"),
+        write_results(os.path.join(args.out_dir, f"{prefix}-compile.json"),
               {**head, **compile_section(device, args)})
     py = sys.executable
     if "layers" in args.sections:

@@ -25,6 +25,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from _shared import write_results  # noqa: E402
 MODES = ("vanilla", "octave", "multi-octave")
 
 #: (key, label, overrides): the issue's seed CNN at expansion 4 batch 64, ResNet-20 at He et
@@ -171,11 +174,8 @@ def main(argv=None):
     r["rows"] = measure(args)
     r["targets"] = target_values(r["rows"])
     out = args.out or os.path.join(HERE, "results", f"end_to_end-{args.device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(r, f, indent=1)
-    print(table(r))
-    print(f"\nwritten: {out}")
+    print(table(r) + "\n")
+    write_results(out, r)
     return 0
 
 

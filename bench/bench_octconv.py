@@ -8,18 +8,18 @@ over several repeats (so a slow patch of a shared machine hits all of them alike
 median kept. It prints ratios, not absolute claims: compare numbers from the same run only.
 """
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import octconv  # noqa: E402
+from _shared import interleaved, warm, write_results  # noqa: E402
 
 from octconv_exp.backends.native import use_channels_last  # noqa: E402
 from octconv_exp.data import BatchLoader, make_synthetic  # noqa: E402
@@ -31,31 +31,6 @@ from octconv_exp.resnet import ResNetCifar, ResNetImageNet  # noqa: E402
 MODES = ("vanilla", "octave", "multi-octave")
 ALPHAS = (0.25, 0.5, 0.75)
 SHAPES = ((1, 8), (4, 64))  # (expansion, batch): the seed's defaults, and a wider model
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved(fns, repeats, inner, device):
-    """Median seconds per call of each fn, measured round-robin ``repeats`` times."""
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def warm(fns, n):
-    for fn in fns.values():
-        for _ in range(n):
-            fn()
 
 
 # ------------------------------------------------------------------------------- single layer
@@ -413,11 +388,8 @@ def main(argv=None):
             pass
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"{device.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(r, f, indent=1)
-    print(table(r))
-    print(f"\nwritten: {out}")
+    print(table(r) + "\n")
+    write_results(out, r)
     return 0
 
 

@@ -357,12 +357,12 @@ def _run(s, resume_from, evaluate_from):
     s.logger = (make_logger(cfg, s.output_dir, device=s.device) if distributed.is_writer()
                 else NullLogger())
     s.step = backend.training_step(s.model, s.optimizer)
+    done = start[1].steps if start and start[1] else 0  # of a resumed epoch
     if hasattr(backend, "plan"):  # the steps still to take, for speed.compile=auto
-        done = start[1].steps if start and start[1] else 0
         backend.plan(len(s.train_loader) * (cfg.trainer.epochs - (start[0] if start else 1) + 1)
                      - done)
     s.stop.set_phase("polled", "during training")
-    steps = len(s.train_loader) + (start[1].steps if start and start[1] else 0)
+    steps = len(s.train_loader) + done
     augmented = ", batches augmented (4-pixel pad, random crop, horizontal flip)"
     log.info("Training: epochs %d-%d, %d steps each%s", start[0] if start else 1,
              cfg.trainer.epochs, steps, augmented if cfg.dataset.get("augment", False) else "")

@@ -214,38 +214,37 @@ class NativeBackend:
         module = self.runnable(model, training=True)
         probe = {"steps": 0, "seconds": []}
 
-        def decide(images):
-            """speed.compile=auto: time eager steps, then compile if it repays itself."""
+        def decide():
+            """speed.compile=auto: time eager steps, then compile if it repays itself; the
+            module the rest of the steps call once decided, else None."""
             import time
 
             probe["steps"] += 1
             n = probe["steps"]
-            if n == PROBE_SKIP + PROBE_STEPS + 1:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                probe["seconds"].append(time.perf_counter())
-                intervals = [b - a for a, b in zip(probe["seconds"], probe["seconds"][1:])]
-                eager_s = sorted(intervals)[len(intervals) // 2]
-                # Data-parallel ranks decide alike: on the slowest rank's time (microseconds).
-                eager_s = distributed.max_over_ranks(int(eager_s * 1e6)) / 1e6
-                if self.steps_left is None:
-                    self.compile, self.compile_reason = False, "auto: off: run length unknown"
-                else:
-                    self.compile, self.compile_reason = compile_decision(
-                        "auto", self.device.type, steps_left=max(0, self.steps_left - n + 1),
-                        eager_step_s=eager_s, **self.compile_key)
-                log.info("speed.compile=%s", self.compile_reason)
-                return self.runnable(model, training=True)
-            if n > PROBE_SKIP:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                probe["seconds"].append(time.perf_counter())
-            return None
+            if n <= PROBE_SKIP:
+                return None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            probe["seconds"].append(time.perf_counter())  # the end of the previous step
+            if n <= PROBE_SKIP + PROBE_STEPS:
+                return None
+            intervals = [b - a for a, b in zip(probe["seconds"], probe["seconds"][1:])]
+            eager_s = sorted(intervals)[len(intervals) // 2]
+            # Data-parallel ranks decide alike: on the slowest rank's time (microseconds).
+            eager_s = distributed.max_over_ranks(int(eager_s * 1e6)) / 1e6
+            if self.steps_left is None:
+                self.compile, self.compile_reason = False, "auto: off: run length unknown"
+            else:
+                self.compile, self.compile_reason = compile_decision(
+                    "auto", self.device.type, steps_left=max(0, self.steps_left - n + 1),
+                    eager_step_s=eager_s, **self.compile_key)
+            log.info("speed.compile=%s", self.compile_reason)
+            return self.runnable(model, training=True)
 
         def step(images, labels):
             nonlocal module
             if self.compile is None:
-                decided = decide(images)
+                decided = decide()
                 if decided is not None:
                     module = decided
             optimizer.zero_grad(set_to_none=True)
