@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import batchnorm
 from .config import OCTAVE_BRANCHES, split_high_low
 
 
@@ -134,7 +135,8 @@ class FusedOctaveBlock(OctaveBlock):
     ReLU is monotone, so ``max(relu(a), relu(b)) = relu(max(a, b))``, and the max-pool picks
     the same element either way (where every element of a window is <= 0 both give 0 and a
     zero gradient). Pooling first runs the ReLU and its backward on a quarter of the elements
-    (measured: README, Performance)."""
+    (measured: README, Performance). BatchNorm over few channels (not a multiple of 16) in
+    channels-last memory runs as :func:`octconv_exp.batchnorm.batch_norm`."""
 
     def __init__(self, in_channels, out_channels, alpha):
         super().__init__(in_channels, out_channels, alpha, conv_cls=FusedOctConv2d)
@@ -142,7 +144,7 @@ class FusedOctaveBlock(OctaveBlock):
     @staticmethod
     def _finish(seq, y):
         bn, _, pool = seq
-        return F.relu_(pool(bn(y)))
+        return F.relu_(pool(batchnorm.batch_norm(bn, y)))
 
     def forward(self, x):
         out = self.octconv(x)

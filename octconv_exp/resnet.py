@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import batchnorm
 from .model import FusedOctConv2d, check_octave_split, octave_cost
 
 CONV_MODES = ("vanilla", "octave", "multi-octave")
@@ -138,22 +139,31 @@ def make_conv(in_channels, out_channels, kernel_size, stride=1, alpha_in=0.0, al
 
 class OctBatchNorm2d(nn.Module):
     """BatchNorm per frequency: ``high`` and ``low`` normalise the two parts of a (high, low)
-    tuple separately (octconv's split of ``channels`` by ``alpha``)."""
+    tuple separately (octconv's split of ``channels`` by ``alpha``).
 
-    def __init__(self, high_channels, low_channels):
+    ``narrow=True`` (multi-octave on CPU/GPU) runs each through
+    :func:`octconv_exp.batchnorm.batch_norm`: the same BatchNorm, faster for channels-last CPU
+    tensors with few channels (not a multiple of 16). Same modules and state dict either way."""
+
+    def __init__(self, high_channels, low_channels, narrow=False):
         super().__init__()
         self.high = nn.BatchNorm2d(high_channels)
         self.low = nn.BatchNorm2d(low_channels)
+        self.narrow = narrow
 
     def forward(self, x):
         x_h, x_l = x
+        if self.narrow:
+            return batchnorm.batch_norm(self.high, x_h), batchnorm.batch_norm(self.low, x_l)
         return self.high(x_h), self.low(x_l)
 
 
 def make_norm(conv: nn.Module, channels: int) -> nn.Module:
-    """The BatchNorm for the output of ``conv``: per frequency when it has a low part."""
+    """The BatchNorm for the output of ``conv``: per frequency when it has a low part (with
+    the narrow-channel kernel after a :class:`FusedOctConv2d`)."""
     if isinstance(conv, octconv.OctConv2d) and conv.out_channels["low"] > 0:
-        return OctBatchNorm2d(conv.out_channels["high"], conv.out_channels["low"])
+        return OctBatchNorm2d(conv.out_channels["high"], conv.out_channels["low"],
+                              narrow=isinstance(conv, FusedOctConv2d))
     return nn.BatchNorm2d(channels)
 
 
