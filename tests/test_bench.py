@@ -57,3 +57,34 @@ def test_cuda_bench_compile_entry_feeds_speed_compile_auto():
                              steps_left=10**6, eager_step_s=1.0, measured=measured,
                              torch_version="2.5.0")
     assert on is False
+
+
+def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from octconv_exp import batchnorm
+    out = tmp_path / "bn.json"
+    bench = _load("bench_batchnorm")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_batchnorm.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tensor"] for r in rows] == [s[0] for s in bench.SHAPES]
+    by_channels = {r["shape"][1]: r for r in rows}
+    # torch's kernel stays on 16 or 32 channels; ResNet-20's 8-channel stage-1 tensors not
+    assert by_channels[16]["uses"] == by_channels[32]["uses"] == "torch"
+    assert rows[0]["uses"] == "wide view"
+    for r in rows:
+        assert r["torch_ms"] > 0 and r["wide_ms"] > 0
+        assert r["wide_over_torch"] == pytest.approx(r["wide_ms"] / r["torch_ms"])
+    # the forced wide path (which the product never takes at 16 channels) still computes
+    # BatchNorm, and leaves the product's rule in place afterwards
+    import torch
+    rule = batchnorm.uses_wide_path
+    x = torch.randn(8, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(16)
+    assert torch.allclose(bench.forced_wide(bn, x), torch.nn.BatchNorm2d(16)(x), atol=1e-5)
+    assert batchnorm.uses_wide_path is rule and not rule(bn, x)
