@@ -23,6 +23,7 @@ code that ``torch.compile`` is tracing (its own kernels fuse BatchNorm).
 """
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 #: Channel counts below this that are not a multiple of 16 take the wide-view path ...
 NARROW_CHANNELS = 32
@@ -101,6 +102,7 @@ class _BatchStatsNorm(torch.autograd.Function):
         return _affine(x, k, scale, bias - mean * scale)
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx, grad):
         x, weight, mean, invstd = ctx.saved_tensors
         k, c = ctx.k, x.shape[1]

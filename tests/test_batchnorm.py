@@ -67,6 +67,15 @@ def test_same_values_gradients_and_running_statistics_as_batchnorm(shape, dtype,
     assert int(ours.num_batches_tracked) == 3
 
 
+def test_a_second_derivative_is_refused_not_wrong():
+    ref, ours = _pair(8)
+    x = _cl(64, 8, 32, 32).requires_grad_()
+    y = batchnorm.batch_norm(ours, x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
 def test_channel_statistics_are_not_mixed_by_the_wide_view():
     # each channel its own mean and scale: a fold that summed the wrong columns would mix them
     x = torch.zeros(64, 8, 32, 32)
