@@ -12,9 +12,16 @@ def _stopped_outside_a_run(signum, frame):
     workers run the jobs, the sweep report): one line, not a KeyboardInterrupt traceback.
     A run installs its own handler (octconv_exp.stopping.StopRequest) from its start-up to
     its last output. In a sweep the first signal lets the running jobs checkpoint (each gets
-    the terminal's signal itself) and records the jobs not started yet; a second ends it."""
+    the terminal's signal itself) and records the jobs not started yet; a second ends it.
+    After the process's own one-line error (``cli.fail``), a signal only ends it, quietly."""
     from octconv_exp.stopping import SWEEP_STOP, note_sweep_stop
 
+    cli = sys.modules.get("octconv_exp.cli")
+    if cli is not None and cli.FINAL_EXIT["code"] is not None:
+        # The process already wrote its outputs and said why it ends, and is exiting (a
+        # failed rank's peers get torchrun's SIGTERM here): end it now with that status,
+        # without a second line, and without raising into whatever exit code it is in.
+        _end_now(cli.FINAL_EXIT["code"])
     name = signal.Signals(signum).name
     if _MULTIRUN and SWEEP_STOP["signal"] is None:
         note_sweep_stop(signum)
@@ -24,6 +31,23 @@ def _stopped_outside_a_run(signum, frame):
     sys.stderr.write(f"error: interrupted by {name} outside a run; no run's outputs were "
                      "lost\n")
     sys.exit(128 + signum)
+
+
+def _end_now(code):
+    import logging
+    import os
+
+    for handler in logging.getLogger().handlers + logging.getLogger("octconv_exp").handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - a handler being closed: nothing left to flush
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
 
 
 _MULTIRUN = any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN"

@@ -24,10 +24,17 @@ CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
 
+#: The exit status :func:`fail` chose, once its line is written: the process is ending, and a
+#: signal that arrives while it exits (torchrun SIGTERMs the ranks left when one fails) ends
+#: it with this status and no second line (run.py's handler reads it).
+FINAL_EXIT = {"code": None}
+
+
 def fail(message, code=USER_ERROR_EXIT):
     """Print one line to stderr and exit with the user-error status (or ``code``)."""
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+    FINAL_EXIT["code"] = code
     sys.exit(code)
 
 

@@ -667,3 +667,29 @@ def test_evaluating_into_a_training_run_dir_is_refused_and_changes_nothing(refer
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
     assert "holds a training run's record (metrics.json status completed)" in res.stderr
     assert (run_dir / "metrics.json").read_bytes() == before
+
+
+#: run.py as a process that lingers 4 s at exit, after its error line (as a torchrun rank does
+#: while it leaves its process group), so that a signal can arrive then.
+LINGERING_RUN = """
+import atexit, runpy, sys, time
+atexit.register(time.sleep, 4)  # registered first, so it runs after run.py's own exit handlers
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.sdk
+def test_a_signal_while_a_failed_run_exits_adds_no_second_line(tmp_path):
+    """torchrun SIGTERMs the ranks left when one fails: a rank that has already printed its
+    error line must not add "interrupted ... outside a run" (and keeps its exit status)."""
+    proc = subprocess.Popen([sys.executable, "-c", LINGERING_RUN, os.path.join(REPO, "run.py"),
+                             "trainer.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()
+    assert first.startswith("error: trainer.batch_size=0"), first
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 2
+    assert "error:" not in rest and "Traceback" not in rest, rest
