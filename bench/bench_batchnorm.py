@@ -4,11 +4,11 @@
     .venv/bin/python bench/bench_batchnorm.py --quick
 
 Forward + backward of one training-mode BatchNorm over a channels-last tensor, torch's
-``nn.BatchNorm2d`` against :func:`octconv_exp.batchnorm.batch_norm` forced onto its wide-view
-path, interleaved round-robin, medians. The shapes are the per-frequency tensors of ResNet-20
-(batch 128) at alpha 0.5 and 0.25, the seed CNN's defaults (batch 8), and channel counts where
-torch's kernel is already fast (16, 32), which the product leaves to torch. The last column says
-which one a multi-octave run uses for that shape (``uses_wide_path``).
+``nn.BatchNorm2d`` against :func:`octconv_exp.batchnorm.wide_batch_norm` (the wide-view path,
+whatever the shape), interleaved round-robin, medians. The shapes are the per-frequency tensors
+of ResNet-20 (batch 128) at alpha 0.5 and 0.25, the seed CNN's defaults (batch 8), and channel
+counts where torch's kernel is already fast (16, 32), which the product leaves to torch. The
+last column says which one a multi-octave run uses for that shape (``uses_wide_path``).
 """
 import argparse
 import os
@@ -39,16 +39,6 @@ SHAPES = (
 )
 
 
-def forced_wide(bn, x):
-    """batchnorm.batch_norm on its wide-view path whatever the shape."""
-    original = batchnorm.uses_wide_path
-    batchnorm.uses_wide_path = lambda *a: True
-    try:
-        return batchnorm.batch_norm(bn, x)
-    finally:
-        batchnorm.uses_wide_path = original
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -76,7 +66,8 @@ def main():
                 x.grad = None
                 norm(bn, x).backward(grad)
             return step
-        fns = {"torch": run(lambda bn, t: bn(t), bn_torch), "wide": run(forced_wide, bn_wide)}
+        fns = {"torch": run(lambda bn, t: bn(t), bn_torch),
+               "wide": run(batchnorm.wide_batch_norm, bn_wide)}
         warm(fns, 1 if args.quick else 3)
         t = interleaved(fns, repeats, inner, device)
         uses = "wide view" if batchnorm.uses_wide_path(bn_wide, x) else "torch"

@@ -8,18 +8,20 @@ machine (2-core AMD EPYC, AVX2, torch 2.14.1), forward + backward of a 128 x 8 x
 took 4.7 ms, more than the 2.7-3.0 ms of a 128 x 16 x 32 x 32 one with twice the elements, and
 128 x 12 x 32 x 32 took 9.5-9.8 ms (docs/performance.md).
 
-:func:`batch_norm` computes the same BatchNorm over a wider view of the same memory: the
-(N*H*W, C) matrix read as (N*H*W / k, k*C) with k*C up to 64, column sums folded back to C
-channels. The reductions are torch's own BatchNorm kernels run over the wide view, whose
-k*C "channels" they handle at full speed; per-column results are then folded into per-channel
-ones (sums add; variances combine exactly with the group means). The running statistics, ``num_batches_tracked`` and ``momentum=None`` (cumulative average)
-follow ``nn.BatchNorm2d``. Outputs and gradients agree with ``nn.BatchNorm2d`` to float32
-rounding (tests/test_batchnorm.py), not bit for bit.
+:func:`batch_norm` computes the same BatchNorm over a wider view of the same memory
+(:func:`wide_batch_norm`): the (N*H*W, C) matrix read as (N*H*W / k, k*C) with k*C up to 64.
+The reductions are torch's own BatchNorm kernels run over the wide view, whose k*C "channels"
+they handle at full speed; per-column results are then folded into per-channel ones (sums add;
+variances combine exactly with the group means). The running statistics,
+``num_batches_tracked`` and ``momentum=None`` (cumulative average) follow ``nn.BatchNorm2d``.
+Outputs and gradients agree with ``nn.BatchNorm2d`` to float32 rounding
+(tests/test_batchnorm.py), not bit for bit.
 
 Every other case goes to the module itself, unchanged: channels-first, 16 channels or a
-multiple of 16, 32 or more channels, a small tensor (:data:`MIN_ELEMENTS`), a dtype other than float32/float64, a device other than
-the CPU, a subclass of ``nn.BatchNorm2d`` (the data-parallel ``SyncBatchNorm`` among them), and
-code that ``torch.compile`` is tracing (its own kernels fuse BatchNorm).
+multiple of 16, 32 or more channels, a small tensor (:data:`MIN_ELEMENTS`), a dtype other than
+float32/float64, a device other than the CPU, a subclass of ``nn.BatchNorm2d`` (the
+data-parallel ``SyncBatchNorm`` among them), and code that ``torch.compile`` is tracing (its
+own kernels fuse BatchNorm).
 """
 import torch
 import torch.nn as nn
@@ -124,9 +126,14 @@ class _BatchStatsNorm(torch.autograd.Function):
 
 
 def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """``bn(x)``: the same values, gradients and running-statistics updates."""
-    if not uses_wide_path(bn, x):
-        return bn(x)
+    """``bn(x)``: the same values, gradients and running-statistics updates; computed by
+    :func:`wide_batch_norm` where :func:`uses_wide_path` says it is the faster."""
+    return wide_batch_norm(bn, x) if uses_wide_path(bn, x) else bn(x)
+
+
+def wide_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` over the wide view, for any channels-last 4-d ``x`` (whether or not it is the
+    faster there: bench/bench_batchnorm.py times both)."""
     bn._check_input_dim(x)
     c = x.shape[1]
     m = x.numel() // c
@@ -134,15 +141,16 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     weight = bn.weight if bn.weight is not None else x.new_ones(c)
     bias = bn.bias if bn.bias is not None else x.new_zeros(c)
     # nn.BatchNorm2d.forward's bookkeeping (torch/nn/modules/batchnorm.py, _BatchNorm.forward)
+    tracking = bn.training and bn.track_running_stats
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    if tracking and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     with torch.no_grad():
         if batch_stats:
             mean, var = _stats(_wide(x.detach(), k), k, c)
-            if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            if tracking and bn.running_mean is not None:
                 bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
                 bn.running_var.mul_(1 - factor).add_(var * (m / (m - 1)), alpha=factor)
         else:

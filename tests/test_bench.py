@@ -80,11 +80,11 @@ def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
     for r in rows:
         assert r["torch_ms"] > 0 and r["wide_ms"] > 0
         assert r["wide_over_torch"] == pytest.approx(r["wide_ms"] / r["torch_ms"])
-    # the forced wide path (which the product never takes at 16 channels) still computes
-    # BatchNorm, and leaves the product's rule in place afterwards
+    # the wide path the bench times at 16 channels (which the product never takes there)
+    # still computes BatchNorm
     import torch
-    rule = batchnorm.uses_wide_path
     x = torch.randn(8, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     bn = torch.nn.BatchNorm2d(16)
-    assert torch.allclose(bench.forced_wide(bn, x), torch.nn.BatchNorm2d(16)(x), atol=1e-5)
-    assert batchnorm.uses_wide_path is rule and not rule(bn, x)
+    assert torch.allclose(batchnorm.wide_batch_norm(bn, x), torch.nn.BatchNorm2d(16)(x),
+                          atol=1e-5)
+    assert not batchnorm.uses_wide_path(bn, x)
