@@ -13,12 +13,13 @@ def _stopped_outside_a_run(signum, frame):
     A run installs its own handler (octconv_exp.stopping.StopRequest) from its start-up to
     its last output. In a sweep the first signal lets the running jobs checkpoint (each gets
     the terminal's signal itself) and records the jobs not started yet; a second ends it.
-    After the process's own one-line error (``cli.fail``), a signal only ends it, quietly."""
+    Once the process has chosen its exit (``cli.exit_with``: after its one-line error, or a
+    data-parallel rank whose stop rank 0 reports), a signal only ends it, quietly."""
     from octconv_exp.stopping import SWEEP_STOP, note_sweep_stop
 
     cli = sys.modules.get("octconv_exp.cli")
     if cli is not None and cli.FINAL_EXIT["code"] is not None:
-        # The process already wrote its outputs and said why it ends, and is exiting (a
+        # The process already wrote its outputs and said what it had to, and is exiting (a
         # failed rank's peers get torchrun's SIGTERM here): end it now with that status,
         # without a second line, and without raising into whatever exit code it is in.
         _end_now(cli.FINAL_EXIT["code"])

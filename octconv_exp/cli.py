@@ -24,18 +24,23 @@ CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
 
-#: The exit status :func:`fail` chose, once its line is written: the process is ending, and a
-#: signal that arrives while it exits (torchrun SIGTERMs the ranks left when one fails) ends
-#: it with this status and no second line (run.py's handler reads it).
+#: The exit status :func:`exit_with` chose: the process has said what it had to say and is
+#: ending, and a signal that arrives while it exits (torchrun SIGTERMs the ranks left when one
+#: fails) ends it with this status and no further line (run.py's handler reads it).
 FINAL_EXIT = {"code": None}
+
+
+def exit_with(code):
+    """End the process with ``code``, its last word said (see :data:`FINAL_EXIT`)."""
+    FINAL_EXIT["code"] = code
+    sys.exit(code)
 
 
 def fail(message, code=USER_ERROR_EXIT):
     """Print one line to stderr and exit with the user-error status (or ``code``)."""
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
-    FINAL_EXIT["code"] = code
-    sys.exit(code)
+    exit_with(code)
 
 
 def one_line(text):
@@ -523,7 +528,7 @@ def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
             sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
             return None
         if launched_rank() != 0:  # data-parallel: rank 0 says it, for all of them
-            sys.exit(exc.exit_code)
+            exit_with(exc.exit_code)
         fail(run.error, exc.exit_code)  # a single run, or a sequential sweep: stop it
     run.status = "diverged" if isinstance(exc, Diverged) else "failed"
     run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
