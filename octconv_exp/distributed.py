@@ -267,9 +267,17 @@ def quiet_this_rank():
 
 
 def teardown():
-    """Leave the process group (at the end of a run, however it ended)."""
+    """Leave the process group (at the end of a run, however it ended).
+
+    After ``destroy_process_group`` a garbage collection frees what still referenced the gloo
+    group (the DDP wrapper the backend just let go of): left to the interpreter's
+    finalization, its worker threads can end the process with SIGABRT ("terminate called
+    without an active exception"), which CI saw on a rank of a finished 2-rank run (pytorch
+    PR 179291 describes the mechanism)."""
     global WORLD
     if WORLD.active and WORLD.backend != "horovod":
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -277,6 +285,7 @@ def teardown():
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken group: nothing left to release
                 pass
+        gc.collect()
     WORLD = World()
 
 

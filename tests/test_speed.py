@@ -135,3 +135,19 @@ def test_data_parallel_training_and_inference_compile_apart(monkeypatch):
     assert train == ("compiled", ("ddp", model)) and infer == ("compiled", model)
     assert backend.runnable(model, training=True) is train and backend.runnable(model) is infer
     assert len(compiled) == 2
+
+
+def test_close_lets_go_of_the_ddp_wrappers_before_the_group_is_destroyed(monkeypatch):
+    """The DDP wrappers' reducers hold the process group: close() drops them, so that
+    distributed.teardown's collection frees the group while the interpreter is whole."""
+    from octconv_exp import distributed
+
+    monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))
+    monkeypatch.setattr(distributed, "WORLD", distributed.World(world_size=2))
+    monkeypatch.setattr(distributed, "wrap", lambda model, device: ("ddp", model))
+    backend = NativeBackend(compose_config("speed.compile=true"), "cpu")
+    model = backend.build_model(10)
+    backend.runnable(model, training=True)
+    assert backend.data_parallel is not None and backend.compiled_data_parallel is not None
+    backend.close()
+    assert backend.data_parallel is None and backend.compiled_data_parallel is None

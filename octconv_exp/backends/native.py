@@ -285,10 +285,13 @@ class NativeBackend:
         """Weights already live in ``model``; nothing to copy back."""
 
     def close(self):
-        """Stop the worker processes of streaming loaders."""
+        """Stop the worker processes of streaming loaders, and let go of the DDP wrappers:
+        their reducers hold the process group, which :func:`distributed.teardown` then
+        destroys while the interpreter is whole (not at its finalization)."""
         for loader in self.loaders:
             loader.close()
         self.loaders = []
+        self.data_parallel = self.compiled_data_parallel = None
 
     def profile(self, model, optimizer, profile_dir):
         """One training iteration under torch.profiler (after one warm-up iteration)."""
