@@ -4,7 +4,7 @@ An octave layer splits its channels by alpha, so at alpha 0.5 a 16-channel layer
 first stage, the seed CNN at expansion 1) normalises two 8-channel tensors. torch's CPU
 BatchNorm kernel for channels-last tensors walks the N*H*W rows of the (N*H*W, C) matrix one
 row at a time, and unless C is a multiple of 16 it is slow at it: measured on the project
-machine (2-core AMD EPYC, AVX2, torch 2.14.1), forward + backward of a 128 x 8 x 32 x 32 tensor
+machine (2-core AMD EPYC with AVX-512, torch 2.14.1), forward + backward of a 128 x 8 x 32 x 32 tensor
 took 4.7 ms, more than the 2.7-3.0 ms of a 128 x 16 x 32 x 32 one with twice the elements, and
 128 x 12 x 32 x 32 took 9.5-9.8 ms (docs/performance.md).
 

@@ -152,6 +152,9 @@ class SpeedConfig:
     # off on torch < 2.1, with deterministic=true, and where compiled steps measured no faster:
     # octconv_exp/backends/native.py COMPILE_MEASURED)
     compile: str = "auto"
+    # true | false | auto (true on CPU where malloc is glibc's: freed memory stays mapped, so a
+    # step's tensors do not page-fault; octconv_exp/allocator.py)
+    malloc: str = "auto"
     autocast_bf16: bool = False  # CUDA: bf16 autocast for the forward pass
     cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest algorithms
 
@@ -357,9 +360,12 @@ def validate(cfg: DictConfig, check_environment=True):
         if name not in LOGGERS:
             raise ConfigError("logger", name, "expected some of " + ", ".join(LOGGERS))
 
-    for key in ("channels_last", "compile"):
-        if str(cfg.speed[key]) not in ("true", "false", "auto", "True", "False"):
-            raise ConfigError(f"speed.{key}", cfg.speed[key], "expected one of true, false, auto")
+    for key in ("channels_last", "compile", "malloc"):
+        value = cfg.speed.get(key, "auto")  # malloc: absent from configs before it existed
+        if str(value) not in ("true", "false", "auto", "True", "False"):
+            raise ConfigError(f"speed.{key}", value, "expected one of true, false, auto")
+    if str(cfg.speed.get("malloc", "auto")).lower() == "true" and cfg.device not in ("cpu", "auto"):
+        raise ConfigError("speed.malloc", "true", f"applies to CPU runs (device is {cfg.device})")
     for key in ("autocast_bf16", "cudnn_benchmark"):
         if cfg.speed[key] and cfg.device == "cpu":
             raise ConfigError(f"speed.{key}", "true", "applies to CUDA only; use device=cuda "

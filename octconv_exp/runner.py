@@ -164,6 +164,8 @@ class Run:
             # speed.compile (CPU/GPU): whether the training steps ran torch.compile'd, and why
             "compiled": getattr(self.backend, "compile", None),
             "compile_decision": getattr(self.backend, "compile_reason", None),
+            # speed.malloc (CPU/GPU backends): whether glibc's malloc keeps freed memory
+            "malloc": getattr(self.backend, "malloc_decision", None),
             "versions": outputs.package_versions(),
         }
         if self.checkpoint is not None:

@@ -96,6 +96,8 @@ def test_seed_command_lines_compose(composer, tmp_path):
     (["dataset.std=[0.2,0.0,0.2]"], "dataset.std"),
     (["speed.compile=sometimes"], "speed.compile"),
     (["speed.channels_last=maybe"], "speed.channels_last"),
+    (["speed.malloc=sometimes"], "speed.malloc"),
+    (["speed.malloc=true", "device=cuda"], "speed.malloc"),
 ])
 def test_bad_values_name_the_key(composer, overrides, key):
     cfg = composer(*overrides)

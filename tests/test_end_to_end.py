@@ -188,7 +188,8 @@ def test_speed_settings(tmp_path):
     long, where the rounding stays rounding (weights within 1e-6 here); the CUDA-only
     settings are refused on the CPU with one line."""
     runs = {}
-    for name, extra in (("first", ["speed.channels_last=false"]), ("last", ["speed.channels_last=true"]),
+    for name, extra in (("first", ["speed.channels_last=false", "speed.malloc=false"]),
+                        ("last", ["speed.channels_last=true"]),
                         ("compiled", ["speed.compile=true"])):
         res = run_cli(*SMALL, "conv=multi-octave", "trainer.epochs=1", "dataset.train_size=128",
                       *extra, f"hydra.run.dir={tmp_path / name}")
@@ -203,6 +204,9 @@ def test_speed_settings(tmp_path):
     # speed.compile=auto: off on this CPU, where compiled steps measured no faster.
     assert default["compiled"] is False and default["compile_decision"].startswith("auto: off")
     assert runs["compiled"][0]["compiled"] is True
+    # speed.malloc=auto: on for the CPU (glibc here); off as asked, with the same losses below
+    assert default["malloc"].startswith("on: auto: on (CPU, glibc)")
+    assert runs["first"][0]["malloc"] == "off: speed.malloc=false"
     for name in ("first", "compiled"):
         m, row, weights = runs[name]
         assert m["train_loss"] == pytest.approx(default["train_loss"], rel=1e-5, abs=0), name

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .. import distributed
+from .. import allocator, distributed
 from ..config import check_optimizer_for_device
 from ..data import BatchLoader
 from ..model import build_model, model_name
@@ -104,6 +104,8 @@ class NativeBackend:
         self.memory_format = (torch.channels_last if use_channels_last(speed.channels_last, self.device.type)
                               else torch.contiguous_format)
         cuda = self.device.type == "cuda"
+        # speed.malloc: glibc keeps freed memory mapped (CPU runs; allocator.py)
+        self.malloc_decision = allocator.apply(speed.get("malloc", "auto"), self.device.type)
         self.autocast = bool(speed.autocast_bf16) and cuda
         if cuda and speed.cudnn_benchmark and not cfg.deterministic:
             torch.backends.cudnn.benchmark = True
