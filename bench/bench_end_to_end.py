@@ -6,7 +6,7 @@
 
 Each run is ``python run.py dataset=synthetic conv=MODE alpha=0.5 ... trainer.epochs=1`` in its
 own process, with every other setting at its default (speed.channels_last=auto,
-speed.compile=auto, the progress bar, ...): what metrics.json reports as
+speed.compile=auto, speed.malloc=auto, the progress bar, ...): what metrics.json reports as
 ``train_images_per_second`` is the whole training epoch (loader, steps, bookkeeping). The runs
 of all cases and conv modes are interleaved round-robin, the order rotating every round, so a
 busy moment of a shared machine hits them alike, and the median over rounds is kept. It prints
@@ -127,7 +127,8 @@ def target_values(rows):
 def table(r):
     lines = [f"octconv-exp end-to-end benchmark — {r['device']} — torch {r['torch']} — "
              f"{r['threads']} threads — run.py defaults (speed.channels_last=auto, "
-             f"speed.compile=auto) — median of {r['rounds']} interleaved rounds, alpha 0.5", "",
+             f"speed.compile=auto, speed.malloc=auto) — median of {r['rounds']} interleaved "
+             "rounds, alpha 0.5", "",
              "| case | conv | train img/s (epoch) | time / vanilla | time / octave | "
              "counted FLOPs / vanilla | spread over rounds | compiled |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
