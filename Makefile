@@ -82,13 +82,14 @@ demo: venv
 	@echo "  runs:    one directory per job, e.g. $(DEMO_DIR)/conv=octave,alpha=0.25/seed=0/"
 
 # Whole epochs through run.py first (what users run, with the defaults), then single layers,
-# steps and the framework's overhead, multi-octave's BatchNorm, then the streaming loader. The
-# CUDA column, on a GPU:
+# steps and the framework's overhead, multi-octave's BatchNorm, speed.malloc on and off, then the
+# streaming loader. The CUDA column, on a GPU:
 # $(PY) bench/bench_cuda.py (docs/performance.md).
 bench: venv
 	$(PY) bench/bench_end_to_end.py
 	$(PY) bench/bench_octconv.py
 	$(PY) bench/bench_batchnorm.py
+	$(PY) bench/bench_malloc.py
 	$(PY) bench/bench_streaming.py
 
 bench-e2e: venv

@@ -88,3 +88,29 @@ def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
     assert torch.allclose(batchnorm.wide_batch_norm(bn, x), torch.nn.BatchNorm2d(16)(x),
                           atol=1e-5)
     assert not batchnorm.uses_wide_path(bn, x)
+
+
+def test_malloc_bench_measures_each_mode_with_speed_malloc_off_and_on(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from octconv_exp import allocator
+    out = tmp_path / "malloc.json"
+    bench = _load("bench_malloc")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_malloc.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert [(r["case"], r["conv"]) for r in rows] == [
+        (c[0], m) for c in bench.QUICK_CASES for m in bench.MODES]
+    for r in rows:
+        assert r["ms_off"] > 0 and r["ms_on"] > 0
+        assert r["fresh_mib_off"] >= 0 and r["fresh_mib_on"] >= 0
+        assert r["time_on_over_off"] == pytest.approx(r["ms_on"] / r["ms_off"])
+    # each child process applied the setting it was given, as a run would
+    assert results["decisions"]["false"] == "off: speed.malloc=false"
+    if allocator.glibc_malloc()[0] is not None:
+        assert results["decisions"]["auto"].startswith("on: auto: on (CPU, glibc)")
