@@ -59,19 +59,24 @@ def test_cuda_bench_compile_entry_feeds_speed_compile_auto():
     assert on is False
 
 
-def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
+def _quick_run(name, tmp_path, timeout):
+    """bench/<name>.py --quick in its own process: the module and the results file it wrote."""
     import json
     import subprocess
     import sys
 
-    from octconv_exp import batchnorm
-    out = tmp_path / "bn.json"
-    bench = _load("bench_batchnorm")
-    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_batchnorm.py"),
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", name + ".py"),
                            "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())["rows"]
+    return _load(name), json.loads(out.read_text())
+
+
+def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
+    from octconv_exp import batchnorm
+    bench, results = _quick_run("bench_batchnorm", tmp_path, timeout=300)
+    rows = results["rows"]
     assert [r["tensor"] for r in rows] == [s[0] for s in bench.SHAPES]
     by_channels = {r["shape"][1]: r for r in rows}
     # torch's kernel stays on 16 or 32 channels; ResNet-20's 8-channel stage-1 tensors not
@@ -91,21 +96,11 @@ def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
 
 
 def test_malloc_bench_measures_each_mode_with_speed_malloc_off_and_on(tmp_path):
-    import json
-    import subprocess
-    import sys
-
     from octconv_exp import allocator
-    out = tmp_path / "malloc.json"
-    bench = _load("bench_malloc")
-    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_malloc.py"),
-                           "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
-    results = json.loads(out.read_text())
+    bench, results = _quick_run("bench_malloc", tmp_path, timeout=600)
     rows = results["rows"]
     assert [(r["case"], r["conv"]) for r in rows] == [
-        (c[0], m) for c in bench.QUICK_CASES for m in bench.MODES]
+        (c, m) for c in bench.QUICK_CASES for m in bench.MODES]
     for r in rows:
         assert r["ms_off"] > 0 and r["ms_on"] > 0
         assert r["fresh_mib_off"] >= 0 and r["fresh_mib_on"] >= 0
