@@ -364,8 +364,10 @@ def validate(cfg: DictConfig, check_environment=True):
         value = cfg.speed.get(key, "auto")  # malloc: absent from configs before it existed
         if str(value) not in ("true", "false", "auto", "True", "False"):
             raise ConfigError(f"speed.{key}", value, "expected one of true, false, auto")
-    if str(cfg.speed.get("malloc", "auto")).lower() == "true" and cfg.device not in ("cpu", "auto"):
-        raise ConfigError("speed.malloc", "true", f"applies to CPU runs (device is {cfg.device})")
+    if cfg.device not in ("cpu", "auto"):  # the CPU's own case is decided when the run starts
+        from .allocator import decide
+
+        decide(cfg.speed.get("malloc", "auto"), cfg.device)  # speed.malloc=true: ConfigError
     for key in ("autocast_bf16", "cudnn_benchmark"):
         if cfg.speed[key] and cfg.device == "cpu":
             raise ConfigError(f"speed.{key}", "true", "applies to CUDA only; use device=cuda "
