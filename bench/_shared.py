@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: interleaved timing, warm-up, and writing a results file."""
+"""What the benchmark scripts share: interleaved timing, the order of interleaved runs, warm-up,
+and writing a results file."""
 import json
 import os
 import statistics
@@ -25,6 +26,15 @@ def interleaved(fns, repeats, inner, device):
             sync(device)
             samples[name].append((time.perf_counter() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def rotating_rounds(jobs, rounds):
+    """``(round, job)`` for every job in every round, round-robin, the order rotating by one
+    job each round, so no job always runs first or right after the same neighbour."""
+    for r in range(rounds):
+        shift = r % len(jobs)
+        for job in jobs[shift:] + jobs[:shift]:
+            yield r, job
 
 
 def warm(fns, n):

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _shared import write_results  # noqa: E402
+from _shared import rotating_rounds, write_results  # noqa: E402
 MODES = ("vanilla", "octave", "multi-octave")
 
 #: (key, label, overrides): the issue's seed CNN at expansion 4 batch 64, ResNet-20 at He et
@@ -75,17 +75,15 @@ def measure(args):
     samples = {job: [] for job in jobs}
     meta = {}
     with tempfile.TemporaryDirectory(prefix="octconv-bench-") as tmp:
-        for r in range(args.rounds):
-            shift = r % len(jobs)
-            for n, (key, mode) in enumerate(jobs[shift:] + jobs[:shift]):
-                out = os.path.join(tmp, f"{key}-{mode}-{r}")
-                m = run_once(overrides[key], mode, args.device, out, args.extra)
-                samples[(key, mode)].append(m["train_images_per_second"])
-                meta[(key, mode)] = {k: m.get(k) for k in (
-                    "flops_ratio", "flops_per_image", "torch_threads", "compiled",
-                    "compile_decision", "device", "batch_size", "model")}
-                print(f"  round {r + 1}/{args.rounds}: {key} {mode}: "
-                      f"{m['train_images_per_second']:.0f} img/s", file=sys.stderr, flush=True)
+        for r, (key, mode) in rotating_rounds(jobs, args.rounds):
+            out = os.path.join(tmp, f"{key}-{mode}-{r}")
+            m = run_once(overrides[key], mode, args.device, out, args.extra)
+            samples[(key, mode)].append(m["train_images_per_second"])
+            meta[(key, mode)] = {k: m.get(k) for k in (
+                "flops_ratio", "flops_per_image", "torch_threads", "compiled",
+                "compile_decision", "device", "batch_size", "model")}
+            print(f"  round {r + 1}/{args.rounds}: {key} {mode}: "
+                  f"{m['train_images_per_second']:.0f} img/s", file=sys.stderr, flush=True)
     rows = []
     for key, label, _ in cases:
         med = {mode: statistics.median(samples[(key, mode)]) for mode in MODES}

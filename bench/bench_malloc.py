@@ -6,9 +6,9 @@
 
 Each measurement is a fresh process (glibc's thresholds depend on the process's allocation
 history, which is the point): it builds bench_cuda.py's training step for the model
-(channels_last, fp32, SGD with momentum), applies ``speed.malloc`` (octconv_exp/allocator.py) as
-a run would, takes warm-up training steps, then times training steps and counts the minor page faults they cause (``getrusage``), reported as
-MiB of fresh pages per step. Processes for every case, conv mode and setting are interleaved
+(channels_last, fp32, SGD with momentum), applies ``speed.malloc`` (octconv_exp/allocator.py)
+as a run would, takes warm-up training steps, then times training steps and counts the minor
+page faults they cause (``getrusage``), reported as MiB of fresh pages per step. Processes for every case, conv mode and setting are interleaved
 round-robin, the order rotating each round, and medians are kept. The last column is the time
 with ``speed.malloc`` on over the time with it off, from this run only.
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from _shared import write_results  # noqa: E402
+from _shared import rotating_rounds, write_results  # noqa: E402
 from bench_cuda import MODELS, MODES, make_step  # noqa: E402
 
 from octconv_exp import allocator  # noqa: E402
@@ -62,21 +62,19 @@ def measure(cases, rounds, warmup, steps):
             for setting in ("false", "auto")]
     samples = {job: [] for job in jobs}
     decisions = {}
-    for r in range(rounds):
-        shift = r % len(jobs)
-        for key, mode, setting in jobs[shift:] + jobs[:shift]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode, setting,
-                   str(warmup), str(steps)]
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if done.returncode != 0:
-                tail = done.stderr.strip().splitlines()[-1:] or [""]
-                raise SystemExit(f"error: {key} {mode} speed.malloc={setting} failed: {tail[0]}")
-            m = json.loads(done.stdout.strip().splitlines()[-1])
-            samples[(key, mode, setting)].append(m)
-            decisions[setting] = m["malloc"]
-            print(f"  round {r + 1}/{rounds}: {key} {mode} speed.malloc={setting}: "
-                  f"{m['ms_per_step']:.1f} ms, {m['fresh_mib_per_step']:.1f} MiB fresh per step",
-                  file=sys.stderr, flush=True)
+    for r, (key, mode, setting) in rotating_rounds(jobs, rounds):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode, setting,
+               str(warmup), str(steps)]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or [""]
+            raise SystemExit(f"error: {key} {mode} speed.malloc={setting} failed: {tail[0]}")
+        m = json.loads(done.stdout.strip().splitlines()[-1])
+        samples[(key, mode, setting)].append(m)
+        decisions[setting] = m["malloc"]
+        print(f"  round {r + 1}/{rounds}: {key} {mode} speed.malloc={setting}: "
+              f"{m['ms_per_step']:.1f} ms, {m['fresh_mib_per_step']:.1f} MiB fresh per step",
+              file=sys.stderr, flush=True)
     rows = []
     for key in cases:
         for mode in MODES:

@@ -38,6 +38,15 @@ def test_end_to_end_targets_use_time_ratios():
     assert not any(t["case"] == "resnet20_b128" for t in slow.values())  # case not run
 
 
+def test_interleaved_runs_rotate_their_order_every_round():
+    """bench_end_to_end and bench_malloc run their processes in this order: every job once a
+    round, the first job of each round the next one along."""
+    shared = _load("_shared")
+    order = list(shared.rotating_rounds(["a", "b", "c"], 4))
+    assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"),
+                     (2, "c"), (2, "a"), (2, "b"), (3, "a"), (3, "b"), (3, "c")]
+
+
 def test_cuda_bench_compile_entry_feeds_speed_compile_auto():
     cuda = _load("bench_cuda")
     rows = [{"model": "seed_exp4_b64", "conv": "octave", "compile_warmup_s": 20.0,
