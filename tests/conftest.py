@@ -116,3 +116,17 @@ def compose_config(*overrides):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     GlobalHydra.instance().clear()
     return cfg
+
+
+#: Lines other programs print on stderr that are not the run's own (none seen so far: a
+#: banner added here must name the library that prints it).
+THIRD_PARTY_STDERR = ()
+
+
+def only_error_line(stderr):
+    """The one line a refused command prints: asserts that stderr holds nothing else (no
+    traceback above it, no second message) and returns that line."""
+    lines = [line for line in stderr.splitlines()
+             if line.strip() and not line.startswith(THIRD_PARTY_STDERR)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]

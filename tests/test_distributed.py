@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, compose_config, run_cli
+from conftest import REPO, compose_config, only_error_line, run_cli
 from octconv_exp import distributed
 from octconv_exp.data import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
@@ -171,12 +171,14 @@ def test_nccl_needs_cuda_and_ipus_need_poprun():
         distributed.backend_for(auto, "ipu")
 
 
+@pytest.mark.slow
 def test_bad_distributed_values_are_refused_in_one_line():
     result = run_cli("dataset=synthetic", "distributed.backend=mpi")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: distributed.backend")
+    assert only_error_line(result.stderr).startswith("error: distributed.backend")
     result = run_cli("dataset=synthetic", "distributed.timeout_s=0")
-    assert result.returncode == 2 and "distributed.timeout_s" in result.stderr
+    assert result.returncode == 2
+    assert only_error_line(result.stderr).startswith("error: distributed.timeout_s=0")
 
 
 def test_sync_batchnorm_is_refused_on_ipus(tmp_path, poptorch):
@@ -233,7 +235,7 @@ def test_two_ranks_with_sync_batchnorm_train_as_one_process_at_twice_the_batch(
     result = run_cli(*SMALL, "trainer.batch_size=32", f"hydra.run.dir={one}",
                      env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_difference(weights(two_rank_run), weights(one)) < 1e-4
+    assert max_difference(weights(two_rank_run), weights(one)) < 1e-6  # 2e-7 measured
     m2, m1 = metrics(two_rank_run), metrics(one)
     assert (m2["world_size"], m2["global_batch_size"], m1["world_size"]) == (2, 32, 1)
     assert m2["test_samples"] == m1["test_samples"] == 101  # each test image once

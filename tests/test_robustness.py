@@ -611,6 +611,7 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
         pytest.skip("no tmpfs mount here (not root): the disk-full half was not run")
 
 
+@pytest.mark.slow
 def test_a_run_dir_path_too_long_is_refused_before_anything_is_written(tmp_path):
     long_name = tmp_path / ("x" * 300)
     res = run_cli("dataset=synthetic", f"hydra.run.dir={long_name}")
@@ -679,6 +680,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.sdk
 def test_a_signal_while_a_failed_run_exits_adds_no_second_line(tmp_path):
     """torchrun SIGTERMs the ranks left when one fails: a rank that has already printed its

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, only_error_line, run_cli
 from octconv_exp.search import directions, objective_values, pareto_front
 
 optuna = pytest.importorskip("optuna")  # requirements.txt installs it; the plugin pins <3
@@ -38,10 +38,11 @@ def test_a_trial_is_told_its_objectives_or_nothing():
     assert objective_values(None, ["accuracy"]) is None
 
 
+@pytest.mark.slow
 def test_search_objectives_are_checked_in_one_line():
     result = run_cli("dataset=synthetic", "search.objectives=[accuracy,speed]")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
+    assert only_error_line(result.stderr).startswith(
         "error: search.objectives=['accuracy', 'speed']: speed is not an objective")
 
 

@@ -406,8 +406,9 @@ def test_auto_streams_a_folder_over_max_memory_gb_and_says_so(tmp_path, caplog):
     assert np.allclose(streamed.std, held.std, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_bad_streaming_settings_are_one_line(tmp_path):
-    from conftest import run_cli, write_image_folder
+    from conftest import only_error_line, run_cli, write_image_folder
 
     from conftest import compose_config
     from octconv_exp.config import validate
@@ -416,8 +417,8 @@ def test_bad_streaming_settings_are_one_line(tmp_path):
     # The command line: one line, exit status 2 (the validation's ConfigError, as below).
     result = run_cli("dataset=image_folder", f"dataset.root={root}", "dataset.in_memory=maybe")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: dataset.in_memory=maybe: "
-                                                             "expected true, false or auto")
+    assert only_error_line(result.stderr).startswith("error: dataset.in_memory=maybe: "
+                                                     "expected true, false or auto")
     for override, key in (("dataset.max_memory_gb=-1", "dataset.max_memory_gb"),
                           ("dataset.workers=-2", "dataset.workers")):
         with pytest.raises(ConfigError) as caught:
@@ -443,7 +444,7 @@ def test_a_folder_streamed_and_in_memory_trains_alike_and_resumes_exactly(tmp_pa
     a streamed run stopped inside an epoch resumes to the same end."""
     import json
 
-    from conftest import run_cli, write_image_folder
+    from conftest import only_error_line, run_cli, write_image_folder
 
     root = write_image_folder(str(tmp_path / "folder"), classes=tuple(f"c{i}" for i in range(10)),
                               per_class=(100, 20), size=32)

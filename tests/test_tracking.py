@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, only_error_line, run_cli
 from octconv_exp.loggers import flatten, selected
 
 mlflow = pytest.importorskip("mlflow")
@@ -34,11 +34,12 @@ def test_params_are_the_flattened_config():
     assert params == {"a": "1", "b.c": "[1, 2]", "b.d.e": "None", "f": "x" * 500, "g": "{}"}
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_is_one_line_before_training(tmp_path):
     result = run_cli(*SMALL, "logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:9",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=str(tmp_path))
     assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
+    last = only_error_line(result.stderr)
     assert last.startswith("error: logger.mlflow.tracking_uri=http://127.0.0.1:9: the tracking "
                            "store does not answer"), result.stderr[-2000:]
     assert "Epoch 1" not in result.stdout + result.stderr
