@@ -4,11 +4,11 @@ import csv
 import os
 
 import pytest
+import optuna  # requirements.txt installs it; the plugin pins <3
 
 from conftest import compose_config, only_error_line, run_cli
 from octconv_exp.search import directions, objective_values, pareto_front
 
-optuna = pytest.importorskip("optuna")  # requirements.txt installs it; the plugin pins <3
 
 SMALL = ["dataset=synthetic", "dataset.train_size=160", "dataset.test_size=60",
          "trainer.epochs=1", "trainer.progress_bar=false"]

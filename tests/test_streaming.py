@@ -374,8 +374,6 @@ def test_filesets_and_loaders_are_picklable_for_spawned_workers(train):
 
 def test_part_is_image_sets_part(train):
     files, data = train
-    if not hasattr(ImageSet, "part"):
-        pytest.skip("ImageSet.part is not in this data.py")
     assert files.part(0, 1) is files
     for rank in range(3):
         got, want = files.part(rank, 3), data.part(rank, 3)

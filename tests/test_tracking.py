@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
+import mlflow  # requirements.txt installs mlflow-skinny
 
 from conftest import compose_config, only_error_line, run_cli
 from octconv_exp.loggers import flatten, selected
 
-mlflow = pytest.importorskip("mlflow")
 
 SMALL = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=50",
          "trainer.epochs=2", "trainer.progress_bar=false"]
