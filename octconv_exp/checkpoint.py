@@ -64,9 +64,15 @@ def identity(cfg, num_classes):
 
 def check_identity(saved, cfg, num_classes, path):
     """Refuse a checkpoint of another model, naming what differs."""
+    from .model import model_name
+
     wanted = identity(cfg, num_classes)
     if saved.get("conv") == "vanilla" and wanted["conv"] == "vanilla":
         wanted["alpha"] = saved.get("alpha")  # vanilla ignores alpha
+    if saved.get("model") == model_name(cfg, legacy=True):
+        # Written before a user model was named by its class (its name then: the YAML's
+        # leftover seed_cnn, or the bare class name): the same model.
+        wanted["model"] = saved["model"]
     differs = [k for k in IDENTITY_KEYS if k in saved and saved[k] != wanted[k]]
     if differs:
         have = ", ".join(f"{k}={saved[k]}" for k in differs)

@@ -22,6 +22,10 @@ CONV_MODES = ("vanilla", "octave", "multi-octave")
 DEVICES = ("auto", "cpu", "cuda", "ipu")
 DATASETS = ("cifar10", "synthetic", "image_folder")
 MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
+#: The class each built-in model's YAML (conf/model/) names in its _target_.
+MODEL_TARGETS = {"seed_cnn": "octconv_exp.model.ClassificationModel",
+                 "resnet_cifar": "octconv_exp.resnet.ResNetCifar",
+                 "resnet_imagenet": "octconv_exp.resnet.ResNetImageNet"}
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
@@ -246,6 +250,29 @@ def register_optuna_sweeper(cs):
 
 
 register_configs()
+
+
+def recorded_model_name(node, legacy=False):
+    """The model as the log, metrics.json, checkpoints, MLflow and sweep reports name it
+    (``node``: the model config as a dict): a built-in model by its name (``seed_cnn``,
+    ``resnet_cifar-20``, ``-w2`` for width 2), a user model by the ``model.name`` its user
+    gave, else by its class, ``module.Class``. A built-in's name beside another class is the
+    YAML's default left over (``model._target_=my_research.TinyNet`` keeps seed_cnn's
+    ``name``): it would mix the user's runs with the built-in's, so the class names it.
+    ``legacy``: the name before that rule (checkpoints written then carry it)."""
+    target, name = node.get("_target_"), node.get("name")
+    if legacy:
+        name = str(name or str(target).rpartition(".")[2])
+    elif name is None or (target is not None and MODEL_TARGETS.get(name, target) != target):
+        name = None if target is None else str(target)
+    if name is None:
+        return None
+    name = str(name)
+    if "depth" in node:
+        name += f"-{node['depth']}"
+    if node.get("width", 1) not in (1, None):
+        name += f"-w{node['width']}"
+    return name
 
 
 # --------------------------------------------------------------------------------------------
