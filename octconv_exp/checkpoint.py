@@ -6,9 +6,10 @@ when a run was interrupted inside an epoch, how far it got (steps and running su
 a resumed run sees the same batches in the same order as an uninterrupted one.
 
 Files (atomic writes): ``<run dir>/checkpoints/last.pt`` after every epoch (and on
-interruption), ``best.pt`` when the monitored metric improves: the validation accuracy when
-the run has a validation split (``dataset.val_size``), else the training loss. Both hold the
-monitor's name (``monitor``) and its best value so far (``best``).
+interruption), ``best.pt`` when the monitored metric improves (trainer.early_stopping.monitor
+and mode; by default the validation accuracy when the run has a validation split
+(``dataset.val_size``), else the training loss). Both hold the monitor's name (``monitor``),
+its direction (``mode``) and its best value so far (``best``).
 
 Everything in them is a tensor or a plain Python value (the NumPy RNG state is stored as a
 tensor and numbers), so they load with ``torch.load(..., weights_only=True)`` on every torch
@@ -64,9 +65,15 @@ def identity(cfg, num_classes):
 
 def check_identity(saved, cfg, num_classes, path):
     """Refuse a checkpoint of another model, naming what differs."""
+    from .model import model_name
+
     wanted = identity(cfg, num_classes)
     if saved.get("conv") == "vanilla" and wanted["conv"] == "vanilla":
         wanted["alpha"] = saved.get("alpha")  # vanilla ignores alpha
+    if saved.get("model") == model_name(cfg, legacy=True):
+        # Written before a user model was named by its class (its name then: the YAML's
+        # leftover seed_cnn, or the bare class name): the same model.
+        wanted["model"] = saved["model"]
     differs = [k for k in IDENTITY_KEYS if k in saved and saved[k] != wanted[k]]
     if differs:
         have = ", ".join(f"{k}={saved[k]}" for k in differs)
@@ -134,26 +141,57 @@ def _way_back(path):
 
 
 def monitor_for(cfg):
-    """What best.pt follows: ``val_accuracy`` when the run holds out a validation split
-    (dataset.val_size > 0), else ``train_loss``."""
+    """What best.pt follows: ``trainer.early_stopping.monitor``, by default (null)
+    ``val_accuracy`` when the run holds out a validation split (dataset.val_size > 0), else
+    ``train_loss``."""
+    from omegaconf import OmegaConf
+
     try:
+        chosen = OmegaConf.select(cfg, "trainer.early_stopping.monitor", default=None)
+        if chosen is not None:
+            return str(chosen)
         return "val_accuracy" if float(cfg.dataset.get("val_size", 0) or 0) > 0 else "train_loss"
     except (TypeError, ValueError, AttributeError):  # a config that failed validation
         return "train_loss"
 
 
-class Checkpointer:
-    """Writes last.pt (and best.pt) into the run dir. ``monitor``: the metric best.pt follows
-    (higher is better for accuracies, lower for losses; a tie is no improvement)."""
+def mode_for(cfg, monitor):
+    """Which way ``monitor`` is better: ``trainer.early_stopping.mode`` when the config
+    chose ``monitor`` itself, else max for an accuracy and min for a loss."""
+    from omegaconf import OmegaConf
 
-    def __init__(self, output_dir, monitor="train_loss"):
+    from .loop import natural_mode
+
+    try:
+        mode = OmegaConf.select(cfg, "trainer.early_stopping.mode", default=None)
+        chosen = OmegaConf.select(cfg, "trainer.early_stopping.monitor", default=None)
+    except (TypeError, ValueError, AttributeError):
+        mode = chosen = None
+    if mode in ("max", "min") and chosen in (None, monitor):
+        return str(mode)
+    return natural_mode(monitor)
+
+
+class Checkpointer:
+    """Writes last.pt (and best.pt) into the run dir. ``monitor``: the metric best.pt follows,
+    ``mode`` which way is better (default: higher for accuracies, lower for losses); a tie is
+    no improvement."""
+
+    def __init__(self, output_dir, monitor="train_loss", mode=None):
+        from .loop import natural_mode
+
         self.dir = os.path.join(output_dir, CHECKPOINT_DIR)
         self.monitor = monitor
+        self.mode = mode or natural_mode(monitor)
         self.best = None
 
     @property
     def last_path(self):
         return os.path.join(self.dir, LAST)
+
+    @property
+    def best_path(self):
+        return os.path.join(self.dir, BEST)
 
     def save(self, state, metric=None):
         """Write last.pt; also best.pt when ``metric`` (None: inside an epoch) improves."""
@@ -164,14 +202,21 @@ class Checkpointer:
         improved = metric is not None and self._improves(metric)
         if improved:
             self.best = metric
-        save_torch_atomic(self.last_path, dict(state, best=self.best, monitor=self.monitor))
+        save_torch_atomic(self.last_path, dict(state, best=self.best, monitor=self.monitor,
+                                               mode=self.mode))
         if improved:
             with open(self.last_path, "rb") as src:
-                atomic_write(os.path.join(self.dir, BEST), lambda f: shutil.copyfileobj(src, f))
+                atomic_write(self.best_path, lambda f: shutil.copyfileobj(src, f))
+
+    def follows(self, state):
+        """Whether checkpoint ``state`` kept its best by this monitor and mode (checkpoints
+        from before validation splits name no monitor: they followed the training loss)."""
+        from .loop import natural_mode
+
+        monitor = state.get("monitor", "train_loss")
+        return monitor == self.monitor and state.get("mode", natural_mode(monitor)) == self.mode
 
     def _improves(self, metric):
-        if self.best is None:
-            return True
-        from .loop import HIGHER_IS_BETTER
+        from .loop import improves
 
-        return metric > self.best if self.monitor in HIGHER_IS_BETTER else metric < self.best
+        return improves(metric, self.best, self.mode)

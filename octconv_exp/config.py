@@ -22,6 +22,10 @@ CONV_MODES = ("vanilla", "octave", "multi-octave")
 DEVICES = ("auto", "cpu", "cuda", "ipu")
 DATASETS = ("cifar10", "synthetic", "image_folder")
 MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
+#: The class each built-in model's YAML (conf/model/) names in its _target_.
+MODEL_TARGETS = {"seed_cnn": "octconv_exp.model.ClassificationModel",
+                 "resnet_cifar": "octconv_exp.resnet.ResNetCifar",
+                 "resnet_imagenet": "octconv_exp.resnet.ResNetImageNet"}
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
@@ -107,9 +111,17 @@ DATASET_SCHEMAS = {"cifar10": Cifar10Config, "synthetic": SyntheticConfig,
 
 @dataclass
 class EarlyStoppingConfig:
-    # Stop when the validation accuracy has not improved for this many epochs (an integer
-    # >= 1; needs dataset.val_size > 0); null: train every epoch.
+    # Stop when `monitor` has not improved by more than `min_delta` for this many epochs (an
+    # integer >= 1); null: train every epoch.
     patience: Optional[int] = None
+    # What early stopping, best.pt and the tested "best" weights follow: val_accuracy,
+    # val_loss (both need dataset.val_size > 0) or train_loss; null: val_accuracy with a
+    # validation split, else train_loss.
+    monitor: Optional[str] = None
+    # max | min; null: max for an accuracy, min for a loss.
+    mode: Optional[str] = None
+    # The smallest change of `monitor` that counts as an improvement for early stopping (>= 0).
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -122,12 +134,15 @@ class TrainerConfig:
     progress_bar: bool = True
     # Write the trained weights (model.pt) into the run dir.
     save_model: bool = True
-    # Write checkpoints/last.pt after every epoch, and best.pt for the best epoch (by validation
-    # accuracy with dataset.val_size > 0, else by training loss).
+    # Write checkpoints/last.pt after every epoch, and best.pt for the best epoch (by
+    # trainer.early_stopping.monitor: validation accuracy with dataset.val_size > 0, else
+    # training loss, unless set).
     checkpoint: bool = True
     # Label smoothing of the cross-entropy loss (0: none, the seed's loss).
     label_smoothing: float = 0.0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # The weights the test set scores: best (the best epoch by early_stopping.monitor) or last.
+    test_on: str = "best"
     # Data-parallel runs (torchrun, submitit tasks): BatchNorm over the global batch.
     sync_batchnorm: bool = False
 
@@ -246,6 +261,29 @@ def register_optuna_sweeper(cs):
 
 
 register_configs()
+
+
+def recorded_model_name(node, legacy=False):
+    """The model as the log, metrics.json, checkpoints, MLflow and sweep reports name it
+    (``node``: the model config as a dict): a built-in model by its name (``seed_cnn``,
+    ``resnet_cifar-20``, ``-w2`` for width 2), a user model by the ``model.name`` its user
+    gave, else by its class, ``module.Class``. A built-in's name beside another class is the
+    YAML's default left over (``model._target_=my_research.TinyNet`` keeps seed_cnn's
+    ``name``): it would mix the user's runs with the built-in's, so the class names it.
+    ``legacy``: the name before that rule (checkpoints written then carry it)."""
+    target, name = node.get("_target_"), node.get("name")
+    if legacy:
+        name = str(name or str(target).rpartition(".")[2])
+    elif name is None or (target is not None and MODEL_TARGETS.get(name, target) != target):
+        name = None if target is None else str(target)
+    if name is None:
+        return None
+    name = str(name)
+    if "depth" in node:
+        name += f"-{node['depth']}"
+    if node.get("width", 1) not in (1, None):
+        name += f"-w{node['width']}"
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,18 +698,51 @@ def _validate_dataset(ds, check_environment):
                           f"folder does not exist (looked at {os.path.abspath(ds.root)})")
 
 
+TEST_ON = ("best", "last")
+EARLY_STOPPING_MODES = ("max", "min")
+
+
 def _validate_early_stopping(cfg):
-    """trainer.early_stopping.patience: null, or an integer >= 1 with a validation split."""
-    patience = OmegaConf.select(cfg, "trainer.early_stopping.patience", default=None)
-    if patience is None:
+    """trainer.early_stopping (patience, monitor, mode, min_delta) and trainer.test_on: a
+    validation monitor needs a validation split."""
+    from .loop import MONITORS
+
+    test_on = OmegaConf.select(cfg, "trainer.test_on", default="best")
+    if test_on not in TEST_ON:
+        raise ConfigError("trainer.test_on", test_on, "expected one of " + ", ".join(TEST_ON))
+    es = OmegaConf.select(cfg, "trainer.early_stopping", default=None)
+    if es is None:
         return
-    _require_int("trainer.early_stopping.patience", patience, 1,
-                 "must be null (off) or an integer >= 1")
-    if not (cfg.dataset.get("val_size", 0) or 0) > 0:
+    patience, monitor = es.get("patience"), es.get("monitor")
+    if patience is not None:
+        _require_int("trainer.early_stopping.patience", patience, 1,
+                     "must be null (off) or an integer >= 1")
+    if monitor is not None and monitor not in MONITORS:
+        raise ConfigError("trainer.early_stopping.monitor", monitor,
+                          "expected null or one of " + ", ".join(MONITORS))
+    mode = es.get("mode")
+    if mode is not None and mode not in EARLY_STOPPING_MODES:
+        raise ConfigError("trainer.early_stopping.mode", mode,
+                          "expected null (from the monitor) or one of "
+                          + ", ".join(EARLY_STOPPING_MODES))
+    min_delta = es.get("min_delta", 0.0)
+    if not _is_number(min_delta) or min_delta < 0:
+        raise ConfigError("trainer.early_stopping.min_delta", min_delta, "must be a number >= 0")
+    split = _is_number(cfg.dataset.get("val_size", 0) or 0) and (cfg.dataset.get("val_size", 0)
+                                                                 or 0) > 0
+    if split:
+        return
+    if monitor is not None and str(monitor).startswith("val_"):
+        raise ConfigError("trainer.early_stopping.monitor", monitor,
+                          "needs a validation split: set dataset.val_size (a count or a "
+                          "fraction of the training images), or "
+                          "trainer.early_stopping.monitor=train_loss")
+    if patience is not None and monitor is None:
         raise ConfigError("trainer.early_stopping.patience", patience,
                           "stops on the validation accuracy and needs a validation split: set "
                           "dataset.val_size (a count or a fraction of the training images), "
-                          "or trainer.early_stopping.patience=null")
+                          "trainer.early_stopping.monitor=train_loss, or "
+                          "trainer.early_stopping.patience=null")
 
 
 def _validate_model(cfg):

@@ -48,29 +48,57 @@ class EpochStats:
                 "val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
 
-#: What best.pt and metrics.json's best_epoch follow: the validation accuracy (higher is
-#: better) when there is a validation split, else the training loss (lower is better).
+#: What best.pt and metrics.json's best_epoch follow (trainer.early_stopping.monitor; by
+#: default the validation accuracy with a validation split, else the training loss) and which
+#: way is better by default (trainer.early_stopping.mode: max for these, min for losses).
+MONITORS = ("val_accuracy", "val_loss", "train_loss")
 HIGHER_IS_BETTER = ("val_accuracy", "test_accuracy")
 
 
-def best_epoch(epochs, monitor):
+def natural_mode(monitor):
+    """``max`` for an accuracy, ``min`` for a loss."""
+    return "max" if monitor in HIGHER_IS_BETTER else "min"
+
+
+def improves(value, reference, mode, min_delta=0.0):
+    """Whether ``value`` beats ``reference`` (None: nothing yet) by more than ``min_delta``
+    in direction ``mode``; a tie is no improvement (Lightning's EarlyStopping rule)."""
+    if reference is None:
+        return True
+    return value - min_delta > reference if mode == "max" else value + min_delta < reference
+
+
+def best_epoch(epochs, monitor, mode=None):
     """The first epoch with the best value of ``monitor`` (ties keep the earlier epoch, as
     best.pt does), or None when no epoch has a value."""
+    mode = mode or natural_mode(monitor)
     best = None
     for stats in epochs:
         value = getattr(stats, monitor)
-        if value is None:
-            continue
-        if best is None or (value > getattr(best, monitor) if monitor in HIGHER_IS_BETTER
-                            else value < getattr(best, monitor)):
+        if value is not None and improves(value, None if best is None else getattr(best, monitor),
+                                          mode):
             best = stats
     return best
 
 
-def epochs_without_improvement(epochs, monitor):
-    """Epochs completed since the best one (0: the last epoch was the best)."""
-    best = best_epoch(epochs, monitor)
-    return 0 if best is None else epochs[-1].epoch - best.epoch
+def epochs_without_improvement(epochs, monitor, mode=None, min_delta=0.0):
+    """Epochs completed since the last one that improved on the best value before it by more
+    than ``min_delta`` (0: the last epoch did). As Lightning's EarlyStopping counts: an
+    improvement smaller than ``min_delta`` neither resets the count nor moves the reference."""
+    mode = mode or natural_mode(monitor)
+    reference = last_improved = None
+    for stats in epochs:
+        value = getattr(stats, monitor)
+        if value is not None and improves(value, reference, mode, min_delta):
+            reference, last_improved = value, stats.epoch
+    return 0 if last_improved is None else epochs[-1].epoch - last_improved
+
+
+def should_stop_early(epochs, monitor, patience, mode=None, min_delta=0.0):
+    """Early stopping's decision after the last of ``epochs``: ``patience`` epochs (None:
+    never) without an improvement of ``monitor`` by more than ``min_delta``."""
+    return patience is not None and bool(epochs) and \
+        epochs_without_improvement(epochs, monitor, mode, min_delta) >= patience
 
 
 def count_correct(output, labels):

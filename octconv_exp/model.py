@@ -264,16 +264,13 @@ def model_class(node):
                          "as package.module.Class, importable from where run.py starts") from None
 
 
-def model_name(cfg):
-    """The model as summaries name it: ``seed_cnn``, ``resnet_cifar-20``, ``resnet_imagenet-50``
-    (with ``-w2`` for width 2), or the name/class a user model gives."""
-    node = model_node(cfg)
-    name = str(node.get("name") or str(node.get("_target_")).rpartition(".")[2])
-    if "depth" in node:
-        name += f"-{node['depth']}"
-    if node.get("width", 1) not in (1, None):
-        name += f"-w{node['width']}"
-    return name
+def model_name(cfg, legacy=False):
+    """The model as the run's record names it: ``seed_cnn``, ``resnet_cifar-20``,
+    ``resnet_imagenet-50`` (with ``-w2`` for width 2), or a user model's ``model.name``, else
+    its class (``module.Class``): :func:`octconv_exp.config.recorded_model_name`."""
+    from .config import recorded_model_name
+
+    return recorded_model_name(model_node(cfg), legacy=legacy)
 
 
 def _takes_labels(model):

@@ -18,7 +18,8 @@ from .errors import UserError
 #: What a resumed run may change: how long it trains, how it reports, where and how fast it
 #: runs. Everything else (data set and its sizes/seed/root, batch size, optimizer and its
 #: arguments, scheduler, seed, model, IPU batching) would change the results.
-MAY_CHANGE_ON_RESUME = ("trainer.epochs", "trainer.early_stopping", "trainer.progress_bar",
+MAY_CHANGE_ON_RESUME = ("trainer.epochs", "trainer.early_stopping", "trainer.test_on",
+                        "trainer.progress_bar",
                         "trainer.save_model",
                         "trainer.checkpoint", "trainer.test_batch_size", "logger", "threads",
                         "speed", "device", "ipu.cache_dir", "ipu.num_workers",

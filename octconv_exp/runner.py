@@ -18,14 +18,15 @@ from .data import load_data
 from .data import derived_seed
 from .loggers import NullLogger, make_logger
 from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, identity,
-                         monitor_for, rng_state, set_rng_state)
+                         mode_for, monitor_for, rng_state, set_rng_state)
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import RunInterrupted, UserError
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
 from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
-                   evaluate, send_test_signal, train_epoch, validate as validate_epoch)
+                   evaluate, send_test_signal, should_stop_early, train_epoch,
+                   validate as validate_epoch)
 from .model import (build_model, check_input_size, count_flops_per_image, count_parameters,
                     model_name, theoretical_ratio)
 
@@ -106,19 +107,26 @@ class Run:
         self.val_samples = None  # images in the validation split (None: no split)
         self.stopped_early = False  # trainer.early_stopping ended training before the last epoch
         self.monitor = None  # what best.pt follows (None: from the config, see metrics())
+        self.mode = None  # which way the monitor is better (None: from the config)
+        self.test_checkpoint = None  # which weights the test set scored: "best" or "last"
+        self.test_epoch = None  # the epoch whose weights the test set scored
         self.backend = None  # speed.compile's decision is read from it (CPU/GPU backends)
 
     def metrics(self):
-        """What metrics.json holds. ``train_loss``/``train_accuracy`` are the last epoch's;
-        ``test_accuracy`` is the final model's (after the last epoch trained, also when early
-        stopping ended training), not best.pt's. ``best_epoch`` is the epoch best.pt holds,
-        by ``best_monitor``: ``val_accuracy`` with a validation split, else ``train_loss``;
-        ``val_accuracy`` and ``val_loss`` are that epoch's, on ``val_samples`` images."""
+        """What metrics.json holds. ``train_loss``/``train_accuracy`` are the last epoch's.
+        ``best_epoch`` is the epoch best.pt holds, by ``best_monitor`` in direction
+        ``best_mode`` (trainer.early_stopping.monitor/mode). ``test_accuracy`` is of the
+        weights ``test_checkpoint`` names (trainer.test_on: "best" or "last"), those of epoch
+        ``test_epoch``; ``val_accuracy`` and ``val_loss`` are that epoch's (without a tested
+        epoch: the best epoch's), on ``val_samples`` images."""
         cfg = self.cfg
         now = time.time()
         last = self.epochs[-1] if self.epochs else None
         monitor = self.monitor or monitor_for(cfg)
-        best = best_epoch(self.epochs, monitor)
+        mode = self.mode or mode_for(cfg, monitor)
+        best = best_epoch(self.epochs, monitor, mode)
+        tested = next((e for e in self.epochs if e.epoch == self.test_epoch), None) \
+            if self.test_epoch is not None else best
         train_images = sum(e.train_images for e in self.epochs)
         train_seconds = sum(e.train_seconds for e in self.epochs)
         m = {
@@ -144,10 +152,13 @@ class Run:
             "train_accuracy": last.train_accuracy if last else None,
             "test_accuracy": self.test_accuracy,
             "test_samples": self.test_samples,
+            "test_checkpoint": self.test_checkpoint,
+            "test_epoch": self.test_epoch,
             "best_epoch": best.epoch if best else None,
             "best_monitor": monitor,
-            "val_accuracy": best.val_accuracy if best else None,
-            "val_loss": best.val_loss if best else None,
+            "best_mode": mode,
+            "val_accuracy": tested.val_accuracy if tested else None,
+            "val_loss": tested.val_loss if tested else None,
             "val_samples": self.val_samples,
             "stopped_early": self.stopped_early,
             "params": self.params,
@@ -203,6 +214,7 @@ class Session:
         self.data = self.model = self.optimizer = self.scheduler = None
         self.train_loader = self.test_loader = None
         self.checkpointer = self.logger = self.stop = self.step = None
+        self.best_weights = None  # (epoch, host state dict): trainer.test_on=best
 
     @property
     def num_classes(self):
@@ -351,10 +363,13 @@ def _run(s, resume_from, evaluate_from):
         run.val_samples = len(s.data.val)
         log.info("Validation: %d images held out of the training set (dataset.seed=%s), "
                  "evaluated after every epoch", run.val_samples, cfg.dataset.get("seed"))
-    # best.pt (and metrics.json's best_epoch) follow the validation accuracy when there is one.
-    run.monitor = "val_accuracy" if s.val_loader is not None else "train_loss"
+    # best.pt, metrics.json's best_epoch, early stopping and test_on=best follow one monitor.
+    run.monitor = monitor_for(cfg)
+    if run.monitor.startswith("val_") and s.val_loader is None:
+        run.monitor = "train_loss"  # ipu.synthetic_data: no validation numbers
+    run.mode = mode_for(cfg, run.monitor)
     s.scheduler = build_scheduler(cfg.scheduler, s.optimizer)
-    s.checkpointer = Checkpointer(s.output_dir, monitor=run.monitor)
+    s.checkpointer = Checkpointer(s.output_dir, monitor=run.monitor, mode=run.mode)
     start = restore(s, resume_from) if resume_from is not None else None
     s.logger = (make_logger(cfg, s.output_dir, device=s.device) if distributed.is_writer()
                 else NullLogger())
@@ -371,6 +386,9 @@ def _run(s, resume_from, evaluate_from):
     train(s, start)
     s.stop.set_phase("immediate", "during evaluation, after training had finished")
     backend.finish_training(s.model)
+    # Into the host model: every backend's inference step reads it (an IPU inference model
+    # copies the host's weights to its device when it attaches, as after each validation).
+    load_tested_weights(s)
     infer = backend.inference_step(s.model)
     run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
                                                       progress_bar=show_progress(cfg),
@@ -430,21 +448,84 @@ def check_batches(cfg, train_images):
                         + " or set trainer.drop_last=false")
 
 
+def stops_early(cfg, run):
+    """Whether early stopping ends training after ``run.epochs``: the monitor has not
+    improved by more than ``min_delta`` for ``patience`` epochs (trainer.early_stopping)."""
+    es = OmegaConf.select(cfg, "trainer.early_stopping", default=None) or {}
+    patience = es.get("patience")
+    if patience is None or run.monitor != monitor_for(cfg):
+        return False  # off, or no validation numbers to stop on (ipu.synthetic_data)
+    return should_stop_early(run.epochs, run.monitor, patience, run.mode,
+                             float(es.get("min_delta", 0.0) or 0.0))
+
+
+def keep_best_weights(s, stats):
+    """trainer.test_on=best: a host copy of the weights of the best epoch so far (best.pt
+    holds them too, but only with trainer.checkpoint=true and only on rank 0's disk)."""
+    run = s.run
+    if s.cfg.trainer.get("test_on", "best") != "best" \
+            or best_epoch(run.epochs, run.monitor, run.mode) is not stats:
+        return
+    if not s.cfg.trainer.checkpoint:
+        s.backend.sync_to_host(s.model)  # (save_checkpoint has just done it otherwise)
+    s.best_weights = (stats.epoch, {k: v.detach().cpu().clone()
+                                    for k, v in s.model.state_dict().items()})
+
+
+def load_tested_weights(s):
+    """Put the weights trainer.test_on names into ``s.model`` and record which they are: the
+    best epoch's by the monitor (from memory, or best.pt for an epoch before a resume), or
+    the last epoch's."""
+    cfg, run = s.cfg, s.run
+    last = run.epochs[-1] if run.epochs else None
+    run.test_checkpoint, run.test_epoch = "last", None if last is None else last.epoch
+    if cfg.trainer.get("test_on", "best") != "best" or last is None:
+        return
+    best = best_epoch(run.epochs, run.monitor, run.mode)
+    if best is None:
+        log.info("trainer.test_on=best: no epoch has a %s; testing the last epoch's weights",
+                 run.monitor)
+        return
+    if best is not last:
+        weights = best_weights_of(s, best.epoch)
+        if weights is None:
+            log.warning("trainer.test_on=best: the weights of epoch %d (best %s) are neither "
+                        "in memory nor in %s; testing the last epoch's (%d)", best.epoch,
+                        run.monitor, s.checkpointer.best_path, last.epoch)
+            return
+        s.model.load_state_dict(weights)
+    run.test_checkpoint, run.test_epoch = "best", best.epoch
+    log.info("Testing the weights of epoch %d, the best by %s (%s %.4f; trainer.test_on=best)",
+             best.epoch, run.monitor, run.mode, getattr(best, run.monitor))
+
+
+def best_weights_of(s, epoch):
+    """The state dict of ``epoch`` kept by :func:`keep_best_weights`, else best.pt's if it
+    holds that epoch (a resumed run's best epoch came before the resume), else None."""
+    kept = getattr(s, "best_weights", None)
+    if kept is not None and kept[0] == epoch:
+        return kept[1]
+    path = s.checkpointer.best_path
+    if not os.path.isfile(path):
+        return None
+    state = load_checkpoint(path)
+    if state.get("epoch") != epoch or not s.checkpointer.follows(state):
+        return None
+    return state["state_dict"]
+
+
 def train(s, start):
     """The epochs (from where a checkpoint left off), each followed by the validation pass
-    (with a validation split) and a checkpoint; early stopping ends them when the validation
-    accuracy has not improved for ``trainer.early_stopping.patience`` epochs."""
+    (with a validation split) and a checkpoint; early stopping ends them when the monitor has
+    not improved for ``trainer.early_stopping.patience`` epochs."""
     cfg, run = s.cfg, s.run
     epochs_csv = os.path.join(run.output_dir, outputs.EPOCHS_FILE)
     first_epoch, progress = (start or (1, None))
-    patience = OmegaConf.select(cfg, "trainer.early_stopping.patience", default=None)
-    if run.monitor != "val_accuracy":
-        patience = None  # no validation numbers (ipu.synthetic_data): nothing to stop on
-    if patience and progress is None and run.epochs and first_epoch <= cfg.trainer.epochs \
-            and epochs_without_improvement(run.epochs, "val_accuracy") >= patience:
+    if progress is None and run.epochs and first_epoch <= cfg.trainer.epochs \
+            and stops_early(cfg, run):
         run.stopped_early = True  # a resumed run that had stopped early stays stopped
-        log.info("Early stopping: validation accuracy has not improved since epoch %d",
-                 best_epoch(run.epochs, "val_accuracy").epoch)
+        log.info("Early stopping: %s has not improved since epoch %d", run.monitor,
+                 epochs_since(run))
         return
     if distributed.WORLD.active:  # every rank stops at the step any of them was asked to
         def should_stop():
@@ -484,16 +565,24 @@ def train(s, start):
                  f"; validation loss {stats.val_loss:.4f}, accuracy {stats.val_accuracy:.2f}%")
         if cfg.trainer.checkpoint:
             save_checkpoint(s, epoch, None, metric=getattr(stats, s.checkpointer.monitor))
-        if patience and epoch < cfg.trainer.epochs \
-                and epochs_without_improvement(run.epochs, "val_accuracy") >= patience:
+        keep_best_weights(s, stats)
+        if epoch < cfg.trainer.epochs and stops_early(cfg, run):
             run.stopped_early = True
-            log.info("Early stopping after epoch %d: validation accuracy has not improved for "
-                     "%d epochs (best %.2f%% at epoch %d)", epoch, patience,
-                     best_epoch(run.epochs, "val_accuracy").val_accuracy,
-                     best_epoch(run.epochs, "val_accuracy").epoch)
+            best = best_epoch(run.epochs, run.monitor, run.mode)
+            log.info("Early stopping after epoch %d: %s has not improved since epoch %d "
+                     "(trainer.early_stopping.patience=%s; best %.4f at epoch %d)", epoch,
+                     run.monitor, epochs_since(run), cfg.trainer.early_stopping.patience,
+                     getattr(best, run.monitor), best.epoch)
             break
         if should_stop() and epoch < cfg.trainer.epochs:
             raise run_interrupted(run, s.stop, epoch + 1, 0)
+
+
+def epochs_since(run):
+    """The epoch of the last improvement early stopping counted (by min_delta)."""
+    es = run.cfg.trainer.early_stopping
+    return run.epochs[-1].epoch - epochs_without_improvement(
+        run.epochs, run.monitor, run.mode, float(es.get("min_delta", 0.0) or 0.0))
 
 
 def model_file(cfg, model, num_classes):
@@ -590,9 +679,8 @@ def restore(s, resume_from):
     if run.epochs and distributed.is_writer():
         outputs.write_epochs_csv(os.path.join(s.output_dir, outputs.EPOCHS_FILE),
                                  [e.as_row() for e in run.epochs])
-    # The best so far, if it is of what this run's best.pt follows (checkpoints from before
-    # validation splits name no monitor: they followed the training loss).
-    if state.get("monitor", "train_loss") == s.checkpointer.monitor:
+    # The best so far, if it is of what this run's best.pt follows.
+    if s.checkpointer.follows(state):
         s.checkpointer.best = state.get("best")
     set_rng_state(state["rng"])
     progress = None
@@ -661,6 +749,9 @@ def evaluate_only(s, evaluate_from):
         run.epochs = [EpochStats(**e) for e in state.get("epochs", [])]
         # metrics.json's best_epoch / val_* describe that training (not re-validated here).
         run.monitor = state.get("monitor") or monitor_for(cfg)
+        run.mode = state.get("mode") or mode_for(cfg, run.monitor)
+        if state.get("progress") is None:  # not saved inside an epoch: that epoch's weights
+            run.test_epoch = state["epoch"]
         if run.monitor == "val_accuracy" and s.data.val is not None:
             run.val_samples = len(s.data.val)
     log.info("Evaluated %s", path)

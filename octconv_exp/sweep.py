@@ -191,10 +191,11 @@ def model_name(value):
     if value is None:
         return None
     if hasattr(value, "items"):  # a dict, or a DictConfig
-        for key in ("name", "arch", "_target_"):
-            if value.get(key) is not None:
-                return str(value.get(key))
-        return None
+        if value.get("name") is not None or value.get("_target_") is not None:
+            from .config import recorded_model_name
+
+            return recorded_model_name(value)  # as the job's metrics.json will say
+        return None if value.get("arch") is None else str(value.get("arch"))
     return str(value)
 
 

@@ -146,6 +146,75 @@ def test_old_checkpoints_without_a_model_key_are_the_seed_model():
                                                                "alpha=0.25"), 10, "x.pt")
 
 
+def test_a_user_model_is_recorded_by_its_class_or_the_name_its_user_gives():
+    from octconv_exp import sweep
+    from octconv_exp.model import model_name
+
+    # The seed_cnn YAML's name stays when only _target_ is overridden: not the class that ran.
+    user = compose("model._target_=my_research.TinyNet")
+    assert user.model.name == "seed_cnn" and model_name(user) == "my_research.TinyNet"
+    assert model_name(compose("model._target_=my_research.TinyNet", "model.name=tiny")) == "tiny"
+    assert model_name(compose("model._target_=my_research.TinyNet", "model.name=null")) == \
+        "my_research.TinyNet"
+    assert model_name(compose("model=resnet_cifar", "model._target_=my_research.TinyNet",
+                              "model.depth=8")) == "my_research.TinyNet-8"
+    assert model_name(compose()) == "seed_cnn"
+    assert model_name(compose("model=resnet_cifar", "model.width=2")) == "resnet_cifar-20-w2"
+    # A sweep's plan (jobs.yaml) and a missing job's row say what metrics.json says.
+    for cfg in (user, compose("model=resnet_cifar")):
+        assert sweep.model_name(cfg.model) == model_name(cfg)
+    assert sweep.model_name({"name": "wide_cnn"}) == "wide_cnn"
+
+
+def test_checkpoints_that_named_a_user_model_by_the_old_rule_still_load():
+    from octconv_exp.checkpoint import check_identity, identity
+
+    cfg = compose("model._target_=my_research.TinyNet")
+    saved = identity(cfg, 10)
+    assert saved["model"] == "my_research.TinyNet"
+    check_identity(saved, cfg, 10, "new.pt")
+    check_identity(dict(saved, model="seed_cnn"), cfg, 10, "old.pt")  # the YAML's leftover
+    unnamed = compose("model._target_=my_research.TinyNet", "model.name=null")
+    check_identity(dict(saved, model="TinyNet"), unnamed, 10, "old.pt")  # the bare class name
+    with pytest.raises(Exception, match="model=resnet_cifar-20; this run has "
+                                        "model=my_research.TinyNet"):
+        check_identity(dict(saved, model="resnet_cifar-20"), cfg, 10, "x.pt")
+
+
+@pytest.mark.slow
+def test_a_sweep_of_a_user_model_and_the_seed_cnn_keeps_them_apart(tmp_path):
+    """Log, metrics.json, the sweep's plan and report, and the MLflow tags name the class."""
+    mlflow = pytest.importorskip("mlflow")
+    sweep_dir = tmp_path / "sweep"
+    res = run_cli("-m", "model._target_=my_research.TinyNet,octconv_exp.model.ClassificationModel",
+                  "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=16",
+                  "trainer.epochs=1", "trainer.progress_bar=false", "logger=mlflow",
+                  f"hydra.sweep.dir={sweep_dir}", cwd=str(tmp_path),
+                  env={"PYTHONPATH": USER_CODE})
+    assert res.returncode == 0, res.stderr[-3000:]
+    import csv
+    import glob
+
+    from octconv_exp import sweep
+
+    runs = {}
+    for path in glob.glob(str(sweep_dir / "**" / "metrics.json"), recursive=True):
+        run_dir = os.path.dirname(path)
+        runs[metrics(run_dir)["model"]] = run_dir
+    assert sorted(runs) == ["my_research.TinyNet", "seed_cnn"]
+    with open(os.path.join(runs["my_research.TinyNet"], "run.log")) as f:
+        assert "Model: my_research.TinyNet conv=vanilla" in f.read()
+    with open(sweep_dir / "summary.csv") as f:
+        assert sorted(r["model"] for r in csv.DictReader(f)) == ["my_research.TinyNet", "seed_cnn"]
+    plan, problems = sweep.read_plan(str(sweep_dir))
+    assert problems == []
+    assert sorted(e["config"]["model"] for e in plan) == ["my_research.TinyNet", "seed_cnn"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    df = mlflow.search_runs(experiment_names=["octconv-exp"])
+    jobs = df[df["tags.kind"] != "sweep report"] if "tags.kind" in df else df
+    assert sorted(jobs["tags.model"]) == ["my_research.TinyNet", "seed_cnn"]
+
+
 @pytest.mark.slow
 @pytest.mark.sdk
 @pytest.mark.parametrize("family", sorted(MODELS))

@@ -116,6 +116,70 @@ def test_best_epoch_and_patience_arithmetic():
     assert improved == [True, True, False, False, False] and checkpointer.best == 55.0
 
 
+def val_epochs(val_losses, val_accs=None):
+    from octconv_exp.loop import EpochStats
+
+    val_accs = val_accs or [50.0] * len(val_losses)
+    return [EpochStats(i + 1, 1.0, 0.0, 10, 1.0, val_loss=v, val_accuracy=a)
+            for i, (v, a) in enumerate(zip(val_losses, val_accs))]
+
+
+def test_the_stopping_decision_follows_monitor_mode_and_min_delta():
+    from octconv_exp.loop import best_epoch, epochs_without_improvement, should_stop_early
+
+    # The observed case: the validation accuracy fell after epoch 1 while the loss improved.
+    epochs = val_epochs([2.34, 2.19], [18.0, 14.0])
+    assert should_stop_early(epochs, "val_accuracy", 1)
+    assert not should_stop_early(epochs, "val_loss", 1)  # min by default: 2.19 improves
+    assert should_stop_early(epochs, "val_loss", 1, mode="max")  # max: 2.19 is worse
+    assert not should_stop_early(epochs, "val_loss", None)  # no patience: never
+    # min_delta: 2.00 -> 1.95 improves by 0.05, not by more than 0.1: it neither resets the
+    # count nor becomes the reference, so 1.91 (0.09 below 2.00) does not count either.
+    epochs = val_epochs([2.0, 1.95, 1.91, 1.85])
+    assert [epochs_without_improvement(epochs[:n], "val_loss", min_delta=0.1)
+            for n in (1, 2, 3, 4)] == [0, 1, 2, 0]
+    assert [should_stop_early(epochs[:n], "val_loss", 2, min_delta=0.1)
+            for n in (1, 2, 3, 4)] == [False, False, True, False]
+    assert epochs_without_improvement(epochs[:3], "val_loss") == 0  # min_delta 0: each counts
+    assert best_epoch(epochs[:3], "val_loss").epoch == 3  # best.pt takes the best value
+    # max with min_delta, and a tie that is no improvement.
+    epochs = val_epochs([1.0] * 4, [50.0, 50.5, 52.0, 52.0])
+    assert epochs_without_improvement(epochs, "val_accuracy", min_delta=1.0) == 1
+    assert epochs_without_improvement(epochs, "val_accuracy", "max", 0.0) == 1
+    assert best_epoch(epochs, "val_accuracy", "min").epoch == 1
+
+
+def test_monitor_mode_min_delta_and_test_on_are_checked_in_one_line():
+    from octconv_exp.config import validate
+
+    def check(*overrides):
+        validate(compose("dataset=synthetic", *overrides), check_environment=False)
+
+    for bad, key in (("trainer.early_stopping.monitor=val_acc", "monitor=val_acc"),
+                     ("trainer.early_stopping.mode=up", "mode=up"),
+                     ("trainer.early_stopping.min_delta=-0.1", "min_delta=-0.1"),
+                     ("trainer.test_on=final", "trainer.test_on=final")):
+        with pytest.raises(ConfigError, match=key):
+            check("dataset.val_size=10", bad)
+    with pytest.raises(ConfigError) as info:  # best.pt would follow numbers no epoch has
+        check("trainer.early_stopping.monitor=val_loss")
+    assert "dataset.val_size" in str(info.value) and "\n" not in str(info.value)
+    check("trainer.early_stopping.monitor=train_loss", "trainer.early_stopping.patience=2")
+    check("dataset.val_size=10", "trainer.early_stopping.monitor=val_loss",
+          "trainer.early_stopping.mode=min", "trainer.early_stopping.min_delta=0.01",
+          "trainer.test_on=last")
+    cfg = compose()
+    assert cfg.trainer.test_on == "best" and cfg.trainer.early_stopping.monitor is None
+    from octconv_exp.checkpoint import mode_for, monitor_for
+
+    assert monitor_for(compose("dataset.val_size=10")) == "val_accuracy"
+    assert monitor_for(cfg) == "train_loss" and mode_for(cfg, "train_loss") == "min"
+    chosen = compose("dataset.val_size=10", "trainer.early_stopping.monitor=val_loss",
+                     "trainer.early_stopping.mode=max")
+    assert (monitor_for(chosen), mode_for(chosen, "val_loss")) == ("val_loss", "max")
+    assert mode_for(chosen, "train_loss") == "min"  # the mode was chosen for val_loss
+
+
 def test_epochs_csv_leaves_validation_columns_empty_without_a_split(tmp_path):
     from octconv_exp.loop import EpochStats
     from octconv_exp.outputs import write_epochs_csv
@@ -361,6 +425,97 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
     assert m2["test_accuracy"] == m["test_accuracy"]
 
 
+#: The observed case of issue 24: a validation split and patience 1. Validation accuracy
+#: 27.5, 37.5, 27.5 % here (torch 2.14.1): stopped after epoch 3, best epoch 2, while the
+#: validation loss still improved (1.99, 1.73, 1.64).
+OBSERVED = [*RUN, "dataset.train_size=400", "dataset.val_size=0.1", "optimizer.lr=0.05",
+            "trainer.early_stopping.patience=1", "trainer.epochs=4"]
+
+
+def evaluated(tmp_path, checkpoint, name):
+    """test_accuracy of a checkpoint evaluated (train=false) into a dir of its own."""
+    res = run_cli("train=false", f"ckpt_path={checkpoint}", "trainer.progress_bar=false",
+                  "device=cpu", f"hydra.run.dir={tmp_path / name}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / name / "metrics.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_the_test_set_scores_best_pt_and_metrics_say_which(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli(*OBSERVED, f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, rows = read(run_dir)
+    best = m["best_epoch"]
+    assert m["stopped_early"] and best < m["epochs_completed"]  # the case: best is not last
+    assert (m["test_checkpoint"], m["test_epoch"]) == ("best", best)
+    best_eval = evaluated(tmp_path, run_dir / "checkpoints" / "best.pt", "best")
+    last_eval = evaluated(tmp_path, run_dir / "checkpoints" / "last.pt", "last")
+    assert m["test_accuracy"] == best_eval["test_accuracy"] != last_eval["test_accuracy"]
+    assert best_eval["test_epoch"] == best and last_eval["test_epoch"] == len(rows)
+    # The validation numbers reported are the tested weights' own.
+    assert m["val_accuracy"] == float(rows[best - 1]["val_accuracy"])
+    assert m["val_loss"] == float(rows[best - 1]["val_loss"])
+    # model.pt holds the weights tested: evaluating the run dir gives the same accuracy.
+    assert evaluated(tmp_path, run_dir, "model")["test_accuracy"] == m["test_accuracy"]
+
+    # trainer.test_on=last: the last epoch's weights, and its validation numbers.
+    res = run_cli(*OBSERVED, "trainer.test_on=last", f"hydra.run.dir={tmp_path / 'last_run'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m_last, rows_last = read(tmp_path / "last_run")
+    for key in ("train_loss", "val_loss", "val_accuracy"):  # the same training
+        assert [r[key] for r in rows_last] == [r[key] for r in rows], key
+    assert (m_last["test_checkpoint"], m_last["test_epoch"]) == ("last", len(rows))
+    assert m_last["test_accuracy"] == last_eval["test_accuracy"]
+    assert m_last["val_accuracy"] == float(rows[-1]["val_accuracy"]) and m_last["best_epoch"] == best
+
+    # trainer.checkpoint=false: no best.pt, the best weights kept in memory instead.
+    res = run_cli(*OBSERVED, "trainer.checkpoint=false", f"hydra.run.dir={tmp_path / 'nock'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m_nock, _ = read(tmp_path / "nock")
+    assert not (tmp_path / "nock" / "checkpoints").exists()
+    assert (m_nock["test_checkpoint"], m_nock["test_epoch"]) == ("best", best)
+    assert m_nock["test_accuracy"] == m["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_early_stopping_on_the_validation_loss_and_its_resume(tmp_path):
+    """The observed run, stopped on val_loss instead: it goes on past epoch 3 (where
+    val_accuracy stopped it) as long as the loss improves; best.pt follows the loss."""
+    run_dir = tmp_path / "run"
+    args = [*OBSERVED, "trainer.early_stopping.monitor=val_loss", "trainer.epochs=8",
+            f"hydra.run.dir={run_dir}"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, rows = read(run_dir)
+    losses = [float(r["val_loss"]) for r in rows]
+    best = losses.index(min(losses)) + 1
+    # It stopped at the first epoch no better than the best before it, and not before.
+    assert all(b < a for a, b in zip(losses[:best], losses[1:best]))
+    assert len(rows) == best + 1 and losses[-1] >= losses[best - 1] and best >= 3
+    assert m["stopped_early"] and (m["best_monitor"], m["best_mode"]) == ("val_loss", "min")
+    assert (m["best_epoch"], m["test_checkpoint"], m["test_epoch"]) == (best, "best", best)
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["monitor"], ckpt["mode"]) == (best, "val_loss", "min")
+    assert ckpt["best"] == min(losses)
+    # Resumed, it stays stopped and tests the same weights (now read back from best.pt).
+    again = run_cli(*args, "resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    m2, rows2 = read(run_dir)
+    assert rows2 == rows and m2["stopped_early"] and m2["epochs_completed"] == len(rows)
+    assert (m2["test_accuracy"], m2["test_epoch"]) == (m["test_accuracy"], best)
+
+
+@pytest.mark.slow
+def test_a_validation_monitor_without_a_split_is_one_line(tmp_path):
+    res = run_cli(*RUN, "trainer.early_stopping.monitor=val_loss", "trainer.epochs=1",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert "trainer.early_stopping.monitor=val_loss" in res.stderr
+    assert "dataset.val_size" in res.stderr and not (tmp_path / "run" / "epochs.csv").exists()
+
+
 @pytest.mark.slow
 def test_a_split_that_leaves_no_training_image_is_one_line(tmp_path):
     res = run_cli(*RUN, "dataset.train_size=40", "dataset.val_size=40", "trainer.epochs=1",
@@ -423,3 +578,34 @@ def test_ipu_run_with_validation_and_augmentation(tmp_path):
     assert infer_exec["copy_weights_to_device"] == 2 and infer_exec["detach"] == 3
     sizes = [d["dataset_size"] for d in log["dataloaders"]]
     assert sizes == [768, 420, 180]  # training, test, validation (whole batches)
+
+
+@pytest.mark.slow
+def test_ipu_run_tests_the_best_epochs_weights(tmp_path):
+    """On the double: patience 1 stops after epoch 2 with epoch 1 the best; the test set
+    scores epoch 1's weights, as evaluating best.pt does."""
+    env = {"PYTHONPATH": DOUBLE, "POPTORCH_DOUBLE_LOG": str(tmp_path / "log.json"),
+           "POPTORCH_DOUBLE_IPUS": "1"}
+    ipu = ["device=ipu", "ipu.num_workers=0", "trainer.progress_bar=false"]
+    res = run_cli(*ipu, "dataset=synthetic", "dataset.train_size=400", "dataset.test_size=100",
+                  "dataset.val_size=0.1", "trainer.early_stopping.patience=1",
+                  "trainer.epochs=5", "trainer.batch_size=8", "trainer.test_batch_size=10",
+                  "ipu.device_iterations=2", "optimizer.lr=0.05",
+                  f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, rows = read(tmp_path / "run")
+    assert m["device"] == "ipu" and m["best_epoch"] < len(rows)  # the case: best is not last
+    assert (m["test_checkpoint"], m["test_epoch"]) == ("best", m["best_epoch"])
+    # The inference model was detached after the last validation: the test pass attaches it
+    # again, and attaching copies the host's (now the best) weights to the device (poptorch
+    # 3.4 _poplar_executor.py _on_device_attach); the double computes with them.
+    infer_exec = json.loads((tmp_path / "log.json").read_text())["executors"][1]
+    assert infer_exec["attach"] == len(rows)  # validations after the first, and the test
+    scores = {}
+    for name in ("best", "last"):
+        res = run_cli(*ipu, "train=false", f"ckpt_path={tmp_path / 'run'}/checkpoints/{name}.pt",
+                      f"hydra.run.dir={tmp_path / name}", env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        with open(tmp_path / name / "metrics.json") as f:
+            scores[name] = json.load(f)["test_accuracy"]
+    assert m["test_accuracy"] == scores["best"] != scores["last"]
