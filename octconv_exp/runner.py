@@ -705,7 +705,7 @@ def run_interrupted(run, stop, epoch, steps):
     name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
     run.error = (f"interrupted by {name} at epoch {epoch}, step {steps}; checkpoint in "
                  f"{os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)}; continue with: "
-                 f"{resume_hint(run.output_dir)}")
+                 f"{resume_hint(run.output_dir, run.cfg)}")
     run.write_metrics()
     return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
 
@@ -715,7 +715,8 @@ def stopped_now(run, exc):
     from what is on disk."""
     last = os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)
     if os.path.exists(last):
-        then = f"checkpoint {last} is intact; continue with: {resume_hint(run.output_dir)}"
+        then = (f"checkpoint {last} is intact; continue with: "
+                f"{resume_hint(run.output_dir, run.cfg)}")
     else:
         then = "no checkpoint was written yet: start the run again"
     run.status = "interrupted"

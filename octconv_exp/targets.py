@@ -128,3 +128,18 @@ def check_saved_targets(cfg, command_cfg, state, explicit, path, mode):
                 f"{mode}: {path} names {key}={target} in its config ({why}); a config read from "
                 f"a checkpoint is data and chooses no code to run: if you trust {target}, name "
                 f"it on this command line ({key}={target})")
+
+
+def user_targets(cfg):
+    """``(key, target)`` of the top-level ``_target_``s of ``cfg`` that a resume must name on
+    its command line: a model or data set class of the user's own."""
+    from omegaconf import DictConfig, OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    named = []
+    for name in ("model", "dataset"):
+        node = plain.get(name) if isinstance(plain, dict) else None
+        target = node.get("_target_") if isinstance(node, dict) else None
+        if target is not None and not TRUSTED[name](target):
+            named.append((f"{name}._target_", target))
+    return named

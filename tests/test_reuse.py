@@ -114,6 +114,18 @@ def test_a_target_this_command_names_is_allowed():
         check(saved, explicit=["model.hidden"], command=saved)
 
 
+def test_the_resume_command_a_run_prints_names_the_users_own_classes():
+    from octconv_exp.resume import resume_hint
+
+    own = _saved(model={"_target_": "my_research.TinyNet", "name": "tiny"},
+                 dataset={"_target_": "my_research.Stripes", "name": "custom"})
+    assert resume_hint("/r", OmegaConf.create(own)).endswith(
+        """resume=true 'hydra.run.dir="/r"' model._target_=my_research.TinyNet """
+        "dataset._target_=my_research.Stripes")
+    assert resume_hint("/r", OmegaConf.create(_saved())).endswith(
+        """resume=true 'hydra.run.dir="/r"'""")
+
+
 # ------------------------------------------------------------------------------ end to end
 
 LOAD_AND_PREDICT = r"""
