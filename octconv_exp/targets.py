@@ -8,7 +8,12 @@ this command line names it itself (``model._target_=my_research.TinyNet``): then
 not the file, chose it. A nested ``_target_`` (Hydra would instantiate it too) must always be
 named by the command line.
 """
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
 from .errors import UserError
+from .model import model_class
 
 PACKAGE = "octconv_exp."
 #: What each node's ``_target_`` may be when it comes from a checkpoint, in words.
@@ -22,10 +27,6 @@ def trusted_model_target(target):
     """Is ``target`` a model class of this package (what build_model may call unasked)?"""
     if not isinstance(target, str) or not target.startswith(PACKAGE):
         return False
-    import torch.nn as nn
-
-    from .model import model_class
-
     try:
         cls = model_class({"_target_": target})
     except ValueError:
@@ -40,7 +41,9 @@ def _located(target, prefixes):
     the run reports it when it builds the part). False: outside ``prefixes``."""
     if not isinstance(target, str) or not target.startswith(prefixes):
         return False
-    from hydra._internal.utils import _locate  # what hydra.utils.instantiate resolves with
+    # What hydra.utils.instantiate resolves with; here, not at the top: load_model, which
+    # checks only models, needs no Hydra.
+    from hydra._internal.utils import _locate
 
     try:
         return _locate(target)
@@ -49,8 +52,6 @@ def _located(target, prefixes):
 
 
 def trusted_optimizer_target(target):
-    import torch
-
     found = _located(target, ("torch.optim.", "poptorch.optim.", PACKAGE))
     if found is None:
         return True
@@ -106,8 +107,6 @@ def check_saved_targets(cfg, command_cfg, state, explicit, path, mode):
     checkpoint ``state`` at ``path`` and that is neither the package's own nor named by this
     command (``command_cfg``, whose keys ``explicit`` lists). ``mode``: what the command does
     (``resume=true``, ``train=false``), for the message."""
-    from omegaconf import DictConfig, OmegaConf
-
     if not isinstance(state.get("config"), dict):
         return  # no saved config: every value is this command's own
 
@@ -133,8 +132,6 @@ def check_saved_targets(cfg, command_cfg, state, explicit, path, mode):
 def user_targets(cfg):
     """``(key, target)`` of the top-level ``_target_``s of ``cfg`` that a resume must name on
     its command line: a model or data set class of the user's own."""
-    from omegaconf import DictConfig, OmegaConf
-
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     named = []
     for name in ("model", "dataset"):
