@@ -11,6 +11,11 @@ and mode; by default the validation accuracy when the run has a validation split
 (``dataset.val_size``), else the training loss). Both hold the monitor's name (``monitor``),
 its direction (``mode``) and its best value so far (``best``).
 
+Every checkpoint and ``model.pt`` also carries what reusing the model needs
+(:func:`inference_record`, under ``"inference"``): the normalisation it was trained with, its
+class names, input shape and how to build it. Evaluation and resume take the normalisation
+from there, never from the data as it is today.
+
 Everything in them is a tensor or a plain Python value (the NumPy RNG state is stored as a
 tensor and numbers), so they load with ``torch.load(..., weights_only=True)`` on every torch
 from 2.0.1 on: a checkpoint from someone else cannot run code when it is read.
@@ -61,6 +66,41 @@ def identity(cfg, num_classes):
 
     return {"model": model_name(cfg), "conv": cfg.conv.mode, "alpha": float(cfg.alpha),
             "expansion": int(cfg.expansion), "num_classes": int(num_classes)}
+
+
+#: Where a checkpoint or model.pt keeps its :func:`inference_record`.
+INFERENCE = "inference"
+
+
+def inference_record(cfg, data):
+    """What using the model needs besides its weights, as plain values: the normalisation
+    (``mean``, ``std`` of the images scaled to [0, 1]), ``class_names``, ``input_shape``
+    (channels, height, width), the model's ``model_name`` and its constructor config
+    (``model``: the model node; ``conv_mode``, ``alpha``, ``expansion``, ``num_classes``,
+    ``label_smoothing``: what :func:`~octconv_exp.model.build_model` offers it)."""
+    from omegaconf import OmegaConf
+
+    from .model import model_name, model_node
+
+    trainer = cfg.get("trainer") or {}
+    return {"mean": [float(m) for m in data.mean], "std": [float(s) for s in data.std],
+            "class_names": [str(c) for c in data.train.classes],
+            "input_shape": [int(d) for d in data.image_shape],
+            "model_name": model_name(cfg),
+            "model": OmegaConf.to_container(OmegaConf.create(model_node(cfg)), resolve=True),
+            "conv_mode": str(cfg.conv.mode), "alpha": float(cfg.alpha),
+            "expansion": int(cfg.expansion), "num_classes": len(data.train.classes),
+            "label_smoothing": float(trainer.get("label_smoothing", 0.0) or 0.0)}
+
+
+def saved_preprocessing(state):
+    """``{"stats": (mean, std), "classes": [...]}`` a checkpoint recorded, for
+    :func:`~octconv_exp.data.load_data`; None for a file from before the record."""
+    record = state.get(INFERENCE)
+    if not isinstance(record, dict) or "mean" not in record or "std" not in record:
+        return None
+    return {"stats": (tuple(record["mean"]), tuple(record["std"])),
+            "classes": record.get("class_names")}
 
 
 def check_identity(saved, cfg, num_classes, path):

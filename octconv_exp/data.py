@@ -78,8 +78,13 @@ class DataBundle:
         return tuple(self.train.images.shape[1:])
 
 
-def load_data(ds_cfg) -> DataBundle:
-    """Load the data set a ``dataset`` config node names."""
+def load_data(ds_cfg, stats=None, classes=None) -> DataBundle:
+    """Load the data set a ``dataset`` config node names.
+
+    ``stats`` (mean, std) and ``classes``: what a saved model was trained with (evaluation
+    and resume). The stats are used as they are, never recomputed from today's training
+    images (nor taken from dataset.mean/std); a data set whose classes differ from
+    ``classes`` is a UserError naming the difference."""
     if "_target_" in list(ds_cfg.keys()):
         train, test = load_custom(ds_cfg)
     elif ds_cfg.name == "synthetic":
@@ -94,6 +99,7 @@ def load_data(ds_cfg) -> DataBundle:
 
         size = int(ds_cfg.get("image_size", IMAGE_SIZE))
         train = scan_image_folder(os.path.join(ds_cfg.root, "train"), image_size=size)
+        check_classes(train.classes, classes, os.path.join(ds_cfg.root, "train"))
         test = scan_image_folder(os.path.join(ds_cfg.root, "test"), classes=train.classes,
                                  image_size=size)
         in_memory, reason = choose_in_memory(ds_cfg.get("in_memory", "true"),
@@ -102,13 +108,14 @@ def load_data(ds_cfg) -> DataBundle:
         log.info("Image folder %s: %d + %d images, %s", ds_cfg.root, len(train), len(test),
                  reason)
         if not in_memory:
-            return load_streamed(ds_cfg, train, test)
+            return load_streamed(ds_cfg, train, test, stats=stats)
         train, test = decode_files(train), decode_files(test)
     else:  # the config validation rejects this first
         raise ValueError(f"unknown dataset {ds_cfg.name}")
+    check_classes(train.classes, classes, f"dataset={ds_cfg.get('name')}")
     # Held out before the statistics: they describe the images the model trains on.
     train, val = split_validation(train, ds_cfg.get("val_size", 0) or 0, ds_cfg.get("seed", 0))
-    mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
+    mean, std = stats if stats is not None else (ds_cfg.get("mean"), ds_cfg.get("std"))
     if mean is None or std is None:
         stats = train.channel_stats()
         mean = stats[0] if mean is None else mean
@@ -117,14 +124,15 @@ def load_data(ds_cfg) -> DataBundle:
                       std=tuple(float(s) for s in std), val=val)
 
 
-def load_streamed(ds_cfg, train, test) -> DataBundle:
+def load_streamed(ds_cfg, train, test, stats=None) -> DataBundle:
     """An image folder read from disk batch by batch (:mod:`.streaming`): the file lists, the
     validation split held out of them as :func:`split_validation` holds images out, and the
-    statistics from ``dataset.stats_images`` training images (all of them when fewer)."""
+    statistics from ``dataset.stats_images`` training images (all of them when fewer), or
+    ``stats`` as :func:`load_data` takes them."""
     from .streaming import file_stats, split_files
 
     train, val = split_files(train, ds_cfg.get("val_size", 0) or 0, ds_cfg.get("seed", 0))
-    mean, std = ds_cfg.get("mean"), ds_cfg.get("std")
+    mean, std = stats if stats is not None else (ds_cfg.get("mean"), ds_cfg.get("std"))
     if mean is None or std is None:
         sample = int(ds_cfg.get("stats_images", 10000))
         stats = file_stats(train, sample=sample, seed=ds_cfg.get("seed", 0),
@@ -135,6 +143,22 @@ def load_streamed(ds_cfg, train, test) -> DataBundle:
         std = stats[1] if std is None else std
     return DataBundle(train=train, test=test, mean=tuple(float(m) for m in mean),
                       std=tuple(float(s) for s in std), val=val)
+
+
+def check_classes(found, recorded, where):
+    """A saved model's classes (``recorded``; None: nothing recorded) against the data set's:
+    another list would map labels to the wrong outputs."""
+    if recorded is None or list(found) == list(recorded):
+        return
+    added = [c for c in found if c not in recorded]
+    missing = [c for c in recorded if c not in found]
+    what = "; ".join(part for part in (
+        "new: " + ", ".join(added) if added else "",
+        "missing: " + ", ".join(missing) if missing else "",
+        "same classes in another order" if not added and not missing else "") if part)
+    raise UserError(f"{where} holds the classes {', '.join(found)} and the saved model was "
+                    f"trained on {', '.join(recorded)} ({what}); evaluate or resume it on data "
+                    "with the classes it was trained on, or train a new model")
 
 
 def derived_seed(*parts):

@@ -145,8 +145,11 @@ def hydra_quoted(value):
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def resume_hint(output_dir):
-    """A command that continues the run in ``output_dir`` when pasted into a shell."""
+def resume_hint(output_dir, cfg=None):
+    """A command that continues the run in ``output_dir`` when pasted into a shell (with the
+    run's config ``cfg``: naming the classes of your own it uses, which a resume takes from
+    the checkpoint only when the command names them, see :mod:`.targets`)."""
+    from .targets import user_targets
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "run.py"
     launcher = "python"
     if os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -154,5 +157,7 @@ def resume_hint(output_dir):
         local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ["WORLD_SIZE"]
         launcher = (f"torchrun --nproc_per_node={world}" if local == world
                     else f"torchrun --nnodes=... --nproc_per_node={local} (as before)")
+    named = "".join(" " + shlex.quote(f"{key}={target}")
+                    for key, target in (user_targets(cfg) if cfg is not None else []))
     return (f"{launcher} {shlex.quote(script)} resume=true "
-            + shlex.quote(f"hydra.run.dir={hydra_quoted(output_dir)}"))
+            + shlex.quote(f"hydra.run.dir={hydra_quoted(output_dir)}") + named)

@@ -17,13 +17,15 @@ from .config import validate
 from .data import load_data
 from .data import derived_seed
 from .loggers import NullLogger, make_logger
-from .checkpoint import (CHECKPOINT_DIR, LAST, Checkpointer, check_identity, identity,
-                         mode_for, monitor_for, rng_state, set_rng_state)
+from .checkpoint import (CHECKPOINT_DIR, INFERENCE, LAST, Checkpointer, check_identity,
+                         identity, inference_record, mode_for, monitor_for, rng_state,
+                         saved_preprocessing, set_rng_state)
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import RunInterrupted, UserError
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
+from .targets import check_saved_targets
 from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
                    evaluate, send_test_signal, should_stop_early, train_epoch,
                    validate as validate_epoch)
@@ -245,12 +247,18 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     if cfg.resume:
         resume_from = find_resume_checkpoint(cfg, output_dir, fresh_if_no_checkpoint)
         if resume_from is not None:
+            command_cfg = cfg
             cfg = config_for_resume(cfg, resume_from[1], explicit or [], resume_from[0])
+            check_saved_targets(cfg, command_cfg, resume_from[1], explicit or [],
+                                resume_from[0], "resume=true")
     elif not cfg.train:
         check_not_a_training_record(output_dir)
         path = resolve_checkpoint(cfg.ckpt_path, prefer_final=True)
         evaluate_from = (path, load_checkpoint(path))
+        command_cfg = cfg
         cfg = config_for_evaluation(cfg, evaluate_from[1], explicit or [])
+        check_saved_targets(cfg, command_cfg, evaluate_from[1], explicit or [], path,
+                            "train=false")
     run.cfg = cfg
     os.makedirs(output_dir, exist_ok=True)
     run.torch_threads = set_threads(threads)
@@ -310,7 +318,7 @@ def _run(s, resume_from, evaluate_from):
         return run.metrics()
 
     t0 = time.perf_counter()
-    s.data = load_data(cfg.dataset)
+    s.data = load_data(cfg.dataset, **saved_data_settings(resume_from or evaluate_from))
     log.info("Data: %s, %d training and %d test images, %d classes (%.2fs)",
              cfg.dataset.name, len(s.data.train), len(s.data.test), s.num_classes,
              time.perf_counter() - t0)
@@ -398,7 +406,7 @@ def _run(s, resume_from, evaluate_from):
     report_test_accuracy(run, backend)
     if cfg.trainer.save_model and distributed.is_writer():
         outputs.save_torch_atomic(os.path.join(s.output_dir, outputs.MODEL_FILE),
-                                  model_file(cfg, s.model, s.num_classes))
+                                  model_file(cfg, s.model, s.num_classes, s.data))
     run.status = "completed"
     run.write_metrics()
     metrics = run.metrics()
@@ -585,12 +593,33 @@ def epochs_since(run):
         run.epochs, run.monitor, run.mode, float(es.get("min_delta", 0.0) or 0.0))
 
 
-def model_file(cfg, model, num_classes):
+def model_file(cfg, model, num_classes, data=None):
     """What model.pt holds, and what every checkpoint starts with: the model's identity (which
-    check_identity compares), its weights on the host, and the run's config."""
+    check_identity compares), its weights on the host, the run's config and, given the run's
+    ``data``, what reusing the model needs (:func:`~octconv_exp.checkpoint.inference_record`)."""
+    record = {} if data is None else {INFERENCE: inference_record(cfg, data)}
     return dict(identity(cfg, num_classes),
                 state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                config=OmegaConf.to_container(cfg, resolve=True))
+                config=OmegaConf.to_container(cfg, resolve=True), **record)
+
+
+def saved_data_settings(saved):
+    """load_data's arguments for a run that continues or evaluates the checkpoint ``saved``
+    (``(path, state)``, or None for a new run): the normalisation and classes the model was
+    trained with. A checkpoint from before they were recorded: recomputed, with a warning."""
+    if saved is None:
+        return {}
+    path, state = saved
+    settings = saved_preprocessing(state)
+    if settings is None:
+        log.warning("%s records no normalisation statistics (written by an older octconv-exp): "
+                    "recomputing them from the training images as they are now; if these "
+                    "changed since, the results differ from the run's", path)
+        return {}
+    log.info("Normalisation from %s: mean %s, std %s", path,
+             ", ".join(f"{m:.4f}" for m in settings["stats"][0]),
+             ", ".join(f"{v:.4f}" for v in settings["stats"][1]))
+    return settings
 
 
 def save_checkpoint(s, epochs_done, progress, metric=None):
@@ -609,7 +638,7 @@ def save_checkpoint(s, epochs_done, progress, metric=None):
     if not distributed.is_writer():
         return
     s.checkpointer.save(dict(
-        model_file(s.cfg, s.model, s.num_classes),
+        model_file(s.cfg, s.model, s.num_classes, s.data),
         optimizer=s.optimizer.state_dict(),
         scheduler=None if s.scheduler is None else s.scheduler.state_dict(),
         rng=rng_state(), loader=loader_state, epoch=epochs_done,
@@ -767,7 +796,7 @@ def run_interrupted(run, stop, epoch, steps):
     name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
     run.error = (f"interrupted by {name} at epoch {epoch}, step {steps}; checkpoint in "
                  f"{os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)}; continue with: "
-                 f"{resume_hint(run.output_dir)}")
+                 f"{resume_hint(run.output_dir, run.cfg)}")
     run.write_metrics()
     return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
 
@@ -777,7 +806,8 @@ def stopped_now(run, exc):
     from what is on disk."""
     last = os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)
     if os.path.exists(last):
-        then = f"checkpoint {last} is intact; continue with: {resume_hint(run.output_dir)}"
+        then = (f"checkpoint {last} is intact; continue with: "
+                f"{resume_hint(run.output_dir, run.cfg)}")
     else:
         then = "no checkpoint was written yet: start the run again"
     run.status = "interrupted"
