@@ -310,7 +310,9 @@ def test_a_link_loop_and_a_fifo_through_run_py(folder, tmp_path):
         assert [int(r["train_images"]) for r in csv.DictReader(f)] == [40]
     with open(run_dir / "metrics.json") as f:
         assert json.load(f)["test_samples"] == 10
-    assert "not following 1 link(s)" in res.stderr and "not regular files" in res.stderr
+    log = (run_dir / "run.log").read_text()  # the warnings: in the log and on the console
+    for text in (log, res.stdout):
+        assert "not following 1 link(s)" in text and "not regular files" in text
 
 
 # ------------------------------------------------------ 16: a user model whose __init__ raises
