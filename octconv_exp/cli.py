@@ -296,7 +296,7 @@ def with_recorded_groups(overrides):
 def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
     argv Hydra should see (path values quoted, attempt files kept apart)."""
-    from .rundir import describe, live_holder
+    from .rundir import describe, live_holder, record_in_the_way
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -360,6 +360,10 @@ def preflight(argv):
                     holder = live_holder(run_dir)
                     if holder is not None:
                         fail(describe(holder, run_dir))
+                    if full.get("train", True) and not full.get("resume", False):
+                        problem = record_in_the_way(os.path.abspath(run_dir))
+                        if problem:
+                            fail(problem)
     except UserError as exc:
         fail(str(exc))
     finally:

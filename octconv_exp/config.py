@@ -11,7 +11,7 @@ YAML file does not set, and every YAML file sets the keys it is about.
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -66,7 +66,7 @@ class DatasetConfig:
     # Seeds the validation split (and the synthetic generator): the same seed, the same images.
     seed: int = 0
     # Training images held out for validation: a count (>= 1) or a fraction in [0, 1).
-    val_size: float = 0
+    val_size: Union[int, float] = 0
     # CIFAR augmentation (4-pixel pad + random 32x32 crop, horizontal flip) of training batches.
     augment: bool = False
     # Per-channel normalisation of images scaled to [0, 1]; null: computed from the training set.
@@ -532,9 +532,14 @@ def estimated_training_bytes(cfg):
     states (4 bytes each), counted on the model built on the meta device (no memory)."""
     import torch
 
-    from .model import build_model, count_parameters
+    from .model import ModelConstructorError, build_model, count_parameters
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            params = count_parameters(build_model(cfg))
+    except ModelConstructorError:
+        # A user constructor that computes with its tensors (.item(), numpy) cannot on the
+        # meta device: it is built for real, to refuse only what fails there too.
         params = count_parameters(build_model(cfg))
     return params * 4 * 4
 
@@ -658,6 +663,11 @@ def _validate_dataset(ds, check_environment):
     if not _is_number(val) or val < 0 or (val >= 1 and not float(val).is_integer()):
         raise ConfigError("dataset.val_size", val, "must be a count of images (an integer >= 1), "
                           "a fraction in [0, 1), or 0 for no validation split")
+    if isinstance(val, float) and val == 1.0:
+        # 1.0 reads as "the whole set" but counted one image: a best.pt picked on one image.
+        raise ConfigError("dataset.val_size", val, "is ambiguous (a fraction of 1.0 would be the "
+                          "whole training set, a count of 1 a single image); give a count as an "
+                          "integer (dataset.val_size=500) or a fraction below 1 (0.1)")
     if not isinstance(ds.get("augment", False), bool):
         raise ConfigError("dataset.augment", ds.get("augment"), "must be true or false")
     if custom:

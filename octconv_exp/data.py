@@ -208,18 +208,96 @@ def split_validation(train: ImageSet, val_size, seed):
 # CIFAR-10
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as a protocol-2 pickle written by Python 3 uses it for bytes (and
+    numpy's array data): latin-1 only, the one encoding such a pickle names."""
+    if not isinstance(text, str) or str(encoding).lower().replace("-", "") not in ("latin1",):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is "
+                                     "not how a CIFAR-10 batch stores bytes")
+    return text.encode("latin1")
+
+
+def _pickle_allowed_globals():
+    """``(module, name) -> object`` of everything a CIFAR-10 batch may name: what a numpy
+    array pickles through (numpy 1 writes numpy.core, numpy 2 numpy._core; protocol 5
+    _frombuffer), whichever numpy wrote it, resolved in the installed numpy."""
+    try:  # numpy >= 2
+        from numpy._core import multiarray, numeric
+    except ImportError:
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(package + ".multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(package + ".numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class CifarCodeRefused(pickle.UnpicklingError):
+    """A CIFAR-10 file names a Python object a batch never holds (code it would run)."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10's python batches (dicts of numpy arrays, lists, str, bytes
+    and ints) that refuses every other global, so a crafted file never runs code: plain
+    ``pickle.load`` calls whatever callable a file names (``os.system`` included)."""
+
+    def find_class(self, module, name):
+        allowed = _pickle_allowed_globals()
+        if (module, name) not in allowed:
+            raise CifarCodeRefused(f"{module}.{name}")
+        return allowed[(module, name)]
+
+
+def read_cifar_pickle(path):
+    """The object in one CIFAR-10 python file, read by :class:`CifarUnpickler`; a file that
+    names anything else is a one-line :class:`UserError` naming it, nothing of it run."""
+    with open(path, "rb") as f:
+        try:
+            return CifarUnpickler(f, encoding="latin1").load()
+        except CifarCodeRefused as exc:
+            raise UserError(f"CIFAR-10 file {path} names {exc}, which a CIFAR-10 batch never "
+                            "holds (only numpy arrays, lists, str, bytes and ints): refused "
+                            "without running it; delete it and download CIFAR-10 again") from None
+
+
 def _cifar10_class():
     import torchvision
 
     class CIFAR10(torchvision.datasets.CIFAR10):
-        """torchvision's CIFAR10, with the MD5 verification of the files optional."""
+        """torchvision's CIFAR10 (its download and integrity check), with the MD5
+        verification of the files optional, and the batches read by
+        :func:`read_cifar_pickle` instead of ``pickle.load`` into exactly what torchvision
+        makes of them (``data`` N x 32 x 32 x 3 uint8, ``targets``, ``classes``)."""
 
         def __init__(self, root, train, download, verify_checksums=True):
             if not verify_checksums:  # presence only (check_integrity with md5=None)
                 self.train_list = [(name, None) for name, _ in self.train_list]
                 self.test_list = [(name, None) for name, _ in self.test_list]
                 self.meta = dict(self.meta, md5=None)
-            super().__init__(root, train=train, download=download)
+            torchvision.datasets.VisionDataset.__init__(self, root)
+            self.train = train
+            if download:
+                self.download()
+            if not self._check_integrity():
+                raise RuntimeError("Dataset not found or corrupted. You can use download=True "
+                                   "to download it")
+            data, self.targets = [], []
+            for name, _ in (self.train_list if train else self.test_list):
+                entry = read_cifar_pickle(os.path.join(self.root, self.base_folder, name))
+                data.append(entry["data"])
+                self.targets.extend(entry["labels"] if "labels" in entry
+                                    else entry["fine_labels"])
+            self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            self._load_meta()
+
+        def _load_meta(self):
+            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+            if not torchvision.datasets.utils.check_integrity(path, self.meta["md5"]):
+                raise RuntimeError("Dataset metadata file not found or corrupted. You can use "
+                                   "download=True to download it")
+            self.classes = read_cifar_pickle(path)[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     return CIFAR10
 
@@ -237,7 +315,8 @@ def load_cifar10(root, train, download, verify_checksums=True):
                 f"CIFAR-10 is not in {folder} and could not be downloaded "
                 f"({one_line(exc)}); put cifar-10-batches-py/ there by hand, or run offline "
                 "with dataset=synthetic") from None
-        except (ValueError, EOFError, KeyError, pickle.UnpicklingError):
+        except (ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
+                pickle.UnpicklingError):
             pass  # downloaded, but unreadable: reported just below
     try:
         ds = cls(root, train=train, download=False, verify_checksums=verify_checksums)
@@ -249,15 +328,24 @@ def load_cifar10(root, train, download, verify_checksums=True):
             f"CIFAR-10 {split} files not usable in {folder} ({what}); set dataset.root to the "
             "folder holding cifar-10-batches-py/, allow dataset.download=true on a machine "
             "with internet, or run offline with dataset=synthetic") from None
-    except (ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as exc:
+    except (ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
+            pickle.UnpicklingError) as exc:
+        # TypeError, AttributeError: a file that unpickles to something else than a batch
+        # (a list, arguments numpy refuses).
         raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt "
                         f"({type(exc).__name__}: {one_line(exc)}); delete them and download "
                         "again") from None
     data = np.asarray(ds.data)
-    if data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(ds.targets) != len(data):
+    if (data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
+            or data.dtype != np.uint8 or len(ds.targets) != len(data)):
         raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt "
-                        f"(images of shape {data.shape}, {len(ds.targets)} labels)")
-    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+                        f"(images of shape {data.shape} and type {data.dtype}, "
+                        f"{len(ds.targets)} labels)")
+    try:
+        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt (labels that are not "
+                        "integers)") from None
     if len(labels) and (labels.min() < 0 or labels.max() >= len(ds.classes)):
         raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt (labels outside "
                         f"0..{len(ds.classes) - 1})")
@@ -273,15 +361,52 @@ def one_line(exc):
 # Image folder
 
 
-def _image_files(class_dir):
+def _image_files(class_dir, other_classes=()):
     """The image files under ``class_dir``, nested folders included (as torchvision's
-    ``ImageFolder`` reads them), in a stable order; hidden files and folders are skipped."""
-    found = []
+    ``ImageFolder`` reads them), in a stable order; hidden files and folders are skipped.
+
+    Symbolic links to folders are followed, but no folder is read twice: a link to a folder
+    above (``loop -> ..``, which os.walk follows round and round, reading other classes'
+    images under this class), to a folder already read, or to one of ``other_classes`` is
+    skipped with a warning. Only regular files are read: anything else named like an image (a
+    FIFO, whose open waits forever for a writer; a socket; a device) is skipped with a
+    warning."""
+    import stat
+
+    top = os.path.realpath(class_dir)
+    seen = {top}
+    barred = {os.path.realpath(d) for d in other_classes}
+    found, loops, irregular = [], [], []
     for root, dirs, files in os.walk(class_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, name) for name in sorted(files)
-                     if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, name))
+            if real in seen or real in barred or os.path.commonpath([top, real]) == real:
+                loops.append(os.path.join(root, name))
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirs[:] = kept
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(root, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:
+                regular = True  # a broken link: _read_image names it in its error
+            (found if regular else irregular).append(path)
+    if loops:
+        log.warning("%s: not following %d link(s) to a folder already read or above it: %s",
+                    class_dir, len(loops), _some(loops))
+    if irregular:
+        log.warning("%s: skipping %d file(s) named like an image that are not regular files "
+                    "(a FIFO, socket or device): %s", class_dir, len(irregular), _some(irregular))
     return found
+
+
+def _some(paths, shown=3):
+    return ", ".join(paths[:shown]) + (", ..." if len(paths) > shown else "")
 
 
 def _read_image(path, image_size=IMAGE_SIZE):

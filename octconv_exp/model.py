@@ -283,6 +283,11 @@ def _takes_labels(model):
     return len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+class ModelConstructorError(ValueError):
+    """A user model's ``__init__`` raised (anything but the ValueError and TypeError that
+    :func:`build_model` reports as wrong arguments)."""
+
+
 def build_model(cfg, num_classes=10, parallel_scope=None):
     """The model a composed config describes (``parallel_scope``: the IPU backend's MultiConv).
 
@@ -320,6 +325,14 @@ def build_model(cfg, num_classes=10, parallel_scope=None):
         model = cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"model {node.get('_target_')}: {exc}") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's constructor may raise anything
+        if str(node.get("_target_")).startswith("octconv_exp."):
+            raise  # our own models: a bug, with its traceback
+        raise ModelConstructorError(
+            f"model._target_={node.get('_target_')}: its constructor raised "
+            f"{type(exc).__name__}: {' '.join(str(exc).split()) or '(no message)'}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model._target_={node.get('_target_')} returned a "
                          f"{type(model).__name__}, not a torch.nn.Module")

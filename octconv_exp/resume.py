@@ -97,6 +97,7 @@ def config_for_resume(cfg, state, explicit, path):
     allowed changes; UserError naming every key the command would change otherwise."""
     saved = state.get("config")
     if not isinstance(saved, dict):
+        check_epochs_cover_checkpoint(cfg, state, path)
         return cfg  # a checkpoint without its config: the identity check is all there is
     current = _plain(cfg)
     effective = copy.deepcopy(saved)
@@ -118,7 +119,27 @@ def config_for_resume(cfg, state, explicit, path):
             "change its results. A resumed run takes its config from its checkpoint and may "
             "change only " + ", ".join(k for k in MAY_CHANGE_ON_RESUME if k not in THIS_COMMAND)
             + ": drop the other overrides, or start a new run")
-    return OmegaConf.create(effective)
+    effective = OmegaConf.create(effective)
+    check_epochs_cover_checkpoint(effective, state, path)
+    return effective
+
+
+def check_epochs_cover_checkpoint(cfg, state, path):
+    """resume=true: ``trainer.epochs`` below what the checkpoint already trained would record
+    a run of fewer epochs whose weights have seen more: refused, in one line."""
+    done = int(state.get("epoch", 0) or 0)
+    progress = state.get("progress")
+    steps = int(progress.get("steps", 0) or 0) if isinstance(progress, dict) else 0
+    trained = done + (1 if steps else 0)  # an epoch begun counts: its steps are in the weights
+    epochs = int(cfg.trainer.epochs)
+    if epochs >= trained:
+        return
+    what = f"{done} epoch{'s' if done != 1 else ''}"
+    if steps:
+        what += f" and {steps} step{'s' if steps != 1 else ''} of epoch {done + 1}"
+    raise UserError(f"resume=true: trainer.epochs={epochs} is below what {path} already "
+                    f"trained ({what}); resume with trainer.epochs={trained} or more (without "
+                    "trainer.epochs it continues to the run's own), or start a new run")
 
 
 def config_for_evaluation(cfg, state, explicit):

@@ -119,3 +119,39 @@ def clean_orphans(output_dir):
     if removed:
         log.warning("Removed %d temp file(s) a stopped run left in %s", len(removed), output_dir)
     return removed
+
+
+#: What a run leaves that a later run could build on: its checkpoints and final model.
+TRAINED_STATE = (os.path.join("checkpoints", "last.pt"), os.path.join("checkpoints", "best.pt"),
+                 "model.pt")
+
+
+def record_in_the_way(output_dir):
+    """Why a fresh run (neither resume=true nor train=false) may not start in ``output_dir``,
+    or None. A dir holding a run's record (``metrics.json``) would get a new run's
+    ``.hydra/`` files and ``metrics.json`` beside the old run's checkpoints and ``model.pt``.
+    The record of a run that ended before it trained anything and left nothing to build on (a
+    failed or interrupted start-up, whose line says "start the run again") may be replaced."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        status = record.get("status")
+        epochs = int(record.get("epochs_completed") or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        status, epochs = "unreadable", None
+    left = [name for name in TRAINED_STATE if os.path.exists(os.path.join(output_dir, name))]
+    if status in ("failed", "interrupted") and epochs == 0 and not left:
+        return None
+    from .resume import resume_hint
+
+    what = f"metrics.json status {status}"
+    if epochs:
+        what += f", {epochs} epoch{'s' if epochs != 1 else ''}"
+    if left:
+        return (f"hydra.run.dir={output_dir} holds a run's record ({what}), which a new run "
+                f"would replace: resume it ({resume_hint(output_dir)}), or pick another dir")
+    return (f"hydra.run.dir={output_dir} holds a run's record ({what}), which a new run would "
+            "replace: pick another dir (or delete that one)")

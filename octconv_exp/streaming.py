@@ -96,7 +96,8 @@ def scan_image_folder(folder, classes: Optional[List[str]] = None, image_size=IM
     index = {name: i for i, name in enumerate(classes)}
     samples, empty = [], []
     for name in found:
-        files = _image_files(os.path.join(folder, name))
+        files = _image_files(os.path.join(folder, name),
+                             other_classes=[os.path.join(folder, n) for n in found if n != name])
         if not files:
             empty.append(name)
         samples.extend((path, index[name]) for path in files)
