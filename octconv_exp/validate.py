@@ -1,12 +1,18 @@
 """Validate every configuration a user can compose, for CI: no data, no training.
 
-    python -m octconv_exp.validate [--config-dir DIR ...] [--override KEY=VALUE ...]
+    python -m octconv_exp.validate [--config-dir DIR ...] [--override KEY=VALUE ...] [--trust-code]
 
 Composes every combination of the options of the groups that shape training (conv,
 optimizer, scheduler, dataset, ipu), each model in each conv mode, each logger and search
 option on its own, and every experiment preset; validates each against the schema and the ranges (without looking at this machine: no CUDA
 or data folders needed), builds each model on the meta device, and prints one line per
-invalid configuration; exit status 1 if any, 0 otherwise.
+invalid configuration (run.py's message); each preset's sweep is checked value by value
+(``hydra.sweeper.params``; of a search, every choice and both ends of each range).
+
+No code a configuration names outside octconv-exp (a preset's ``model._target_``) is imported
+or run unless ``--trust-code`` is given: such a configuration is checked without it and
+reported as not validated. Exit status 1 if a configuration is invalid, else 2 if one was not
+validated fully (or the command or a file is unusable), else 0.
 
 ``--config-dir DIR``: a folder with its own ``config.yaml`` is validated as a primary config
 dir of its own; a folder without one adds its groups (e.g. your ``experiment/`` presets) to
