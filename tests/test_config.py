@@ -260,3 +260,23 @@ def test_preflight_names_a_binary_preset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert info.value.code == USER_ERROR_EXIT and err.count("\n") == 1
     assert f"{tmp_path}/experiment/blob.yaml: not a YAML text file (not UTF-8" in err
+
+
+@pytest.mark.slow
+def test_a_sweep_of_your_own_preset_runs_from_your_folder(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    mine = write_presets(tmp_path / "my_experiments", tiny=(
+        "defaults:\n  - override /dataset: synthetic\n  - override /conv: octave\n"
+        "dataset:\n  train_size: 64\n  test_size: 32\ntrainer:\n  epochs: 1\n  batch_size: 16\n"
+        "  progress_bar: false\ndevice: cpu\nhydra:\n  sweeper:\n    params:\n"
+        "      alpha: 0.25,0.5\n"))
+    res = run_cli("-m", "--config-dir", mine, "experiment=tiny",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for alpha in (0.25, 0.5):
+        with open(tmp_path / "sweep" / f"alpha={alpha}" / "seed=0" / "metrics.json") as f:
+            done = json.load(f)
+        assert done["status"] == "completed" and done["test_samples"] == 32
