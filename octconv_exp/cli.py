@@ -9,6 +9,7 @@ Two places can reject a command line:
 """
 import contextlib
 import itertools
+from collections import OrderedDict
 import logging
 import os
 import signal
@@ -48,38 +49,43 @@ def one_line(text):
 
 
 def describe_composition_error(exc):
-    """One line for a Hydra/OmegaConf composition error: the key, then what is wrong."""
+    """One line for a Hydra/OmegaConf composition error: the key, then what is wrong (and the
+    config file that set it, when a preset or group option did)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    cause = exc if isinstance(exc, OmegaConfBaseException) else exc.__cause__
+    # Hydra re-raises a merge error of a config file inside its except block (__context__).
+    cause = exc if isinstance(exc, OmegaConfBaseException) else (exc.__cause__ or exc.__context__)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         message = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0].strip()
         if "not in" in message:
             message += suggest_keys(cause)
+        text = str(exc)
+        if cause is not exc and text.startswith("In '"):  # "In 'experiment/x': ... raised"
+            message += f" (set in {text[4:].split(chr(39), 1)[0]})"
         return f"{cause.full_key}: {message}"
     return one_line(str(exc).split("Config search path")[0])
 
 
 def suggest_keys(cause):
-    """For an unknown key: the closest keys that exist beside it (never ``+key``: a key the
-    code does not read does nothing)."""
-    import difflib
+    """For an unknown key: the closest keys that exist beside it, else where a key of that
+    name lives (never ``+key``: a key the code does not read does nothing)."""
+    from .keys import not_read
 
     parent = getattr(cause, "parent_node", None)
     key = str(getattr(cause, "key", "") or str(cause.full_key).rsplit(".", 1)[-1])
     try:
         keys = [str(k) for k in parent.keys()] if parent is not None else []
+        root = parent._get_root() if parent is not None else None
     except Exception:  # noqa: BLE001 - a node we cannot list: no suggestion
-        keys = []
+        keys, root = [], None
     from .validate import GROUPS
 
     groups = [g for g in GROUPS + ("experiment",)
               if g not in keys] if "." not in str(cause.full_key) else []
-    close = difflib.get_close_matches(key, keys + groups, n=3, cutoff=0.6)
-    prefix = str(cause.full_key)[:-len(key)] if str(cause.full_key).endswith(key) else ""
-    if close:
-        return "; did you mean " + " or ".join(prefix + c for c in close) + "?"
-    return "; it is not a setting octconv-exp reads (README: Config reference)"
+    full_key = str(cause.full_key)
+    if not full_key.endswith(key):
+        full_key = key
+    return "; " + not_read(full_key, keys, root, groups)
 
 
 def group_options(config_dir, group):
@@ -106,14 +112,23 @@ def _override_combinations(overrides):
     for ov, text in zip(parsed, overrides):
         if ov.is_sweep_override():
             key = ov.get_key_element()
-            values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+            if ov.is_interval_sweep():  # a search's range (search=optuna): its two ends
+                values = [f"{key}={v}" for v in (ov.value().start, ov.value().end)]
+            else:
+                values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
             choices.append(values or [text])
         else:
             choices.append([text])
+    return combine(choices)
+
+
+def combine(choices, limit=MAX_PREFLIGHT_COMBINATIONS):
+    """Override lists taking every value of every list in ``choices``: their product when it
+    has at most ``limit`` members, else each value once with the first of the others."""
     total = 1
     for c in choices:
         total *= len(c)
-    if total <= MAX_PREFLIGHT_COMBINATIONS:
+    if total <= limit:
         return [list(combo) for combo in itertools.product(*choices)]
     combos = []  # too many: vary one sweep at a time
     base = [c[0] for c in choices]
@@ -129,14 +144,15 @@ def _override_combinations(overrides):
 MULTI_OPTION_GROUPS = ("logger",)
 
 
-def _check_group_choices(overrides, config_dir):
+def _check_group_choices(overrides, options_of):
+    """Each group choice of ``overrides`` must be an option ``options_of(group)`` lists."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for ov in OverridesParser.create().parse_overrides(overrides):
         key = ov.key_or_group
         if ov.package is not None or ov.is_delete() or key.startswith("hydra"):
             continue
-        options = group_options(config_dir, key)
+        options = options_of(key)
         if options is None:
             continue
         values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
@@ -297,12 +313,9 @@ def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
     argv Hydra should see (path values quoted, attempt files kept apart)."""
     from .rundir import describe, live_holder, record_in_the_way
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from .config import validate
 
     try:
         args, overrides = _split_args(argv)
@@ -324,28 +337,30 @@ def preflight(argv):
         if not args.multirun:
             overrides = with_recorded_groups(overrides)
         argv = flags + overrides
-    config_dir = os.path.abspath(args.config_dir) if args.config_dir else CONFIG_DIR
+    from .presets import group_options_in_search_path, hydra_like_run
+
+    if args.config_dir and not os.path.isdir(args.config_dir):
+        fail(f"--config-dir {args.config_dir}: not a directory (it adds a folder of your own "
+             "presets and group options: DIR/experiment/NAME.yaml)")
     config_name = args.config_name or CONFIG_NAME
     overrides = [o for o in overrides if not o.startswith("hydra.output_subdir=.hydra/attempts/")]
     try:
         combos = _override_combinations(overrides)
     except HydraException as exc:
         fail(one_line(exc))
-    _check_group_choices(overrides, config_dir)
 
-    GlobalHydra.instance().clear()
+    # The search path run.py's Hydra will use: conf/ (or --config-path), then --config-dir
+    # and hydra.searchpath, so your own presets compose here as they will there.
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=config_dir):
+        with hydra_like_run(args.config_path or "conf", args.config_dir):
+            _check_group_choices(overrides, lambda group: group_options_in_search_path(
+                group, config_name, overrides))
+            composed = set()
             for combo in combos:
-                try:
-                    cfg = compose(config_name=config_name, overrides=combo)
-                except (HydraException, OmegaConfBaseException) as exc:
-                    fail(describe_composition_error(exc))
-                if args.cfg is None:
-                    try:
-                        validate(cfg)
-                    except OmegaConfBaseException as exc:  # e.g. a broken ${...}
-                        fail(describe_composition_error(exc))
+                _compose_and_validate(combo, config_name, args.cfg is None)
+                composed.add(frozenset(combo))
+            if args.multirun and args.cfg is None:
+                _validate_sweep_values(overrides, combos, config_name, composed)
             if args.cfg is None:
                 full = compose(config_name=config_name, overrides=combos[0],
                                return_hydra_config=True)
@@ -366,9 +381,79 @@ def preflight(argv):
                             fail(problem)
     except UserError as exc:
         fail(str(exc))
-    finally:
-        GlobalHydra.instance().clear()
+    except (HydraException, OmegaConfBaseException) as exc:  # a bad hydra.searchpath
+        fail(describe_composition_error(exc))
     return argv
+
+
+def _compose_and_validate(overrides, config_name, check, note=""):
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import validate
+
+    try:
+        cfg = compose(config_name=config_name, overrides=overrides)
+        if check:
+            validate(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:  # also a broken ${...}
+        fail(describe_composition_error(exc) + note)
+    except UnicodeDecodeError as exc:  # a binary file where a YAML option should be
+        from .presets import undecodable_files
+
+        files = undecodable_files(overrides) or ["a config file"]
+        fail(f"{files[0]}: not a YAML text file (not UTF-8: {exc.reason} at byte {exc.start}); "
+             "remove it or save it as UTF-8" + note)
+    except UserError as exc:
+        raise UserError(str(exc) + note) from None
+
+
+def _validate_sweep_values(overrides, combos, config_name, composed):
+    """Every value the sweeper will run, the composed ``hydra.sweeper.params`` (a preset's
+    sweep, a search space) merged with the command line's sweeps as the sweeper merges them,
+    validated before the first job. ``combos``: the command line's, already validated."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .presets import group_options_in_search_path, sweep_choices
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    groups = {}
+
+    def shapes_the_sweeper(ov):
+        """A group choice (a preset, search=optuna) or hydra.*: decides hydra.sweeper."""
+        key = ov.key_or_group
+        if key.startswith("hydra") or ov.package is not None:
+            return True
+        if key not in groups:
+            groups[key] = group_options_in_search_path(key, config_name, overrides) is not None
+        return groups[key]
+
+    shaping = [i for i, ov in enumerate(parsed) if shapes_the_sweeper(ov)]
+    hydra_at = [i for i, ov in enumerate(parsed) if ov.key_or_group.startswith("hydra")]
+    # One sweep per choice of what shapes the sweeper (experiment=a,b: two sweeps); in it the
+    # command line's other overrides as given, sweeps included.
+    sweeps = OrderedDict()
+    for combo in combos:
+        sweeps.setdefault(tuple(combo[i] for i in shaping), combo)
+    limit = max(1, MAX_PREFLIGHT_COMBINATIONS // len(sweeps))
+    for combo in sweeps.values():
+        full = compose(config_name=config_name, overrides=combo, return_hydra_config=True)
+        sweeper = full.hydra.sweeper
+        hydra_part = [combo[i] for i in hydra_at]
+        task = [combo[i] if i in shaping else overrides[i]
+                for i in range(len(overrides)) if i not in hydra_at]
+        params = set(str(k) for k in (sweeper.get("params") or {}))
+        for job in combine(sweep_choices(sweeper, task), limit):
+            if frozenset(job + hydra_part) in composed:
+                continue
+            composed.add(frozenset(job + hydra_part))
+            from_params = [o for o in job if o.split("=", 1)[0] in params
+                           and o not in task]
+            note = (f" (the sweep's job with {' '.join(from_params)} from hydra.sweeper.params)"
+                    if from_params else "")
+            _compose_and_validate(hydra_part + job, config_name, True, note)
 
 
 def log_to_files(level, message):

@@ -8,6 +8,7 @@ ranges and cross-key rules are enforced by :func:`validate`, which raises a
 The values themselves live in ``conf/``: the dataclass defaults below only matter for keys a
 YAML file does not set, and every YAML file sets the keys it is about.
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -448,7 +449,6 @@ def _refuse_unknown_keys(node, path=""):
     """A key added with ``+`` to a part of the schema is read by nothing: refuse it (with the
     closest real key) instead of ignoring it silently."""
     import dataclasses
-    import difflib
 
     if not isinstance(node, DictConfig):
         return
@@ -458,14 +458,58 @@ def _refuse_unknown_keys(node, path=""):
     for key in node.keys():
         where = f"{path}{key}"
         if fields is not None and key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=2, cutoff=0.6)
-            hint = ("did you mean " + " or ".join(path + c for c in close) + "?") if close else \
-                "not a setting octconv-exp reads (README: Config reference)"
+            from .keys import not_read
+
+            hint = not_read(where, fields, node._get_root())
             raise ConfigError(where, OmegaConf.select(node, str(key), throw_on_missing=False),
                               hint)
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             _refuse_unknown_keys(child, where + ".")
+
+
+#: Code a config may name that the CI validator runs without --trust-code: octconv-exp's own
+#: and torch's (PopTorch's) optimizers and schedules, by module.
+TRUSTED_CODE = ("octconv_exp", "torch.optim", "poptorch.optim")
+#: While the validator checks without --trust-code: the (key, target) pairs whose code it did
+#: not import or run (None: every target is run, as a run does).
+_UNTRUSTED = {"skipped": None}
+
+
+@contextlib.contextmanager
+def without_config_code():
+    """:func:`validate` inside this block neither imports nor runs the code of a ``_target_``
+    outside :data:`TRUSTED_CODE` (a preset's model could be ``os.system``); it checks the rest
+    and lists what it skipped in the list this yields."""
+    skipped, before = [], _UNTRUSTED["skipped"]
+    _UNTRUSTED["skipped"] = skipped
+    try:
+        yield skipped
+    finally:
+        _UNTRUSTED["skipped"] = before
+
+
+def _is_trusted(target):
+    """Does ``target`` name code of :data:`TRUSTED_CODE`? Its name must say so (importing a
+    module runs it), and so must the object it resolves to (not a name a trusted module
+    imported from elsewhere, e.g. ``os``)."""
+    text = str(target)
+    if not any(text.startswith(prefix + ".") for prefix in TRUSTED_CODE):
+        return False
+    obj = _import_target(text)
+    if obj is None:
+        return True  # nothing to run: the check that imports it reports the name
+    module = str(getattr(obj, "__module__", "") or "")
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in TRUSTED_CODE)
+
+
+def _skips_code(key, target):
+    """True (and noted) when the code ``target`` names must not be imported or run here."""
+    skipped = _UNTRUSTED["skipped"]
+    if skipped is None or target is None or _is_trusted(target):
+        return False
+    skipped.append((key, str(target)))
+    return True
 
 
 def _import_target(target):
@@ -484,6 +528,8 @@ def _check_optimizer_arguments(opt):
     import difflib
     import inspect
 
+    if _skips_code("optimizer._target_", opt.get("_target_")):
+        return
     cls = _import_target(opt.get("_target_"))
     if cls is None:
         return  # poptorch.optim outside an SDK: the IPU backend checks it
@@ -509,6 +555,8 @@ def _check_scheduler(sched, lr):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):
             raise ConfigError(f"scheduler.{key}", value, "must be an integer >= 1")
+    if _skips_code("scheduler._target_", sched.get("_target_")):
+        return
     cls = _import_target(sched.get("_target_"))
     if cls is None:
         raise ConfigError("scheduler._target_", sched.get("_target_"),
@@ -556,6 +604,8 @@ def check_model(cfg):
 
     from .model import model_name, model_node
 
+    if _skips_code("model._target_", model_node(cfg).get("_target_")):
+        return 0
     key = json.dumps([model_node(cfg), cfg.conv.mode, float(cfg.alpha), int(cfg.expansion)],
                      sort_keys=True, default=str)
     if key not in _MODEL_CHECKS:

@@ -1,12 +1,18 @@
 """Validate every configuration a user can compose, for CI: no data, no training.
 
-    python -m octconv_exp.validate [--config-dir DIR ...] [--override KEY=VALUE ...]
+    python -m octconv_exp.validate [--config-dir DIR ...] [--override KEY=VALUE ...] [--trust-code]
 
 Composes every combination of the options of the groups that shape training (conv,
 optimizer, scheduler, dataset, ipu), each model in each conv mode, each logger and search
 option on its own, and every experiment preset; validates each against the schema and the ranges (without looking at this machine: no CUDA
 or data folders needed), builds each model on the meta device, and prints one line per
-invalid configuration; exit status 1 if any, 0 otherwise.
+invalid configuration (run.py's message); each preset's sweep is checked value by value
+(``hydra.sweeper.params``; of a search, every choice and both ends of each range).
+
+No code a configuration names outside octconv-exp (a preset's ``model._target_``) is imported
+or run unless ``--trust-code`` is given: such a configuration is checked without it and
+reported as not validated. Exit status 1 if a configuration is invalid, else 2 if one was not
+validated fully (or the command or a file is unusable), else 0.
 
 ``--config-dir DIR``: a folder with its own ``config.yaml`` is validated as a primary config
 dir of its own; a folder without one adds its groups (e.g. your ``experiment/`` presets) to
@@ -17,12 +23,14 @@ the few hundred shipped ones again. ``--override`` applies to every configuratio
 configuration, so a few hundred combinations take tens of seconds on one core).
 """
 import argparse
+import contextlib
 import itertools
 import multiprocessing
 import os
 import sys
 
 from .cli import CONFIG_DIR, CONFIG_NAME, describe_composition_error, group_options
+from .presets import hydra_like_run
 
 #: Groups whose options interact: every combination is composed.
 GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
@@ -43,6 +51,10 @@ def _options(dirs, group, skip=()):
 #: device; the other groups do not depend on which model it is).
 MODEL_GROUP = "model"
 KNOWN_FOLDERS = GROUPS + SINGLE_GROUPS + (MODEL_GROUP, "experiment", "hydra")
+
+
+class NotText(Exception):
+    """A config file that is not text at all (the validator stops: exit 2)."""
 
 
 def scan_config_dir(config_dir):
@@ -83,8 +95,11 @@ def scan_config_dir(config_dir):
                                 "folder)")
                 continue
             try:
-                with open(file) as f:
+                with open(file, encoding="utf-8") as f:
                     yaml.safe_load(f)
+            except UnicodeDecodeError as exc:
+                raise NotText(f"{file}: not a YAML text file (not UTF-8: byte {exc.start} "
+                              f"cannot be decoded); remove it or save it as UTF-8") from None
             except yaml.YAMLError as exc:
                 mark = getattr(exc, "problem_mark", None)
                 where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -118,39 +133,86 @@ def added_options(dirs):
             for o in group_options(d, g) or []}
 
 
-def check(overrides_for, config_dir, config_name, search_dirs, extra, indexed=False):
-    """Validate each configuration; returns a list of 'label: problem' lines (of
-    ``(index, line)`` pairs with ``indexed``)."""
-    from hydra import compose, initialize_config_dir
+def check(overrides_for, config_dir, config_name, search_dirs, extra, sweeps=(),
+          trust_code=False, indexed=False):
+    """Validate each configuration (and, for the labels in ``sweeps``, every value its
+    ``hydra.sweeper.params`` sweeps). Returns ``(kind, label, detail)`` findings: kind
+    "invalid", or "untrusted" for a valid configuration whose ``_target_`` code outside
+    octconv-exp was not run (``detail``: key=target); ``(index, finding)`` with ``indexed``."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    from .config import validate
-    from .errors import UserError
-
-    problems = []
+    findings = []
     searchpath = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in search_dirs)}]"] \
         if search_dirs else []
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=os.path.abspath(config_dir)):
+        with hydra_like_run(os.path.abspath(config_dir)):
             for index, (label, overrides) in enumerate(overrides_for):
-                before = len(problems)
-                try:
-                    cfg = compose(config_name=config_name, overrides=searchpath + overrides + extra)
-                    validate(cfg, check_environment=False)  # builds the model on meta too
-                except UserError as exc:
-                    problems.append(f"{label}: {exc}")
-                except (HydraException, OmegaConfBaseException) as exc:
-                    problems.append(f"{label}: {describe_composition_error(exc)}")
-                except ValueError as exc:  # the model refused the configuration
-                    problems.append(f"{label}: model: {exc}")
-                if indexed and len(problems) > before:
-                    problems[-1] = (index, problems[-1])
+                before = len(findings)
+                findings += _check_one(label, searchpath + overrides + extra, config_name,
+                                       trust_code)
+                if label in sweeps and len(findings) == before:
+                    findings += _check_sweep(label, searchpath, overrides + extra, config_name,
+                                             trust_code)
+                if indexed:
+                    findings[before:] = [(index, f) for f in findings[before:]]
     finally:
         GlobalHydra.instance().clear()
-    return problems
+    return findings
+
+
+def _check_one(label, overrides, config_name, trust_code):
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import validate, without_config_code
+    from .errors import UserError
+
+    with (contextlib.nullcontext([]) if trust_code else without_config_code()) as skipped:
+        try:
+            cfg = compose(config_name=config_name, overrides=overrides)
+            validate(cfg, check_environment=False)  # builds the model on meta too
+        except UserError as exc:
+            return [("invalid", label, str(exc))]
+        except (HydraException, OmegaConfBaseException) as exc:
+            return [("invalid", label, describe_composition_error(exc))]
+        except ValueError as exc:  # the model refused the configuration
+            return [("invalid", label, f"model: {exc}")]
+    return [("untrusted", label, f"{key}={target}") for key, target in dict(skipped).items()]
+
+
+def _check_sweep(label, searchpath, overrides, config_name, trust_code):
+    """Every value the configuration's sweep runs (run.py -m): its hydra.sweeper.params with
+    ``overrides``, each job validated; one finding per distinct problem."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .cli import combine
+    from .presets import sweep_choices
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    hydra_part = searchpath + [o for o, ov in zip(overrides, parsed)
+                               if ov.key_or_group.startswith("hydra")]
+    task = [o for o in overrides if o not in hydra_part]
+    try:
+        full = compose(config_name=config_name, overrides=hydra_part + task,
+                       return_hydra_config=True)
+        jobs = combine(sweep_choices(full.hydra.sweeper, task))
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        return [("invalid", f"{label} (its sweep)", describe_composition_error(exc))]
+    findings, seen = [], set()
+    for job in jobs:
+        values = [o for o in job if o not in task]
+        if not values:
+            continue  # the configuration itself: checked already
+        for kind, _, detail in _check_one(label, hydra_part + job, config_name, trust_code):
+            if (kind, detail) not in seen:
+                seen.add((kind, detail))
+                findings.append((kind, f"{label} swept to {' '.join(values)}", detail))
+    return findings
 
 
 def _check_share(args):
@@ -158,19 +220,20 @@ def _check_share(args):
     combos, start, jobs, rest = args
     share = combos[start::jobs]
     found = check(share, *rest, indexed=True)
-    return [(start + i * jobs, line) for i, line in found]
+    return [(start + i * jobs, finding) for i, finding in found]
 
 
-def check_all(combos, config_dir, config_name, search_dirs, extra, jobs=1):
-    """:func:`check` over ``jobs`` processes; the problems in the order of ``combos``."""
+def check_all(combos, config_dir, config_name, search_dirs, extra, jobs=1, sweeps=(),
+              trust_code=False):
+    """:func:`check` over ``jobs`` processes; the findings in the order of ``combos``."""
     jobs = max(1, min(int(jobs), len(combos) // 8 or 1))
+    rest = (config_dir, config_name, search_dirs, extra, sweeps, trust_code)
     if jobs == 1:
-        return check(combos, config_dir, config_name, search_dirs, extra)
-    rest = (config_dir, config_name, search_dirs, extra)
+        return check(combos, *rest)
     # fork: the workers start with this process's imports (Hydra's state is cleared in each).
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         shares = pool.map(_check_share, [(combos, i, jobs, rest) for i in range(jobs)])
-    return [line for _, line in sorted(item for share in shares for item in share)]
+    return [finding for _, finding in sorted(item for share in shares for item in share)]
 
 
 def main(argv=None):
@@ -183,6 +246,11 @@ def main(argv=None):
     parser.add_argument("--only-added", action="store_true",
                         help="check only what the --config-dir folders bring: their own "
                              "primary configs, and configurations using one of their options")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import and run the code a configuration names outside "
+                             "octconv-exp (a model._target_ of your own) to check it; without "
+                             "it that code is not run and such a configuration is reported "
+                             "as not validated (exit 2)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes composing configurations (default: one per core)")
@@ -200,9 +268,13 @@ def main(argv=None):
     runs = [(CONFIG_DIR, [d for d in args.config_dir
                           if not os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))])]
     runs += [(d, []) for d in args.config_dir if os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))]
-    total, problems, broken = 0, [], set()
+    total, problems, broken, untrusted = 0, [], set(), {}
     for d in args.config_dir:  # what composition would skip or choke on, one line each
-        found, bad = scan_config_dir(d)
+        try:
+            found, bad = scan_config_dir(d)
+        except NotText as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
         problems += found
         broken |= bad
     for config_dir, extra_dirs in runs:
@@ -215,14 +287,29 @@ def main(argv=None):
             mine = added_options(extra_dirs)
             combos = [c for c in combos if mine.intersection(c[1])]
         total += len(combos)
-        found = check_all(combos, config_dir, CONFIG_NAME, extra_dirs, args.override, args.jobs)
+        # Sweeps: each preset's, and the primary config's own (seen in the first combination).
+        sweeps = {label for label, _ in combos if label.startswith("experiment=")}
+        sweeps |= {combos[0][0]} if combos else set()
+        found = check_all(combos, config_dir, CONFIG_NAME, extra_dirs, args.override, args.jobs,
+                          sweeps=sweeps, trust_code=args.trust_code)
         prefix = "" if config_dir == CONFIG_DIR else f"{config_dir}: "
-        problems += [prefix + p for p in found]
+        for kind, label, detail in found:
+            if kind == "invalid":
+                problems.append(f"{prefix}{label}: {detail}")
+            else:
+                untrusted.setdefault(detail, []).append(prefix + label)
     for line in problems:
         print(f"invalid: {line}")
+    for target, labels in untrusted.items():
+        more = f" and {len(labels) - 1} more" if len(labels) > 1 else ""
+        print(f"not validated: {target} ({labels[0]}{more}): code from outside octconv-exp is "
+              "not imported or run without --trust-code; the rest of the configuration is "
+              "valid")
     if not args.quiet:
-        print(f"{total} configurations checked, {len(problems)} invalid")
-    return 1 if problems else 0
+        skipped = sum(len(labels) for labels in untrusted.values())
+        print(f"{total} configurations checked, {len(problems)} invalid"
+              + (f", {skipped} not validated (--trust-code)" if skipped else ""))
+    return 1 if problems else (2 if untrusted else 0)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,14 @@ def test_device_cuda_without_cuda(composer):
     (["-m", "conv=octave", "alpha=0.25,0.99"], "alpha=0.99"),   # a bad sweep value, before any job
     (["-m", "conv=octave,bogus"], "conv=bogus: not an option"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'"),
+    # A key that moved: its new place, found in the composed config or in a group option.
+    (["logger=mlflow", "logger.tracking_uri=x"],
+     "logger.tracking_uri: Key 'tracking_uri' is not in struct; did you mean "
+     "logger.mlflow.tracking_uri?"),
+    (["logger.tracking_uri=x"], "did you mean logger.mlflow.tracking_uri (with logger=mlflow)?"),
+    (["+trainer.nonsense=1"], "it is not a setting octconv-exp reads (docs/configuration.md)"),
+    (["--config-dir", "/nonexistent/presets", "alpha=0.25"], "--config-dir /nonexistent/presets: "
+     "not a directory"),
 ])
 def test_preflight_one_line_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as info:
@@ -171,3 +179,104 @@ def test_presets_carry_their_sweeps():
     assert params["paper_alphas"]["alpha"] == "0,0.125,0.25,0.5,0.75"
     assert params["seed_repeats"]["seed"] == "0,1,2"
     assert "conv" in params["smoke"]
+
+
+def write_presets(folder, **presets):
+    """folder/experiment/<name>.yaml for each preset (a global package, like ours)."""
+    os.makedirs(os.path.join(folder, "experiment"), exist_ok=True)
+    for name, body in presets.items():
+        with open(os.path.join(folder, "experiment", name + ".yaml"), "w") as f:
+            f.write("# @package _global_\n" + body)
+    return str(folder)
+
+
+TINY = "defaults:\n  - override /dataset: synthetic\ntrainer:\n  epochs: 1\n"
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_preflight_finds_your_presets_where_hydra_does(how, tmp_path, capsys):
+    mine = write_presets(tmp_path / "my_experiments", my_sweep=TINY + "hydra:\n  sweeper:\n"
+                         "    params:\n      alpha: 0.25,0.5\n      conv: octave\n")
+    flag = (["--config-dir", mine] if how == "--config-dir"
+            else [f"hydra.searchpath=[file://{mine}]"])
+    # Before: "Cannot find primary config 'config'" / "not an option of config group".
+    cli.preflight(["-m"] + flag + ["experiment=my_sweep"])
+    cli.preflight(flag + ["experiment=my_sweep"])
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):  # ours are still there, and still checked
+        cli.preflight(flag + ["experiment=nope"])
+    err = capsys.readouterr().err
+    assert "experiment=nope: not an option of config group 'experiment'" in err
+    assert "my_sweep" in err and "alpha_sweep" in err
+
+
+@pytest.mark.parametrize("params, needle", [
+    ("alpha: 0.25,0.97\n      conv: octave", "alpha=0.97: splits a 16-channel layer"),
+    # A search space: each choice, and both ends of a range, before the sampler picks any.
+    ("conv: choice(octave, multi-octave)\n      alpha: choice(0.25, 0.97)",
+     "alpha=0.97: splits"),
+    ("conv: octave\n      alpha: interval(0.1, 0.99)", "alpha=0.99: splits"),
+    ("conv: octave\n      alpha: 0.25\n      expansion: range(0, 2)", "expansion=0: must be"),
+])
+def test_preflight_checks_every_value_of_a_presets_sweep(params, needle, tmp_path, capsys):
+    search = "  - override /search: optuna\n" if "(" in params else ""
+    mine = write_presets(tmp_path, bad=TINY.replace("synthetic\n", "synthetic\n" + search)
+                         + f"hydra:\n  sweeper:\n    params:\n      {params}\n")
+    cli.preflight(["--config-dir", mine, "experiment=bad"])  # one run: the sweep is not used
+    with pytest.raises(SystemExit) as info:
+        cli.preflight(["-m", "--config-dir", mine, "experiment=bad"])
+    assert info.value.code == USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "hydra.sweeper.params" in err, err
+
+
+def test_preflight_takes_the_command_lines_sweep_over_the_presets(tmp_path, capsys):
+    octave = TINY.replace("synthetic\n", "synthetic\n  - override /conv: octave\n")
+    mine = write_presets(tmp_path, bad=octave + "hydra:\n  sweeper:\n    params:\n"
+                         "      alpha: 0.25,0.97\n")
+    cli.preflight(["-m", "--config-dir", mine, "experiment=bad", "alpha=0.25,0.5"])
+    search = write_presets(tmp_path / "s", s=octave.replace("octave\n", "octave\n  - "
+                           "override /search: optuna\n", 1))
+    cli.preflight(["-m", "--config-dir", search, "experiment=s", "alpha=interval(0.1,0.5)"])
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        cli.preflight(["-m", "--config-dir", search, "experiment=s", "alpha=interval(0.1,0.99)"])
+    assert "alpha=0.99: splits" in capsys.readouterr().err
+
+
+def test_preflight_names_a_presets_typo_and_where_it_is(tmp_path, capsys):
+    mine = write_presets(tmp_path, typo="trainer:\n  epoch: 3\n")
+    with pytest.raises(SystemExit):
+        cli.preflight(["--config-dir", mine, "experiment=typo"])
+    assert capsys.readouterr().err == ("error: trainer.epoch: Key 'epoch' not in 'TrainerConfig'; "
+                                       "did you mean trainer.epochs? (set in experiment/typo)\n")
+
+
+def test_preflight_names_a_binary_preset(tmp_path, capsys):
+    write_presets(tmp_path)
+    (tmp_path / "experiment" / "blob.yaml").write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(SystemExit) as info:
+        cli.preflight(["--config-dir", str(tmp_path), "experiment=blob"])
+    err = capsys.readouterr().err
+    assert info.value.code == USER_ERROR_EXIT and err.count("\n") == 1
+    assert f"{tmp_path}/experiment/blob.yaml: not a YAML text file (not UTF-8" in err
+
+
+@pytest.mark.slow
+def test_a_sweep_of_your_own_preset_runs_from_your_folder(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    mine = write_presets(tmp_path / "my_experiments", tiny=(
+        "defaults:\n  - override /dataset: synthetic\n  - override /conv: octave\n"
+        "dataset:\n  train_size: 64\n  test_size: 32\ntrainer:\n  epochs: 1\n  batch_size: 16\n"
+        "  progress_bar: false\ndevice: cpu\nhydra:\n  sweeper:\n    params:\n"
+        "      alpha: 0.25,0.5\n"))
+    res = run_cli("-m", "--config-dir", mine, "experiment=tiny",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for alpha in (0.25, 0.5):
+        with open(tmp_path / "sweep" / f"alpha={alpha}" / "seed=0" / "metrics.json") as f:
+            done = json.load(f)
+        assert done["status"] == "completed" and done["test_samples"] == 32

@@ -341,12 +341,81 @@ def test_validate_reports_one_line_per_invalid_config(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 6, lines
     assert any(line.startswith("invalid: experiment=too_wide: alpha=0.99") for line in lines)
-    assert any(line.startswith("invalid: experiment=typo: ") and "epoch" in line for line in lines)
+    # run.py's message: one line, with its did-you-mean and the file that set it.
+    assert ("invalid: experiment=typo: trainer.epoch: Key 'epoch' not in 'TrainerConfig'; did you "
+            "mean trainer.epochs? (set in experiment/typo)") in lines
     assert any("broken.yaml: YAML syntax error at line 3" in line for line in lines)
     assert any("short.yml: not read (only .yaml files" in line for line in lines)
     assert any("optimisers: a folder octconv-exp does not read; did you mean optimizer/?" in line
                for line in lines)
     assert any("notes.txt: not read" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_validate_checks_every_value_of_a_presets_sweep_and_search_space(tmp_path):
+    mine = tmp_path / "my_experiments"
+    (mine / "experiment").mkdir(parents=True)
+    head = "# @package _global_\ndefaults:\n  - override /conv: octave\n"
+    (mine / "experiment" / "my_sweep.yaml").write_text(
+        head + "hydra:\n  sweeper:\n    params:\n      alpha: 0.25,0.5,0.97\n")
+    (mine / "experiment" / "my_search.yaml").write_text(
+        head + "  - override /search: optuna\nhydra:\n  sweeper:\n    params:\n"
+        "      alpha: interval(0.1, 0.99)\n      expansion: choice(1, 2)\n")
+    (mine / "experiment" / "fine_search.yaml").write_text(
+        head + "  - override /search: optuna\nhydra:\n  sweeper:\n    params:\n"
+        "      alpha: interval(0.1, 0.5)\n      expansion: range(1, 3)\n")
+    res = run_validate("--config-dir", str(mine), "--only-added")
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stdout.strip().splitlines()
+    # Before: all three passed, and the sweep's third job failed when it ran.
+    assert lines == [
+        "invalid: experiment=my_search swept to alpha=0.99 expansion=1: alpha=0.99: splits a "
+        "16-channel layer into 0 high- and 16 low-frequency channels at expansion=1; both must "
+        "be > 0 (use a smaller alpha, a larger expansion, or alpha=0)",
+        "invalid: experiment=my_search swept to alpha=0.99 expansion=2: alpha=0.99: splits a "
+        "32-channel layer into 0 high- and 32 low-frequency channels at expansion=2; both must "
+        "be > 0 (use a smaller alpha, a larger expansion, or alpha=0)",
+        "invalid: experiment=my_sweep swept to alpha=0.97: alpha=0.97: splits a 16-channel layer "
+        "into 0 high- and 16 low-frequency channels at expansion=1; both must be > 0 (use a "
+        "smaller alpha, a larger expansion, or alpha=0)"], lines
+
+
+MARKER_PRESET = """# @package _global_
+model:
+  _target_: os.system
+  command: touch {marker}
+"""
+
+
+@pytest.mark.slow
+def test_validate_runs_no_code_of_a_preset_without_trust_code(tmp_path):
+    mine = tmp_path / "contributed"
+    (mine / "experiment").mkdir(parents=True)
+    marker = tmp_path / "marker"
+    (mine / "experiment" / "touches.yaml").write_text(MARKER_PRESET.format(marker=marker))
+    res = subprocess.run([sys.executable, "-m", "octconv_exp.validate", "--config-dir", str(mine),
+                          "--only-added"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert not marker.exists()  # before: validate built the model, running the preset's code
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stdout.splitlines() == [
+        "not validated: model._target_=os.system (experiment=touches): code from outside "
+        "octconv-exp is not imported or run without --trust-code; the rest of the configuration "
+        "is valid",
+        "1 configurations checked, 0 invalid, 1 not validated (--trust-code)"]
+    # Asked to, it runs the code: the model is built (and refused: os.system returns no model).
+    res = run_validate("--config-dir", str(mine), "--only-added", "--trust-code")
+    assert marker.exists()
+    assert res.returncode == 1 and "returned a int, not a torch.nn.Module" in res.stdout
+
+
+@pytest.mark.slow
+def test_validate_a_binary_preset_is_one_line(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "blob.yaml").write_bytes(b"\xff\xfe\x00\x81\x80binary")
+    res = run_validate("--config-dir", str(tmp_path), "--only-added")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == (f"error: {tmp_path}/experiment/blob.yaml: not a YAML text file (not "
+                          "UTF-8: byte 0 cannot be decoded); remove it or save it as UTF-8\n")
 
 
 @pytest.mark.slow
@@ -410,7 +479,7 @@ def test_validate_in_parallel_reports_the_same_lines_in_the_same_order():
     serial = check_all(combos, CONFIG_DIR, CONFIG_NAME, [], [], jobs=1)
     parallel = check_all(combos, CONFIG_DIR, CONFIG_NAME, [], [], jobs=2)
     assert parallel == serial
-    assert [line.split(":")[0] for line in serial] == [
+    assert [label for _, label, _ in serial] == [
         "alpha=0.99 conv=octave", "alpha=1.5 conv=octave", "alpha=0.97 conv=octave",
         "alpha=1.5 conv=vanilla", "lr", "lr", "lr", "lr"]
 

@@ -1,0 +1,150 @@
+"""Your own presets, found the way Hydra finds them, and every value a sweep will run.
+
+``run.py --config-dir DIR`` and ``hydra.searchpath=[file://DIR]`` add DIR to Hydra's config
+search path after ``conf/``: ``conf/config.yaml`` stays the primary config and DIR's
+``experiment/*.yaml`` (and other group options) become options beside ours. run.py's pre-check
+composes with the same search path (:func:`hydra_like_run`), so what it accepts is what Hydra
+runs.
+
+A sweep's values come from the command line and from the composed ``hydra.sweeper.params``
+(a preset's sweep): :func:`sweep_choices` lists, per swept key, the values the sweeper will
+run (a grid: all of them; an Optuna search: every ``choice``, and the ends of each
+``interval``/``range``, which is what is checkable before the sampler picks), so that run.py
+and ``python -m octconv_exp.validate`` validate each before the first job starts.
+"""
+import contextlib
+import os
+from collections import OrderedDict
+
+from .errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: run.py's file: Hydra resolves a relative --config-path against its folder.
+RUN_PY = os.path.join(REPO, "run.py")
+
+
+def search_path(config_path="conf", config_dir=None):
+    """Hydra's config search path for ``run.py [--config-path P] [--config-dir D]``
+    (hydra/_internal/utils.py run_hydra: D goes after the primary dir, before the schemas)."""
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    path = create_automatic_config_search_path(RUN_PY, None, config_path)
+    if config_dir is not None:
+        path.prepend(provider="command-line", path=f"file://{os.path.abspath(config_dir)}",
+                     anchor=SearchPathQuery(provider="schema"))
+    return path
+
+
+@contextlib.contextmanager
+def hydra_like_run(config_path="conf", config_dir=None):
+    """Hydra's global state as run.py sets it up, for ``hydra.compose``."""
+    from hydra._internal.hydra import Hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2(task_name="run", config_search_path=search_path(config_path,
+                                                                             config_dir))
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def group_options_in_search_path(group, config_name, overrides):
+    """The options of config group ``group`` in every folder of the search path (the
+    ``hydra.searchpath`` of ``overrides`` included); None when no folder has that group.
+    Options only the ConfigStore holds (the ``*_schema`` nodes) are not offered."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    searchpath = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
+    try:
+        found = GlobalHydra.instance().config_loader().get_group_options(
+            group, config_name=config_name, overrides=searchpath)
+    except Exception:  # noqa: BLE001 - a missing primary config: composition reports it
+        return None
+    try:
+        stored = {name[:-5] for name in ConfigStore.instance().list(group)
+                  if name.endswith(".yaml")}
+    except IOError:
+        stored = set()
+    options = [o for o in found if o not in stored]
+    return sorted(options) or None
+
+
+def sweep_choices(sweeper, arguments):
+    """Per key the sweep varies or sets, the ``key=value`` overrides its jobs get: the
+    sweeper's ``params`` (a preset's sweep) merged with the command line's task overrides
+    ``arguments`` as the sweeper merges them (params first, the command line wins)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = sweeper.get("params") or {}
+    conf = [f"{k}={v}" for k, v in params.items()] + list(arguments)
+    parsed = OverridesParser.create().parse_overrides(conf)
+    choices = OrderedDict()
+    if "optuna" in str(sweeper.get("_target_", "")).lower():
+        from hydra_plugins.hydra_optuna_sweeper._impl import (
+            create_optuna_distribution_from_config, create_optuna_distribution_from_override)
+
+        space = sweeper.get("search_space")
+        if space and not params:  # the plugin's older form of params
+            for key, node in space.items():
+                choices[str(key)] = [f"{key}={v}" for v in
+                                     _checkable(create_optuna_distribution_from_config(node))]
+        for ov in parsed:
+            key = ov.get_key_element()
+            value = create_optuna_distribution_from_override(ov)
+            choices[key] = ([f"{key}={v}" for v in _checkable(value)]
+                            if ov.is_sweep_override() else [f"{key}={value}"])
+        return list(choices.values())
+    for ov in parsed:  # hydra's BasicSweeper.split_arguments
+        key = ov.get_key_element()
+        if ov.is_sweep_override() and not ov.is_discrete_sweep():
+            raise UserError(f"{ov.input_line}: a grid sweep takes values (a,b,c or "
+                            "range(...)); interval(...) is a search range: add search=optuna")
+        if ov.is_sweep_override():
+            choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={ov.get_value_element_as_str()}"]
+    return list(choices.values())
+
+
+def _checkable(distribution):
+    """What can be checked of an Optuna distribution before sampling: every choice, or the
+    two ends of a range (optuna rounds a stepped range's upper end down onto its step)."""
+    if hasattr(distribution, "choices"):
+        return list(distribution.choices)
+    low, high = distribution.low, distribution.high
+    return [low] if low == high else [low, high]
+
+
+def undecodable_files(overrides=()):
+    """The .yaml files of the search path (and of ``overrides``' hydra.searchpath) that are not
+    UTF-8 text: what Hydra fails on with a bare UnicodeDecodeError."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    folders = [str(entry.path) for entry in
+               GlobalHydra.instance().config_loader().get_search_path().get_path()]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "hydra.searchpath":
+            folders += [v.strip(" '\"") for v in value.strip("[]").split(",")]
+    found = []
+    for folder in folders:
+        folder = folder[len("file://"):] if folder.startswith("file://") else folder
+        if not os.path.isabs(folder) or not os.path.isdir(folder):
+            continue  # a package (pkg://) or the schemas: not the user's files
+        for dirpath, _, names in sorted(os.walk(folder)):
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                if not name.endswith(".yaml"):
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        f.read().decode("utf-8")
+                except UnicodeDecodeError:
+                    found.append(path)
+                except OSError:
+                    continue
+    return found
