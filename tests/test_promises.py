@@ -28,7 +28,7 @@ def assert_one_line(err):
     # a misspelt key of the schema: the closest real key
     (["+trainer.epoch=3"], "error: trainer.epoch=3: did you mean trainer.epochs?\n"),
     # an added key that no part of the schema has
-    (["+foo=1"], "error: foo=1: not a setting octconv-exp reads"),
+    (["+foo=1"], "error: foo=1: it is not a setting octconv-exp reads (docs/configuration.md)"),
     # an argument the optimizer's signature does not take
     (["optimizer=adam", "+optimizer.beta=0.9"],
      "error: optimizer.beta=0.9: Adam takes no argument 'beta'; did you mean optimizer.betas? "
