@@ -38,6 +38,23 @@ def test_a_trial_is_told_its_objectives_or_nothing():
     assert objective_values(None, ["accuracy"]) is None
 
 
+def test_a_trial_is_known_by_what_it_trains():
+    from octconv_exp.search import trial_key, trial_overrides, unique_solutions
+
+    launched = ["alpha=0.25", "expansion=2", "dataset=synthetic", "trainer.progress_bar=False"]
+    same = ["dataset=synthetic", "expansion=2", "alpha=0.25", "hydra.sweep.subdir='trial=3'"]
+    assert trial_key(launched) == trial_key(same)
+    assert trial_key(launched) != trial_key(["dataset=synthetic", "expansion=2", "alpha=0.5"])
+    assert trial_key(same + ["seed=1"]) != trial_key(same)  # another seed: another run
+    # A stored trial, as the sweeper launched it: sampled parameters and fixed overrides.
+    stored = trial_overrides({"alpha": 0.25, "expansion": 2}, {"dataset": "synthetic"})
+    assert trial_key(stored) == trial_key(same)
+    front = [{"params": {"alpha": 0.25}, "values": [9.0, 1.0]},
+             {"params": {"alpha": 0.25}, "values": [9.0, 1.0]},
+             {"params": {"alpha": 0.5}, "values": [8.0, 0.5]}]
+    assert unique_solutions(front) == [front[0], front[2]]
+
+
 def test_search_objectives_are_checked_in_one_line():
     result = run_cli("dataset=synthetic", "search.objectives=[accuracy,speed]")
     assert result.returncode == 2
