@@ -24,8 +24,8 @@ from collections import OrderedDict
 import yaml
 
 from .outputs import METRICS_FILE, atomic_write, write_text_atomic
-from .sweep import (DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config_name, model_name,
-                    read_plan, split_override)
+from .sweep import (DEFAULT_MODEL, NOISE_KEYS, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config_name,
+                    model_name, read_plan, split_override)
 
 CONV_ORDER = {"vanilla": 0, "octave": 1, "multi-octave": 2}
 RUN_COLUMNS = ("conv", "model", "alpha", "expansion", "optimizer", "seed", "test_accuracy",
@@ -55,6 +55,15 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 #: Overrides that do not change what a run computes, beside the noise config_name drops.
 CONFIG_DROP = ("resume",)
 NEVER_STARTED = f"never started (planned in {PLAN_FILE}, no run dir)"
+#: Config keys that have columns of their own (conv, alpha, expansion, optimizer, model, seed).
+SHOWN_KEYS = ("conv.mode", "alpha", "expansion", "optimizer.name", "model.name", "seed")
+#: Config keys (and the keys under them) that do not change what a run computes: paths, how
+#: it is shown and tracked, how it was started.
+NOT_SETTINGS = NOISE_KEYS + ("resume", "ckpt_path", "logger", "search", "hydra")
+#: Groups whose other keys follow from the option chosen (optimizer=adam has betas, sgd
+#: momentum): such a key varies only where runs of the same option differ in it.
+OPTION_KEYS = {"model": "model.name", "optimizer": "optimizer.name", "conv": "conv.mode",
+               "scheduler": "scheduler.name", "dataset": "dataset.name"}
 
 
 class ReportError(Exception):
@@ -100,7 +109,9 @@ def find_runs(sweep_dir, problems=None):
                            status="missing", error="no metrics.json (killed or still running?)")
         if problem and metrics.get("status") == "completed":
             metrics = dict(metrics, status="unreadable", error=problem)
-        runs.append(_row(root, sweep_dir, metrics, overrides))
+        row = _row(root, sweep_dir, metrics, overrides)
+        row["settings"], row["derived"] = run_settings(os.path.join(root, ".hydra", "config.yaml"))
+        runs.append(row)
     runs += _never_started(sweep_dir, runs, problems)
     return runs
 
@@ -127,6 +138,75 @@ def _never_started(sweep_dir, runs, problems):
         rows.append(_row(run_dir, sweep_dir, dict(entry["config"], status="missing", error=error),
                          entry["overrides"]))
     return rows
+
+
+def run_settings(path):
+    """A run's composed config (.hydra/config.yaml), flattened to ``{dotted key: value}``
+    with interpolations resolved where they can be, and the keys that were interpolations
+    (``T_max: ${trainer.epochs}``); ``(None, set())`` when it cannot be read."""
+    from omegaconf import OmegaConf
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None, set()
+    if not isinstance(raw, dict):
+        return None, set()
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve: as saved
+        cfg = raw
+    flat, derived = _flatten(cfg), _flatten(raw)
+    return flat, {k for k, v in derived.items() if isinstance(v, str) and "${" in v}
+
+
+def _flatten(cfg, prefix=""):
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    return flat
+
+
+def _not_a_setting(key):
+    return key in SHOWN_KEYS or any(key == k or key.startswith(k + ".") for k in NOT_SETTINGS)
+
+
+def varying_keys(runs):
+    """The config keys whose values differ between ``runs`` (those with a config), beside
+    the columns every report has: what else tells their rows apart. A key under a group
+    (``optimizer.lr``) varies only between runs of the same option (``optimizer.name``); a
+    key set by interpolation (``scheduler.T_max: ${trainer.epochs}``) varies with what it
+    names, which is shown."""
+    with_config = [r["settings"] for r in runs if r.get("settings")]
+    derived = set().union(*[r.get("derived") or set() for r in runs])
+    keys = sorted({k for settings in with_config for k in settings
+                   if not _not_a_setting(k) and k not in derived})
+    varying = []
+    for key in keys:
+        option = OPTION_KEYS.get(key.split(".", 1)[0])
+        values = {}
+        for settings in with_config:
+            if key in settings:
+                scope = settings.get(option) if option and option != key else None
+                values.setdefault(_hashable(scope), set()).add(_hashable(settings[key]))
+        if any(len(v) > 1 for v in values.values()):
+            varying.append(key)
+    return varying
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def setting_value(row, key):
+    """A varying config key's value in a run or a group (None: not recorded)."""
+    settings = row.get("settings") or {}
+    return settings.get(key)
 
 
 def _config_values(path):
@@ -221,21 +301,34 @@ def _sort_key(row):
             row["run_dir"])
 
 
-def aggregate(runs):
-    """Completed runs grouped by configuration and model: mean, std (n > 1) and count of each
-    metric (``<metric>_n``: the runs that had it)."""
+def aggregate(runs, varying=None):
+    """Completed runs grouped by configuration, model and the config keys that vary between
+    the runs (``varying``; by default :func:`varying_keys` of ``runs``): mean, std (n > 1)
+    and count of each metric (``<metric>_n``: the runs that had it). ``n`` counts a group's
+    runs, ``seeds`` lists its distinct seeds (a seed run twice is one seed, two runs)."""
+    if varying is None:
+        varying = varying_keys(runs)
     groups = OrderedDict()
     for row in sorted(runs, key=_sort_key):
         if row["status"] != "completed":
             continue
-        groups.setdefault((row["config"], row.get("model") or DEFAULT_MODEL), []).append(row)
+        # What the columns show is part of what a configuration is, whatever the overrides
+        # said (runs of two presets, or of an edited one, may have the same overrides).
+        setting = tuple(_hashable(setting_value(row, k)) for k in varying) + tuple(
+            _hashable(row[k]) for k in ("conv", "alpha", "expansion", "optimizer"))
+        groups.setdefault((row["config"], row.get("model") or DEFAULT_MODEL, setting),
+                          []).append(row)
     out = []
-    for (config, model), rows in groups.items():
+    for (config, model, _), rows in groups.items():
         first = rows[0]
+        seeds = _distinct(r["seed"] for r in rows)
         agg = {"conv": first["conv"], "model": model, "alpha": first["alpha"],
                "expansion": first["expansion"], "optimizer": first["optimizer"],
                "config": config, "n": len(rows),
-               "seeds": ",".join(str(r["seed"]) for r in rows),
+               "seeds": ",".join(str(s) for s in seeds),
+               # A run whose seed is not recorded may be another seed: counted as one.
+               "n_seeds": len(seeds) + sum(1 for r in rows if r["seed"] is None),
+               "settings": {k: setting_value(first, k) for k in varying},
                "params": first["params"], "flops_per_image": first["flops_per_image"],
                "datasets": _distinct(r.get("dataset") for r in rows),
                "epoch_counts": _distinct(r.get("epochs") for r in rows)}
@@ -296,19 +389,20 @@ def describe_setup(rows):
     return f"data: {join(datasets)}; model: {join(models)}; epochs: {join(epochs)}"
 
 
-def seeds_text(counts):
-    """What the error bars of points aggregated over ``counts`` runs each show."""
+def seeds_text(counts, unit="seeds"):
+    """What the error bars of points aggregated over ``counts`` runs each show (``unit``:
+    "runs" where a seed was run more than once)."""
     counts = sorted({int(n) for n in counts if n})
     if not counts:
         return ""
     if counts[-1] <= 1:
-        return "1 seed per point (no error bars)"
+        return f"1 {unit[:-1]} per point (no error bars)"
     if len(counts) == 1:
-        return f"mean ± std over {counts[0]} seeds"
-    return f"mean ± std over N={counts[0]}-{counts[-1]} seeds"
+        return f"mean ± std over {counts[0]} {unit}"
+    return f"mean ± std over N={counts[0]}-{counts[-1]} {unit}"
 
 
-def markdown(sweep_dir, runs, groups, problems=()):
+def markdown(sweep_dir, runs, groups, problems=(), varying=()):
     failed = [r for r in runs if r["status"] != "completed"]
     never = sum(1 for r in failed if r["error"] == NEVER_STARTED)
     completed = [r for r in runs if r["status"] == "completed"]
@@ -320,26 +414,34 @@ def markdown(sweep_dir, runs, groups, problems=()):
     if problems:
         lines += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
     with_val = any(g.get("val_accuracy") is not None for g in groups)
-    lines += ["## By configuration (mean ± std over seeds)", "",
-              "| conv | alpha | model | expansion | optimizer | seeds | test accuracy % "
+    if varying:
+        lines += ["Also varying between the runs: " + ", ".join(f"`{k}`" for k in varying)
+                  + " (a column each).", ""]
+    heads = "".join(f"| {k} " for k in varying)
+    lines += ["## By configuration (mean ± std over runs)", "",
+              "| conv | alpha | model | expansion | optimizer " + heads
+              + "| seeds | runs | test accuracy % "
               + ("| val accuracy % (best epoch) " if with_val else "")
               + "| train loss | params | MFLOPs/image | train images/s | wall s |",
-              "| --- " * (12 + with_val) + "|"]
+              "| --- " * (13 + with_val + len(varying)) + "|"]
     for g in groups:
         flops = g["flops_per_image"] / 1e6 if g["flops_per_image"] else None
         val = f"{_pm(g.get('val_accuracy'), g.get('val_accuracy_std'))} | " if with_val else ""
         lines.append(
             f"| {g['conv']} | {_fmt(g['alpha'], 3) or '—'} | {g['model']} | {_fmt(g['expansion'])} | "
-            f"{_fmt(g['optimizer'])} | {g['n']} | {_pm(g['test_accuracy'], g['test_accuracy_std'])} | "
+            f"{_fmt(g['optimizer'])} | {_settings_cells(g, varying)}{g['n_seeds']} | {g['n']} | "
+            f"{_pm(g['test_accuracy'], g['test_accuracy_std'])} | "
             f"{val}"
             f"{_pm(g['train_loss'], g['train_loss_std'], 4)} | {_fmt(g['params'])} | "
             f"{_fmt(flops, 3)} | {_pm(g['train_images_per_second'], g['train_images_per_second_std'], 0)} | "
             f"{_pm(g['wall_seconds'], g['wall_seconds_std'], 1)} |")
     lines += ["", "## Runs", "",
-              "| conv | alpha | model | seed | test accuracy % | train loss | status | run dir |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| conv | alpha | model " + heads
+              + "| seed | test accuracy % | train loss | status | run dir |",
+              "| --- " * (8 + len(varying)) + "|"]
     for r in sorted(runs, key=_sort_key):
         lines.append(f"| {r['conv']} | {_fmt(r['alpha'], 3) or '—'} | {r['model']} | "
+                     f"{_settings_cells(r, varying)}"
                      f"{_fmt(r['seed'])} | {_fmt(r['test_accuracy'])} | "
                      f"{_fmt(r['train_loss'], 4)} | {r['status']} | `{r['run_dir']}` |")
     if failed:
@@ -350,6 +452,16 @@ def markdown(sweep_dir, runs, groups, problems=()):
     if present:
         lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in present]
     return "\n".join(lines) + "\n"
+
+
+def _settings_cells(row, varying):
+    return "".join(f"{_cell(setting_value(row, k))} | " for k in varying)
+
+
+def _cell(value):
+    if value is None:
+        return "—"
+    return str(value).replace("|", "\\|")
 
 
 # ------------------------------------------------------------------------------ figures
@@ -365,9 +477,13 @@ def conv_color(conv):
 
 
 def _items(group):
-    """The overrides of a group's configuration, conv mode and alpha aside."""
-    return [i for i in str(group["config"]).split(",")
-            if i and i != "defaults" and not i.startswith("conv=") and not i.startswith("alpha=")]
+    """The overrides of a group's configuration, conv mode and alpha aside, and the values of
+    the config keys that vary between the groups (where the overrides do not name them)."""
+    settings = group.get("settings") or {}
+    items = [i for i in str(group["config"]).split(",")
+             if i and i != "defaults" and not i.startswith("conv=") and not i.startswith("alpha=")
+             and i.split("=", 1)[0] not in settings]
+    return items + [f"{k}={v}" for k, v in settings.items() if v is not None]
 
 
 def _series(groups, keep):
@@ -378,9 +494,14 @@ def _series(groups, keep):
     common = set.intersection(*[set(_items(g)) for g in groups]) if groups else set()
     with_model = len({g["model"] for g in groups}) > 1
 
+    # A column that differs between groups whose overrides do not say so (runs of presets)
+    shown = [k for k in ("optimizer", "expansion") if len({str(g[k]) for g in groups}) > 1]
+
     def rest(g):
         items = [i for i in _items(g) if i not in common]
-        return ",".join(([f"model={g['model']}"] if with_model else []) + items)
+        named = [f"{k}={_fmt(g[k])}" for k in shown
+                 if not any(i.startswith(k + "=") for i in items)]
+        return ",".join(([f"model={g['model']}"] if with_model else []) + named + items)
 
     rests = sorted({rest(g) for g in groups})
     series = OrderedDict()
@@ -402,7 +523,9 @@ def _finish(fig, ax, title, groups, counts):
     ax.set_title(f"{title}\n{describe_setup(groups)}", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(title=seeds_text(counts) or None, fontsize=8, title_fontsize=8)
+        repeated = any(g.get("n_seeds", g["n"]) < g["n"] for g in groups if "n" in g)
+        ax.legend(title=seeds_text(counts, "runs" if repeated else "seeds") or None,
+                  fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -457,14 +580,16 @@ def front(groups, objectives):
 
 def mark_front(ax, groups, objectives, x_of, y_of):
     """Ring the configurations on the front of ``objectives`` and join them."""
-    on_front = sorted(front(groups, objectives), key=x_of)
-    if not on_front:
+    # One ring per point: configurations that tie (octave and multi-octave compute the same
+    # numbers) share it.
+    points = sorted({(x_of(g), y_of(g)) for g in front(groups, objectives)})
+    if not points:
         return
     from .search import OBJECTIVES
 
     arrows = {"maximize": "↑", "minimize": "↓"}
     label = "Pareto front (" + ", ".join(f"{o} {arrows[OBJECTIVES[o]]}" for o in objectives) + ")"
-    ax.plot([x_of(g) for g in on_front], [y_of(g) for g in on_front], linestyle=":",
+    ax.plot([x for x, _ in points], [y for _, y in points], linestyle=":",
             color="grey", marker="o", markersize=13, markerfacecolor="none",
             markeredgecolor="black", label=label, zorder=1)
 
@@ -494,7 +619,8 @@ def pareto_rows(groups, objectives):
     rows = []
     for g in front(groups, objectives):
         row = {k: g.get(k) for k in ("conv", "model", "alpha", "expansion", "optimizer", "n",
-                                     "test_accuracy", "config")}
+                                     "seeds", "test_accuracy", "config")}
+        row.update(g.get("settings") or {})
         row.update({o: group_value(g, o) for o in objectives})
         rows.append(row)
     return sorted(rows, key=lambda r: sign * r[objectives[0]])
@@ -591,20 +717,30 @@ def build_report(sweep_dir, make_plots=True):
     runs = sorted(find_runs(sweep_dir, problems), key=_sort_key)
     if not runs:
         raise ReportError(f"no run directories (with .hydra/ or metrics.json) under {sweep_dir}")
-    groups = aggregate(runs)
-    write_csv(os.path.join(sweep_dir, "summary.csv"), runs, RUN_COLUMNS)
+    varying = varying_keys(runs)
+    groups = aggregate(runs, varying)
+    # The varying config keys: a column each, after the columns every report has.
+    write_csv(os.path.join(sweep_dir, "summary.csv"), _with_settings(runs, varying),
+              list(RUN_COLUMNS) + varying)
     agg_columns = list(AGG_COLUMNS_HEAD) + [c for m in AGG_METRICS for c in (m, m + "_std")] \
-        + ["config"]
-    write_csv(os.path.join(sweep_dir, "summary_by_config.csv"), groups, agg_columns)
+        + ["config"] + varying
+    write_csv(os.path.join(sweep_dir, "summary_by_config.csv"), _with_settings(groups, varying),
+              agg_columns)
     objectives = sweep_objectives(sweep_dir, runs)
     write_csv(os.path.join(sweep_dir, PARETO_FILE), pareto_rows(groups, objectives),
-              ["conv", "model", "alpha", "expansion", "optimizer", "n", *objectives]
-              + (["test_accuracy"] if "test_accuracy" not in objectives else []) + ["config"])
+              ["conv", "model", "alpha", "expansion", "optimizer", "n", "seeds", *objectives]
+              + (["test_accuracy"] if "test_accuracy" not in objectives else []) + ["config"]
+              + varying)
     if make_plots and groups:
         plot(sweep_dir, groups)
     write_text_atomic(os.path.join(sweep_dir, "summary.md"),
-                      markdown(sweep_dir, runs, groups, problems))
+                      markdown(sweep_dir, runs, groups, problems, varying))
     return runs
+
+
+def _with_settings(rows, varying):
+    """Rows with each varying config key's value as a field of its own (for the CSV files)."""
+    return [dict(r, **{k: setting_value(r, k) for k in varying}) for r in rows]
 
 
 def failure_line(sweep_dir, runs):

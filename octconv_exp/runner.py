@@ -113,6 +113,10 @@ class Run:
         self.test_checkpoint = None  # which weights the test set scored: "best" or "last"
         self.test_epoch = None  # the epoch whose weights the test set scored
         self.backend = None  # speed.compile's decision is read from it (CPU/GPU backends)
+        # A resume: the run dir's record of the attempts before this one, and the epochs the
+        # checkpoint held (what this attempt trained is what it added to them).
+        self.earlier = None
+        self.epochs_restored = None
 
     def metrics(self):
         """What metrics.json holds. ``train_loss``/``train_accuracy`` are the last epoch's.
@@ -167,11 +171,7 @@ class Run:
             **(self.flops or dict.fromkeys(FLOPS_KEYS)),
             "train_images_per_second": (train_images / train_seconds) if train_seconds else None,
             "train_seconds": train_seconds,
-            "wall_seconds": time.time() - self.started,
-            "started_at": self.started,
-            "finished_at": now,
-            "started": iso_time(self.started),
-            "finished": iso_time(now),
+            **self.timing(now),
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
             # speed.compile (CPU/GPU): whether the training steps ran torch.compile'd, and why
@@ -187,11 +187,52 @@ class Run:
             m["error"] = self.error
         return m
 
+    def timing(self, now):
+        """``wall_seconds``, ``started_at``/``finished_at`` (and their ISO-8601 forms). A
+        resumed run's wall time adds its earlier attempts' (the record it continues) and it
+        started when its first attempt did. A finished run that a resume only re-evaluated
+        keeps its record's times, so they still describe its training; the re-evaluation is
+        recorded beside them (``reevaluated_at``, ``reevaluation_seconds``)."""
+        attempt = now - self.started
+        earlier = self.earlier or {}
+        before = earlier_number(earlier, "wall_seconds")
+        first_start = earlier_number(earlier, "started_at")
+        t = {"wall_seconds": attempt, "started_at": self.started, "finished_at": now}
+        extra = {}
+        if before is not None and first_start is not None:
+            finished = earlier_number(earlier, "finished_at")
+            if (earlier.get("status") == "completed" and finished is not None
+                    and len(self.epochs) == self.epochs_restored):
+                t = {"wall_seconds": before, "started_at": first_start, "finished_at": finished}
+                extra = {"reevaluated_at": iso_time(now), "reevaluation_seconds": attempt}
+            else:
+                t = {"wall_seconds": before + attempt, "started_at": first_start,
+                     "finished_at": now}
+        return dict(t, started=iso_time(t["started_at"]), finished=iso_time(t["finished_at"]),
+                    **extra)
+
     def write_metrics(self):
         if not distributed.is_writer():
             return  # data-parallel: rank 0 writes the run's record
         outputs.write_json_atomic(os.path.join(self.output_dir, outputs.METRICS_FILE),
                                   self.metrics())
+
+
+def earlier_number(record, key):
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def earlier_record(output_dir):
+    """The run dir's metrics.json as a dict (None when there is none, or it is unreadable)."""
+    try:
+        with open(os.path.join(output_dir, outputs.METRICS_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def set_deterministic(enabled):
@@ -705,6 +746,10 @@ def restore(s, resume_from):
     run = s.run
     state = state_of_this_rank(state, path)
     run.epochs = [EpochStats(**e) for e in state["epochs"]]
+    if os.path.abspath(path).startswith(os.path.join(os.path.abspath(s.output_dir), "")):
+        # This run dir's own checkpoint: its metrics.json records the same run's attempts.
+        run.earlier = earlier_record(s.output_dir)
+    run.epochs_restored = len(run.epochs)
     if run.epochs and distributed.is_writer():
         outputs.write_epochs_csv(os.path.join(s.output_dir, outputs.EPOCHS_FILE),
                                  [e.as_row() for e in run.epochs])

@@ -63,3 +63,38 @@ def pareto_front(points, objective_directions):
     signs = [1 if d == "maximize" else -1 for d in objective_directions]
     return [i for i, p in enumerate(points)
             if not any(dominates(q, p, signs) for j, q in enumerate(points) if j != i)]
+
+
+#: Overrides that do not change what a trial computes: trials that differ only in them train
+#: the same model.
+NOT_A_TRIAL_SETTING = ("trainer.progress_bar", "threads", "resume")
+
+
+def trial_key(overrides):
+    """What a trial trains, as a comparable value: its overrides (``key=value``), in any
+    order, without Hydra's own and those of :data:`NOT_A_TRIAL_SETTING`."""
+    kept = []
+    for text in overrides:
+        key = str(text).split("=", 1)[0].lstrip("+~")
+        if key in NOT_A_TRIAL_SETTING or key.startswith(("hydra.", "hydra/")):
+            continue
+        kept.append(str(text))
+    return tuple(sorted(kept))
+
+
+def trial_overrides(params, fixed):
+    """A stored trial's overrides as the Optuna sweeper launched it: its sampled ``params``
+    and the fixed overrides it keeps as user attributes, each ``name=value``."""
+    return [f"{name}={value}" for name, value in dict(fixed, **params).items()]
+
+
+def unique_solutions(solutions):
+    """The Pareto solutions of ``optimization_results.yaml`` (``{params, values}``), each set
+    of parameters once (a study may hold a repeat of a trial, told the same values)."""
+    seen, kept = set(), []
+    for solution in solutions:
+        key = tuple(sorted((str(k), str(v)) for k, v in dict(solution.get("params") or {}).items()))
+        if key not in seen:
+            seen.add(key)
+            kept.append(solution)
+    return kept

@@ -427,3 +427,127 @@ def test_the_pareto_front_is_written_and_ringed(tmp_path):
         handles, labels = ax.get_legend_handles_labels()
         (ring,) = [h for h, label in zip(handles, labels) if label.startswith("Pareto front")]
         assert set(zip(*ring.get_data())) == expected, name
+
+
+# ------------------------------------------------------------------------------ what varies
+
+
+def run_config(epochs=2, train_size=400, optimizer="sgd", lr=0.05, **top):
+    """A .hydra/config.yaml as Hydra saves it (interpolations unresolved)."""
+    opt = {"name": optimizer, "lr": lr}
+    opt.update({"momentum": 0.0} if optimizer == "sgd" else {"betas": [0.9, 0.999]})
+    cfg = {"conv": {"mode": "octave"}, "alpha": 0.5, "expansion": 1, "seed": 0,
+           "optimizer": opt, "model": {"name": "seed_cnn"},
+           "dataset": {"name": "synthetic", "train_size": train_size, "root": "/data/x"},
+           "trainer": {"epochs": epochs, "progress_bar": False},
+           "scheduler": {"name": "cosine", "T_max": "${trainer.epochs}"},
+           "logger": {"csv": {}}, "resume": False}
+    cfg.update(top)
+    return cfg
+
+
+def test_every_config_key_that_varies_is_a_column_and_splits_the_groups(tmp_path):
+    """Run dirs of separate runs with the same overrides (the same preset, say) that differ
+    in epochs and data set size: each difference is a column, and none are averaged as
+    seeds. What does not change a run (paths, progress bars, loggers) is no column, nor are
+    an option's own keys between different options (adam's betas against sgd's momentum)."""
+    ov = ["conv=octave", "alpha=0.5"]
+    cases = {"a": dict(epochs=1, train_size=400, acc=70.0),
+             "b": dict(epochs=2, train_size=400, acc=75.0),
+             "c": dict(epochs=1, train_size=800, acc=72.0),
+             "d": dict(epochs=1, train_size=800, acc=74.0, optimizer="adam")}
+    for name, case in cases.items():
+        optimizer = case.get("optimizer", "sgd")
+        cfg = run_config(case["epochs"], case["train_size"], optimizer)
+        cfg["dataset"]["root"] = f"/data/{name}"
+        cfg["trainer"]["progress_bar"] = name == "a"
+        make_run(tmp_path, f"{name}/seed=0", metrics("octave", 0.5, acc=case["acc"],
+                                                     optimizer=optimizer), ov, config=cfg)
+    runs = report.build_report(str(tmp_path), make_plots=False)
+    assert report.varying_keys(runs) == ["dataset.train_size", "trainer.epochs"]
+    groups = read_csv(tmp_path / "summary_by_config.csv")
+    assert sorted((g["optimizer"], g["dataset.train_size"], g["trainer.epochs"], g["n"],
+                   float(g["test_accuracy"])) for g in groups) == [
+        ("adam", "800", "1", "1", 74.0), ("sgd", "400", "1", "1", 70.0),
+        ("sgd", "400", "2", "1", 75.0), ("sgd", "800", "1", "1", 72.0)]
+    rows = {r["run_dir"]: r for r in read_csv(tmp_path / "summary.csv")}
+    assert (rows["b/seed=0"]["trainer.epochs"], rows["c/seed=0"]["dataset.train_size"]) == \
+        ("2", "800")
+    md = (tmp_path / "summary.md").read_text()
+    assert "| optimizer | dataset.train_size | trainer.epochs | seeds | runs |" in md
+    assert "| octave | 0.500 | seed_cnn | 1 | sgd | 400 | 2 | 1 | 1 | 75.00 |" in md
+    assert "| octave | 0.500 | seed_cnn | 800 | 1 | 0 | 72.00 |" in md  # the runs table
+    # The plots tell the series apart by the same keys.
+    labels = set(legend_colors(report.figures(report.aggregate(runs))[report.PLOTS[0]]))
+    assert labels == {"octave (optimizer=sgd,dataset.train_size=400,trainer.epochs=1)",
+                      "octave (optimizer=sgd,dataset.train_size=400,trainer.epochs=2)",
+                      "octave (optimizer=sgd,dataset.train_size=800,trainer.epochs=1)",
+                      "octave (optimizer=adam,dataset.train_size=800,trainer.epochs=1)"}
+
+    # The same options with another learning rate: that varies too.
+    make_run(tmp_path, "e/seed=0", metrics("octave", 0.5, acc=60.0), ov,
+             config=run_config(1, 400, lr=0.1))
+    assert report.varying_keys(report.find_runs(str(tmp_path))) == [
+        "dataset.train_size", "optimizer.lr", "trainer.epochs"]
+
+
+def test_runs_without_a_config_and_runs_that_agree_have_no_extra_columns(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, f"a/seed={seed}", metrics("octave", 0.5, seed=seed),
+                 ["conv=octave", "alpha=0.5", f"seed={seed}"], config=dict(run_config(), seed=seed))
+    make_run(tmp_path, "b/seed=0", metrics("octave", 0.25), ["alpha=0.25"])
+    runs = report.build_report(str(tmp_path), make_plots=False)
+    assert report.varying_keys(runs) == []
+    with open(tmp_path / "summary.csv") as f:
+        assert f.readline().strip().split(",")[-1] == "best_epoch"
+    (group,) = [g for g in read_csv(tmp_path / "summary_by_config.csv") if g["alpha"] == "0.5"]
+    assert (group["n"], group["seeds"]) == ("2", "0,1")
+
+
+def test_seeds_count_distinct_seeds_and_a_repeated_configuration_is_one_row(tmp_path):
+    """Two runs of seed 0 (a search that once trained the same parameters twice) and one of
+    seed 1: one row, 2 seeds, 3 runs; pareto.csv lists the configuration once."""
+    ov = ["conv=multi-octave", "alpha=0.5", "expansion=1"]
+    for trial, seed, acc in ((0, 0, 19.0), (3, 0, 19.0), (5, 1, 21.0)):
+        make_run(tmp_path, f"trial={trial}",
+                 metrics("multi-octave", 0.5, seed=seed, acc=acc), ov + [f"seed={seed}"])
+    make_run(tmp_path, "trial=1", metrics("multi-octave", 0.25, acc=18.0),
+             ["conv=multi-octave", "alpha=0.25", "expansion=1", "seed=0"])
+    report.build_report(str(tmp_path))
+    groups = {g["alpha"]: g for g in read_csv(tmp_path / "summary_by_config.csv")}
+    assert (groups["0.5"]["n"], groups["0.5"]["seeds"]) == ("3", "0,1")
+    assert float(groups["0.5"]["test_accuracy"]) == pytest.approx(59.0 / 3)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| multi-octave | 0.500 | seed_cnn | 1 | sgd | 2 | 3 | 19.67 ± 1.15 |" in md
+    assert "| multi-octave | 0.250 | seed_cnn | 1 | sgd | 1 | 1 | 18.00 |" in md
+    front = read_csv(tmp_path / "pareto.csv")
+    assert [(r["alpha"], r["n"], r["seeds"]) for r in front] == [("0.5", "3", "0,1")]
+    # The error bars say they are over runs, not seeds.
+    groups = report.aggregate(report.find_runs(str(tmp_path)))
+    title = report.figures(groups)[report.PLOTS[0]].axes[0].get_legend().get_title().get_text()
+    assert title == "mean ± std over N=1-3 runs"
+
+
+@pytest.mark.slow
+def test_the_report_of_real_runs_that_differ_in_epochs_and_data_size(tmp_path):
+    """Two single runs of the same overrides but epochs and training-set size, and a third of
+    another size, reported together: once three rows that read the same."""
+    base = [o for o in TINY if not o.startswith(("trainer.epochs=", "dataset.train_size="))]
+    for name, extra in (("a", ["trainer.epochs=1", "dataset.train_size=32"]),
+                        ("b", ["trainer.epochs=2", "dataset.train_size=32"]),
+                        ("c", ["trainer.epochs=1", "dataset.train_size=48"])):
+        res = run_cli(*base, "conv=octave", "alpha=0.5", *extra,
+                      f"hydra.run.dir={tmp_path / 'runs' / name}")
+        assert res.returncode == 0, res.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "octconv_exp.report", "--no-plots",
+                          str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {r["run_dir"]: (r["dataset.train_size"], r["trainer.epochs"])
+            for r in read_csv(tmp_path / "runs" / "summary.csv")}
+    assert rows == {"a": ("32", "1"), "b": ("32", "2"), "c": ("48", "1")}
+    groups = read_csv(tmp_path / "runs" / "summary_by_config.csv")
+    assert sorted((g["dataset.train_size"], g["trainer.epochs"], g["n"]) for g in groups) == [
+        ("32", "1", "1"), ("32", "2", "1"), ("48", "1", "1")]
+    md = (tmp_path / "runs" / "summary.md").read_text()
+    assert "Also varying between the runs: `dataset.train_size`, `trainer.epochs`" in md

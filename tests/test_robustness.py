@@ -102,6 +102,11 @@ def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_p
     assert got["status"] == "completed"
     assert {k: got[k] for k in SAME} == {k: ref[k] for k in SAME}
     assert losses(run_dir) == losses(reference)
+    # The record spans both attempts: it started with the first, and its wall time adds the
+    # two attempts' (not the pause between them, which held a process start-up).
+    assert got["started_at"] == m["started_at"] and got["started"] == m["started"]
+    assert m["wall_seconds"] < got["wall_seconds"] < got["finished_at"] - got["started_at"]
+    assert "reevaluated_at" not in got
 
 
 USER_CODE = os.path.join(REPO, "tests", "user_code")
@@ -463,6 +468,17 @@ def test_a_sweep_resumes_job_by_job(tmp_path):
     assert len(attempts) == 2 and "2 epoch(s) done" in attempts[1]
     assert "Epoch 1/2" in attempts[0] and "Epoch " not in attempts[1]
     assert "Accuracy on test set" in attempts[1]
+    # Its record still times its training (the re-evaluation took a fraction of a second and
+    # once made the report's wall time smaller than the training time); the re-evaluation is
+    # recorded beside it.
+    timing = ("wall_seconds", "started_at", "finished_at", "started", "finished")
+    assert {k: m[k] for k in timing} == {k: done[k] for k in timing}
+    assert m["wall_seconds"] >= m["train_seconds"] > 0
+    assert m["reevaluation_seconds"] > 0 and m["reevaluated_at"] >= m["finished"]
+    assert "reevaluated_at" not in done
+    with open(sweep_dir / "summary.csv") as f:
+        rows = {r["run_dir"]: r for r in csv.DictReader(f)}
+    assert float(rows[os.path.join("alpha=0.25", "seed=0")]["wall_seconds"]) == done["wall_seconds"]
     fresh = sweep_dir / "alpha=0.5" / "seed=0"
     assert metrics(fresh)["status"] == "completed" and metrics(fresh)["epochs_completed"] == 2
     assert "starting this job afresh" in (fresh / "run.log").read_text()

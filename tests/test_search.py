@@ -38,6 +38,23 @@ def test_a_trial_is_told_its_objectives_or_nothing():
     assert objective_values(None, ["accuracy"]) is None
 
 
+def test_a_trial_is_known_by_what_it_trains():
+    from octconv_exp.search import trial_key, trial_overrides, unique_solutions
+
+    launched = ["alpha=0.25", "expansion=2", "dataset=synthetic", "trainer.progress_bar=False"]
+    same = ["dataset=synthetic", "expansion=2", "alpha=0.25", "hydra.sweep.subdir='trial=3'"]
+    assert trial_key(launched) == trial_key(same)
+    assert trial_key(launched) != trial_key(["dataset=synthetic", "expansion=2", "alpha=0.5"])
+    assert trial_key(same + ["seed=1"]) != trial_key(same)  # another seed: another run
+    # A stored trial, as the sweeper launched it: sampled parameters and fixed overrides.
+    stored = trial_overrides({"alpha": 0.25, "expansion": 2}, {"dataset": "synthetic"})
+    assert trial_key(stored) == trial_key(same)
+    front = [{"params": {"alpha": 0.25}, "values": [9.0, 1.0]},
+             {"params": {"alpha": 0.25}, "values": [9.0, 1.0]},
+             {"params": {"alpha": 0.5}, "values": [8.0, 0.5]}]
+    assert unique_solutions(front) == [front[0], front[2]]
+
+
 @pytest.mark.slow
 def test_search_objectives_are_checked_in_one_line():
     result = run_cli("dataset=synthetic", "search.objectives=[accuracy,speed]")
@@ -66,6 +83,9 @@ def test_the_search_preset_composes_nsga2_on_sqlite_with_one_direction_per_objec
     assert list(sweeper.direction) == ["maximize", "minimize", "minimize"]
     assert sweeper.storage == "sqlite:////tmp/s/optuna.db"
     assert cfg.dataset.val_size == 0.1  # selects on validation accuracy
+    # The model is searched, not the conv implementation (octave and multi-octave compute
+    # the same function: a search over both trained each model twice).
+    assert cfg.conv.mode == "multi-octave" and sorted(sweeper.params) == ["alpha", "expansion"]
 
 
 @pytest.mark.slow
@@ -86,7 +106,7 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
             m = json.load(f)
         assert t.values == [m["val_accuracy"], m["flops_per_image"]]
         assert (m["conv"], m["alpha"], m["expansion"]) == (
-            t.params["conv"], t.params["alpha"], t.params["expansion"])
+            "multi-octave", t.params["alpha"], t.params["expansion"])
     # The report: pareto.csv holds the front of the configurations, and the plots exist.
     with open(os.path.join(sweep, "pareto.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -97,8 +117,12 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
 
     # A sweep killed inside a trial leaves it RUNNING: the next run records it failed, runs
     # its parameters again, and tops the study up to n_trials finished trials.
+    # (Parameters no finished trial has: those would be told that trial's values.)
+    done = {(t.params["alpha"], t.params["expansion"]) for t in s.trials}
+    alpha, expansion = next((a, e) for a in (0.125, 0.25, 0.375) for e in (1, 2)
+                            if (a, e) not in done)
+    s.enqueue_trial({"alpha": alpha, "expansion": expansion})
     stale = s.ask()
-    stale.suggest_categorical("conv", ["octave", "multi-octave"])
     stale.suggest_categorical("alpha", [0.125, 0.25, 0.375, 0.5, 0.625, 0.75])
     stale.suggest_categorical("expansion", [1, 2])
     result = run_cli(*args, "hydra.sweeper.n_trials=3")
@@ -121,3 +145,57 @@ def test_failed_trials_are_failed_in_the_study_not_numbers(tmp_path):
     assert result.returncode == 1  # the report names the failed runs
     assert "2 of 2 runs did not complete" in result.stderr
     assert [(t.state.name, t.values) for t in study(sweep).trials] == [("FAIL", None)] * 2
+
+
+def trial_dirs(sweep):
+    return sorted((d for d in os.listdir(sweep) if d.startswith("trial=")),
+                  key=lambda d: int(d.split("=")[1]))
+
+
+@pytest.mark.slow
+def test_a_continued_search_never_trains_the_same_parameters_twice(tmp_path):
+    """Three trials, then continued to five with trial 0's parameters queued (as a sampler
+    may propose them): that trial is told trial 0's values, not trained; the continued
+    sampler proposes anew; the report and the front list each configuration once."""
+    import json
+
+    import yaml
+
+    sweep = str(tmp_path / "search")
+    args = ["-m", "experiment=alpha_search", *SMALL, f"hydra.sweep.dir={sweep}"]
+    result = run_cli(*args, "hydra.sweeper.n_trials=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = study(sweep).trials
+    study(sweep).enqueue_trial(dict(first[0].params))
+    result = run_cli(*args, "hydra.sweeper.n_trials=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = study(sweep).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 5
+    repeat = trials[3]
+    assert repeat.params == trials[0].params and repeat.values == trials[0].values
+    assert repeat.system_attrs["octconv_exp:same_as"] == 0
+    assert "Trial 3 has the overrides of trial 0: told its values" in result.stdout + result.stderr
+    # Every trained trial has parameters of its own, and each run dir is its trial's.
+    dirs = trial_dirs(sweep)
+    assert "trial=3" not in dirs and len(dirs) == 4
+    trained = {}
+    for d in dirs:
+        with open(os.path.join(sweep, d, "metrics.json")) as f:
+            m = json.load(f)
+        t = trials[int(d.split("=")[1])]
+        assert (m["conv"], m["alpha"], m["expansion"]) == (
+            "multi-octave", t.params["alpha"], t.params["expansion"])
+        assert t.values == [m["val_accuracy"], m["flops_per_image"]]
+        trained.setdefault((m["alpha"], m["expansion"]), []).append(d)
+    assert all(len(v) == 1 for v in trained.values()), trained
+    # The report: one row per configuration, one run and one seed each; the front once.
+    with open(os.path.join(sweep, "summary_by_config.csv")) as f:
+        groups = list(csv.DictReader(f))
+    assert len(groups) == 4 and all((g["n"], g["seeds"]) == ("1", "0") for g in groups)
+    with open(os.path.join(sweep, "pareto.csv")) as f:
+        front = [(r["alpha"], r["expansion"]) for r in csv.DictReader(f)]
+    assert front and len(front) == len(set(front))
+    with open(os.path.join(sweep, "optimization_results.yaml")) as f:
+        solutions = yaml.safe_load(f)["solutions"]
+    params = [tuple(sorted(s["params"].items())) for s in solutions]
+    assert params and len(params) == len(set(params))
