@@ -218,6 +218,45 @@ def quote_paths(argv, multirun):
     return out
 
 
+def check_override_grammar(overrides, multirun):
+    """Each override must parse in Hydra's override grammar: one line naming the override
+    and how to write it otherwise (Hydra raises with a traceback from wherever it first
+    parses the command line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from .resume import hydra_quoted
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException as exc:
+            fail(describe_grammar_error(text, exc, multirun, hydra_quoted))
+
+
+def describe_grammar_error(text, exc, multirun, hydra_quoted):
+    import shlex
+
+    key, eq, value = text.partition("=")
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        # Bytes that are not UTF-8 (surrogate-escaped by Python): no quoting helps, the
+        # config files Hydra writes are UTF-8 text.
+        return (f"{shown}: not valid UTF-8; octconv-exp's values (and run dirs) must be UTF-8 "
+                "text: choose another name")
+    reason = one_line(str(exc).split("See https://")[0]).replace(f"Error parsing override '{text}' ", "")
+    if reason.startswith("LexerNoViableAltException"):
+        reason = "a character it does not take unquoted"
+    if eq and key.lstrip("+~") in PATH_KEYS:
+        quoted = shlex.quote(f"{key}={hydra_quoted(value)}")
+        return (f"{text}: Hydra's override grammar takes ( ) [ ] {{ }} and quotes in a value "
+                f"only when the value is quoted for Hydra; write it as {quoted}")
+    return (f"{text}: not a valid Hydra override ({reason}); quote a value with special "
+            "characters for Hydra, e.g. 'key=\"a value (1)\"', or write a list as "
+            "key=[a,b]" + (", a sweep as key=a,b" if multirun else ""))
+
+
 def _sets(overrides, key, value):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -319,6 +358,7 @@ def preflight(argv):
     flags = argv[:len(argv) - len(overrides)] if overrides else list(argv)
     if overrides and argv[len(argv) - len(overrides):] == overrides:
         overrides = quote_paths(overrides, args.multirun)
+        check_override_grammar(overrides, args.multirun)
         if args.cfg is None:
             overrides = keep_the_record(overrides)
         if not args.multirun:
