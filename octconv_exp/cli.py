@@ -462,7 +462,7 @@ def run_task(cfg):
     from .resume import explicit_keys
     from .rundir import RunDirLock
     from .runner import Run, run_experiment
-    from .stopping import SWEEP_STOP, StopNow, StopRequest, note_sweep_stop
+    from .stopping import SWEEP_STOP, StopNow, StopRequest, marker_signal, note_sweep_stop
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
@@ -475,11 +475,16 @@ def run_task(cfg):
             signal.signal(sig, note_sweep_stop)
     if multirun and SWEEP_STOP["signal"] is not None:
         return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
+    if in_worker and marker_signal(str(hydra_cfg.sweep.dir)) is not None:
+        # The sweep's own process was signalled (kill PID): this worker was not.
+        return _not_started(run, cfg, output_dir, hydra_cfg, marker_signal(str(hydra_cfg.sweep.dir)))
     writer = launched_rank() == 0  # data-parallel: rank 0 writes the run's outputs
     # Jobs running side by side on this machine each take a GPU of their own (when it has
     # several); the lock dies with the job.
     gpu_claim = (GpuClaim(hydra_cfg.sweep.dir, hydra_cfg.job.num) if in_worker else None)
     with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
+        if in_worker:
+            stop.sweep_dir = str(hydra_cfg.sweep.dir)
         try:
             with (RunDirLock(output_dir) if writer else contextlib.nullcontext()):
                 if writer:
