@@ -57,11 +57,11 @@ class DedupSweeper(BasicSweeper):
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:
             lock_sweep_dir(sweep_dir)
-            start_sweep(sweep_dir)
             parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
             parsed = parser.parse_overrides(self._parse_config() + list(arguments))
             self.overrides = self.split_arguments(parsed, self.max_batch_size)
             self._plan = self._make_plan()
+            start_sweep(sweep_dir)
         except UserError as exc:
             fail(str(exc))
         return super().sweep(arguments)

@@ -253,11 +253,11 @@ if OptunaSweeper is not None:
             target = int(impl.n_trials)
             try:
                 lock_sweep_dir(sweep_dir)  # makes the dir: the study's SQLite file goes in it
-                start_sweep(sweep_dir)
                 new_record = check_study(impl, arguments, sweep_dir)
                 done, first = self._continue_study(impl, sweep_dir)
                 if new_record is not None:
                     record_study(sweep_dir, new_record)
+                start_sweep(sweep_dir)
             except UserError as exc:
                 fail(str(exc))
             impl.n_trials = max(0, target - done)
