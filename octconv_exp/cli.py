@@ -245,7 +245,8 @@ def describe_grammar_error(text, exc, multirun, hydra_quoted):
         # config files Hydra writes are UTF-8 text.
         return (f"{shown}: not valid UTF-8; octconv-exp's values (and run dirs) must be UTF-8 "
                 "text: choose another name")
-    reason = one_line(str(exc).split("See https://")[0]).replace(f"Error parsing override '{text}' ", "")
+    reason = one_line(str(exc).split("See https://")[0])
+    reason = reason.replace(f"Error parsing override '{text}' ", "")
     if reason.startswith("LexerNoViableAltException"):
         reason = "a character it does not take unquoted"
     if eq and key.lstrip("+~") in PATH_KEYS:
@@ -475,9 +476,9 @@ def run_task(cfg):
             signal.signal(sig, note_sweep_stop)
     if multirun and SWEEP_STOP["signal"] is not None:
         return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
-    if in_worker and marker_signal(str(hydra_cfg.sweep.dir)) is not None:
-        # The sweep's own process was signalled (kill PID): this worker was not.
-        return _not_started(run, cfg, output_dir, hydra_cfg, marker_signal(str(hydra_cfg.sweep.dir)))
+    signalled = marker_signal(str(hydra_cfg.sweep.dir)) if in_worker else None
+    if signalled is not None:  # the sweep's own process was signalled (kill PID), not this one
+        return _not_started(run, cfg, output_dir, hydra_cfg, signalled)
     writer = launched_rank() == 0  # data-parallel: rank 0 writes the run's outputs
     # Jobs running side by side on this machine each take a GPU of their own (when it has
     # several); the lock dies with the job.
