@@ -80,11 +80,15 @@ if __name__ == "__main__":
     except UserError as exc:
         fail(str(exc))
     sys.argv[1:] = preflight(sys.argv[1:])
+    from octconv_exp.stopping import SWEEP_STOP
+
     try:
         main()
     except SystemExit as exc:
-        from octconv_exp.stopping import SWEEP_STOP
-
         if SWEEP_STOP["signal"] is not None and exc.code not in (0, None):
             sys.exit(128 + SWEEP_STOP["signal"])  # an interrupted sweep ends as interrupted
         raise
+    if _MULTIRUN and SWEEP_STOP["signal"] is not None:
+        # Stopped, though every job it started completed (the signal came between jobs, or
+        # to a joblib sweep's own process): the jobs it did not start make it interrupted.
+        sys.exit(128 + SWEEP_STOP["signal"])

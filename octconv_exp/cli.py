@@ -234,6 +234,46 @@ def quote_paths(argv, multirun):
     return out
 
 
+def check_override_grammar(overrides, multirun):
+    """Each override must parse in Hydra's override grammar: one line naming the override
+    and how to write it otherwise (Hydra raises with a traceback from wherever it first
+    parses the command line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from .resume import hydra_quoted
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException as exc:
+            fail(describe_grammar_error(text, exc, multirun, hydra_quoted))
+
+
+def describe_grammar_error(text, exc, multirun, hydra_quoted):
+    import shlex
+
+    key, eq, value = text.partition("=")
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        # Bytes that are not UTF-8 (surrogate-escaped by Python): no quoting helps, the
+        # config files Hydra writes are UTF-8 text.
+        return (f"{shown}: not valid UTF-8; octconv-exp's values (and run dirs) must be UTF-8 "
+                "text: choose another name")
+    reason = one_line(str(exc).split("See https://")[0])
+    reason = reason.replace(f"Error parsing override '{text}' ", "")
+    if reason.startswith("LexerNoViableAltException"):
+        reason = "a character it does not take unquoted"
+    if eq and key.lstrip("+~") in PATH_KEYS:
+        quoted = shlex.quote(f"{key}={hydra_quoted(value)}")
+        return (f"{text}: Hydra's override grammar takes ( ) [ ] {{ }} and quotes in a value "
+                f"only when the value is quoted for Hydra; write it as {quoted}")
+    return (f"{text}: not a valid Hydra override ({reason}); quote a value with special "
+            "characters for Hydra, e.g. 'key=\"a value (1)\"', or write a list as "
+            "key=[a,b]" + (", a sweep as key=a,b" if multirun else ""))
+
+
 def _sets(overrides, key, value):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -332,6 +372,7 @@ def preflight(argv):
     flags = argv[:len(argv) - len(overrides)] if overrides else list(argv)
     if overrides and argv[len(argv) - len(overrides):] == overrides:
         overrides = quote_paths(overrides, args.multirun)
+        check_override_grammar(overrides, args.multirun)
         if args.cfg is None:
             overrides = keep_the_record(overrides)
         if not args.multirun:
@@ -511,7 +552,7 @@ def run_task(cfg):
     from .resume import explicit_keys
     from .rundir import RunDirLock
     from .runner import Run, run_experiment
-    from .stopping import SWEEP_STOP, StopNow, StopRequest, note_sweep_stop
+    from .stopping import SWEEP_STOP, StopNow, StopRequest, marker_signal, note_sweep_stop
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
@@ -524,11 +565,16 @@ def run_task(cfg):
             signal.signal(sig, note_sweep_stop)
     if multirun and SWEEP_STOP["signal"] is not None:
         return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
+    signalled = marker_signal(str(hydra_cfg.sweep.dir)) if in_worker else None
+    if signalled is not None:  # the sweep's own process was signalled (kill PID), not this one
+        return _not_started(run, cfg, output_dir, hydra_cfg, signalled)
     writer = launched_rank() == 0  # data-parallel: rank 0 writes the run's outputs
     # Jobs running side by side on this machine each take a GPU of their own (when it has
     # several); the lock dies with the job.
     gpu_claim = (GpuClaim(hydra_cfg.sweep.dir, hydra_cfg.job.num) if in_worker else None)
     with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
+        if in_worker:
+            stop.sweep_dir = str(hydra_cfg.sweep.dir)
         try:
             with (RunDirLock(output_dir) if writer else contextlib.nullcontext()):
                 if writer:

@@ -778,12 +778,22 @@ class SweepReport(Callback):
     """Hydra callback: the report when a multirun ends, and a non-zero exit if a run failed."""
 
     def on_multirun_end(self, config, **kwargs):
+        from .errors import USER_ERROR_EXIT, UserError
+        from .outputs import OutputError
+
         sweep_dir = str(config.hydra.sweep.dir)
         try:
             runs = build_report(sweep_dir)
         except ReportError as exc:
             sys.stderr.write(f"error: sweep report: {exc}\n")
             sys.exit(1)
+        except (OSError, UserError) as exc:
+            # Hydra turns a callback's exception into a warning and exits 0: a sweep whose
+            # report could not be written (summary.md a folder, a full disk) must not look done.
+            if isinstance(exc, OSError) and not isinstance(exc, UserError):
+                exc = OutputError(exc.filename or sweep_dir, exc)
+            sys.stderr.write(f"error: sweep report: {exc}\n")
+            sys.exit(USER_ERROR_EXIT)
         print(f"Sweep summary: {os.path.join(sweep_dir, 'summary.md')}")
         track_sweep(config, sweep_dir)
         line = failure_line(sweep_dir, runs)

@@ -155,3 +155,47 @@ def record_in_the_way(output_dir):
                 f"would replace: resume it ({resume_hint(output_dir)}), or pick another dir")
     return (f"hydra.run.dir={output_dir} holds a run's record ({what}), which a new run would "
             "replace: pick another dir (or delete that one)")
+
+# ------------------------------------------------------------------------------ sweep dirs
+
+SWEEP_LOCK_FILE = ".sweep.lock"
+#: The sweep dir lock this process holds (its open file keeps the flock until the process
+#: exits: the report, written after the sweeper returns, is under it too).
+_HELD_SWEEP_LOCKS = {}
+
+
+class SweepDirBusy(UserError):
+    """Another live sweep (or search) runs in this sweep dir."""
+
+
+def lock_sweep_dir(sweep_dir):
+    """Hold ``<sweep dir>/.sweep.lock`` (an flock, released when this process ends, also by
+    kill -9) for the rest of this process; SweepDirBusy naming the holder if another process
+    holds it. One sweep process at a time per sweep dir: a second one would re-queue the
+    first's live trials and write into its jobs' dirs."""
+    import fcntl
+
+    path = os.path.join(os.path.abspath(sweep_dir), SWEEP_LOCK_FILE)
+    if path in _HELD_SWEEP_LOCKS:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by workers (PEP 446)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        os.close(fd)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        raise SweepDirBusy(
+            f"hydra.sweep.dir={sweep_dir}: another sweep runs in it (pid {holder.get('pid')} on "
+            f"{holder.get('host')}, since {since}); wait for it to end or choose another "
+            "hydra.sweep.dir") from None
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.time()}) + "\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record.encode(), 0)
+    _HELD_SWEEP_LOCKS[path] = fd
+    return path

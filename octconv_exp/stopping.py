@@ -6,6 +6,7 @@ nothing to save; a sweep records its running jobs as interrupted and starts no m
 (:data:`SWEEP_STOP`). Light on purpose: run.py's own handler imports it before torch.
 """
 import logging
+import os
 import signal
 import threading
 
@@ -26,8 +27,13 @@ class StopNow(BaseException):
 
 
 #: The first SIGINT/SIGTERM this process received, in or between runs: a parallel launcher's
-#: worker (joblib) starts no further sweep job after one.
-SWEEP_STOP = {"signal": None}
+#: worker (joblib) starts no further sweep job after one. ``dir``: the sweep dir of the sweep
+#: this process runs (set by the sweepers), where the signal is left for the workers.
+SWEEP_STOP = {"signal": None, "dir": None}
+#: In the sweep dir: the signal the sweep's own process received. A signal sent to that
+#: process alone (kill PID, a scheduler's SIGTERM) does not reach a joblib launcher's worker
+#: processes: they read it here, start no further job and stop the running one at a step.
+STOP_MARKER = ".sweep_stop"
 
 
 def note_sweep_stop(signum, frame=None):
@@ -35,6 +41,37 @@ def note_sweep_stop(signum, frame=None):
     (the jobs still to come are then recorded as interrupted instead of run)."""
     if SWEEP_STOP["signal"] is None:
         SWEEP_STOP["signal"] = signum
+        if SWEEP_STOP.get("dir"):
+            try:
+                with open(os.path.join(SWEEP_STOP["dir"], STOP_MARKER), "w") as f:
+                    f.write(f"{signum}\n")
+            except OSError:  # the workers then see only the signals they get themselves
+                pass
+
+
+def marker_signal(sweep_dir):
+    """The signal the sweep's own process left in ``sweep_dir`` (:data:`STOP_MARKER`), or None."""
+    path = os.path.join(sweep_dir, STOP_MARKER)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or signal.SIGINT)
+    except (OSError, ValueError):
+        return int(signal.SIGINT)
+
+
+def start_sweep(sweep_dir):
+    """A sweeper starts (under the sweep dir's lock): a stop left by an earlier, interrupted
+    sweep in this dir is no longer asked for."""
+    SWEEP_STOP["dir"] = str(sweep_dir)
+    try:
+        os.unlink(os.path.join(str(sweep_dir), STOP_MARKER))
+    except FileNotFoundError:
+        pass
+    if SWEEP_STOP["signal"] is not None:  # arrived while Hydra started the sweeper
+        signum, SWEEP_STOP["signal"] = SWEEP_STOP["signal"], None
+        note_sweep_stop(signum)
 
 
 class StopRequest:
@@ -53,15 +90,27 @@ class StopRequest:
         self.phase = "at start-up"
         self.mode = "immediate"   # immediate | polled | finishing | closing
         self._previous = {}
+        #: A joblib worker's job: the sweep's stop marker, polled with the stop request.
+        self.sweep_dir = None
+        self._from_marker = False
 
     def __call__(self):
+        if self.signal is None and self.sweep_dir is not None:
+            signum = marker_signal(self.sweep_dir)
+            if signum is not None:
+                log.warning("%s received by the sweep: stopping after the current step",
+                            signal.Signals(signum).name)
+                self.signal, self._from_marker = signum, True
         return self.signal is not None
 
     def set_phase(self, mode, phase):
         self.mode, self.phase = mode, phase
 
     def _handle(self, signum, frame):
-        first = self.signal is None
+        # The sweep's marker may be read just before this process's own copy of the same
+        # terminal signal arrives: that is still the first signal.
+        first = self.signal is None or self._from_marker
+        self._from_marker = False
         name = signal.Signals(signum).name
         note_sweep_stop(signum)
         if first:

@@ -9,6 +9,7 @@ Before the first job is launched, the jobs it will run are written into the swee
 started. Everything else is BasicSweeper's.
 """
 import logging
+import os
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -18,8 +19,52 @@ from octconv_exp.sweep import dedupe_vanilla, job_subdirs, plan_entry, write_pla
 log = logging.getLogger(__name__)
 
 
+def check_resume(cfg, job, run_dir):
+    """resume=true: the job's checkpoint must take this job's overrides (the check each job
+    makes, all of them before the first starts: otherwise every job is refused, alone)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from octconv_exp.resume import config_for_resume, explicit_keys
+    from octconv_exp.runner import find_resume_checkpoint
+
+    if not OmegaConf.select(cfg, "resume", default=False):
+        return
+    task = cfg.copy()
+    with open_dict(task):
+        task.pop("hydra", None)
+    if task.get("ckpt_path") is None and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return  # a job that never ran: it starts afresh
+    try:
+        found = find_resume_checkpoint(task, run_dir, fresh_if_no_checkpoint=True)
+    except UserError:  # an unreadable checkpoint: that job says so, the others run
+        return
+    if found is not None:
+        config_for_resume(task, found[1], explicit_keys(job), found[0])
+
+
 class DedupSweeper(BasicSweeper):
     _plan = None
+
+    def sweep(self, arguments):
+        """One sweep process per sweep dir; a resume that would change a job is refused
+        before anything is written (multirun.yaml, jobs.yaml)."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from octconv_exp.cli import fail
+        from octconv_exp.rundir import lock_sweep_dir
+        from octconv_exp.stopping import start_sweep
+
+        sweep_dir = str(self.config.hydra.sweep.dir)
+        try:
+            lock_sweep_dir(sweep_dir)
+            parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+            parsed = parser.parse_overrides(self._parse_config() + list(arguments))
+            self.overrides = self.split_arguments(parsed, self.max_batch_size)
+            self._plan = self._make_plan()
+            start_sweep(sweep_dir)
+        except UserError as exc:
+            fail(str(exc))
+        return super().sweep(arguments)
 
     def _compose(self, job):
         return self.hydra_context.config_loader.load_sweep_config(self.config, list(job))
@@ -41,6 +86,9 @@ class DedupSweeper(BasicSweeper):
             log.info("Vanilla ignores alpha: %d duplicate vanilla job(s) not launched", dropped)
         subdirs = job_subdirs(kept, lambda job: config_of(job).seed)
         named = [job + [f"hydra.sweep.subdir='{subdir}'"] for job, subdir in zip(kept, subdirs)]
+        for job, subdir in zip(kept, subdirs):
+            check_resume(config_of(job), job, os.path.join(str(self.config.hydra.sweep.dir),
+                                                           subdir))
         self._write_plan([plan_entry(subdir, job, config_of(job))
                           for job, subdir in zip(kept, subdirs)])
         size = max(len(batch) for batch in batches) if batches else 1
