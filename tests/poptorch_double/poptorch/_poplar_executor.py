@@ -1125,11 +1125,21 @@ class PoplarExecutor:
                     _, inputs = steps[i]
                     i += 1
                     before = self._versions() if trace and i == 1 else None
-                    with _LossTracer() as tracer:
+                    returned = self.__dict__.get("_loss_is_returned", False)
+                    if returned:
                         out = self._run_model(inputs)
+                        loss = out[-1] if isinstance(out, (tuple, list)) else out
+                    else:
+                        with _LossTracer() as tracer:
+                            out = self._run_model(inputs)
+                        loss = tracer.final_loss()
+                        if self.calls == 1:
+                            # PopTorch traces once (the first call): when its loss is what
+                            # forward returns, later steps skip the (slow) dispatch mode.
+                            last = out[-1] if isinstance(out, (tuple, list)) else out
+                            self._loss_is_returned = last is loss
                     if before is not None:
                         self._check_buffer_broadcast(before)
-                    loss = tracer.final_loss()
                     if loss.dim():
                         # reduction "none" on a tensor: the double seeds every element's
                         # gradient with 1 (PopART's identityloss is not in these sources:
