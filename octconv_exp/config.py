@@ -823,6 +823,12 @@ def _validate_ipu(cfg):
     ipu = cfg.ipu
     _require_int("ipu.device_iterations", ipu.device_iterations, 1, "must be a positive integer")
     _require_int("ipu.replicas", ipu.replicas, 1, "must be a positive integer")
+    if ipu.replicas & (ipu.replicas - 1):
+        # PopTorch reserves a power of 2 of IPUs per process and refuses any other count
+        # unless autoRoundNumIPUs, which this backend does not set (CompilerImpl.cpp:693-716).
+        raise ConfigError("ipu.replicas", ipu.replicas,
+                          "must be a power of 2 (1, 2, 4, 8, ...): PopTorch reserves IPUs per "
+                          "process in powers of 2")
     _require_int("ipu.gradient_accumulation", ipu.gradient_accumulation, 1,
                  "must be a positive integer")
     _require_int("ipu.num_workers", ipu.num_workers, 0, "must be an integer >= 0")

@@ -8,6 +8,7 @@ returns ``(log_probs, loss)``: the loss is computed inside the model because Pop
 it, and so every backend runs the same training loop.
 """
 import contextlib
+import sys
 from typing import Callable, ContextManager, Optional
 
 import octconv
@@ -197,6 +198,7 @@ class ClassificationModel(nn.Module):
         # log-probabilities is the identity), smoothed. Neither has parameters.
         self.loss = (nn.NLLLoss() if not label_smoothing
                      else nn.CrossEntropyLoss(label_smoothing=float(label_smoothing)))
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, x, labels=None):
         out = self.convlayers(x)
@@ -204,7 +206,31 @@ class ClassificationModel(nn.Module):
         out = self.log_softmax(self.fc(out))
         if labels is None:
             return out
+        if self.label_smoothing and poptorch_traces():
+            return out, ipu_loss(smoothed_nll(out, labels, self.label_smoothing))
         return out, self.loss(out, labels)
+
+
+def poptorch_traces():
+    """True while PopTorch runs a model for an IPU (poptorch.isRunningOnIpu), without importing
+    it where nothing has (CPU/GPU runs)."""
+    poptorch = sys.modules.get("poptorch")
+    return poptorch is not None and poptorch.isRunningOnIpu()
+
+
+def smoothed_nll(log_probs, labels, label_smoothing):
+    """torch's label-smoothed cross-entropy of log-probabilities from explicit ops:
+    ``(1 - eps) * nll + eps * mean(-log_probs)`` (CrossEntropyLoss(label_smoothing) to float
+    rounding). PopTorch sees CrossEntropyLoss only decomposed, and marks just its NLL part as
+    a loss: the smoothing term would be reported but not trained (issue 26, docs/ipu.md)."""
+    nll = F.nll_loss(log_probs, labels)
+    return (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean()
+
+
+def ipu_loss(loss):
+    """The loss PopTorch trains: the NLL part's own identity loss becomes part of this one
+    (RemoveSurplusIdentityLosses.cpp), so the whole smoothed loss gets its gradient."""
+    return sys.modules["poptorch"].identity_loss(loss, reduction="none")
 
 
 def octave_branches(conv):
@@ -225,11 +251,15 @@ class WithLoss(nn.Module):
         super().__init__()
         self.net = net
         self.loss = nn.CrossEntropyLoss(label_smoothing=float(label_smoothing))
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, x, labels=None):
         out = self.net(x)
         if labels is None:
             return out
+        if self.label_smoothing and poptorch_traces():
+            log_probs = F.log_softmax(out, dim=1)
+            return out, ipu_loss(smoothed_nll(log_probs, labels, self.label_smoothing))
         return out, self.loss(out, labels)
 
 

@@ -349,9 +349,16 @@ def _run(s, resume_from, evaluate_from):
     """The run itself, on a backend that :func:`run_experiment` closes however it ends."""
     cfg, run, backend = s.cfg, s.run, s.backend
     if cfg.profile_dir is not None:
-        model = backend.build_model(num_classes=10)
+        # The profiled batch has the data's image size and classes (the model is built for them).
+        s.data = load_data(cfg.dataset)
+        model = backend.build_model(num_classes=s.num_classes)
+        try:
+            check_input_size(model, s.data.image_shape)
+        except ValueError as exc:
+            raise UserError(f"model={model_name(cfg)} {exc}") from None
         optimizer = backend.build_optimizer(model)
-        written = backend.profile(model, optimizer, cfg.profile_dir)
+        written = backend.profile(model, optimizer, cfg.profile_dir, s.data.image_shape,
+                                  s.num_classes)
         log.info("Profile of one training iteration on %s written to %s", s.device,
                  ", ".join(written))
         run.status = "profiled"
@@ -591,6 +598,12 @@ def train(s, start):
                                 progress_bar=show_progress(cfg), resume=progress,
                                 should_stop=should_stop, reduce=reducer())
         except Interrupted as exc:
+            if not hasattr(s.train_loader, "resume_pass"):
+                # PopTorch's loader cannot start a pass part-way: a checkpoint here would call
+                # the steps already trained "epoch - 1 done" and train them again on resume.
+                # The last whole epoch's checkpoint stays, and the epoch is redone from it.
+                raise run_interrupted(run, s.stop, epoch, exc.progress.steps,
+                                      whole_epochs=True) from None
             save_checkpoint(s, epoch - 1, exc.progress)
             raise run_interrupted(run, s.stop, epoch, exc.progress.steps) from None
         progress = None
@@ -836,12 +849,21 @@ def evaluate_only(s, evaluate_from):
     return run.metrics()
 
 
-def run_interrupted(run, stop, epoch, steps):
+def run_interrupted(run, stop, epoch, steps, whole_epochs=False):
+    """``whole_epochs``: the checkpoint is the last whole epoch's (device=ipu), if any."""
     run.status = "interrupted"
     name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
-    run.error = (f"interrupted by {name} at epoch {epoch}, step {steps}; checkpoint in "
-                 f"{os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)}; continue with: "
-                 f"{resume_hint(run.output_dir, run.cfg)}")
+    last = os.path.join(run.output_dir, CHECKPOINT_DIR, LAST)
+    if not whole_epochs:
+        then = f"checkpoint in {last}; continue with: {resume_hint(run.output_dir, run.cfg)}"
+    elif os.path.exists(last):
+        then = (f"device=ipu checkpoints whole epochs only: checkpoint of epoch {epoch - 1} in "
+                f"{last}, epoch {epoch} starts again; continue with: "
+                f"{resume_hint(run.output_dir, run.cfg)}")
+    else:
+        then = ("device=ipu checkpoints whole epochs only and none has ended: start the run "
+                "again")
+    run.error = f"interrupted by {name} at epoch {epoch}, step {steps}; {then}"
     run.write_metrics()
     return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
 

@@ -170,6 +170,22 @@ def test_profile_on_ipu_is_the_seeds(tmp_path):
     assert executor["options"]["popart"]["syntheticDataMode"] == 2  # RandomNormal, no host I/O
 
 
+@pytest.mark.slow
+def test_profile_on_ipu_takes_the_model_and_the_datas_shape(tmp_path, image_folder_root):
+    """A ResNet (wrapped in WithLoss: no ``fc`` of its own) profiles, compiled for the data's
+    40x40 images and 3 classes, not the seed's 3x32x32 and 10 (issue 26.4)."""
+    prof = tmp_path / "prof"
+    res, log, metrics = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true",
+                                "model=resnet_cifar", "model.depth=8", f"profile_dir={prof}",
+                                "dataset=image_folder", f"dataset.root={image_folder_root}",
+                                "dataset.image_size=40", "ipu.device_iterations=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert metrics["status"] == "profiled"
+    (executor,) = log["executors"]
+    assert executor["input_shapes"] == {"x": [[8 * 2, 3, 40, 40]], "labels": [[8 * 2]]}
+    assert executor["calls"] == 1
+
+
 def test_profile_with_cache_dir_is_refused():
     from octconv_exp.config import validate
     from octconv_exp.errors import ConfigError
@@ -231,6 +247,89 @@ def test_first_training_step_matches_plain_pytorch(poptorch, mode):
     backend.close()
 
 
+@pytest.mark.parametrize("model", [[], ["model=resnet_cifar", "model.depth=8"]],
+                         ids=["seed_cnn", "resnet_cifar-8"])
+def test_label_smoothing_is_trained_on_the_ipu(poptorch, model):
+    """PopTorch trains only its identity loss: the smoothing term must reach it (issue 26.1).
+    One step on the double equals a CPU step with the smoothed cross-entropy."""
+    backend, cfg = _backend(poptorch, *model, "trainer.label_smoothing=0.4",
+                            "ipu.device_iterations=1")
+    backend.train_options = backend.make_options(train=True)
+    from octconv_exp.model import build_model
+
+    torch.manual_seed(0)
+    model = backend.build_model(num_classes=10)
+    reference = build_model(cfg)
+    reference.load_state_dict(model.state_dict())
+    optimizer = backend.build_optimizer(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=cfg.optimizer.lr)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _, loss = backend.training_step(model, optimizer)(x, y)
+    reference.train()
+    _, ref_loss = reference(x, y)
+    ref_loss.backward()
+    ref_opt.step()
+    assert torch.allclose(loss, ref_loss.detach(), atol=1e-6)
+    moved = [(p - q).abs().max().item() for p, q in zip(model.parameters(),
+                                                        reference.parameters())]
+    assert max(moved) < 1e-6, moved
+    backend.close()
+
+
+def test_explicit_smoothed_loss_is_torchs(poptorch):
+    """The IPU's explicit smoothed loss equals CrossEntropyLoss(label_smoothing), which the CPU
+    keeps, for log-probabilities (the seed CNN) and logits (WithLoss)."""
+    from octconv_exp.model import smoothed_nll
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 10, generator=gen) * 4
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    for eps in (0.0, 0.1, 0.4):
+        expected = torch.nn.CrossEntropyLoss(label_smoothing=eps)(logits, labels)
+        log_probs = torch.log_softmax(logits, dim=1)
+        assert torch.allclose(smoothed_nll(log_probs, labels, eps), expected, atol=1e-6)
+        on_log_probs = torch.nn.CrossEntropyLoss(label_smoothing=eps)(log_probs, labels)
+        assert torch.allclose(smoothed_nll(log_probs, labels, eps), on_log_probs, atol=1e-6)
+    # and it is not the unsmoothed loss
+    assert not torch.allclose(smoothed_nll(log_probs, labels, 0.4),
+                              torch.nn.functional.nll_loss(log_probs, labels), atol=1e-3)
+
+
+def test_double_trains_only_the_identity_loss(poptorch):
+    """PopTorch differentiates its one independent identity loss, not what forward returns:
+    a term added after it gets no gradient; two independent losses are refused."""
+    class Model(torch.nn.Module):
+        def __init__(self, final):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.extra = torch.nn.Parameter(torch.ones(()))
+            self.final = final
+
+        def forward(self, x, y):
+            out = torch.log_softmax(self.fc(x), dim=1)
+            nll = torch.nn.functional.nll_loss(out, y)
+            if self.final == "added":
+                return out, nll + self.extra ** 2
+            if self.final == "identity":
+                return out, poptorch.identity_loss(nll + self.extra ** 2, reduction="none")
+            return out, poptorch.identity_loss(self.extra ** 2, reduction="mean") + nll
+
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    for final, extra_trained in (("added", False), ("identity", True)):
+        model = Model(final)
+        opt = poptorch.optim.SGD(model.parameters(), lr=0.5)
+        training = poptorch.trainingModel(model, poptorch.Options().useIpuModel(True), opt)
+        for _ in range(2):  # the loss PopTorch traced at the first call stays the loss
+            _, loss = training(x, y)
+        if not extra_trained:
+            assert float(loss) > 1.0  # what forward returns includes the untrained term
+        assert (model.extra.item() != 1.0) == extra_trained, final
+    model = Model("two")
+    with pytest.raises(poptorch.Error, match="Multiple independent losses"):
+        poptorch.trainingModel(model, poptorch.Options().useIpuModel(True),
+                               poptorch.optim.SGD(model.parameters(), lr=0.5))(x, y)
+
+
 # ------------------------------------------------------------------------------ the double enforces
 
 
@@ -249,6 +348,26 @@ def test_ipu_backend_needs_ipus_or_the_model(poptorch, monkeypatch):
     with pytest.raises(UserError, match="use_ipu_model"):
         IpuBackend(compose("device=ipu"))
     IpuBackend(compose("device=ipu", "ipu.use_ipu_model=true"))
+
+
+def test_poptorch_ipu_model_from_the_environment_is_not_overridden(poptorch, monkeypatch):
+    """useIpuModel(False) takes precedence over POPTORCH_IPU_MODEL (options.py:1567-1581): the
+    backend calls it only when ipu.use_ipu_model=true, so the variable still picks the IPU
+    Model on a machine without IPUs (issue 26.7)."""
+    from octconv_exp.backends.ipu import IpuBackend
+
+    monkeypatch.setenv("POPTORCH_IPU_MODEL", "1")
+    cfg = compose("device=ipu", "ipu.device_iterations=1")
+    backend = IpuBackend(cfg)
+    backend.train_options = backend.make_options(train=True)
+    assert not backend.train_options.exists("use_model")
+    model = backend.build_model(num_classes=10)
+    _, loss = backend.training_step(model, backend.build_optimizer(model))(
+        torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    assert torch.isfinite(loss)
+    backend.close()
+    with_model = IpuBackend(compose("device=ipu", "ipu.use_ipu_model=true"))
+    assert with_model.make_options(train=True).use_model is True
 
 
 def test_count_correct_aligns_on_the_last_rows():
@@ -363,6 +482,39 @@ def test_resume_of_a_finished_ipu_run_copies_nothing_back(tmp_path):
     assert again["status"] == "completed" and again["epochs_completed"] == 1
     assert again["test_accuracy"] == first["test_accuracy"]
     assert log["executors"][0]["training"] and log["executors"][0]["calls"] == 0
+
+
+@pytest.mark.slow
+def test_ipu_stopped_inside_an_epoch_resumes_from_the_last_whole_one(tmp_path):
+    """poptorch.DataLoader cannot start a pass part-way: a checkpoint written k steps into
+    epoch 2 would call those steps "epoch 1 done" and train them twice (issue 26.3). The stop
+    keeps epoch 1's checkpoint, and the resumed run ends as an uninterrupted one."""
+    args = ["device=ipu", "ipu.use_ipu_model=true", *SMALL, "ipu.device_iterations=2",
+            "dataset.train_size=320"]
+    # 320 / (8 x 2) = 20 steps per epoch
+    whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}", env={"PYTHONPATH": DOUBLE})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_dir = tmp_path / "stopped"
+    stopped = run_cli(*args, f"hydra.run.dir={run_dir}",
+                      env={"PYTHONPATH": DOUBLE, "OCTCONV_EXP_SIGNAL_AT": "step:25"})
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    resumed = run_cli(*args, f"hydra.run.dir={run_dir}", "resume=true",
+                      env={"PYTHONPATH": DOUBLE})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [line.split(",")[:3] for line in (run_dir / "epochs.csv").read_text().splitlines()]
+    expected = [line.split(",")[:3]
+                for line in (tmp_path / "whole" / "epochs.csv").read_text().splitlines()]
+    assert rows == expected  # epoch, train_loss, train_accuracy of both epochs
+    done = json.loads((run_dir / "metrics.json").read_text())
+    assert done["test_accuracy"] == json.loads(
+        (tmp_path / "whole" / "metrics.json").read_text())["test_accuracy"]
+    assert "checkpoints whole epochs only: checkpoint of epoch 1" in stopped.stderr
+    # Stopped inside the first epoch: nothing to resume from, and the line says so.
+    first = run_cli(*args, f"hydra.run.dir={tmp_path / 'first'}",
+                    env={"PYTHONPATH": DOUBLE, "OCTCONV_EXP_SIGNAL_AT": "step:5"})
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert "none has ended: start the run again" in first.stderr
+    assert not (tmp_path / "first" / "checkpoints" / "last.pt").exists()
 
 
 def test_data_order_follows_the_seed_in_the_loader_worker(poptorch):
@@ -496,6 +648,22 @@ def test_replicas_ask_for_as_many_ipus(tmp_path):
     assert m["device"] == "cpu" and "ipuHardwareIsAvailable(2)" in log["events"]
 
 
+def test_replicas_must_be_a_power_of_two(poptorch, monkeypatch):
+    """PopTorch refuses 3 IPUs per process without autoRoundNumIPUs (CompilerImpl.cpp:707;
+    the double too): the config says so before anything starts (issue 26.5)."""
+    from octconv_exp.config import validate
+    from octconv_exp.errors import ConfigError
+
+    monkeypatch.setenv("POPTORCH_DOUBLE_IPUS", "4")
+    opts = poptorch.Options().replicationFactor(3)
+    with pytest.raises(poptorch.Error, match="must reserve a minimum of 4"):
+        poptorch.inferenceModel(torch.nn.Linear(2, 2), opts)(torch.zeros(3, 2))
+    with pytest.raises(ConfigError, match=r"ipu.replicas=3: must be a power of 2"):
+        validate(compose("device=ipu", "ipu.replicas=3"), check_environment=False)
+    for replicas in (1, 2, 4):
+        validate(compose("device=ipu", f"ipu.replicas={replicas}"), check_environment=False)
+
+
 def test_ipu_model_with_replicas_and_drop_last_false_are_refused():
     from octconv_exp.config import validate
     from octconv_exp.errors import ConfigError
@@ -534,20 +702,16 @@ def test_evaluate_only_starts_no_training_loader(tmp_path):
 
 
 def test_profiling_keeps_the_users_engine_options(poptorch, tmp_path, monkeypatch):
-    from octconv_exp.backends.ipu import merged_engine_options
-    from octconv_exp.errors import UserError
-
-    merged = json.loads(merged_engine_options('{"autoReport.all": "false", "debug.x": "1"}',
-                                              {"autoReport.all": "true", "autoReport.directory": "/p"}))
-    assert merged == {"autoReport.all": "false", "debug.x": "1", "autoReport.directory": "/p"}
-    with pytest.raises(UserError, match="POPLAR_ENGINE_OPTIONS"):
-        merged_engine_options("{not json", {})
-    # Through the backend: Options.enableProfiling where the SDK has it (3.4 does).
+    """Options.enableProfiling (3.3 and 3.4): the report's engine options, with
+    debug.allowOutOfMemory; POPLAR_ENGINE_OPTIONS stays the user's."""
     monkeypatch.setenv("POPLAR_ENGINE_OPTIONS", '{"debug.x": "1"}')
     backend, _ = _backend(poptorch, "conv=octave", "ipu.device_iterations=2")
     model = backend.build_model(num_classes=10)
-    backend.profile(model, backend.build_optimizer(model), str(tmp_path / "prof"))
+    backend.profile(model, backend.build_optimizer(model), str(tmp_path / "prof"), (3, 32, 32),
+                    10)
     assert os.environ["POPLAR_ENGINE_OPTIONS"] == '{"debug.x": "1"}'  # left as the user set it
     (record,) = poptorch.LOG["executors"]
-    assert record["options"]["popart"]["engineOptions"]["autoReport.directory"] == str(tmp_path / "prof")
+    engine = record["options"]["popart"]["engineOptions"]
+    assert engine == {"autoReport.directory": str(tmp_path / "prof"), "autoReport.all": "true",
+                      "debug.allowOutOfMemory": "true"}
     backend.close()

@@ -454,6 +454,34 @@ def test_outputs_refuse_backward(poptorch):
         out.backward()
 
 
+def test_rng_state_is_refreshed_only_by_a_run(poptorch):
+    """_poplar_executor.py:1122-1133: compiled but never run, rng_state is what __init__
+    cached (224-226: [random_seed], or None without a seed); a run makes it dirty (1285)."""
+    model = poptorch.inferenceModel(torch.nn.Linear(2, 2), poptorch.Options().useIpuModel(True))
+    model.compile(torch.zeros(1, 2))
+    assert model.rng_state is None
+    seeded = poptorch.inferenceModel(torch.nn.Linear(2, 2),
+                                     poptorch.Options().useIpuModel(True).randomSeed(5))
+    seeded.compile(torch.zeros(1, 2))
+    assert seeded.rng_state == [5]
+    seeded(torch.zeros(1, 2))
+    assert seeded.rng_state[0] == 5 and len(seeded.rng_state) > 1
+
+
+def test_popdist_has_only_its_public_functions():
+    """popdist.getLocalInstanceIndex is in no public PopDist source (issue 26.7): the double
+    must not offer what the real module may lack."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, DOUBLE)
+    try:
+        popdist = importlib.import_module("popdist")
+        assert not hasattr(popdist, "getLocalInstanceIndex")
+    finally:
+        sys.path.remove(DOUBLE)
+
+
 def test_offline_compilation(poptorch):
     """options.py:1584-1603, 1656-1667; _poplar_executor.py:1026-1043, 1232-1235, 1576-1578."""
     model = poptorch.inferenceModel(torch.nn.Linear(2, 2),

@@ -25,7 +25,6 @@ _poplar_executor.py, _dataloader.py, optim.py, ops.py) and tested with a test do
 """
 import contextlib
 import inspect
-import json
 import logging
 import os
 from typing import List
@@ -145,6 +144,19 @@ class InstanceShardSampler(torch.utils.data.Sampler):
         return (len(self.sampler) // g) * self.combined
 
 
+def ipu_model_from_environment():
+    """POPTORCH_IPU_MODEL or POPTORCH_SMALL_IPU_MODEL set to a non-zero integer: PopTorch uses
+    the IPU Model where the options do not say (popart_compiler/source/CompilerImpl.cpp
+    :462-476, Utils.cpp:30-53)."""
+    for name in ("POPTORCH_IPU_MODEL", "POPTORCH_SMALL_IPU_MODEL"):
+        try:
+            if int(os.environ.get(name, "0")) != 0:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def popdist_module():
     """Graphcore's popdist when poprun started this process (its environment set), else
     None (graphcore/examples vision/cnns/pytorch/utils/distributed.py: isPopdistEnvSet)."""
@@ -225,7 +237,8 @@ class IpuBackend:
         self.poptorch = import_poptorch()
         ipu = cfg.ipu
         needed = ipus_needed(cfg)
-        if not ipu.use_ipu_model and not self.poptorch.ipuHardwareIsAvailable(needed):
+        if not ipu.use_ipu_model and not ipu_model_from_environment() and \
+                not self.poptorch.ipuHardwareIsAvailable(needed):
             raise UserError(f"device=ipu: this run needs {needed} IPU(s) (ipu.replicas) and "
                             f"poptorch.ipuHardwareIsAvailable({needed}) is False; check "
                             "`gc-info -l`, lower ipu.replicas, or set ipu.use_ipu_model=true to "
@@ -260,8 +273,7 @@ class IpuBackend:
                 f"instance(s): poprun --num-replicas {total} --num-instances {self.instances}); "
                 f"set ipu.replicas={local}")
         if self.instances > 1:
-            distributed.join_poprun(self.instance, self.instances,
-                                    popdist.getLocalInstanceIndex())
+            distributed.join_poprun(self.instance, self.instances)
         log.info("PopRun: instance %d of %d, %d local replica(s) of %d", self.instance,
                  self.instances, local, total)
 
@@ -302,7 +314,10 @@ class IpuBackend:
             # Separate caches for the training and the inference executable, as the seed did.
             suffix = "train" if train else "inference"
             opts.enableExecutableCaching(os.path.join(ipu.cache_dir, f"{cfg.conv.mode}-{suffix}"))
-        opts.useIpuModel(bool(ipu.use_ipu_model))
+        if ipu.use_ipu_model:
+            # Only when asked: useIpuModel(False) would override POPTORCH_IPU_MODEL=1 (options.py
+            # :1567-1581, "takes precedence over the POPTORCH_IPU_MODEL environment variable").
+            opts.useIpuModel(True)
         if ipu.available_memory_proportion is not None:
             opts.setAvailableMemoryProportion({"IPU0": float(ipu.available_memory_proportion)})
         if ipu.synthetic_data:
@@ -354,8 +369,9 @@ class IpuBackend:
 
         PopTorch marks every attribute passed explicitly as *variable* (poptorch 3.4
         python/optim.py ``_parseArgs``: "Attributes explicitly set by the user are considered
-        variable"), and an attribute not given is constant when it has its default value
-        (python/_optimizer_attributes.py ``_IsEqualTo``). A variable momentum, even 0, makes
+        variable"), and one not given is constant: for a ``poptorch.optim`` optimizer the
+        const-ness is ``variable_attrs.isConstant(name)`` (python/_optimizer_attributes.py
+        :413-419, optim.py:29-31), not the value tests of torch optimizers (``_IsEqualTo``). A variable momentum, even 0, makes
         PopART use SGD2 (velocity and accumulator tensors per weight; PopART sgd.cpp), where
         the seed's ``torch.optim.SGD(lr=...)`` compiles to the plain SGD0. Passing only what
         differs keeps the default config compiling to the seed's."""
@@ -572,48 +588,28 @@ class IpuBackend:
 
     # ---------------------------------------------------------------------------- profiling
 
-    def profile(self, model, optimizer, profile_dir):
+    def profile(self, model, optimizer, profile_dir, image_shape, num_classes):
         """The seed's profiling: Poplar's autoReport into profile_dir, synthetic data, one
-        training iteration.
+        training iteration, compiled for the data's ``image_shape`` (C, H, W) and
+        ``num_classes``.
 
-        With ``Options.enableProfiling`` (poptorch 3.4 python/options.py) the report goes
-        through the options; otherwise through ``POPLAR_ENGINE_OPTIONS`` as the seed did,
-        merged into what the user already set there (their values win, as PopTorch's do)."""
+        Through ``Options.enableProfiling`` (SDK 3.3 and 3.4: python/options.py:1797-1840),
+        which also sets ``debug.allowOutOfMemory`` (1836: a graph that does not fit still
+        compiles and is reported) and leaves ``POPLAR_ENGINE_OPTIONS`` to the user (its values
+        win in Poplar; PopTorch warns, 1825-1833)."""
         check_ipu_profiling(self.cfg)
         os.makedirs(profile_dir, exist_ok=True)
         directory = os.path.abspath(profile_dir)
         self.train_options = self.make_options(train=True)
-        if hasattr(self.train_options, "enableProfiling"):
-            self.train_options.enableProfiling(directory)
-        else:
-            os.environ["POPLAR_ENGINE_OPTIONS"] = merged_engine_options(
-                os.environ.get("POPLAR_ENGINE_OPTIONS"),
-                {"autoReport.all": "true", "autoReport.directory": directory,
-                 "profiler.format": "v3"})
+        self.train_options.enableProfiling(directory)
         self.train_options.enableSyntheticData(True)
         step = self.training_step(model, optimizer)
         n = self.combined_batch(self.cfg.trainer.batch_size, train=True)
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(n, 3, 32, 32, generator=gen)
-        labels = torch.randint(0, model.fc.out_features, (n,), generator=gen)
+        images = torch.randn(n, *image_shape, generator=gen)
+        labels = torch.randint(0, num_classes, (n,), generator=gen)
         step(images, labels)
         return [directory]
-
-
-def merged_engine_options(current, ours):
-    """``POPLAR_ENGINE_OPTIONS`` (JSON) with our keys added where the user set none."""
-    merged = {}
-    if current and current.strip():
-        try:
-            merged = json.loads(current)
-        except ValueError:
-            merged = None
-        if not isinstance(merged, dict):
-            raise UserError(f"POPLAR_ENGINE_OPTIONS is not a JSON object ({current!r}); fix or "
-                            "unset it before profiling")
-    for key, value in ours.items():
-        merged.setdefault(key, value)
-    return json.dumps(merged)
 
 
 def _same(value, default):

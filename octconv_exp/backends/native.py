@@ -295,15 +295,16 @@ class NativeBackend:
         self.loaders = []
         self.data_parallel = self.compiled_data_parallel = None
 
-    def profile(self, model, optimizer, profile_dir):
-        """One training iteration under torch.profiler (after one warm-up iteration)."""
+    def profile(self, model, optimizer, profile_dir, image_shape, num_classes):
+        """One training iteration under torch.profiler (after one warm-up iteration), of a
+        batch of the data's ``image_shape`` (C, H, W) and ``num_classes``."""
         from torch.profiler import ProfilerActivity, profile
 
         t = self.cfg.trainer
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(t.batch_size, 3, 32, 32, generator=gen).to(self.device).contiguous(
+        images = torch.randn(t.batch_size, *image_shape, generator=gen).to(self.device).contiguous(
             memory_format=self.memory_format)
-        labels = torch.randint(0, model.fc.out_features, (t.batch_size,), generator=gen).to(self.device)
+        labels = torch.randint(0, num_classes, (t.batch_size,), generator=gen).to(self.device)
         step = self.training_step(model, optimizer)
         step(images, labels)  # warm-up: first-call allocations are not what we want to see
         activities = [ProfilerActivity.CPU]

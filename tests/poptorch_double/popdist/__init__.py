@@ -52,10 +52,6 @@ def getNumInstances():
     return getNumTotalReplicas() // getNumLocalReplicas()
 
 
-def getLocalInstanceIndex():
-    return int(os.environ.get("POPDIST_LOCAL_INSTANCE_INDEX", "0"))
-
-
 def getDeviceId(ipusPerReplica=0):
     return getInstanceIndex()
 

@@ -52,7 +52,7 @@ from ._dataloader import AsynchronousDataAccessor, DataLoader
 from ._poplar_executor import (PoplarExecutor, __version__, inferenceModel, isRunningOnIpu,
                                trainingModel)
 from .enums import *  # noqa: F401,F403  (__init__.py:46)
-from .ops import MultiConv
+from .ops import MultiConv, identity_loss  # __init__.py:47 (from .ops import *)
 from .options import Options
 
 

@@ -7,9 +7,9 @@ weights on the IPU but copies them back implicitly whenever the host model is re
 weights the difference does not show; what does not work on real PopTorch either is noted
 where modelled. Not modelled: device-resident weights that host writes do not reach
 (``model.load_state_dict`` on the user model after compilation is silently overwritten on real
-PopTorch unless ``executor.load_state_dict``/``copyWeightsToDevice`` is used), the
-identity-loss detection of training graphs (RemoveSurplusIdentityLosses.cpp:103-107; the double
-takes the last output of a training model as its loss), pipelining/phased execution, anchors.
+PopTorch unless ``executor.load_state_dict``/``copyWeightsToDevice`` is used),
+pipelining/phased execution, anchors. What a training model trains is what PopTorch marks as
+its loss, not what its forward returns (:class:`_LossTracer`).
 """
 import collections
 import copy
@@ -20,6 +20,7 @@ from types import MethodType
 from typing import List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import enums, optim, ops
 from ._errors import NO_EXECUTABLE_ERR, _RuntimeError, _cpp_error, createPoptorchError
@@ -281,6 +282,75 @@ def _sgd_variant(dict_optimizer, optimizer):
 _STATE_PREFIX = {"momentum_buffer": "Accl___", "exp_avg": "Accl1___", "exp_avg_sq": "Accl2___",
                  "square_avg": "Accl2___", "grad_avg": "Accl3___", "step": "Step___",
                  "max_exp_avg_sq": "Accum___"}
+
+
+# ------------------------------------------------------------------------------- losses
+
+# The aten ops PopTorch's dispatcher intercepts as losses "so that we can mark the loss tensor
+# (see `IsLoss`); otherwise, the op will get decomposed by PyTorch"
+# (poptorch/source/dispatch_tracer/RegisterOptionalAtenOps.cpp.inc:34-35, 111, 118-131); each
+# one's handler ends in createIdentityloss (popart_canonicalization/LossOps.cpp:141 for
+# nll_loss_forward / nll_loss2d_forward, registered at 637-639; AtenHandlers.gen.cpp for
+# mse_loss, l1_loss, ...). An op torch decomposes above the IPU dispatch key (a composite such
+# as cross_entropy_loss) is never seen whole: only its parts are.
+_ATEN_LOSS_OPS = frozenset((
+    "nll_loss_forward", "nll_loss2d_forward", "binary_cross_entropy_with_logits",
+    "cosine_embedding_loss", "ctc_loss", "hinge_embedding_loss", "kl_div", "l1_loss",
+    "margin_ranking_loss", "poisson_nll_loss", "soft_margin_loss", "triplet_margin_loss",
+    "mse_loss", "smooth_l1_loss"))
+
+
+class _LossTracer(TorchDispatchMode):
+    """The identity losses of one training forward pass, and the one PopART trains.
+
+    Python's dispatch mode sees the aten ops below autograd, as PopTorch's dispatcher does at
+    the IPU key: the outputs of ``_ATEN_LOSS_OPS`` and of ``poptorch.identity_loss`` are the
+    graph's ``popart::identityloss`` nodes. RemoveSurplusIdentityLosses.cpp:47-107 drops every
+    one used by another (traverseUseDef, 20-45) and requires exactly one left; only
+    identityloss nodes are losses (Compiler.cpp:157-161, 141), and that one is the loss the
+    TrainingSession differentiates (Compiler.cpp:783-785). Whatever the forward computes
+    outside it (a term added after the identity loss) is returned but gets no gradient."""
+
+    def __enter__(self):
+        self.losses = []
+        ops._IDENTITY_LOSSES[0] = self.losses
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        ops._IDENTITY_LOSSES[0] = None
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in _ATEN_LOSS_OPS:
+            self.losses.append(_flatten(out, [])[0])
+        return out
+
+    def final_loss(self):
+        def feeds(loss, other):
+            # traverseUseDef: ``loss`` is used, directly or not, by ``other``.
+            seen, stack = set(), [other.grad_fn]
+            while stack:
+                fn = stack.pop()
+                if fn is None or fn in seen:
+                    continue
+                if fn is loss.grad_fn:
+                    return True
+                seen.add(fn)
+                stack.extend(next_fn for next_fn, _ in fn.next_functions)
+            return False
+
+        if not self.losses:
+            raise _cpp_error("Couldn't find a loss in graph!",
+                             "poptorch/source/RemoveSurplusIdentityLosses.cpp:103")
+        independent = [loss for loss in self.losses
+                       if loss.grad_fn is None or
+                       not any(feeds(loss, other) for other in self.losses if other is not loss)]
+        if len(independent) != 1:
+            raise _cpp_error("Multiple independent losses found in graph. Graph must have one "
+                             "final loss. Wrap final graph loss in poptorch.identity_loss.",
+                             "poptorch/source/RemoveSurplusIdentityLosses.cpp:104")
+        return independent[0]
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -642,9 +712,11 @@ class PoplarExecutor:
     def copyWeightsToHost(self) -> None:
         """555-573: raises poptorch.Error(NO_EXECUTABLE_ERR) before the first compilation.
 
-        The double also refuses it on an executable detached from its device: PopTorch has no
-        check (Compiler.cpp:1106-1131 goes straight to PopART's Session::weightsToHost), and
-        PopART's Devicex::run (willow/src/popx/devicex.cpp:241-250, sdk-release-3.4) finds no
+        The double also refuses it on an executable detached from its device. UNVERIFIED: of
+        this, only "PopTorch has no check" is in the PopTorch repository (Compiler.cpp
+        :1106-1131 goes straight to PopART's Session::weightsToHost); the rest reads PopART
+        (not in it), so the refusal is the double's caution, not PopTorch's behaviour. PopART's
+        Devicex::run (willow/src/popx/devicex.cpp:241-250, sdk-release-3.4) finds no
         engine loaded and loads it again onto the detached device
         (loadEngineAndConnectStreams, 1307-1330) without writing the weights to it: at best a
         Poplar error, at worst the device's memory copied over the host's weights. Its
@@ -743,10 +815,12 @@ class PoplarExecutor:
 
     @property
     def rng_state(self) -> List[int]:
-        # 1122-1133
+        # 1122-1133: refreshed only after a run (1285); before one, what __init__ cached
+        # (224-226: [random_seed], or None without one). [seed, calls] stands in for
+        # getRandomSeed + getRngState.
         if not self.isCompiled():
             raise createPoptorchError(NO_EXECUTABLE_ERR)
-        if self._host_rng_state_is_dirty or self._cached_rng_state is None:
+        if self._host_rng_state_is_dirty:
             self._host_rng_state_is_dirty = False
             seed = self._options._values.get("random_seed", 0)
             self._cached_rng_state = [seed, self.calls]
@@ -809,6 +883,9 @@ class PoplarExecutor:
                          "because backward pass via inputs is not supported.")  # 1011-1020
         self._executable_inputs = [(n, _map_tensors(v, lambda t: t.detach().clone()))
                                    for n, v in bound]
+        # Double-only: the shapes compiled for, by the forward's parameter names.
+        self.record["input_shapes"] = {n: [list(t.shape) for t in _flatten(v, [])]
+                                       for n, v in bound}
         use_model = _uses_ipu_model(self._options)
         if use_model:
             if self._options.connection_type == enums.ConnectionType.Never:
@@ -1048,10 +1125,26 @@ class PoplarExecutor:
                     _, inputs = steps[i]
                     i += 1
                     before = self._versions() if trace and i == 1 else None
-                    out = self._run_model(inputs)
+                    returned = self.__dict__.get("_loss_is_returned", False)
+                    if returned:
+                        out = self._run_model(inputs)
+                        loss = out[-1] if isinstance(out, (tuple, list)) else out
+                    else:
+                        with _LossTracer() as tracer:
+                            out = self._run_model(inputs)
+                        loss = tracer.final_loss()
+                        if self.calls == 1:
+                            # PopTorch traces once (the first call): when its loss is what
+                            # forward returns, later steps skip the (slow) dispatch mode.
+                            last = out[-1] if isinstance(out, (tuple, list)) else out
+                            self._loss_is_returned = last is loss
                     if before is not None:
                         self._check_buffer_broadcast(before)
-                    loss = out[-1] if isinstance(out, (tuple, list)) else out
+                    if loss.dim():
+                        # reduction "none" on a tensor: the double seeds every element's
+                        # gradient with 1 (PopART's identityloss is not in these sources:
+                        # unverified).
+                        loss = loss.sum()
                     # Gradients reduced with Mean over replicas and accumulation
                     # (accumulation_and_replication_reduction_type default Mean,
                     # options.py:210-214)
