@@ -647,13 +647,31 @@ class SweepReport(Callback):
             runs = build_report(sweep_dir)
         except ReportError as exc:
             sys.stderr.write(f"error: sweep report: {exc}\n")
+            interrupted_sweep_line(config, sweep_dir)
             sys.exit(1)
         print(f"Sweep summary: {os.path.join(sweep_dir, 'summary.md')}")
         track_sweep(config, sweep_dir)
         line = failure_line(sweep_dir, runs)
         if line:
             sys.stderr.write(f"error: {line}\n")
+            interrupted_sweep_line(config, sweep_dir)
             sys.exit(1)
+
+
+def interrupted_sweep_line(config, sweep_dir):
+    """After a sweep that SIGINT/SIGTERM stopped: its last line is the command that continues
+    the whole sweep (every job's own line above names that job's checkpoint only)."""
+    from .resume import sweep_resume_hint
+    from .stopping import SWEEP_STOP
+
+    if SWEEP_STOP["signal"] is None:
+        return
+    import signal
+
+    search = "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
+    hint = sweep_resume_hint(sys.argv[1:], sweep_dir, search=search)
+    sys.stderr.write(f"error: the sweep was interrupted by "
+                     f"{signal.Signals(SWEEP_STOP['signal']).name}; continue it with: {hint}\n")
 
 
 def main(argv=None):
