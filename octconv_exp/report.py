@@ -315,7 +315,8 @@ def markdown(sweep_dir, runs, groups, problems=()):
     lines = [f"# Sweep summary: {os.path.abspath(sweep_dir)}", "",
              f"{len(runs)} runs: {len(runs) - len(failed)} completed, {len(failed)} not completed"
              + (f" ({never} never started)" if never else "") + "."
-             " Vanilla ignores alpha and is shown once.", "",
+             + (" Vanilla ignores alpha and is shown once."
+                if any(r.get("conv") == "vanilla" for r in runs) else ""), "",
              f"Setup: {describe_setup(completed or runs)}.", ""]
     if problems:
         lines += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
