@@ -57,6 +57,12 @@ FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 if OptunaSweeper is not None:
 
     class OptunaSearchSweeper(OptunaSweeper):
+        def setup(self, **kwargs):
+            from octconv_exp.search import plain_optuna_logs
+
+            plain_optuna_logs()  # before the study is created (Optuna's first log line)
+            return super().setup(**kwargs)
+
         def sweep(self, arguments):
             impl = self.sweeper
             os.makedirs(str(impl.config.hydra.sweep.dir), exist_ok=True)
