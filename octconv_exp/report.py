@@ -409,7 +409,8 @@ def markdown(sweep_dir, runs, groups, problems=(), varying=()):
     lines = [f"# Sweep summary: {os.path.abspath(sweep_dir)}", "",
              f"{len(runs)} runs: {len(runs) - len(failed)} completed, {len(failed)} not completed"
              + (f" ({never} never started)" if never else "") + "."
-             " Vanilla ignores alpha and is shown once.", "",
+             + (" Vanilla ignores alpha and is shown once."
+                if any(r.get("conv") == "vanilla" for r in runs) else ""), "",
              f"Setup: {describe_setup(completed or runs)}.", ""]
     if problems:
         lines += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
@@ -786,6 +787,7 @@ class SweepReport(Callback):
             runs = build_report(sweep_dir)
         except ReportError as exc:
             sys.stderr.write(f"error: sweep report: {exc}\n")
+            interrupted_sweep_line(config, sweep_dir)
             sys.exit(1)
         except (OSError, UserError) as exc:
             # Hydra turns a callback's exception into a warning and exits 0: a sweep whose
@@ -799,7 +801,24 @@ class SweepReport(Callback):
         line = failure_line(sweep_dir, runs)
         if line:
             sys.stderr.write(f"error: {line}\n")
+            interrupted_sweep_line(config, sweep_dir)
             sys.exit(1)
+
+
+def interrupted_sweep_line(config, sweep_dir):
+    """After a sweep that SIGINT/SIGTERM stopped: its last line is the command that continues
+    the whole sweep (every job's own line above names that job's checkpoint only)."""
+    from .resume import sweep_resume_hint
+    from .stopping import SWEEP_STOP
+
+    if SWEEP_STOP["signal"] is None:
+        return
+    import signal
+
+    search = "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
+    hint = sweep_resume_hint(sys.argv[1:], sweep_dir, search=search)
+    sys.stderr.write(f"error: the sweep was interrupted by "
+                     f"{signal.Signals(SWEEP_STOP['signal']).name}; continue it with: {hint}\n")
 
 
 def main(argv=None):

@@ -182,3 +182,21 @@ def resume_hint(output_dir, cfg=None):
                     for key, target in (user_targets(cfg) if cfg is not None else []))
     return (f"{launcher} {shlex.quote(script)} resume=true "
             + shlex.quote(f"hydra.run.dir={hydra_quoted(output_dir)}") + named)
+
+
+#: Overrides of a sweep's command line that its continuation replaces: its own resume and
+#: sweep dir, and the attempt subdir preflight adds to a resume (``cli.keep_the_record``).
+_REPLACED_ON_SWEEP_RESUME = ("resume=", "hydra.sweep.dir=", "hydra.output_subdir=.hydra/attempts/")
+
+
+def sweep_resume_hint(argv, sweep_dir, search=False):
+    """A command that continues the sweep in ``sweep_dir`` when pasted into a shell: the
+    sweep's own command line ``argv`` (flags and overrides, every sweep value kept) with
+    ``resume=true`` (a grid sweep: the interrupted jobs continue from their checkpoints, the
+    others start) and that sweep dir. A search (``search=True``) continues from its study
+    without ``resume=true``: the same command into the same dir (docs/search.md)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "run.py"
+    kept = [a for a in argv if not a.lstrip("+~").startswith(_REPLACED_ON_SWEEP_RESUME)]
+    added = ([] if search else ["resume=true"]) + [
+        f"hydra.sweep.dir={hydra_quoted(os.path.abspath(sweep_dir))}"]
+    return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in kept + added])

@@ -397,9 +397,10 @@ def _run(s, resume_from, evaluate_from):
                  ", synchronised BatchNorm" if cfg.trainer.get("sync_batchnorm", False) else "")
     run.flops = flops_summary(cfg, s.num_classes, image_shape)
     theory = run.flops["flops_ratio_theoretical"]
-    log.info("Model: %s conv=%s alpha=%s, %d parameters, %.2f MFLOPs per %dx%d image "
+    log.info("Model: %s conv=%s%s, %d parameters, %.2f MFLOPs per %dx%d image "
              "(%.3f of vanilla; %s in theory); device %s, %d threads", model_name(cfg),
-             cfg.conv.mode, cfg.alpha, run.params, run.flops["flops_per_image"] / 1e6,
+             cfg.conv.mode, "" if cfg.conv.mode == "vanilla" else f" alpha={cfg.alpha}",  # vanilla ignores it
+             run.params, run.flops["flops_per_image"] / 1e6,
              image_shape[1], image_shape[2], run.flops["flops_ratio"],
              "n/a" if theory is None else f"{theory:.3f}", s.device, run.torch_threads)
     send_test_signal("start-up")

@@ -98,3 +98,30 @@ def unique_solutions(solutions):
             seen.add(key)
             kept.append(solution)
     return kept
+
+
+#: Optuna's own line format, without its colours.
+OPTUNA_PLAIN_FORMAT = "[%(levelname)1.1s %(asctime)s] %(message)s"
+
+
+def plain_optuna_logs(stream=None):
+    """Optuna colours its log lines (colorlog) whatever the stream is; off a terminal (a file,
+    a pipe, a cluster's job log) the escape codes are noise, so there its handler is swapped
+    for a plain one writing the same lines to the same stream (stderr)."""
+    import logging
+    import sys
+
+    import optuna
+
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return
+    optuna.logging.disable_default_handler()
+    logger = logging.getLogger("optuna")
+    if any(getattr(h, "octconv_exp_plain", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(OPTUNA_PLAIN_FORMAT))
+    handler.octconv_exp_plain = True
+    logger.addHandler(handler)

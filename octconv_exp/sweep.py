@@ -123,6 +123,12 @@ def launch_time(pattern):
     return when.strftime(pattern)
 
 
+def _config_groups(_root_):
+    from .helppage import config_groups
+
+    return config_groups(_root_)
+
+
 def register():
     if not OmegaConf.has_resolver("octconv_exp.job_dir"):
         OmegaConf.register_new_resolver("octconv_exp.job_dir", job_dir)
@@ -135,6 +141,9 @@ def register():
     if not OmegaConf.has_resolver("octconv_exp.directions"):
         # hydra.sweeper.direction of a search: one per objective of search.objectives.
         OmegaConf.register_new_resolver("octconv_exp.directions", objective_directions)
+    if not OmegaConf.has_resolver("octconv_exp.config_groups"):
+        # run.py --help (conf/hydra/help/octconv_exp.yaml): the groups of conf/ and options.
+        OmegaConf.register_new_resolver("octconv_exp.config_groups", _config_groups)
     # The sweeper is a Hydra plugin, which Hydra only loads from the hydra_plugins namespace
     # package: ours is shipped inside this package.
     plugins = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")

@@ -30,6 +30,12 @@ def test_each_conv_mode_learns_the_synthetic_data(mode, tmp_path):
     assert m["conv"] == mode and m["alpha"] == 0.25 and m["dataset"] == "synthetic"
     assert m["test_accuracy"] > 40.0  # chance is 10%
     assert m["test_samples"] == 500
+    model_line = [line for line in (run_dir / "run.log").read_text().splitlines()
+                  if "Model: seed_cnn" in line]
+    assert len(model_line) == 1
+    # Vanilla has no low-frequency channels: its log line names no alpha.
+    shown = "conv=vanilla, " if mode == "vanilla" else f"conv={mode} alpha=0.25, "
+    assert shown in model_line[0] and model_line[0].count("alpha") == (mode != "vanilla")
     assert m["params"] == 12346 and m["epochs"] == 2 and m["device"] == "cpu"
     for key in ("expansion", "seed", "train_loss", "train_accuracy", "train_images_per_second",
                 "wall_seconds", "versions"):

@@ -261,6 +261,15 @@ def test_the_model_is_a_column_and_models_never_aggregate_together(tmp_path):
     assert set(labels) == {"octave (model=seed_cnn)", "octave (model=wide_cnn)"}
 
 
+@pytest.mark.parametrize("convs, said", [(("octave", "multi-octave"), False),
+                                          (("vanilla", "octave"), True)])
+def test_vanilla_ignores_alpha_is_said_only_where_the_sweep_has_vanilla(tmp_path, convs, said):
+    for conv in convs:
+        make_run(tmp_path, f"conv={conv}/seed=0", metrics(conv, 0.25), [f"conv={conv}"])
+    report.build_report(str(tmp_path), make_plots=False)
+    assert ("Vanilla ignores alpha" in (tmp_path / "summary.md").read_text()) == said
+
+
 def test_a_job_first_run_by_a_resumed_sweep_aggregates_with_its_seeds(tmp_path):
     make_run(tmp_path, "alpha=0.5/seed=0", metrics("octave", 0.5, seed=0), ["alpha=0.5", "seed=0"])
     make_run(tmp_path, "alpha=0.5/seed=1", metrics("octave", 0.5, seed=1),

@@ -608,6 +608,54 @@ def test_the_interrupt_hint_is_a_command_that_works(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_interrupted_sweep_ends_with_the_command_that_continues_the_whole_sweep(tmp_path):
+    """A sequential sweep stopped inside its first job: each job's line names that job; the
+    last line continues the sweep (all its values, resume=true, its dir), pasted as it is."""
+    import shlex
+
+    sweep_dir = tmp_path / "my sweeps" / "a=b"
+    overrides = ["conv=vanilla,octave", "alpha=0.25", "dataset=synthetic",
+                 "dataset.train_size=400", "dataset.test_size=50", "trainer.epochs=1",
+                 "trainer.progress_bar=false", "logger=[csv]"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "-m", *overrides,
+                           f"hydra.sweep.dir='{sweep_dir}'"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OCTCONV_EXP_SIGNAL_AT="step:20"))
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "conv=vanilla/seed=0: interrupted by SIGINT at epoch 1, step 20" in lines[0]
+    assert lines[-1].startswith("error: the sweep was interrupted by SIGINT; continue it with: ")
+    argv = shlex.split(lines[-1].split("continue it with: ", 1)[1])
+    assert argv[:3] == ["python", os.path.join(REPO, "run.py"), "-m"]
+    assert argv[3:] == overrides + ["resume=true", f'hydra.sweep.dir="{sweep_dir}"']
+    job = sweep_dir / "conv=vanilla" / "seed=0"
+    assert metrics(job)["status"] == "interrupted"
+    assert metrics(sweep_dir / "conv=octave,alpha=0.25" / "seed=0")["status"] == "interrupted"
+    res = subprocess.run([sys.executable, *argv[1:]], cwd=str(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for run_dir in (job, sweep_dir / "conv=octave,alpha=0.25" / "seed=0"):
+        assert metrics(run_dir)["status"] == "completed"
+    assert "0 epoch(s) done, 20 step(s) into epoch 1" in (job / "run.log").read_text()
+
+
+def test_the_sweep_resume_hint_replaces_resume_sweep_dir_and_attempt_subdir():
+    from octconv_exp.resume import sweep_resume_hint
+
+    import shlex
+
+    argv = ["-m", "conv=vanilla,octave", "alpha=interval(0.1,0.9)", "resume=false",
+            "hydra.sweep.dir=old", "hydra.output_subdir=.hydra/attempts/20260101-000000-1",
+            "dataset.root=\"/data/my set\""]
+    hint = shlex.split(sweep_resume_hint(argv, "/s w/x=1"))
+    assert hint[2:] == ["-m", "conv=vanilla,octave", "alpha=interval(0.1,0.9)",
+                        "dataset.root=\"/data/my set\"", "resume=true",
+                        'hydra.sweep.dir="/s w/x=1"']
+    search = shlex.split(sweep_resume_hint(["-m", "experiment=alpha_search"], "/s", search=True))
+    assert search[2:] == ["-m", "experiment=alpha_search", 'hydra.sweep.dir="/s"']
+
+
+@pytest.mark.slow
 def test_evaluation_takes_model_and_data_from_the_checkpoint(reference, tmp_path):
     res = run_cli("train=false", f"ckpt_path={reference}", "trainer.progress_bar=false",
                   f"hydra.run.dir={tmp_path / 'e'}")

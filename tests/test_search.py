@@ -1,6 +1,7 @@
 """Multi-objective search (search=optuna, experiment=alpha_search) and the Pareto front of a
 sweep's report. The study is read back through Optuna's own API."""
 import csv
+import io
 import os
 
 import pytest
@@ -36,6 +37,36 @@ def test_a_trial_is_told_its_objectives_or_nothing():
     assert objective_values(dict(m, status="diverged"), ["accuracy"]) is None
     assert objective_values(dict(m, params=float("nan")), ["params"]) is None
     assert objective_values(None, ["accuracy"]) is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_optuna_logs_are_plain_off_a_terminal_and_left_coloured_on_one():
+    import logging
+
+    from octconv_exp.search import plain_optuna_logs
+
+    logger = logging.getLogger("optuna")
+    before = list(logger.handlers)
+    terminal = _Terminal()
+    plain_optuna_logs(terminal)
+    assert logger.handlers == before and terminal.getvalue() == ""
+    piped = io.StringIO()
+    try:
+        plain_optuna_logs(piped)
+        plain_optuna_logs(piped)  # once only
+        optuna.logging.get_logger("optuna.storages").info("A new study created")
+        lines = piped.getvalue().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("[I ")
+        assert lines[0].endswith("] A new study created") and "\x1b" not in lines[0]
+    finally:
+        for handler in logger.handlers:
+            if getattr(handler, "octconv_exp_plain", False):
+                logger.removeHandler(handler)
+        optuna.logging.enable_default_handler()
 
 
 def test_a_trial_is_known_by_what_it_trains():
@@ -95,6 +126,9 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
     args = ["-m", "experiment=alpha_search", *SMALL, f"hydra.sweep.dir={sweep}"]
     result = run_cli(*args, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    # stderr is a pipe here, not a terminal: Optuna's lines come without colour codes.
+    assert "A new study created in RDB with name: alpha_search" in result.stderr
+    assert "\x1b[" not in result.stderr + result.stdout
     s = study(sweep)
     assert [t.state.name for t in s.trials] == ["COMPLETE"] * 2
     assert sorted(d for d in os.listdir(sweep) if d.startswith("trial=")) == ["trial=0", "trial=1"]

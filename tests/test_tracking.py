@@ -95,3 +95,72 @@ def test_a_sweep_is_one_experiment_with_a_run_per_job_and_its_report(tmp_path):
     client = mlflow.tracking.MlflowClient()
     files = {a.path for a in client.list_artifacts(report.run_id.iloc[0])}
     assert {"summary.md", "summary.csv", "pareto.csv", "accuracy_vs_flops.png"} <= files
+
+
+#: The UI's install, as docs/search.md gives it and as it was verified (see there).
+UI_COMMANDS = [
+    "python -m venv mlflow-ui",
+    "mlflow-ui/bin/pip install \"mlflow==$(.venv/bin/python -c 'import mlflow; "
+    "print(mlflow.__version__)')\"",
+    "mlflow-ui/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlruns.db",
+]
+
+
+def test_the_docs_give_the_verified_ui_install():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "docs", "search.md")) as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    starts = [i for i, line in enumerate(lines) if line == UI_COMMANDS[0]]
+    assert len(starts) == 1
+    given = lines[starts[0]:starts[0] + len(UI_COMMANDS)]
+    assert [g.split("   #")[0].strip() for g in given] == UI_COMMANDS
+
+
+@pytest.mark.slow
+def test_the_documented_mlflow_ui_serves_the_runs(tmp_path):
+    """The UI of docs/search.md's venv (OCTCONV_EXP_MLFLOW_UI: its mlflow executable) on the
+    mlruns.db that run.py logger=mlflow writes into the working dir."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    ui = os.environ.get("OCTCONV_EXP_MLFLOW_UI")
+    if not ui:
+        pytest.skip("OCTCONV_EXP_MLFLOW_UI is not set: no UI venv as docs/search.md installs "
+                    "it (mlflow-skinny here has no UI)")
+    res = run_cli("logger=mlflow", *SMALL, f"hydra.run.dir={tmp_path / 'run'}", cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([ui, "ui", "--backend-store-uri", f"sqlite:///{tmp_path}/mlruns.db",
+                               "--port", str(port)], cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the UI did not answer"
+            time.sleep(1)
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name"
+                                    "?experiment_name=octconv-exp", timeout=10) as r:
+            experiment = json.load(r)["experiment"]
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", method="POST",
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        assert [run["info"]["status"] for run in runs] == ["FINISHED"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)

@@ -352,6 +352,12 @@ def _unique_front(sweep_dir):
 if OptunaSweeper is not None:
 
     class OptunaSearchSweeper(OptunaSweeper):
+        def setup(self, **kwargs):
+            from octconv_exp.search import plain_optuna_logs
+
+            plain_optuna_logs()  # before the study is created (Optuna's first log line)
+            return super().setup(**kwargs)
+
         def sweep(self, arguments):
             from octconv_exp.cli import fail
             from octconv_exp.errors import UserError
