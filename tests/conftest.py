@@ -130,3 +130,22 @@ def only_error_line(stderr):
              if line.strip() and not line.startswith(THIRD_PARTY_STDERR)]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     return lines[0]
+
+
+def start_joblib_sweep(sweep_dir, timeout):
+    """A 3-job joblib sweep (2 at a time, in a session of its own) whose first two jobs have
+    begun training: the process, for a test to signal."""
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
+         "hydra.launcher.n_jobs=2", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
+         "dataset.train_size=4000", "dataset.test_size=100", "trainer.epochs=1",
+         "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    logs = [sweep_dir / c / "seed=0" / "run.log" for c in ("conv=vanilla", "conv=octave")]
+    while not all(p.exists() and "Training: epochs" in p.read_text() for p in logs):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    return proc

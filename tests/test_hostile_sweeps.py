@@ -5,13 +5,10 @@ process. Each ends in one line and a non-zero exit, and leaves what was recorded
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli, start_joblib_sweep
 
 TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "trainer.epochs=1",
         "trainer.batch_size=16", "trainer.progress_bar=false"]
@@ -204,17 +201,7 @@ def test_sigterm_to_a_joblib_sweeps_own_process_stops_its_workers(tmp_path):
     """kill PID (a scheduler's SIGTERM) reaches the sweep's process, not its joblib workers:
     they read it from the sweep dir, stop the running jobs at a step and start no other."""
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
-         "hydra.launcher.n_jobs=2", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
-         "dataset.train_size=4000", "dataset.test_size=100", "trainer.epochs=1",
-         "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    logs = [sweep_dir / c / "seed=0" / "run.log" for c in ("conv=vanilla", "conv=octave")]
-    while not all(p.exists() and "Training: epochs" in p.read_text() for p in logs):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    proc = start_joblib_sweep(sweep_dir, timeout=300)
     proc.send_signal(signal.SIGTERM)  # the sweep's own process only
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]

@@ -223,9 +223,10 @@ def test_cpu_and_ipu_outputs_agree(poptorch, mode):
     backend.close()
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
-def test_first_training_step_matches_plain_pytorch(poptorch, mode):
-    backend, cfg = _backend(poptorch, f"conv={mode}", "ipu.device_iterations=1")
+def _first_steps(poptorch, *overrides):
+    """One training step on the double and one of plain PyTorch from the same weights and
+    batch: ``(backend, model, reference, loss, reference loss)``."""
+    backend, cfg = _backend(poptorch, *overrides, "ipu.device_iterations=1")
     backend.train_options = backend.make_options(train=True)
     from octconv_exp.model import build_model
 
@@ -241,6 +242,12 @@ def test_first_training_step_matches_plain_pytorch(poptorch, mode):
     _, ref_loss = reference(x, y)
     ref_loss.backward()
     ref_opt.step()
+    return backend, model, reference, loss, ref_loss
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
+def test_first_training_step_matches_plain_pytorch(poptorch, mode):
+    backend, model, reference, loss, ref_loss = _first_steps(poptorch, f"conv={mode}")
     assert torch.allclose(loss, ref_loss.detach(), atol=1e-6)
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
@@ -252,23 +259,8 @@ def test_first_training_step_matches_plain_pytorch(poptorch, mode):
 def test_label_smoothing_is_trained_on_the_ipu(poptorch, model):
     """PopTorch trains only its identity loss: the smoothing term must reach it (issue 26.1).
     One step on the double equals a CPU step with the smoothed cross-entropy."""
-    backend, cfg = _backend(poptorch, *model, "trainer.label_smoothing=0.4",
-                            "ipu.device_iterations=1")
-    backend.train_options = backend.make_options(train=True)
-    from octconv_exp.model import build_model
-
-    torch.manual_seed(0)
-    model = backend.build_model(num_classes=10)
-    reference = build_model(cfg)
-    reference.load_state_dict(model.state_dict())
-    optimizer = backend.build_optimizer(model)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=cfg.optimizer.lr)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    _, loss = backend.training_step(model, optimizer)(x, y)
-    reference.train()
-    _, ref_loss = reference(x, y)
-    ref_loss.backward()
-    ref_opt.step()
+    backend, model, reference, loss, ref_loss = _first_steps(
+        poptorch, *model, "trainer.label_smoothing=0.4")
     assert torch.allclose(loss, ref_loss.detach(), atol=1e-6)
     moved = [(p - q).abs().max().item() for p, q in zip(model.parameters(),
                                                         reference.parameters())]

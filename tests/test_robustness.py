@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, start_joblib_sweep
 
 BASE = ["dataset=synthetic", "dataset.train_size=1200", "dataset.test_size=300",
         "trainer.batch_size=8", "trainer.progress_bar=false", "conv=octave", "alpha=0.25"]
@@ -190,17 +190,7 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
     """A terminal's Ctrl-C reaches the whole process group: the joblib workers' running jobs
     stop at a checkpoint, the job not started yet is recorded, the report names them all."""
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
-         "hydra.launcher.n_jobs=2", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
-         "dataset.train_size=4000", "dataset.test_size=100", "trainer.epochs=1",
-         "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    logs = [sweep_dir / c / "seed=0" / "run.log" for c in ("conv=vanilla", "conv=octave")]
-    while not all(p.exists() and "Training: epochs" in p.read_text() for p in logs):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    proc = start_joblib_sweep(sweep_dir, timeout=120)
     time.sleep(0.5)  # into the training loop
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
     _, err = proc.communicate(timeout=120)

@@ -442,7 +442,7 @@ def test_a_folder_streamed_and_in_memory_trains_alike_and_resumes_exactly(tmp_pa
     a streamed run stopped inside an epoch resumes to the same end."""
     import json
 
-    from conftest import only_error_line, run_cli, write_image_folder
+    from conftest import run_cli, write_image_folder
 
     root = write_image_folder(str(tmp_path / "folder"), classes=tuple(f"c{i}" for i in range(10)),
                               per_class=(100, 20), size=32)
