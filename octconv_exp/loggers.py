@@ -1,5 +1,6 @@
 """Per-run loggers beyond the always-on CSV/JSON files (``logger`` config group, whose
 options combine: ``logger=[csv,tensorboard,mlflow]``)."""
+import contextlib
 import json
 import logging
 import os
@@ -147,25 +148,44 @@ def connect(node):
         # Fail fast at start instead of retrying for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    client = MlflowClient(tracking_uri=uri)
     name = str(node.get("experiment_name") or "octconv-exp")
     try:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = None
-            if uri.startswith("sqlite:///"):  # beside the database, not in the cwd's ./mlruns
-                folder = os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".",
-                                      "mlartifacts")
-                artifacts = "file://" + os.path.abspath(folder)
-            experiment_id = client.create_experiment(name, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        with _store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                artifacts = None
+                if uri.startswith("sqlite:///"):  # beside the database, not in ./mlruns
+                    folder = os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".",
+                                          "mlartifacts")
+                    artifacts = "file://" + os.path.abspath(folder)
+                experiment_id = client.create_experiment(name, artifact_location=artifacts)
+            else:
+                experiment_id = experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - whatever the store raises: one line
         first = " ".join(str(exc).split())[:300]
         raise UserError(f"logger.mlflow.tracking_uri={uri}: the tracking store does not "
                         f"answer ({type(exc).__name__}: {first}); start it, or set "
                         "logger.mlflow.tracking_uri=null for a local SQLite database") from None
     return client, experiment_id, uri
+
+
+@contextlib.contextmanager
+def _store_lock(uri):
+    """For a local SQLite store, ``<database>.lock`` held (flock) while the store is opened:
+    a parallel sweep's jobs each open it, and MLflow's first opening creates its tables by a
+    migration that two processes at once break (``table _alembic_tmp_experiments already
+    exists``); two could also both create the experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = os.path.abspath(uri[len("sqlite:///"):])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 #: The run dir's note of its MLflow run: a resumed run goes on logging into the same one.

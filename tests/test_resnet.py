@@ -74,26 +74,78 @@ def test_cifar_width_scales_channels():
     assert model.fc.weight.shape == (100, 128)
 
 
-@pytest.mark.parametrize("depth, params, macs, oct_macs", [
-    (26, 15_995_176, 2_342_256_640, {0.5: 1_480_032_256, 0.25: 1_858_158_592}),
-    (50, 25_557_032, 4_089_184_256, {0.5: 2_367_143_936, 0.25: 3_103_526_912}),
-    (101, 44_549_160, 7_801_405_440, {0.5: 3_991_240_704, 0.25: 5_597_675_520}),
-])
-def test_imagenet_parameters_and_multiply_adds(depth, params, macs, oct_macs):
+IMAGENET_LAYERS = {26: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+
+
+def _torchvision_layers(depth):
+    """torchvision's ResNet of this depth (on meta) and, in registration order, each of its
+    convolutions and its linear layer with the output shape it gives a 224x224 image."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    ref = _meta(ResNet, block=Bottleneck, layers=IMAGENET_LAYERS[depth])
+    shapes = {}
+    for name, m in ref.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(lambda mod, i, out, name=name: shapes.__setitem__(
+                name, tuple(out.shape)))
+    with torch.no_grad():
+        ref(torch.empty(1, 3, 224, 224, device=META))
+    return ref, [(m, shapes[n]) for n, m in ref.named_modules() if n in shapes]
+
+
+def _multiply_adds(layer, out_shape):
+    if isinstance(layer, nn.Linear):
+        return layer.in_features * layer.out_features
+    kh, kw = layer.kernel_size
+    return kh * kw * layer.in_channels // layer.groups * layer.out_channels * out_shape[2] * out_shape[3]
+
+
+def _octave_share(alpha_in, alpha_out, stride):
+    """An octave convolution's multiply-adds over the plain one's: the high-to-high branch at
+    the full output resolution, the three touching the low frequencies at half of it (a
+    quarter of the pixels); at stride 2 octconv convolves the low input, which already has the
+    output's resolution, at all of the output's pixels for the low-to-high branch."""
+    high = (1 - alpha_in) * (1 - alpha_out)
+    share = high + (1 - high) / 4
+    if stride == 2:
+        share += alpha_in * (1 - alpha_out) * 3 / 4
+    return share
+
+
+@pytest.mark.parametrize("depth", [26, 50, 101])
+def test_imagenet_parameters_and_multiply_adds(depth):
+    """Parameters as torchvision's ResNet of the same depth; multiply-adds from its layers'
+    shapes, each convolution's scaled by the octave share of the alphas our octave model gives
+    it."""
+    ref, layers = _torchvision_layers(depth)
+    params = count_parameters(ref)
+    macs = sum(_multiply_adds(layer, shape) for layer, shape in layers)
     vanilla = _meta(ResNetImageNet, depth=depth)
     assert count_parameters(vanilla) == params
     assert count_flops_per_image(vanilla, (3, 224, 224)) == 2 * macs
-    for alpha, expected in oct_macs.items():
+    convs = [(layer, shape) for layer, shape in layers if isinstance(layer, nn.Conv2d)]
+    head = macs - sum(_multiply_adds(layer, shape) for layer, shape in convs)
+    oct_macs = {}
+    for alpha in (0.5, 0.25):
+        octave = _meta(ResNetImageNet, depth=depth, conv_mode="octave", alpha=alpha)
+        units = [m for m in octave.modules() if isinstance(m, ConvBN)]
+        assert [u.spec[:4] for u in units] == [
+            (c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c, _ in convs]
+        expected = head + sum(_multiply_adds(c, shape) * _octave_share(*_alphas(u), c.stride[0])
+                              for u, (c, shape) in zip(units, convs))
+        assert expected == int(expected)  # the channels split exactly at these alphas
+        oct_macs[alpha] = int(expected)
         for mode in ("octave", "multi-octave"):
-            model = _meta(ResNetImageNet, depth=depth, conv_mode=mode, alpha=alpha)
+            model = octave if mode == "octave" else _meta(ResNetImageNet, depth=depth,
+                                                          conv_mode=mode, alpha=alpha)
             # the four branches partition each weight: the same count, exactly
             assert count_parameters(model) == params
-            assert count_flops_per_image(model, (3, 224, 224)) == 2 * expected, (mode, alpha)
+            assert count_flops_per_image(model, (3, 224, 224)) == 2 * oct_macs[alpha], (mode, alpha)
     if depth == 50:
         # torchvision's resnet50: 25,557,032 parameters, 4.09 G multiply-adds; Oct-ResNet-50
         # (alpha 0.5): 2.4 GFLOPs (multiply-adds) in Chen et al. 2019, Table 2.
         assert params == 25_557_032 and round(macs / 1e9, 2) == 4.09
-        assert round(oct_macs[0.5] / 1e9, 2) == 2.37
+        assert round(oct_macs[0.5] / 1e9, 1) == 2.4
 
 
 def test_vanilla_imagenet_is_torchvisions_resnet():

@@ -44,7 +44,22 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_checkpoints_after_every_epoch(reference):
+def test_checkpoints_after_every_epoch(reference, tmp_path):
+    # Killed outright (no handler runs, so nothing is saved on the way out) on the first step
+    # of epoch k + 1: last.pt must already hold epoch k, as the uninterrupted run trained it.
+    with open(reference / "epochs.csv") as f:
+        reference_losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
+    for k in (1, 2):
+        run_dir = tmp_path / f"killed_in_epoch_{k + 1}"
+        res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+                      env={"OCTCONV_EXP_SIGNAL_AT": f"step:{150 * k + 1}",  # 150 steps an epoch
+                           "OCTCONV_EXP_SIGNAL": "SIGKILL"})
+        assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+        saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        assert saved["epoch"] == k and saved["progress"] is None
+        assert [e["epoch"] for e in saved["epochs"]] == list(range(1, k + 1))
+        assert [e["train_loss"] for e in saved["epochs"]] == pytest.approx(
+            reference_losses[:k], rel=1e-6)
     ckpt_dir = reference / "checkpoints"
     assert sorted(os.listdir(ckpt_dir)) == ["best.pt", "last.pt"]  # nothing half-written left
     last = torch.load(ckpt_dir / "last.pt", weights_only=True)

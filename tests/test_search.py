@@ -146,8 +146,12 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
         rows = list(csv.DictReader(f))
     points = [[float(r["accuracy"]), float(r["flops_per_image"])] for r in rows]
     assert rows and pareto_front(points, ["maximize", "minimize"]) == list(range(len(rows)))
-    assert os.path.exists(os.path.join(sweep, "accuracy_vs_flops.png"))
-    assert os.path.exists(os.path.join(sweep, "accuracy_vs_throughput.png"))
+    from PIL import Image
+
+    for name in ("accuracy_vs_flops.png", "accuracy_vs_throughput.png"):
+        with Image.open(os.path.join(sweep, name)) as img:
+            assert img.format == "PNG" and min(img.size) > 100
+            img.verify()
 
     # A sweep killed inside a trial leaves it RUNNING: it is no failure; the next run asks it
     # again (its number, its parameters, its dir) and tops the study up to n_trials.
@@ -164,7 +168,10 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
     trials = study(sweep).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert trials[2].params == stale.params
-    assert os.path.exists(os.path.join(sweep, "trial=2", "metrics.json"))
+    with open(os.path.join(sweep, "trial=2", "metrics.json")) as f:
+        m = json.load(f)
+    assert m["status"] == "completed" and (m["alpha"], m["expansion"]) == (alpha, expansion)
+    assert trials[2].values == [m["val_accuracy"], m["flops_per_image"]]
     assert not os.path.exists(os.path.join(sweep, "trial=3"))
     # Run again as it is: the study is complete, nothing runs, the report is rewritten.
     result = run_cli(*args, "hydra.sweeper.n_trials=3")

@@ -26,6 +26,19 @@ def metrics_of(run_dir):
         return json.load(f)
 
 
+def assert_summary_holds_every_run(sweep_dir):
+    """summary.csv: one completed row per run dir with a metrics.json, its numbers that run's."""
+    rows = read_csv(os.path.join(sweep_dir, "summary.csv"))
+    runs = sorted(os.path.relpath(os.path.dirname(p), sweep_dir) for p in _metrics_files(sweep_dir))
+    assert runs and sorted(r["run_dir"] for r in rows) == runs
+    for row in rows:
+        m = metrics_of(os.path.join(sweep_dir, row["run_dir"]))
+        assert row["status"] == "completed" and row["conv"] == m["conv"]
+        assert float(row["test_accuracy"]) == pytest.approx(m["test_accuracy"])
+        assert int(row["flops_per_image"]) == m["flops_per_image"]
+    return rows
+
+
 def assert_png(path):
     from PIL import Image
 
@@ -178,7 +191,7 @@ def test_two_sweeps_started_together_never_share_a_directory(tmp_path):
     sweeps = [os.path.join(d, s) for d in (tmp_path / "multirun").iterdir() for s in os.listdir(d)]
     assert len(sweeps) == 2
     for s in sweeps:
-        assert os.path.exists(os.path.join(s, "summary.csv"))
+        assert len(assert_summary_holds_every_run(s)) == 1
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -197,7 +210,8 @@ def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
     assert second["started_at"] < first["finished_at"]  # ...running at the same time
     cores = os.cpu_count()
     assert all(m["torch_threads"] == max(1, cores // min(2, cores)) for m in runs)
-    assert (sweep_dir / "summary.csv").exists()
+    rows = assert_summary_holds_every_run(sweep_dir)
+    assert sorted(r["conv"] for r in rows) == ["octave", "vanilla"]
 
 
 @pytest.mark.slow
@@ -210,7 +224,9 @@ def test_submitit_local_runs_a_job(tmp_path):
     (m,) = [metrics_of(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
     assert m["status"] == "completed" and m["pid"] != os.getpid()
     assert m["torch_threads"] == 1  # our submitit_local default: cpus_per_task 1
-    assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / "summary.md").exists()
+    assert (sweep_dir / ".submitit").is_dir()
+    assert len(assert_summary_holds_every_run(sweep_dir)) == 1
+    assert f"{m['test_accuracy']:.2f}" in (sweep_dir / "summary.md").read_text()
 
 
 def test_launcher_configs_carry_our_defaults():
@@ -247,7 +263,10 @@ def test_tensorboard_logger_writes_scalars_and_hparams(tmp_path):
     hparams = EventAccumulator(str(tmp_path / "tensorboard" / "hparams"))
     hparams.Reload()
     assert "final/test_accuracy" in hparams.Tags()["scalars"]
-    assert (tmp_path / "epochs.csv").exists()  # CSV stays on
+    rows = read_csv(tmp_path / "epochs.csv")  # CSV stays on, with what TensorBoard got
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx(
+        [e.value for e in acc.Scalars("train_loss")], rel=1e-6)
 
 
 def test_job_subdirs_name_what_varies():
@@ -289,4 +308,9 @@ def test_report_survives_any_single_bad_file(tmp_path):
     assert by_dir["stringy"]["alpha"] is None and by_dir["stringy"]["test_accuracy"] is None
     assert by_dir["corrupt"]["status"] == "unreadable" and "overrides.yaml" in by_dir["corrupt"]["error"]
     assert by_dir["never"]["status"] == "missing"
-    assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.csv").exists()
+    rows = {r["run_dir"].split("/")[0]: r for r in read_csv(tmp_path / "summary.csv")}
+    assert {k: r["status"] for k, r in rows.items()} == {k: r["status"] for k, r in by_dir.items()}
+    assert float(rows["conv=octave,alpha=0.25"]["test_accuracy"]) == 80.0
+    assert rows["stringy"]["test_accuracy"] == ""
+    md = (tmp_path / "summary.md").read_text()
+    assert all(name in md for name in ("list", "corrupt", "never"))  # each bad one named
