@@ -198,3 +198,65 @@ def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_a_record(tmp_path
     assert m["status"] == "failed" and m["error"] in res.stderr
     assert m["epochs_completed"] == 1 and m["test_accuracy"] is None
     assert os.listdir(run_dir / "checkpoints") == []  # no partial checkpoint, no temp file
+
+
+# --- 18: unusable MLflow stores ------------------------------------------------------------
+
+def _damaged_database(path):
+    import sqlite3
+
+    with sqlite3.connect(str(path)) as db:
+        db.execute("create table t (a)")
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\xff" * 50 + data[150:])  # its first page's header
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store, says", [
+    ("foo://bar", "the tracking store cannot be used (UnsupportedModelRegistryStoreURIException"),
+    ("sqlite:///{tmp}/notes.db", "the tracking store cannot be used (DatabaseError: "),
+    ("sqlite:///{tmp}/damaged.db", "the tracking store cannot be used (DatabaseError: "),
+    ("sqlite:///{tmp}/missing/mlruns.db", "the folder {tmp}/missing does not exist"),
+])
+def test_an_unusable_mlflow_store_is_one_line_naming_the_setting(tmp_path, store, says):
+    """Issue 25 #18: 56-111 lines and no metrics.json, or (a missing folder) a store created
+    where none was meant. One line naming logger.mlflow.tracking_uri, exit 2, before
+    training, and the run's record says why."""
+    (tmp_path / "notes.db").write_text("not a database\n" * 50)
+    _damaged_database(tmp_path / "damaged.db")
+    before = digest(tmp_path / "damaged.db")
+    uri = store.format(tmp=tmp_path)
+    run_dir = tmp_path / "run"
+    res = run_cli(*TINY, "logger=mlflow", f"logger.mlflow.tracking_uri={uri}",
+                  f"hydra.run.dir={run_dir}", cwd=str(tmp_path))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert res.stderr.startswith(f"error: logger.mlflow.tracking_uri={uri}: "
+                                 f"{says.format(tmp=tmp_path)}"), res.stderr
+    assert "Epoch 1" not in res.stdout + res.stderr  # before training
+    m = read_metrics(run_dir)
+    assert m["status"] == "failed" and m["error"] in res.stderr and m["epochs_completed"] == 0
+    assert not (tmp_path / "missing").exists()
+    assert digest(tmp_path / "damaged.db") == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("note", [b"{not json", b"\xff\xfe", b"[]", b'{"run_id": 7}'])
+def test_a_corrupt_mlflow_run_note_is_one_line_not_a_new_mlflow_run(tmp_path, note):
+    """Issue 25 #18: a corrupt mlflow_run.json silently started a new MLflow run on resume."""
+    import mlflow
+
+    run_dir = tmp_path / "run"
+    res = run_cli(*TINY, "trainer.epochs=2", "logger=mlflow", f"hydra.run.dir={run_dir}",
+                  cwd=str(tmp_path), env={"OCTCONV_EXP_SIGNAL_AT": "step:10"})
+    assert res.returncode == 130, res.stderr[-3000:]
+    note_path = run_dir / "mlflow_run.json"
+    note_path.write_bytes(note)
+    res = run_cli("resume=true", f"hydra.run.dir={run_dir}", cwd=str(tmp_path))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert res.stderr.startswith(f"error: {note_path}: not a readable note of this run's "
+                                 "MLflow run"), res.stderr
+    assert note_path.read_bytes() == note  # not replaced by a new run's
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    assert len(mlflow.search_runs(experiment_names=["octconv-exp"])) == 1
