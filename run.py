@@ -15,30 +15,40 @@ def _stopped_outside_a_run(signum, frame):
     the terminal's signal itself) and records the jobs not started yet; a second ends it.
     Once the process has chosen its exit (``cli.exit_with``: after its one-line error, or a
     data-parallel rank whose stop rank 0 reports), a signal only ends it, quietly."""
-    from octconv_exp.stopping import SWEEP_STOP, note_sweep_stop
-
     cli = sys.modules.get("octconv_exp.cli")
-    if cli is not None and cli.FINAL_EXIT["code"] is not None:
+    final_exit = getattr(cli, "FINAL_EXIT", None)  # None while cli is still being imported
+    if final_exit is not None and final_exit["code"] is not None:
         # The process already wrote its outputs and said what it had to, and is exiting (a
         # failed rank's peers get torchrun's SIGTERM here): end it now with that status,
         # without a second line, and without raising into whatever exit code it is in.
-        _end_now(cli.FINAL_EXIT["code"])
+        _end_now(final_exit["code"])
     name = signal.Signals(signum).name
-    if _MULTIRUN and SWEEP_STOP["signal"] is None:
-        note_sweep_stop(signum)
-        sys.stderr.write(f"{name} received: the running jobs stop at a checkpoint, the jobs "
-                         "not started are recorded as interrupted (again to stop at once)\n")
-        return
+    if _MULTIRUN:
+        from octconv_exp.stopping import SWEEP_STOP, note_sweep_stop
+
+        if SWEEP_STOP["signal"] is None:
+            note_sweep_stop(signum)
+            sys.stderr.write(f"{name} received: the running jobs stop at a checkpoint, the jobs "
+                             "not started are recorded as interrupted (again to stop at once)\n")
+            return
     sys.stderr.write(f"error: interrupted by {name} outside a run; no run's outputs were "
                      "lost\n")
-    sys.exit(128 + signum)
+    if _MULTIRUN:
+        sys.exit(128 + signum)  # a second signal to a sweep
+    # Ended here, not by raising SystemExit where the signal landed: an import half done, code
+    # that catches BaseException or a C routine that clears errors swallowed it (the run then
+    # trained and exited 0) or turned it into another error's traceback. Outside a run nothing
+    # of a run is being written (a run holds its own handler, StopRequest).
+    _end_now(128 + signum)
 
 
 def _end_now(code):
-    import logging
     import os
 
-    for handler in logging.getLogger().handlers + logging.getLogger("octconv_exp").handlers:
+    # Not imported here: the signal may have interrupted logging's own import.
+    logging = sys.modules.get("logging")
+    loggers = [logging.getLogger(), logging.getLogger("octconv_exp")] if logging else []
+    for handler in [h for logger in loggers for h in logger.handlers]:
         try:
             handler.flush()
         except Exception:  # noqa: BLE001 - a handler being closed: nothing left to flush

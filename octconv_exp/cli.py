@@ -591,7 +591,8 @@ def run_task(cfg):
                         record_effective_config(output_dir, run.cfg)
         except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
             stop.set_phase("closing", "")
-            return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)
+            # An error that follows a stop (the signal interrupted an import) is the stop.
+            return _failed(stop.raised or exc, run, cfg, output_dir, hydra_cfg, multirun)
         except StopNow as exc:  # a BaseException: see runner.StopNow
             stop.set_phase("closing", "")
             return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)

@@ -148,8 +148,16 @@ def connect(node):
         # Fail fast at start instead of retrying for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(folder):  # a typo would otherwise create a store of its own
+            raise UserError(f"logger.mlflow.tracking_uri={uri}: the folder {folder} does not "
+                            "exist; create it, or set logger.mlflow.tracking_uri=null for "
+                            "mlruns.db in the working dir")
     name = str(node.get("experiment_name") or "octconv-exp")
     try:
+        # Inside the try: an unknown scheme, a file that is no database or a damaged one
+        # fail here, as the store is opened.
         with _store_lock(uri):
             client = MlflowClient(tracking_uri=uri)
             experiment = client.get_experiment_by_name(name)
@@ -164,8 +172,11 @@ def connect(node):
                 experiment_id = experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - whatever the store raises: one line
         first = " ".join(str(exc).split())[:300]
-        raise UserError(f"logger.mlflow.tracking_uri={uri}: the tracking store does not "
-                        f"answer ({type(exc).__name__}: {first}); start it, or set "
+        trouble = ("does not answer" if uri.startswith(("http://", "https://"))
+                   else "cannot be used")
+        advice = "start it" if uri.startswith(("http://", "https://")) else "fix or move it"
+        raise UserError(f"logger.mlflow.tracking_uri={uri}: the tracking store {trouble} "
+                        f"({type(exc).__name__}: {first}); {advice}, or set "
                         "logger.mlflow.tracking_uri=null for a local SQLite database") from None
     return client, experiment_id, uri
 
@@ -234,13 +245,26 @@ class MlflowLogger:
         log.info("MLflow: run %s in %s", self.run_id, self.uri)
 
     def _previous_run(self):
+        path = os.path.join(self.output_dir, MLFLOW_RUN_FILE)
+        if not os.path.exists(path):
+            return None
         try:
-            with open(os.path.join(self.output_dir, MLFLOW_RUN_FILE)) as f:
+            with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
-            if saved.get("tracking_uri") != self.uri:
-                return None
-            return self.client.get_run(saved["run_id"]).info.run_id
-        except Exception:  # noqa: BLE001 - no note, or a run the store no longer has
+            run_id = saved["run_id"]
+            if not isinstance(run_id, str):
+                raise TypeError("run_id is not text")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Not silently a new MLflow run: the note is this run dir's link to its history.
+            reason = " ".join(str(exc).split())[:200]
+            raise UserError(f"{os.path.abspath(path)}: not a readable note of this run's "
+                            f"MLflow run ({type(exc).__name__}: {reason}); restore it, or "
+                            "delete it to log into a new MLflow run") from None
+        if saved.get("tracking_uri") != self.uri:
+            return None
+        try:
+            return self.client.get_run(run_id).info.run_id
+        except Exception:  # noqa: BLE001 - a run the store no longer has
             return None
 
     def _log_params(self, params):

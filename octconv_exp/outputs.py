@@ -34,7 +34,12 @@ def atomic_write(path, write):
     except OSError as exc:
         raise OutputError(path, exc) from None
     except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
-        if "write" not in str(exc).lower():
+        text = str(exc).lower()
+        if "unexpected pos" in text:  # its zip writer found fewer bytes in the file than it wrote
+            raise OutputError(path, OSError(
+                "the file system took fewer bytes than were written (a full disk, or a file "
+                "size limit)")) from None
+        if "write" not in text:
             raise
         raise OutputError(path, exc) from None
 
@@ -63,10 +68,38 @@ def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class _WriteErrorKept:
+    """The file torch.save writes to, keeping the OSError of a failed write: torch's zip writer
+    swallows it (a full disk, ``ulimit -f``) and raises ``RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos ...``, which names no reason."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def save_torch_atomic(path, obj):
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def write(f):
+        sink = _WriteErrorKept(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None  # "no space left on device", "file too large"
+            raise
+
+    atomic_write(path, write)
 
 
 def write_epochs_csv(path, rows):

@@ -93,6 +93,11 @@ class StopRequest:
         #: A joblib worker's job: the sweep's stop marker, polled with the stop request.
         self.sweep_dir = None
         self._from_marker = False
+        #: The StopNow this request raised. It lands wherever the signal found the run: code
+        #: that catches BaseException may swallow it, an import it interrupts may turn it into
+        #: another error (``RuntimeError: Error calling __set_name__``, ``ImportError: cannot
+        #: load module more than once``): the run is stopped all the same.
+        self.raised = None
 
     def __call__(self):
         if self.signal is None and self.sweep_dir is not None:
@@ -104,6 +109,9 @@ class StopRequest:
         return self.signal is not None
 
     def set_phase(self, mode, phase):
+        if self.raised is not None and mode in ("polled", "finishing"):
+            # The stop was swallowed on the way: never train, nor report a finished run, after it.
+            raise StopNow(self.raised.signum, self.raised.phase)
         self.mode, self.phase = mode, phase
 
     def _handle(self, signum, frame):
@@ -125,8 +133,9 @@ class StopRequest:
             log.warning("%s received after the run finished: writing its outputs first (again "
                         "to stop at once)", name)
             return
-        raise StopNow(signum, self.phase if first
-                      else f"(a second signal) {self.phase}")
+        self.raised = StopNow(signum, self.phase if first
+                              else f"(a second signal) {self.phase}")
+        raise self.raised
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
