@@ -9,14 +9,17 @@ ends it with exit code 0; SIGTERM, left at its default, kills it (exit code -15)
 command ends its loop (404-417)."""
 
 
-def worker_main(ready, commands):
+def worker_main(replies, commands):
+    """``replies`` answers each command: the double's host waits for it, as the real host
+    waits for the data only the worker produces, so a worker that has exited is seen then."""
     try:
-        ready.send("ready")  # _mainLoopNoInterrupt sends its buffers first (349-387)
-        ready.close()
+        replies.send("ready")  # _mainLoopNoInterrupt sends its buffers first (349-387)
         while True:
-            if commands.recv() == "Shutdown":
+            command = commands.recv()
+            if command == "Shutdown":
                 return
+            replies.send(command)
     except KeyboardInterrupt:
         pass  # _dataloader.py:271-278: exit code 0
-    except EOFError:
+    except (EOFError, BrokenPipeError):
         pass  # the host is gone

@@ -280,20 +280,18 @@ class _AsyncWorker:
         method = {SharingStrategy.Fork: "fork",
                   SharingStrategy.ForkServer: "forkserver"}.get(sharing_strategy, "spawn")
         ctx = multiprocessing.get_context(method)
-        ready_read, ready_write = ctx.Pipe(duplex=False)
+        self._replies, replies_write = ctx.Pipe(duplex=False)
         command_read, self._commands = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=worker_main, args=(ready_write, command_read),
+        self._process = ctx.Process(target=worker_main, args=(replies_write, command_read),
                                     daemon=True)
         self._process.start()
-        ready_write.close()
+        replies_write.close()
         command_read.close()
         try:
-            ready_read.recv()
+            self._replies.recv()
         except EOFError:  # 251-256
             raise createPoptorchError("AsynchronousDataAccessor worker thread failed to start "
                                       "(Check above for details)") from None
-        finally:
-            ready_read.close()
 
     def process_alive(self):
         # isAlive (165-166)
@@ -303,6 +301,10 @@ class _AsyncWorker:
         # resetIterator sends ResetIterator / StartIterating over the command pipe (64, 72): to
         # a worker that has exited, that is BrokenPipeError in the host.
         self._commands.send(command)
+        try:
+            self._replies.recv()  # the worker took it (the double's stand-in for its data)
+        except EOFError:
+            self._process.join()  # it has exited: no more data (_pump), its exit code known
 
     def stop_process(self):
         # AsynchronousWorker.terminate (39-43) and _AsynchronousWorkerProcess.join (171-182):
@@ -324,6 +326,7 @@ class _AsyncWorker:
             self._process.terminate()
             self._process.join()
         self._commands.close()
+        self._replies.close()
         self._process = None
 
     @contextmanager
