@@ -182,7 +182,8 @@ class EpochProgress:
 # ``OCTCONV_EXP_SIGNAL``) ``count`` times when the run reaches ``point``: "start-up" (data and
 # model built), "step:K" (after the K-th training step this process ran), "evaluation" (after
 # the first test batch) or "accuracy" (right after the final accuracy); with
-# ``OCTCONV_EXP_SIGNAL_RANK=R``, only data-parallel rank R. Tests stop a run at an
+# ``OCTCONV_EXP_SIGNAL_RANK=R``, only data-parallel rank R; with ``OCTCONV_EXP_SIGNAL_GROUP=1``, to
+# the whole process group. Tests stop a run at an
 # exact place with it instead of racing a timer; unset, it costs one comparison per step.
 _SIGNAL_AT = os.environ.get("OCTCONV_EXP_SIGNAL_AT", "").partition("*")
 _steps_run = 0
@@ -200,7 +201,10 @@ def send_test_signal(point):
             return
     sig = getattr(signal, os.environ.get("OCTCONV_EXP_SIGNAL", "SIGINT"))
     for _ in range(int(count or 1)):
-        os.kill(os.getpid(), sig)
+        if os.environ.get("OCTCONV_EXP_SIGNAL_GROUP"):  # as a terminal's Ctrl-C does
+            os.killpg(os.getpgrp(), sig)
+        else:
+            os.kill(os.getpid(), sig)
 
 
 def _after_step():

@@ -707,3 +707,70 @@ def test_profiling_keeps_the_users_engine_options(poptorch, tmp_path, monkeypatc
     assert engine == {"autoReport.directory": str(tmp_path / "prof"), "autoReport.all": "true",
                       "debug.allowOutOfMemory": "true"}
     backend.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_leaves_the_async_workers_loading(tmp_path):
+    """A terminal's Ctrl-C reaches PopTorch's Async workers too (issue 26.2): PopTorch's worker
+    exits 0 on KeyboardInterrupt (_dataloader.py:258-278), and the host then waits for it
+    forever, or fails to command it. The signal at the last step of epoch 1 is followed by the
+    validation pass: its loader's worker must still be there, and the run end at epoch 1's
+    checkpoint with exit 130."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "run"
+    args = ["device=ipu", "ipu.use_ipu_model=true", *SMALL, "ipu.device_iterations=2",
+            "dataset.train_size=360", "dataset.val_size=40", f"hydra.run.dir={run_dir}"]
+    # (360 - 40) / (8 x 2) = 20 steps per epoch
+    env = dict(os.environ, PYTHONPATH=DOUBLE, OCTCONV_EXP_SIGNAL_AT="step:20",
+               OCTCONV_EXP_SIGNAL_GROUP="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: the signal spares pytest
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the run hung after Ctrl-C")
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "data fetcher" not in err, err[-3000:]
+    assert "at epoch 2, step 0; checkpoint in" in err, err[-3000:]
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert len((run_dir / "epochs.csv").read_text().splitlines()) == 2  # header, epoch 1
+
+
+def test_ipu_loaders_send_uint8_and_yield_the_normalised_batches(poptorch):
+    """The data sets reach PopTorch's worker as uint8 (in /dev/shm: a quarter of float32's
+    bytes, issue 26.6) and are normalised per batch: the batches are the numbers the whole
+    set normalised at once gave."""
+    from octconv_exp.backends.ipu import IpuBackend
+    from octconv_exp.data import Normalise, load_data
+
+    cfg = compose("device=ipu", "ipu.use_ipu_model=true", "dataset=synthetic",
+                  "dataset.train_size=64", "dataset.test_size=37", "trainer.batch_size=8",
+                  "trainer.test_batch_size=10", "ipu.num_workers=0",
+                  "ipu.device_iterations=1")
+    data = load_data(cfg.dataset)
+    backend = IpuBackend(cfg)
+    train, test = backend.make_loaders(data)
+    normalise = Normalise(data.mean, data.std)
+    images, labels = data.train.images, data.train.labels
+    order = train.sampler.order(1)
+    expected = normalise(images)[order]
+    seen = torch.cat([batch[0].clone() for batch in train])
+    assert seen.dtype == torch.float32 and torch.equal(seen, expected[:len(seen)])
+    test_images = torch.cat([batch[0].clone() for batch in test])
+    assert torch.equal(test_images, normalise(data.test.images))
+    pixels = images.numel()
+    record = poptorch.LOG["dataloaders"]
+    assert images.dtype == torch.uint8
+    # the uint8 images, the int64 labels and the collate function's 2 x 3 float32 constants
+    assert record[0]["worker_shared_bytes"] == pixels + labels.numel() * 8 + 24
+    assert record[1]["worker_shared_bytes"] < 4 * data.test.images.numel()
+    backend.close()

@@ -300,7 +300,7 @@ def test_loader_terminate_and_len(poptorch):
     record = poptorch.LOG["dataloaders"][0]
     assert record == {"batch_size": 2, "combined": 16, "shuffle": False, "drop_last": True,
                       "num_workers": 0, "mode": "Async", "dataset_size": 40,
-                      "generator": False}
+                      "generator": False, "worker_shared_bytes": 40 * 4 + 40 * 8}
 
 
 # ------------------------------------------------------------------------------ executors

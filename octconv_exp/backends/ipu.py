@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import logging
 import os
+import signal
 from typing import List
 
 import torch
@@ -86,6 +87,40 @@ def poptorch_torch_mismatch(exc):
                 "environment (pip install -r requirements.txt -c .ci/sdk-3.4.constraints.txt "
                 "for SDK 3.3/3.4)")
     return f"PopTorch cannot be imported here ({type(exc).__name__}: {text})"
+
+
+@contextlib.contextmanager
+def stop_signals_held_from_workers():
+    """SIGINT and SIGTERM ignored while a PopTorch Async loader starts its worker, so that
+    the worker process, the forkserver it is forked from (started by the first loader) and
+    their torch DataLoader workers ignore them: an ignored signal stays ignored across fork
+    and exec, Python's start-up keeps an ignored SIGINT ignored, and the forkserver hands its
+    children the SIGINT handler it started with (CPython multiprocessing/forkserver.py, main
+    and _serve_one; it unblocks SIGINT itself, so blocking alone would not do).
+
+    PopTorch's worker catches KeyboardInterrupt and exits with code 0 (poptorch 3.4
+    python/_dataloader.py:258-278); the host raises only for a non-zero exit (131-134) and
+    otherwise waits for data forever (__init__.py:646-657) or fails to send it a command; a
+    SIGTERM kills the worker, which ends the run with "An error occurred in the data
+    fetcher". A terminal's Ctrl-C reaches the whole process group: the workers keep loading,
+    and the run's own handler stops it at a checkpoint. The signals are also blocked
+    meanwhile, so one arriving then is delivered to this process, to its own handler, when
+    the mask is restored. The workers are stopped by PopTorch's Shutdown command
+    (``terminate()``, in :meth:`IpuBackend.close`)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be changed in the main thread
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class SeededEpochSampler(torch.utils.data.Sampler):
@@ -167,14 +202,21 @@ def popdist_module():
     return popdist if popdist.isPopdistEnvSet() else None
 
 
-def normalised_tensor_dataset(images, labels, mean, std, chunk=8192):
-    """The whole data set normalised once (in chunks, to bound the temporaries), so PopTorch's
-    DataLoader workers only index tensors."""
-    normalise = Normalise(mean, std)
-    out = torch.empty(images.shape, dtype=torch.float32)
-    for start in range(0, images.shape[0], chunk):
-        out[start:start + chunk] = normalise(images[start:start + chunk])
-    return torch.utils.data.TensorDataset(out, labels)
+class NormalisingCollate:
+    """``collate_fn`` of the IPU loaders: stacks a combined batch of uint8 samples and
+    normalises it (``data.Normalise``: elementwise, so the same numbers as normalising the
+    whole set at once). The data sets stay uint8 because PopTorch pickles the dataset to its
+    forkserver worker (poptorch 3.4 python/_dataloader.py:209-228), which puts every tensor
+    in shared memory (/dev/shm): float32 would be 4x the bytes (0.75 GB for CIFAR-10, over
+    Docker's default 64 MB /dev/shm at loader construction)."""
+
+    def __init__(self, mean, std):
+        self.normalise = Normalise(mean, std)
+
+    def __call__(self, samples):
+        images = torch.stack([sample[0] for sample in samples])
+        labels = torch.stack([torch.as_tensor(sample[1]) for sample in samples])
+        return self.normalise(images), labels
 
 
 class TaggedSamples(torch.utils.data.Dataset):
@@ -201,11 +243,12 @@ class AugmentingCollate:
     augments as an uninterrupted one did. Plain integers only: the worker gets a pickled copy
     (a torch.Generator does not pickle on torch 2.0.1)."""
 
-    def __init__(self, seed, combined_batch):
+    def __init__(self, seed, combined_batch, mean, std):
         self.seed, self.combined_batch = int(seed), int(combined_batch)
+        self.normalise = Normalise(mean, std)  # the samples are uint8 (NormalisingCollate)
 
     def __call__(self, samples):
-        images = torch.stack([sample[0] for sample in samples])
+        images = self.normalise(torch.stack([sample[0] for sample in samples]))
         labels = torch.stack([torch.as_tensor(sample[1]) for sample in samples])
         epoch, position = int(samples[0][2]), int(samples[0][3])
         generator = augmentation_generator(self.seed, epoch, position // self.combined_batch)
@@ -424,15 +467,14 @@ class IpuBackend:
                     + (f" x {self.instances} PopRun instances" if self.instances > 1 else "")
                     + "); lower them"
                     + ("" if data.val is None else " or dataset.val_size"))
-            train_ds = normalised_tensor_dataset(data.train.images, data.train.labels,
-                                                 data.mean, data.std)
+            train_ds = torch.utils.data.TensorDataset(data.train.images, data.train.labels)
+            extra = {"collate_fn": NormalisingCollate(data.mean, data.std)}
             self.train_options = self.make_options(train=True)
             augment = bool(cfg.dataset.get("augment", False))
             # The order comes from the run's seed in whichever process iterates the sampler;
             # so does the augmentation, batch by batch, in the loader's worker.
             sampler = SeededEpochSampler(len(train_ds), cfg.seed, self.first_epoch,
                                          tagged=augment)
-            extra = {}
             if self.popdist is not None:  # this instance's share; not PopTorch's partitions
                 extra["auto_distributed_partitioning"] = False
                 if self.instances > 1:
@@ -440,14 +482,15 @@ class IpuBackend:
                                                    self.instances)
             if augment:
                 train_ds = TaggedSamples(train_ds)
-                extra["collate_fn"] = AugmentingCollate(cfg.seed, combined)
+                extra["collate_fn"] = AugmentingCollate(cfg.seed, combined, data.mean, data.std)
             # drop_last=False would hand the compiled model a smaller last batch (validation
             # refuses it for device=ipu).
-            train_loader = poptorch.DataLoader(self.train_options, train_ds,
-                                               batch_size=t.batch_size, shuffle=False,
-                                               sampler=sampler, drop_last=True,
-                                               num_workers=ipu.num_workers,
-                                               mode=poptorch.DataLoaderMode.Async, **extra)
+            with stop_signals_held_from_workers():
+                train_loader = poptorch.DataLoader(self.train_options, train_ds,
+                                                   batch_size=t.batch_size, shuffle=False,
+                                                   sampler=sampler, drop_last=True,
+                                                   num_workers=ipu.num_workers,
+                                                   mode=poptorch.DataLoaderMode.Async, **extra)
             loaders.append(train_loader)
         self.test_options = self.make_options(train=False)
         test = self.inference_batches(data.test.part(self.instance, self.instances), data)
@@ -466,18 +509,22 @@ class IpuBackend:
         """An :class:`ImageSet` for the inference model: whole combined batches through
         PopTorch's loader, then the rest (padded at inference)."""
         poptorch, t, ipu = self.poptorch, self.cfg.trainer, self.cfg.ipu
-        ds = normalised_tensor_dataset(images.images, images.labels, data.mean, data.std)
+        ds = torch.utils.data.TensorDataset(images.images, images.labels)
+        collate = NormalisingCollate(data.mean, data.std)
         combined = self.combined_batch(t.test_batch_size, train=False)
         full = (len(ds) // combined) * combined
         loader = []
         if full:
-            extra = {} if self.popdist is None else {"auto_distributed_partitioning": False}
-            loader = poptorch.DataLoader(
-                self.test_options, torch.utils.data.Subset(ds, range(full)),
-                batch_size=t.test_batch_size, shuffle=False, drop_last=True,
-                num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async, **extra)
+            extra = {"collate_fn": collate}
+            if self.popdist is not None:
+                extra["auto_distributed_partitioning"] = False
+            with stop_signals_held_from_workers():
+                loader = poptorch.DataLoader(
+                    self.test_options, torch.utils.data.Subset(ds, range(full)),
+                    batch_size=t.test_batch_size, shuffle=False, drop_last=True,
+                    num_workers=ipu.num_workers, mode=poptorch.DataLoaderMode.Async, **extra)
             self.loaders.append(loader)
-        return TestBatches(loader, ds.tensors[0][full:], ds.tensors[1][full:])
+        return TestBatches(loader, collate.normalise(ds.tensors[0][full:]), ds.tensors[1][full:])
 
     def start_at_epoch(self, epoch):
         """resume=true: the loader's order continues at ``epoch`` (before make_loaders)."""

@@ -1,10 +1,16 @@
 """poptorch.DataLoader and poptorch.AsynchronousDataAccessor as in PopTorch 3.4
 (__init__.py:126-657, _dataloader.py at sdk/poptorch/3.4.0).
 
-No process is started: the Async worker runs in this process, synchronously, as a worker that
+The Async worker's data are computed in this process, synchronously, as by a worker that
 is infinitely fast (it fills every slot the moment it becomes writable). That reproduces
 deterministically the *earliest* time the real worker can overwrite data, and everything else
-that follows from the worker being another process:
+that follows from the worker being another process. A real worker process is started too
+(forkserver by default, as PopTorch starts it), with PopTorch's handling of commands and
+signals (../_poptorch_double_worker.py): once it has exited, no slot is filled any more, a
+non-zero exit code is "An error occurred in the data fetcher" (assertNoError, 131-134), an
+exit code 0 (a SIGINT: KeyboardInterrupt caught, 271-278) leaves the real host waiting forever
+in ``__next__`` (__init__.py:651-655; the double raises instead), and a command sent to it
+raises BrokenPipeError.
 
 - The worker gets a COPY of the DataLoader (and its dataset, sampler, collate_fn ...) made when
   the loader is constructed: the real one pickles it into a forkserver/spawn child
@@ -145,11 +151,21 @@ class _WorkerUnpickler(pickle.Unpickler):
 
 
 def _copy_for_worker(obj, fork):
+    """The worker's copy of ``obj``, and the bytes of the tensors it shares with the worker:
+    pickled to a forkserver/spawn child, a tensor's storage moves to shared memory (torch's
+    multiprocessing reductions, torch/multiprocessing/reductions.py: reduce_storage,
+    /dev/shm under the default file_descriptor strategy)."""
     shared = []
     buf = io.BytesIO()
     _WorkerPickler(buf, shared, fork).dump(obj)
     buf.seek(0)
-    return _WorkerUnpickler(buf, shared).load()
+    storages = {}
+    for item in shared:
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    shared_bytes = 0 if fork else sum(storages.values())
+    return _WorkerUnpickler(buf, shared).load(), shared_bytes
 
 
 _FRESH_SEED = [None]
@@ -178,7 +194,9 @@ class _AsyncWorker:
         fork = sharing_strategy == SharingStrategy.Fork
         # _dataloader.py:209-214: Fork -> fork, ForkServer -> forkserver, else spawn; 226-228:
         # the dataset travels to the child (pickled unless forked).
-        self._dataset = _copy_for_worker(dataset, fork)
+        self._dataset, self.shared_bytes = _copy_for_worker(dataset, fork)
+        self._process = None
+        self._start_process(sharing_strategy)
         self._rng = torch.get_rng_state() if fork else _fresh_process_rng_state()
         self._B = buffer_size
         self.load_indefinitely = load_indefinitely
@@ -251,6 +269,66 @@ class _AsyncWorker:
         if early_preload:
             self._pump()
 
+    def _start_process(self, sharing_strategy):
+        """A real worker process, started as PopTorch starts its own (_dataloader.py:209-256),
+        that receives the host's commands and the signals sent to the process group as the
+        real one does (tests/poptorch_double/_poptorch_double_worker.py)."""
+        import multiprocessing  # torch.multiprocessing's contexts are multiprocessing's
+
+        from _poptorch_double_worker import worker_main
+
+        method = {SharingStrategy.Fork: "fork",
+                  SharingStrategy.ForkServer: "forkserver"}.get(sharing_strategy, "spawn")
+        ctx = multiprocessing.get_context(method)
+        self._replies, replies_write = ctx.Pipe(duplex=False)
+        command_read, self._commands = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=worker_main, args=(replies_write, command_read),
+                                    daemon=True)
+        self._process.start()
+        replies_write.close()
+        command_read.close()
+        try:
+            self._replies.recv()
+        except EOFError:  # 251-256
+            raise createPoptorchError("AsynchronousDataAccessor worker thread failed to start "
+                                      "(Check above for details)") from None
+
+    def process_alive(self):
+        # isAlive (165-166)
+        return self._process is not None and self._process.exitcode is None
+
+    def send_command(self, command):
+        # resetIterator sends ResetIterator / StartIterating over the command pipe (64, 72): to
+        # a worker that has exited, that is BrokenPipeError in the host.
+        self._commands.send(command)
+        try:
+            self._replies.recv()  # the worker took it (the double's stand-in for its data)
+        except EOFError:
+            self._process.join()  # it has exited: no more data (_pump), its exit code known
+
+    def stop_process(self):
+        # AsynchronousWorker.terminate (39-43) and _AsynchronousWorkerProcess.join (171-182):
+        # Shutdown, then SIGINT, then SIGTERM, each given 10 s.
+        import signal as signal_module
+
+        if self._process is None:
+            return
+        if self.process_alive():
+            try:
+                self._commands.send("Shutdown")
+            except BrokenPipeError:
+                pass
+        self._process.join(timeout=10)
+        if self.process_alive():
+            os.kill(self._process.pid, signal_module.SIGINT)
+            self._process.join(timeout=10)
+        if self.process_alive():
+            self._process.terminate()
+            self._process.join()
+        self._commands.close()
+        self._replies.close()
+        self._process = None
+
     @contextmanager
     def _worker_rng(self):
         parent = torch.get_rng_state()
@@ -268,8 +346,8 @@ class _AsyncWorker:
 
     # ---- the worker process's loop, until it would block (_dataloader.py:404-563)
     def _pump(self):
-        if self._dead is not None or self.terminated:
-            return
+        if self._dead is not None or self.terminated or not self.process_alive():
+            return  # an exited worker process fills no more slots
         try:
             self._pump_unsafe()
         except Exception as exc:  # the worker process dies; the host sees it later (131-134)
@@ -380,8 +458,10 @@ class _AsyncWorker:
         return data
 
     def assert_no_error(self):
-        # assertNoError (131-134): the worker died.
-        if self._dead is not None:
+        # assertNoError (131-134): the worker died; an exit code 0 (a worker that caught
+        # KeyboardInterrupt, 271-278) is no error, and the host keeps waiting.
+        if self._dead is not None or (not self.process_alive() and
+                                      self._process.exitcode != 0):
             raise AssertionError("An error occurred in the data fetcher")
 
     def reset_iterator(self):
@@ -403,7 +483,9 @@ class _AsyncWorker:
                 with self._worker_rng():
                     self._it = iter(self._dataset)
             self._state = _STOPPED
+            self.send_command("ResetIterator")
         self._eof = [-1, 0]  # clearFlag
+        self.send_command("StartIterating")
         self._start_pending = True  # StartIterating
         self.was_used = False
         self.worker_started = True
@@ -534,6 +616,7 @@ class DataLoader(torch.utils.data.DataLoader):
             accessor = AsynchronousDataAccessor(self, **async_options,
                                                 rebatched_size=rebatched_size)
             self._accessor = accessor
+            LOG["dataloaders"][-1]["worker_shared_bytes"] = accessor._worker.shared_bytes
 
     def _get_iterator(self):
         # The double loads in the process that iterates (no torch worker processes); a
@@ -647,6 +730,7 @@ class AsynchronousDataAccessor:
         # __init__.py:620-626
         if self._worker is not None:
             self._worker.terminated = True
+            self._worker.stop_process()
             self._worker = None
 
     def __del__(self) -> None:
