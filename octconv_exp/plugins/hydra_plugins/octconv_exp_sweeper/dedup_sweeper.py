@@ -100,6 +100,47 @@ def resume_command(sweep_dir):
     return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in args])
 
 
+#: Where a relaunched loky resource tracker writes, in the sweep dir (see quiet_tracker_relaunch).
+TRACKER_LOG = "joblib_resource_tracker.log"
+
+
+def quiet_tracker_relaunch(sweep_dir):
+    """loky's resource tracker (a helper process of joblib's; no job runs in it) that dies is
+    relaunched by loky, and the new one prints a traceback for every temporary file or
+    semaphore it was never told of (dozens of lines) while the jobs go on unharmed. Say so in
+    one line and send the new tracker's output to the sweep dir instead."""
+    try:
+        from joblib.externals.loky.backend import resource_tracker
+    except ImportError:  # no joblib launcher installed
+        return
+    tracker = getattr(resource_tracker, "ResourceTracker", None)
+    if tracker is None or getattr(tracker, "_octconv_quiet", False):
+        return
+    launch = tracker._launch
+    warnings.filterwarnings("ignore", message="resource_tracker: process died unexpectedly")
+
+    def _launch(self):
+        if not getattr(self, "_octconv_launched", False):
+            self._octconv_launched = True
+            return launch(self)
+        log_path = os.path.join(sweep_dir, TRACKER_LOG)
+        sys.stderr.write(f"warning: joblib's resource tracker process died and was restarted; "
+                         f"the jobs go on; its messages go to {log_path}\n")
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 2)  # the tracker inherits this process's stderr as it starts
+            os.close(fd)
+            return launch(self)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    tracker._launch = _launch
+    tracker._octconv_quiet = True
+
+
 def dead_worker_line(exc, sweep_dir, running):
     """One line for a sweep whose joblib worker died: which job's, what the report holds,
     how to continue. loky then kills the batch's other workers too (SIGKILL), so every job of
@@ -152,6 +193,7 @@ class DedupSweeper(BasicSweeper):
         sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
         warnings.filterwarnings("ignore", category=UserWarning,
                                 module="multiprocessing.resource_tracker")
+        quiet_tracker_relaunch(sweep_dir)
         try:
             return super().sweep(arguments)
         except Exception as exc:  # noqa: BLE001 - only a dead worker is handled here
