@@ -116,13 +116,9 @@ def quiet_tracker_relaunch(sweep_dir):
     tracker = getattr(resource_tracker, "ResourceTracker", None)
     if tracker is None or getattr(tracker, "_octconv_quiet", False):
         return
-    launch = tracker._launch
     warnings.filterwarnings("ignore", message="resource_tracker: process died unexpectedly")
 
-    def _launch(self):
-        if not getattr(self, "_octconv_launched", False):
-            self._octconv_launched = True
-            return launch(self)
+    def relaunched(launch, self, *args):
         log_path = os.path.join(sweep_dir, TRACKER_LOG)
         sys.stderr.write(f"warning: joblib's resource tracker process died and was restarted; "
                          f"the jobs go on; its messages go to {log_path}\n")
@@ -132,12 +128,30 @@ def quiet_tracker_relaunch(sweep_dir):
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, 2)  # the tracker inherits this process's stderr as it starts
             os.close(fd)
-            return launch(self)
+            return launch(self, *args)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
 
-    tracker._launch = _launch
+    if hasattr(tracker, "_launch"):  # loky of joblib >= 1.5: launches in _launch
+        launch = tracker._launch
+
+        def _launch(self):
+            if not getattr(self, "_octconv_launched", False):
+                self._octconv_launched = True
+                return launch(self)
+            return relaunched(launch, self)
+
+        tracker._launch = _launch
+    elif hasattr(tracker, "_check_alive"):  # older loky: inside ensure_running
+        ensure_running = tracker.ensure_running
+
+        def _ensure_running(self):
+            if getattr(self, "_fd", None) is not None and not self._check_alive():
+                return relaunched(ensure_running, self)
+            return ensure_running(self)
+
+        tracker.ensure_running = _ensure_running
     tracker._octconv_quiet = True
 
 
