@@ -225,8 +225,10 @@ def quote_paths(argv, multirun):
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
+        # Under -m a comma sweeps ckpt_path=a,b or dataset.root=a,b; Hydra's own keys cannot
+        # be swept (Hydra refuses), so there a comma is part of the path.
         special = "=" in value or any(c.isspace() for c in value) or (
-            "," in value and not multirun)
+            "," in value and (not multirun or key.lstrip("+").startswith("hydra.")))
         if (eq and key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"" and special
                 and "${" not in value):
             arg = f"{key}={hydra_quoted(value)}"

@@ -364,13 +364,24 @@ def _pm(mean, std, digits=2):
     return _fmt(mean, digits) + (f" ± {_fmt(std, digits)}" if std is not None else "")
 
 
+def readable(text):
+    """``text`` as UTF-8 can hold it: a file name that is not UTF-8 (its bytes surrogate-
+    escaped by Python) shows those bytes as ``\\xff``, as the run's own error lines do."""
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def write_csv(path, rows, columns):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, readable(buf.getvalue()))
 
 
 def describe_setup(rows):
@@ -735,7 +746,7 @@ def build_report(sweep_dir, make_plots=True):
     if make_plots and groups:
         plot(sweep_dir, groups)
     write_text_atomic(os.path.join(sweep_dir, "summary.md"),
-                      markdown(sweep_dir, runs, groups, problems, varying))
+                      readable(markdown(sweep_dir, runs, groups, problems, varying)))
     return runs
 
 
@@ -750,10 +761,10 @@ def failure_line(sweep_dir, runs):
         return None
     never = sum(1 for r in failed if r["error"] == NEVER_STARTED)
     first = failed[0]
-    return (f"{len(failed)} of {len(runs)} runs did not complete"
-            + (f", {never} of them never started" if never else "")
-            + f" (see {os.path.join(sweep_dir, 'summary.md')}); first: {first['run_dir']}: "
-            f"{first['status']}: {first['error']}")
+    return readable(f"{len(failed)} of {len(runs)} runs did not complete"
+                    + (f", {never} of them never started" if never else "")
+                    + f" (see {os.path.join(sweep_dir, 'summary.md')}); first: "
+                    f"{first['run_dir']}: {first['status']}: {first['error']}")
 
 
 try:
@@ -796,7 +807,7 @@ class SweepReport(Callback):
                 exc = OutputError(exc.filename or sweep_dir, exc)
             sys.stderr.write(f"error: sweep report: {exc}\n")
             sys.exit(USER_ERROR_EXIT)
-        print(f"Sweep summary: {os.path.join(sweep_dir, 'summary.md')}")
+        print(readable(f"Sweep summary: {os.path.join(sweep_dir, 'summary.md')}"))
         track_sweep(config, sweep_dir)
         line = failure_line(sweep_dir, runs)
         if line:
@@ -828,12 +839,17 @@ def main(argv=None):
     parser.add_argument("sweep_dir")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
+    from .errors import UserError
+    from .outputs import OutputError
+
     try:
         runs = build_report(args.sweep_dir, make_plots=not args.no_plots)
-    except ReportError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+    except (ReportError, OSError, UserError) as exc:  # summary.md a folder, a full disk
+        if isinstance(exc, OSError) and not isinstance(exc, UserError):
+            exc = OutputError(exc.filename or args.sweep_dir, exc)
+        sys.stderr.write(readable(f"error: {exc}\n"))
         return 2
-    print(f"{len(runs)} runs; summary: {os.path.join(args.sweep_dir, 'summary.md')}")
+    print(readable(f"{len(runs)} runs; summary: {os.path.join(args.sweep_dir, 'summary.md')}"))
     line = failure_line(args.sweep_dir, runs)
     if line:
         sys.stderr.write(f"warning: {line}\n")

@@ -154,6 +154,20 @@ def check_study(impl, arguments, sweep_dir):
     return identity
 
 
+def unreadable_storage(storage, sweep_dir, exc):
+    """One line for a study storage Optuna cannot open (a truncated or overwritten
+    optuna.db): the file, what the database said, and the ways on."""
+    from octconv_exp.cli import one_line
+
+    reason = one_line(getattr(exc, "orig", None) or exc).split("[SQL:")[0].strip()[:200]
+    storage = str(storage)
+    where = (os.path.abspath(storage[len("sqlite:///"):]) if storage.startswith("sqlite:///")
+             else storage)
+    return (f"hydra.sweep.dir={sweep_dir}: the search's study storage {where} cannot be read "
+            f"({reason}); restore it from a copy, or choose another hydra.sweep.dir (nothing "
+            "in this one was changed)")
+
+
 def record_study(sweep_dir, identity):
     import yaml
 
@@ -406,12 +420,16 @@ if OptunaSweeper is not None:
             from octconv_exp.errors import UserError
 
             study = None
-            if impl.storage is not None:
-                try:
-                    study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
-                except KeyError:  # no such study yet
-                    study = None
-            trials = study.trials if study is not None else []
+            try:
+                if impl.storage is not None:
+                    try:
+                        study = optuna.load_study(study_name=impl.study_name,
+                                                  storage=impl.storage)
+                    except KeyError:  # no such study yet
+                        study = None
+                trials = study.trials if study is not None else []
+            except Exception as exc:  # noqa: BLE001 - SQLAlchemy's or a storage's own errors
+                raise UserError(unreadable_storage(impl.storage, sweep_dir, exc)) from None
             foreign = [n for n in _recorded_trials(sweep_dir) if n >= len(trials)]
             if foreign:
                 has = f"has {len(trials)} trial(s)" if trials else "is new"
