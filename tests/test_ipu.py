@@ -574,12 +574,15 @@ def test_only_what_the_config_changes_reaches_poptorch_optim(poptorch, overrides
 @pytest.mark.slow
 @pytest.mark.sdk
 def test_default_sgd_compiles_to_sgd0_and_momentum_to_sgd2(tmp_path):
-    res, log, _ = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SMALL,
+    (tmp_path / "sgd0").mkdir()
+    (tmp_path / "sgd2").mkdir()
+    res, log, _ = run_ipu(tmp_path / "sgd0", "device=ipu", "ipu.use_ipu_model=true", *SMALL,
                           "trainer.epochs=1", "ipu.device_iterations=4")
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["executors"][0]["optimizer"]["variable"] == ["lr"]
     assert log["executors"][0]["optimizer"]["sgd_variant"] == "SGD0"
-    res, log, _ = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SMALL,
+    # A run dir of its own: a new run into a finished run's dir is refused.
+    res, log, _ = run_ipu(tmp_path / "sgd2", "device=ipu", "ipu.use_ipu_model=true", *SMALL,
                           "trainer.epochs=1", "ipu.device_iterations=4", "optimizer.momentum=0.9")
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["executors"][0]["optimizer"]["sgd_variant"] == "SGD2"
