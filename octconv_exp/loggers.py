@@ -6,6 +6,7 @@ import logging
 import os
 
 from .errors import UserError
+from .outputs import flatten as flatten_dict
 
 log = logging.getLogger("octconv_exp")
 
@@ -128,15 +129,7 @@ def _mlflow():
 def flatten(node, prefix=""):
     """A nested dict as MLflow params: dotted keys, values as text (at most 500 characters:
     older tracking servers refuse longer ones)."""
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            out[name] = text[:500]
-    return out
+    return {name: str(value)[:500] for name, value in flatten_dict(node, prefix).items()}
 
 
 def connect(node):

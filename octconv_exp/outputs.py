@@ -124,3 +124,16 @@ def package_versions():
 
     versions["octconv_exp"] = __version__
     return versions
+
+
+def flatten(node, prefix=""):
+    """A nested dict as one level with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``);
+    a list or an empty dict stays one value, as JSON text."""
+    flat = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    return flat

@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 import yaml
 
-from .outputs import METRICS_FILE, atomic_write, write_text_atomic
+from .outputs import METRICS_FILE, atomic_write, flatten, write_text_atomic
 from .sweep import (DEFAULT_MODEL, NOISE_KEYS, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config_name,
                     model_name, read_plan, split_override)
 
@@ -157,19 +157,8 @@ def run_settings(path):
         cfg = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve: as saved
         cfg = raw
-    flat, derived = _flatten(cfg), _flatten(raw)
+    flat, derived = flatten(cfg), flatten(raw)
     return flat, {k for k, v in derived.items() if isinstance(v, str) and "${" in v}
-
-
-def _flatten(cfg, prefix=""):
-    flat = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
-    return flat
 
 
 def _not_a_setting(key):
