@@ -185,8 +185,8 @@ def _store_lock(uri):
         return
     import fcntl
 
+    # connect() has refused a database folder that does not exist before this lock is taken.
     path = os.path.abspath(uri[len("sqlite:///"):])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
         yield
