@@ -372,7 +372,8 @@ def curves_figure(runs):
     loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
     has_val_loss = has_val_acc = has_train_acc = has_test = False
     for run, color in zip(runs, _colors(len(runs))):
-        label = run.label if run.status == "completed" else f"{run.label} ({run.status})"
+        state = run.status.split(" (")[0]  # "running", not what its previous record said
+        label = run.label if state == "completed" else f"{run.label} ({state})"
         x, y = _series(run, "train_loss")
         loss_ax.plot(x, y, "-o", color=color, markersize=3, label=label)
         x, y = _series(run, "val_loss")
