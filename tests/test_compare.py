@@ -130,6 +130,20 @@ def test_package_versions_are_listed_where_they_differ(tmp_path):
     assert [k for s, k, v in rows if s == "config"] == []
 
 
+def test_metrics_a_newer_run_records_are_shown_by_their_name(tmp_path):
+    """Top-5 and loss fields join the headline ones; other numbers (an epoch count named like
+    'stop') do not."""
+    a = make_run(tmp_path / "a", finished(test_loss=1.1, test_top5=90.0, stop_epochs=3),
+                 config())
+    b = make_run(tmp_path / "b", finished(), config())
+    _, rows, _ = compare.compare([a, b], str(tmp_path / "o"), make_figure=False)
+    keys = [k for s, k, v in rows if s == "metrics"]
+    assert keys == ["status", "epochs_completed", "test_accuracy", "test_loss", "train_loss",
+                    "test_epoch", "params", "test_top5", "code_version.commit",
+                    "code_version.dirty"]
+    assert dict((k, v) for s, k, v in rows)["test_top5"] == [90.0, None]
+
+
 def test_a_sweep_dir_stands_for_its_runs_labelled_by_their_dir_names(tmp_path):
     sweep = tmp_path / "sweep"
     make_run(sweep / "conv=vanilla" / "seed=0", finished(acc=41.0), config(),

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import yaml
@@ -35,9 +36,10 @@ HEADLINE_METRICS = ("status", "epochs_completed", "test_accuracy", "test_loss",
                     "val_accuracy", "val_loss", "train_loss", "train_accuracy", "best_epoch",
                     "test_epoch", "params", "flops_per_image", "train_images_per_second",
                     "wall_seconds")
-#: Other numeric fields of metrics.json that are final metrics by their name (top-5, per-split
-#: losses a newer run records), shown after the headline ones.
-METRIC_NAME_PARTS = ("accuracy", "loss", "top")
+#: Other numeric fields of metrics.json that are final metrics by their name (``test_top5``,
+#: per-class or per-split accuracies and losses a newer run records), shown after the headline
+#: ones: a word of the name (split at "_") matches.
+METRIC_WORD = re.compile(r"accuracy|loss|top\d+")
 FIGURE_SIZE_IN = (11.0, 4.2)
 FIGURE_DPI = 100
 FIGURE_NAME = "compare.png"
@@ -101,7 +103,10 @@ def read_metrics(run_dir, named):
     """``(metrics, status)``. A run whose lock a live process holds is ``running``; a job of a
     sweep without metrics.json (killed) is ``missing``; a named run without it is an error."""
     path = os.path.join(run_dir, METRICS_FILE)
-    running = live_holder(run_dir) is not None
+    try:
+        running = live_holder(run_dir) is not None
+    except (TypeError, ValueError):  # a lock file whose pid is no number: no live run to name
+        running = False
     if not os.path.exists(path):
         if running:
             return {}, "running"
@@ -226,7 +231,7 @@ def metric_keys(runs):
     present = {k for r in runs for k, v in r.metrics.items() if v is not None}
     keys = ["status"] + [k for k in HEADLINE_METRICS[1:] if k in present]
     keys += sorted(k for k in present if k not in keys and any(
-        part in k for part in METRIC_NAME_PARTS) and any(
+        METRIC_WORD.fullmatch(word) for word in k.split("_")) and any(
         _is_number(r.metrics.get(k)) for r in runs))
     for group in ("code_version", "versions"):
         names = sorted({n for r in runs if isinstance(r.metrics.get(group), dict)
