@@ -26,6 +26,7 @@ from .errors import RunInterrupted, UserError
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
 from .targets import check_saved_targets
+from .records import provenance
 from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
                    evaluate, send_test_signal, should_stop_early, train_epoch,
                    validate as validate_epoch)
@@ -180,6 +181,8 @@ class Run:
             # speed.malloc (CPU/GPU backends): whether glibc's malloc keeps freed memory
             "malloc": getattr(self.backend, "malloc_decision", None),
             "versions": outputs.package_versions(),
+            # The octconv-exp checkout's git commit and dirty flag (None outside a checkout)
+            "code_version": provenance.code_version(),
         }
         if self.checkpoint is not None:
             m["checkpoint"] = self.checkpoint
