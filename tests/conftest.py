@@ -3,6 +3,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,17 +15,45 @@ DOUBLE = os.path.join(REPO, "tests", "poptorch_double")
 
 from octconv_exp.data import make_synthetic  # noqa: E402
 
+import forkserver  # noqa: E402  (tests/forkserver.py)
+
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck"]
 
 
+#: run.py started from a process that has its libraries imported already (tests/forkserver.py):
+#: the same program in a process of its own, without 6 of a small run's 10 seconds of imports.
+FORK_SERVER = forkserver.ForkServer(os.environ)
+
+
 def run_cli(*args, cwd=None, timeout=600, env=None):
-    """run.py in a subprocess; returns the CompletedProcess (text mode)."""
+    """``python run.py ARGS``, as a process of its own; returns the CompletedProcess (text mode)."""
+    return run_python(os.path.join(REPO, "run.py"), *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def run_python(*argv, cwd=None, timeout=600, env=None):
+    """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
+    own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
+    server where that is the same program (forkserver.ForkServer.usable), else a plain
+    subprocess."""
     full_env = dict(os.environ)
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    cmd = [sys.executable, *argv]
+    cwd = str(cwd or REPO)
+    if FORK_SERVER.usable(full_env) and FORK_SERVER.lock.acquire(blocking=False):
+        FORK_SERVER.lock.release()
+        with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            code = FORK_SERVER.run(list(argv), cwd, full_env, timeout, out, err)
+            with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
+                return subprocess.CompletedProcess(cmd, code, f_out.read(), f_err.read())
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    FORK_SERVER.close()
 
 
 def write_cifar_fixture(root, train_per_batch=40, test_size=60, seed=0):

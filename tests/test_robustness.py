@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli, start_joblib_sweep
+from conftest import REPO, run_cli, run_python, start_joblib_sweep
 
 BASE = ["dataset=synthetic", "dataset.train_size=1200", "dataset.test_size=300",
         "trainer.batch_size=8", "trainer.progress_bar=false", "conv=octave", "alpha=0.25"]
@@ -316,14 +316,12 @@ def test_unwritable_output_dir(tmp_path):
 
 
 def run_validate(*args):
-    return subprocess.run([sys.executable, "-m", "octconv_exp.validate", "-q", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return run_python("-m", "octconv_exp.validate", "-q", *args)
 
 
 @pytest.mark.slow
 def test_validate_accepts_every_shipped_config():
-    res = subprocess.run([sys.executable, "-m", "octconv_exp.validate"], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    res = run_python("-m", "octconv_exp.validate")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     checked = int(res.stdout.strip().splitlines()[-1].split()[0])
     # every group combination (conv, optimizer, scheduler, dataset, ipu), each model in each
@@ -403,8 +401,7 @@ def test_validate_runs_no_code_of_a_preset_without_trust_code(tmp_path):
     (mine / "experiment").mkdir(parents=True)
     marker = tmp_path / "marker"
     (mine / "experiment" / "touches.yaml").write_text(MARKER_PRESET.format(marker=marker))
-    res = subprocess.run([sys.executable, "-m", "octconv_exp.validate", "--config-dir", str(mine),
-                          "--only-added"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = run_python("-m", "octconv_exp.validate", "--config-dir", str(mine), "--only-added")
     assert not marker.exists()  # before: validate built the model, running the preset's code
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stdout.splitlines() == [

@@ -1,0 +1,247 @@
+"""run.py through a fork server, for the tests: the same program, without paying its imports.
+
+A test that runs ``python run.py ...`` spends most of a small run importing torch, torchvision,
+Hydra and the optimisers' ``torch._dynamo`` (about 6 of a 1-epoch smoke run's 10 seconds on the
+project's 2-core VM, against 3.5 through this server). The server is a Python process started
+once per test session that imports those libraries and then forks one child per run: the child
+is a new process (its own pid, process group, cwd, environment, stdin/stdout/stderr, argv) that
+runs run.py as ``__main__`` with ``runpy``, exactly as ``python run.py`` would from that point.
+
+What a fork cannot give a run, and where :func:`usable` sends the run to a real
+``python run.py`` subprocess instead:
+- environment variables read while those libraries were imported (``OMP_NUM_THREADS``,
+  ``TORCH_*``, ``LD_PRELOAD``, ...): only variables read later, at run time (this project's own
+  ``OCTCONV_EXP_*``, launcher and cluster variables, PopTorch's, MLflow's, Hydra's) may differ
+  from the server's environment;
+- a ``PYTHONPATH`` entry that shadows an imported library (a test's fake ``torch``, a
+  ``sitecustomize``);
+- start-up itself: tests about what happens while run.py imports (signals at start-up, the
+  deferred torch import) start their processes themselves, not through ``run_cli``.
+``OCTCONV_EXP_TEST_FORKSERVER=0`` turns the server off for a whole session (every run a real
+subprocess): docs/development.md.
+
+The protocol is one JSON line each way over the server's stdin/stdout: a request; the child's
+pid; its exit status.
+"""
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+
+#: What the server imports before it forks: what every run.py run imports anyway.
+PREIMPORT = ("numpy", "yaml", "PIL.Image", "torch", "torch._dynamo", "torch.nn", "torch.optim",
+             "torchvision", "omegaconf", "hydra", "hydra.main", "hydra.utils",
+             "hydra.core.config_store", "octconv")
+
+#: Environment variables that may differ between the server and a run: read at run time.
+RUN_TIME_PREFIXES = ("OCTCONV_EXP_", "POPTORCH_", "POPDIST_", "OMPI_", "SLURM_", "SUBMITIT_",
+                     "MLFLOW_", "HYDRA_", "TORCHELASTIC_", "MASTER_", "PYTEST_")
+RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "PYTHONPATH", "COLUMNS", "LINES"}
+
+
+def _exit_code(status):
+    """subprocess's returncode for a waitpid status (os.waitstatus_to_exitcode is 3.9+)."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+# ---------------------------------------------------------------------------- the server side
+
+def _child(request, base_path):
+    """In the forked child: become ``python ARGV`` (a script or ``-m MODULE``) and never
+    return."""
+    import random
+    import runpy
+    import signal
+
+    os.setpgid(0, 0)  # its own process group: a run that signals its group reaches only itself
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for fd, target in ((stdin, 0), (out, 1), (err, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = list(request["argv"])
+    entries = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    if argv[0] == "-m":  # python -m MODULE: the current directory comes first
+        sys.path[:] = [os.getcwd()] + entries + base_path
+        sys.argv[:] = argv[1:]
+    else:
+        sys.path[:] = [os.path.dirname(os.path.abspath(argv[0]))] + entries + base_path
+        sys.argv[:] = argv
+    random.seed()  # a fresh process's state, not the server's
+    try:
+        import numpy
+        numpy.random.seed()
+    except ImportError:
+        pass
+    code = 0
+    interrupted = False
+    try:
+        if argv[0] == "-m":
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            sys.stderr.write(f"{exc.code}\n")
+            code = 1
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        interrupted = True
+    except BaseException:  # noqa: BLE001 - the interpreter's own: traceback, exit 1
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    # What Py_FinalizeEx does before the process ends: join non-daemon threads, run atexit.
+    try:
+        threading._shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    if interrupted:  # CPython ends an uncaught KeyboardInterrupt by SIGINT's default action
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+def serve():
+    """The server's loop: import, say which top-level modules are loaded, fork per request."""
+    import importlib
+
+    for name in PREIMPORT:
+        importlib.import_module(name)
+    initial_pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    base_path = [p for p in sys.path[1:] if p not in initial_pythonpath]
+    channel_in, channel_out = sys.stdin, os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # nothing else may write into the channel
+    top = sorted({name.split(".")[0] for name in sys.modules})
+    channel_out.write(json.dumps({"ready": True, "modules": top}) + "\n")
+    channel_out.flush()
+    for line in channel_in:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            channel_out.close()
+            try:
+                _child(request, base_path)
+            finally:
+                os._exit(70)
+        channel_out.write(json.dumps({"pid": pid}) + "\n")
+        channel_out.flush()
+        _, status = os.waitpid(pid, 0)
+        channel_out.write(json.dumps({"returncode": _exit_code(status)}) + "\n")
+        channel_out.flush()
+
+
+# ---------------------------------------------------------------------------- the test side
+
+class ForkServer:
+    """The tests' handle on one server process (started on first use)."""
+
+    def __init__(self, env):
+        self.proc = None
+        self.env = dict(env)  # the session's environment, before any test changed it
+        self.modules = ()
+        self.lock = threading.Lock()
+        self._pending = b""
+
+    def _start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
+        self._pending = b""
+        hello = self._readline(600) or {}
+        if not hello.get("ready"):
+            raise RuntimeError("the run.py fork server did not start")
+        self.modules = set(hello["modules"])
+
+    def _readline(self, timeout):
+        """The server's next JSON line, or None after ``timeout`` seconds without one."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("the run.py fork server ended")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return json.loads(line)
+
+    def usable(self, env):
+        """Whether a run with this environment behaves through the server as it would as a
+        fresh ``python run.py`` (see the module's docstring)."""
+        if os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0":
+            return False
+        for key in set(env) | set(self.env):
+            if env.get(key) != self.env.get(key) and not (
+                    key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)):
+                return False
+        for entry in env.get("PYTHONPATH", "").split(os.pathsep):
+            if entry and os.path.isdir(entry) and self._shadows(entry):
+                return False
+        return True
+
+    def _shadows(self, folder):
+        names = {n[:-3] if n.endswith(".py") else n for n in os.listdir(folder)}
+        modules = self.modules or set(name.split(".")[0] for name in PREIMPORT)
+        return bool(names & (modules | {"sitecustomize", "usercustomize"}))
+
+    def run(self, argv, cwd, env, timeout, out_path, err_path):
+        """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
+        child; the exit code, or
+        subprocess.TimeoutExpired after killing the child's process group."""
+        import signal
+
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            request = {"argv": list(argv), "cwd": cwd, "env": env, "stdout": out_path,
+                       "stderr": err_path}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = self._readline(60)["pid"]
+            done = self._readline(timeout)
+            if done is None:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._readline(60)  # the server reaps it
+                raise subprocess.TimeoutExpired(argv, timeout)
+            return done["returncode"]
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+if __name__ == "__main__":
+    serve()

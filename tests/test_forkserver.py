@@ -1,0 +1,140 @@
+"""The tests' fork server (tests/forkserver.py) gives a program what ``python ARGV`` would:
+the same exit code, output, argv, cwd, environment and sys.path, and it falls back to a real
+subprocess where a fork could differ."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import conftest
+from conftest import FORK_SERVER, REPO, run_cli, run_python
+
+PROBE = textwrap.dedent("""
+    import json, os, sys
+    print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0],
+                      "probe": os.environ.get("OCTCONV_EXP_PROBE"),
+                      "pythonpath": [p for p in sys.path if p.endswith("extra")],
+                      "main": __name__}))
+    sys.stderr.write("to stderr\\n")
+    how = sys.argv[1]
+    if how == "exit3":
+        sys.exit(3)
+    if how == "message":
+        sys.exit("a message")
+    if how == "raise":
+        raise ValueError("boom")
+    if how == "ctrl-c":
+        raise KeyboardInterrupt
+    if how == "sigterm":
+        import signal
+        os.kill(os.getpid(), signal.SIGTERM)
+    if how == "sleep":
+        import time
+        time.sleep(60)
+""")
+
+
+def both_ways(monkeypatch, *argv, **kwargs):
+    """The same command through the server and as a plain subprocess."""
+    served = run_python(*argv, **kwargs)
+    monkeypatch.setenv("OCTCONV_EXP_TEST_FORKSERVER", "0")
+    plain = run_python(*argv, **kwargs)
+    monkeypatch.delenv("OCTCONV_EXP_TEST_FORKSERVER")
+    return served, plain
+
+
+@pytest.mark.parametrize("how,code", [("exit3", 3), ("message", 1), ("raise", 1), ("ok", 0),
+                                      ("ctrl-c", -signal.SIGINT), ("sigterm", -signal.SIGTERM)])
+def test_a_served_program_ends_as_a_plain_one(tmp_path, monkeypatch, how, code):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    served, plain = both_ways(monkeypatch, str(script), how, cwd=tmp_path,
+                              env={"OCTCONV_EXP_PROBE": "x", "PYTHONPATH": str(extra)})
+    assert FORK_SERVER.proc is not None and FORK_SERVER.proc.poll() is None  # it was served
+    assert served.returncode == plain.returncode == code
+    assert served.stdout == plain.stdout
+    first = served.stdout.splitlines()[0]
+    assert '"probe": "x"' in first and f'"cwd": "{tmp_path}"' in first
+    assert f'"path0": "{tmp_path}"' in first and str(extra) in first and '"__main__"' in first
+    # the traceback or message that a plain interpreter prints, line for line
+    assert served.stderr.splitlines()[0] == "to stderr"
+    assert served.stderr.splitlines()[-1:] == plain.stderr.splitlines()[-1:]
+
+
+def test_python_dash_m_is_served_like_the_interpreter(tmp_path, monkeypatch):
+    served, plain = both_ways(monkeypatch, "-m", "octconv_exp.validate", "--no-such-flag")
+    assert served.returncode == plain.returncode == 2
+    assert served.stderr == plain.stderr and served.stdout == plain.stdout
+
+
+def test_a_refused_run_py_command_reads_the_same_both_ways(tmp_path, monkeypatch):
+    served, plain = both_ways(monkeypatch, os.path.join(REPO, "run.py"), "conv=bogus",
+                              f"hydra.run.dir={tmp_path / 'run'}")
+    assert served.returncode == plain.returncode == 2
+    assert served.stderr == plain.stderr and served.stdout == plain.stdout
+
+
+def test_a_served_program_has_a_process_group_of_its_own(tmp_path):
+    script = tmp_path / "group.py"
+    script.write_text("import os, signal\nos.killpg(os.getpgrp(), signal.SIGTERM)\n")
+    res = run_python(str(script))
+    assert res.returncode == -signal.SIGTERM
+    assert FORK_SERVER.proc.poll() is None  # the server is not in that group
+
+
+def test_a_timeout_kills_the_served_program(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python(str(script), "sleep", timeout=2)
+    assert time.monotonic() - started < 30
+    assert run_python(str(script), "exit3").returncode == 3  # the server carries on
+
+
+def test_what_a_fork_cannot_give_goes_to_a_real_subprocess(tmp_path, monkeypatch):
+    env = dict(FORK_SERVER.env)
+    assert FORK_SERVER.usable(env)
+    # read at run time: the project's hooks, launchers, PopTorch, MLflow
+    for key in ("OCTCONV_EXP_SIGNAL_AT", "RANK", "POPTORCH_DOUBLE_IPUS", "MLFLOW_TRACKING_URI"):
+        assert FORK_SERVER.usable(dict(env, **{key: "1"}))
+    # read while torch is imported: a fork would keep the server's value
+    for key in ("OMP_NUM_THREADS", "TORCH_SHOW_CPP_STACKTRACES", "LD_PRELOAD"):
+        assert not FORK_SERVER.usable(dict(env, **{key: "7"}))
+    no_threads = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+    if "OMP_NUM_THREADS" in env:
+        assert not FORK_SERVER.usable(no_threads)
+    # a PYTHONPATH entry that shadows an imported library, or customises start-up
+    for name in ("torch", "sitecustomize.py"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).mkdir() if "." not in name else (folder / name).write_text("")
+        assert not FORK_SERVER.usable(dict(env, PYTHONPATH=str(folder)))
+    assert FORK_SERVER.usable(dict(env, PYTHONPATH=os.path.join(REPO, "tests", "user_code")))
+    monkeypatch.setenv("OCTCONV_EXP_TEST_FORKSERVER", "0")
+    assert not FORK_SERVER.usable(env)
+
+
+@pytest.mark.slow
+@pytest.mark.sdk
+def test_the_fork_server_runs_run_py_to_the_same_record(tmp_path, monkeypatch):
+    """A whole small run through the server writes what a plain ``python run.py`` writes."""
+    args = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
+            "trainer.epochs=1", "trainer.batch_size=16", "trainer.progress_bar=false"]
+    served = run_cli(*args, f"hydra.run.dir={tmp_path / 'served'}")
+    monkeypatch.setenv("OCTCONV_EXP_TEST_FORKSERVER", "0")
+    plain = run_cli(*args, f"hydra.run.dir={tmp_path / 'plain'}")
+    assert served.returncode == plain.returncode == 0, served.stderr + plain.stderr
+    import json
+
+    a = json.loads((tmp_path / "served" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    for key in ("test_accuracy", "train_loss", "params", "flops_per_image", "torch_threads"):
+        assert a.get(key) == b.get(key), key
+    assert conftest.FORK_SERVER.modules >= {"torch", "hydra"}
