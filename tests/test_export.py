@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -52,7 +53,9 @@ def saved_run(run_dir, conv="octave", alpha=0.25, model=None, dataset=None, seed
 def run_exported(fmt, path, images):
     """The exported file run as a user would, without octconv-exp: outputs of uint8 images."""
     if fmt == "torchscript":
-        module = torch.jit.load(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # newer torch: deprecated (for torch.export)
+            module = torch.jit.load(path)
         with torch.no_grad():
             return module(images)
     import onnxruntime
@@ -177,8 +180,8 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
         ([run_dir, "--format", "tflite"],
          "argument --format: invalid choice: 'tflite' (choose from 'torchscript', 'onnx')"),
         ([run_dir], "the following arguments are required: --format"),
-        ([run_dir, "--format", "torchscript", "--opset", "13"], "--opset applies to --format "
-                                                                 "onnx only"),
+        ([run_dir, "--format", "torchscript", "--opset", "13"],
+         "--opset applies to --format onnx only"),
         ([run_dir, "--format", "onnx", "--opset", "9"], "--opset 9: 11 (octconv's upsampling"),
         ([run_dir, "--format", "onnx", "--opset", "99"], "--opset 99: 11 (octconv's"),
         ([run_dir, "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")],

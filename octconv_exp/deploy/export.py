@@ -19,6 +19,7 @@ onnxruntime, a test set that cannot be read) is one line and exit status 2.
 """
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -102,8 +103,6 @@ def export_onnx(model, example, path, opset):
     """``model`` into ``path`` as ONNX at ``opset`` with a dynamic batch axis, through the
     TorchScript-based exporter: torch's newer default (dynamo) needs onnxscript and does not
     exist in torch 2.0.1."""
-    import inspect
-
     kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                   opset_version=int(opset), do_constant_folding=True)
@@ -129,7 +128,7 @@ def max_opset():
 
 def onnx_runtime():
     """The ``onnx`` and ``onnxruntime`` modules, or a UserError saying how to install them."""
-    try:
+    try:  # optional: only --format onnx needs them
         import onnx
         import onnxruntime
     except ImportError as exc:
