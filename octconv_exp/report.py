@@ -65,7 +65,7 @@ LINESTYLES = ("-", "--", "-.", ":")
 VANILLA_LINESTYLES = ("--", ":", "-.", "-")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 #: Overrides that do not change what a run computes, beside the noise config_name drops.
-CONFIG_DROP = ("resume",)
+CONFIG_DROP = ("resume", "report.format", "report.dpi")
 NEVER_STARTED = f"never started (planned in {PLAN_FILE}, no run dir)"
 #: Config keys that have columns of their own (conv, alpha, expansion, optimizer, model, seed).
 SHOWN_KEYS = ("conv.mode", "alpha", "expansion", "optimizer.name", "model.name", "seed")
