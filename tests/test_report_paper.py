@@ -360,7 +360,7 @@ def test_a_real_sweep_writes_the_formats_of_report_format(tmp_path):
     written = sorted(n for n in os.listdir(sweep_dir) if n.endswith((".png", ".pdf", ".svg")))
     assert written == sorted(report.figure_files(["svg", "pdf"]))
     assert sorted(d for d in os.listdir(sweep_dir) if os.path.isdir(sweep_dir / d)) == [
-        "conv=octave", "conv=vanilla"]  # the report's settings do not name the jobs
+        "conv=octave,alpha=0.5", "conv=vanilla"]  # the report's settings do not name the jobs
     for name in report.PLOTS[2:]:
         assert "vanilla" in svg_texts(sweep_dir / (name[:-4] + ".svg"))
     tex = (sweep_dir / "summary.tex").read_text()
