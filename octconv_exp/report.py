@@ -620,7 +620,7 @@ def _finish(fig, ax, title, groups, counts, points=()):
     return fig
 
 
-#: Each figure: its title, and what a configuration needs to be a point of it.
+#: Each figure's title: short, as in a paper (the setup goes into its caption).
 FIGURE_TITLES = OrderedDict([
     (PLOTS[0], "Test accuracy vs alpha"), (PLOTS[1], "Training throughput vs alpha"),
     (PLOTS[2], "Accuracy vs compute"), (PLOTS[3], "Accuracy vs throughput")])
@@ -952,11 +952,19 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 def track_sweep(config, sweep_dir):
     """With logger=mlflow: the report's files as an MLflow run of the sweep's experiment (a
     tracking store that fails here is a warning: the report itself is written)."""
+    from omegaconf import OmegaConf
+
     from .errors import UserError
     from .loggers import log_sweep
 
+    formats = OmegaConf.select(config, "report.format", default=None)
+    try:
+        formats = report_settings(OmegaConf.to_object(formats) if OmegaConf.is_config(formats)
+                                  else formats, DEFAULT_DPI)[0]
+    except UserError:  # a config from before report.format: whatever figures are there
+        formats = REPORT_FORMATS
     names = ["summary.md", "summary.csv", "summary_by_config.csv", PARETO_FILE, TEX_FILE,
-             *figure_files(REPORT_FORMATS)]
+             *figure_files(formats)]
     try:
         log_sweep(config, sweep_dir, [os.path.join(sweep_dir, n) for n in names])
     except (UserError, Exception) as exc:  # noqa: BLE001 - the report is on disk already
@@ -1026,7 +1034,8 @@ def main(argv=None):
                         + ", ".join(REPORT_FORMATS) + " (default: the sweep's report.format, "
                         "else " + ",".join(DEFAULT_FORMATS) + ")")
     parser.add_argument("--dpi", metavar="N",
-                        help=f"PNG resolution (default: the sweep's report.dpi, else {DEFAULT_DPI})")
+                        help="PNG resolution (default: the sweep's report.dpi, else "
+                        f"{DEFAULT_DPI})")
     args = parser.parse_args(argv)
     from .errors import UserError
     from .outputs import OutputError
