@@ -35,6 +35,12 @@ MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
 PARTIALS_TYPES = ("float", "half")
 OUTPUT_MODES = ("default", "final", "all", "sum")
 OCTAVE_BRANCHES = ("h2h", "h2l", "l2l", "l2h")  # octconv's execution order
+#: The sweep report's figure formats (report.format), and the default: a PNG to look at,
+#: a PDF for the paper.
+REPORT_FORMATS = ("png", "pdf", "svg")
+DEFAULT_REPORT_FORMATS = ("png", "pdf")
+DEFAULT_REPORT_DPI = 200
+REPORT_DPI_RANGE = (50, 1200)
 
 
 @dataclass
@@ -203,6 +209,42 @@ class SearchConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The sweep report's figures (octconv_exp/report.py; also python -m octconv_exp.report
+    --format/--dpi)."""
+
+    # A list of png, pdf, svg (or one of them): each figure is written in every format given.
+    format: Any = field(default_factory=lambda: list(DEFAULT_REPORT_FORMATS))
+    # Dots per inch of PNG figures (PDF/SVG are vector: text and lines at any size).
+    dpi: int = DEFAULT_REPORT_DPI
+
+
+def report_settings(formats, dpi, keys=("report.format", "report.dpi")):
+    """``(formats, dpi)`` checked: formats a tuple of REPORT_FORMATS (a single name or a
+    comma-separated string counts as a list), in the order given, each once. A ConfigError
+    names ``keys`` and the accepted values otherwise."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",")]
+    if formats is None or isinstance(formats, (int, float, bool, dict)) or not hasattr(
+            formats, "__iter__"):
+        raise ConfigError(keys[0], formats, "expected some of " + ", ".join(REPORT_FORMATS))
+    chosen = []
+    for name in formats:
+        name = str(name).strip().lower()
+        if name not in REPORT_FORMATS:
+            raise ConfigError(keys[0], name, "is not a figure format; expected some of "
+                              + ", ".join(REPORT_FORMATS))
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise ConfigError(keys[0], "[]", "needs at least one of " + ", ".join(REPORT_FORMATS))
+    low, high = REPORT_DPI_RANGE
+    if not isinstance(dpi, int) or isinstance(dpi, bool) or not low <= dpi <= high:
+        raise ConfigError(keys[1], dpi, f"must be an integer in [{low}, {high}]")
+    return tuple(chosen), dpi
+
+
+@dataclass
 class Schema:
     alpha: float = MISSING
     expansion: int = MISSING
@@ -227,6 +269,7 @@ class Schema:
     trainer: TrainerConfig = MISSING
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_configs():
@@ -369,6 +412,10 @@ def validate(cfg: DictConfig, check_environment=True):
                 raise ConfigError("search.objectives", list(objectives),
                                   f"{name} is not an objective; expected some of "
                                   + ", ".join(OBJECTIVES))
+    if cfg.get("report") is not None:
+        report_settings(OmegaConf.to_object(cfg.report.format)
+                        if OmegaConf.is_config(cfg.report.format) else cfg.report.format,
+                        cfg.report.dpi)
     d = cfg.get("distributed")
     if d is not None:
         if d.backend not in DISTRIBUTED_BACKENDS:

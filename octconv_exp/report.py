@@ -8,7 +8,9 @@ which also works after a sweep that ran on a cluster or was interrupted. Runs re
 several seeds are aggregated to mean and standard deviation per configuration (and model).
 Vanilla runs ignore alpha: they appear once, without an alpha, and as a horizontal baseline in
 the plots. A sweep dir holding the sweeper's job plan (``jobs.yaml``) also lists the planned
-jobs that never started, as ``missing``.
+jobs that never started, as ``missing``. For a paper: the figures also as PDF/SVG
+(``report.format``, ``report.dpi``), a 95 % confidence interval beside each std, and
+``summary.tex`` (a booktabs table).
 """
 import argparse
 import csv
@@ -16,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import zlib
@@ -23,7 +26,12 @@ from collections import OrderedDict
 
 import yaml
 
+from .config import DEFAULT_REPORT_DPI as DEFAULT_DPI
+from .config import DEFAULT_REPORT_FORMATS as DEFAULT_FORMATS
+from .config import REPORT_FORMATS, report_settings
 from .outputs import METRICS_FILE, atomic_write, flatten, write_text_atomic
+from .reports import latex
+from .reports.stats import ci95_half_width
 from .sweep import (DEFAULT_MODEL, NOISE_KEYS, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config_name,
                     model_name, read_plan, split_override)
 
@@ -38,6 +46,10 @@ AGG_METRICS = ("test_accuracy", "train_loss", "train_images_per_second", "wall_s
                "val_accuracy")
 PLOTS = ("accuracy_vs_alpha.png", "throughput_vs_alpha.png", "accuracy_vs_flops.png",
          "accuracy_vs_throughput.png")
+#: The LaTeX table of the configurations (booktabs).
+TEX_FILE = "summary.tex"
+#: What a figure's file is named by in summary.md, best first (a browser shows png and svg).
+SHOWN_FORMATS = ("png", "svg")
 #: The non-dominated configurations for the sweep's search.objectives.
 PARETO_FILE = "pareto.csv"
 DEFAULT_OBJECTIVES = ("accuracy", "flops_per_image")
@@ -53,13 +65,13 @@ LINESTYLES = ("-", "--", "-.", ":")
 VANILLA_LINESTYLES = ("--", ":", "-.", "-")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 #: Overrides that do not change what a run computes, beside the noise config_name drops.
-CONFIG_DROP = ("resume",)
+CONFIG_DROP = ("resume", "report.format", "report.dpi")
 NEVER_STARTED = f"never started (planned in {PLAN_FILE}, no run dir)"
 #: Config keys that have columns of their own (conv, alpha, expansion, optimizer, model, seed).
 SHOWN_KEYS = ("conv.mode", "alpha", "expansion", "optimizer.name", "model.name", "seed")
 #: Config keys (and the keys under them) that do not change what a run computes: paths, how
 #: it is shown and tracked, how it was started.
-NOT_SETTINGS = NOISE_KEYS + ("resume", "ckpt_path", "logger", "search", "hydra")
+NOT_SETTINGS = NOISE_KEYS + ("resume", "ckpt_path", "logger", "search", "report", "hydra")
 #: Groups whose other keys follow from the option chosen (optimizer=adam has betas, sgd
 #: momentum): such a key varies only where runs of the same option differ in it.
 OPTION_KEYS = {"model": "model.name", "optimizer": "optimizer.name", "conv": "conv.mode",
@@ -325,6 +337,7 @@ def aggregate(runs, varying=None):
             values = [r[metric] for r in rows if isinstance(r[metric], (int, float))]
             agg[metric] = statistics.fmean(values) if values else None
             agg[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+            agg[metric + "_ci95"] = ci95_half_width(values)
             agg[metric + "_n"] = len(values)
         out.append(agg)
     return out
@@ -402,7 +415,7 @@ def seeds_text(counts, unit="seeds"):
     return f"mean ± std over N={counts[0]}-{counts[-1]} {unit}"
 
 
-def markdown(sweep_dir, runs, groups, problems=(), varying=()):
+def markdown(sweep_dir, runs, groups, problems=(), varying=(), formats=DEFAULT_FORMATS):
     failed = [r for r in runs if r["status"] != "completed"]
     never = sum(1 for r in failed if r["error"] == NEVER_STARTED)
     completed = [r for r in runs if r["status"] == "completed"]
@@ -421,10 +434,10 @@ def markdown(sweep_dir, runs, groups, problems=(), varying=()):
     heads = "".join(f"| {k} " for k in varying)
     lines += ["## By configuration (mean ± std over runs)", "",
               "| conv | alpha | model | expansion | optimizer " + heads
-              + "| seeds | runs | test accuracy % "
+              + "| seeds | runs | test accuracy % | 95 % CI "
               + ("| val accuracy % (best epoch) " if with_val else "")
               + "| train loss | params | MFLOPs/image | train images/s | wall s |",
-              "| --- " * (13 + with_val + len(varying)) + "|"]
+              "| --- " * (14 + with_val + len(varying)) + "|"]
     for g in groups:
         flops = g["flops_per_image"] / 1e6 if g["flops_per_image"] else None
         val = f"{_pm(g.get('val_accuracy'), g.get('val_accuracy_std'))} | " if with_val else ""
@@ -432,6 +445,7 @@ def markdown(sweep_dir, runs, groups, problems=(), varying=()):
             f"| {g['conv']} | {_fmt(g['alpha'], 3) or '—'} | {g['model']} | {_fmt(g['expansion'])} | "
             f"{_fmt(g['optimizer'])} | {_settings_cells(g, varying)}{g['n_seeds']} | {g['n']} | "
             f"{_pm(g['test_accuracy'], g['test_accuracy_std'])} | "
+            f"{_interval(g['test_accuracy'], g['test_accuracy_ci95'])} | "
             f"{val}"
             f"{_pm(g['train_loss'], g['train_loss_std'], 4)} | {_fmt(g['params'])} | "
             f"{_fmt(flops, 3)} | {_pm(g['train_images_per_second'], g['train_images_per_second_std'], 0)} | "
@@ -449,10 +463,70 @@ def markdown(sweep_dir, runs, groups, problems=(), varying=()):
         lines += ["", "## Not completed", ""]
         for r in sorted(failed, key=_sort_key):
             lines.append(f"- `{r['run_dir']}`: **{r['status']}** — {r['error'] or 'no error recorded'}")
-    present = [p for p in PLOTS if os.path.exists(os.path.join(sweep_dir, p))]
-    if present:
-        lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in present]
+    lines += _plots_section(sweep_dir, groups, formats)
+    if os.path.exists(os.path.join(sweep_dir, TEX_FILE)):
+        lines += ["", f"LaTeX table (booktabs) of the configurations: [{TEX_FILE}]({TEX_FILE})."]
     return "\n".join(lines) + "\n"
+
+
+def _plots_section(sweep_dir, groups, formats):
+    """Each figure of ``formats`` that is on disk: shown (png, else svg) or linked (pdf),
+    its caption under it, its other formats linked."""
+    lines = []
+    for name in PLOTS:
+        files = [f for f in figure_files(formats) if _stem(f) == _stem(name)
+                 and os.path.exists(os.path.join(sweep_dir, f))]
+        if not files:
+            continue
+        shown = next((f for ext in SHOWN_FORMATS for f in files if f.endswith("." + ext)), None)
+        lines += [""] + ([f"![{_stem(name)}]({shown})"] if shown else [])
+        others = [f"[{os.path.splitext(f)[1][1:].upper()}]({f})" for f in files if f != shown]
+        lines += [f"*{caption(groups, name)}*" + (f" Also: {', '.join(others)}." if others
+                                                   else "")]
+    return ["", "## Plots"] + lines if lines else []
+
+
+def _interval(mean, half, digits=2):
+    """The 95 % confidence interval ``[low, high]``, ``—`` for a single run."""
+    if mean is None or half is None:
+        return "—"
+    return f"[{_fmt(mean - half, digits)}, {_fmt(mean + half, digits)}]"
+
+
+def tex_table(groups, varying=()):
+    """summary.tex: a booktabs table of the configurations, test accuracy as mean ± std over
+    their runs and its 95 % confidence interval (Student t), MFLOPs and parameters. Columns
+    whose value is the same in every row (model, expansion, optimizer) are left out: the
+    caption names them."""
+    optional = [(k, h) for k, h in (("model", "model"), ("expansion", "expansion"),
+                                    ("optimizer", "optimizer"))
+                if len({str(g[k]) for g in groups}) > 1]
+    # The model is in describe_setup's text already.
+    same = [f"{h} {_fmt(groups[0][k])}" for k, h in (("expansion", "expansion"),
+                                                     ("optimizer", "optimizer"))
+            if groups and (k, h) not in optional and groups[0][k] is not None]
+    columns = ([("conv", "l"), (r"$\alpha$", "r")]
+               + [(latex.escape(h), "l") for _, h in optional]
+               + [(latex.escape(k), "l") for k in varying]
+               + [("$n$", "r"), (r"test acc. (\%)", "r"), (r"95\,\% CI", "r"),
+                  ("MFLOPs", "r"), ("params", "r")])
+    rows = []
+    for g in groups:
+        flops = g["flops_per_image"] / 1e6 if g["flops_per_image"] else None
+        rows.append([latex.escape(g["conv"]),
+                     "--" if g["alpha"] is None else f"{g['alpha']:g}"]
+                    + [latex.escape(_fmt(g[k])) for k, _ in optional]
+                    + ["--" if setting_value(g, k) is None else latex.escape(setting_value(g, k))
+                       for k in varying]
+                    + [str(g["n"]), latex.mean_std(g["test_accuracy"], g["test_accuracy_std"], 2),
+                       latex.interval(g["test_accuracy"], g["test_accuracy_ci95"], 2),
+                       latex.number(flops, 2),
+                       "--" if g["params"] is None else f"{int(g['params']):,}"])
+    counts = [g["test_accuracy_n"] for g in groups]
+    text = (f"Test accuracy (%) per configuration: {_error_text(groups, counts) or 'no runs'}, "
+            f"95 % confidence interval of the mean (Student t) over n runs. "
+            f"{describe_setup(groups)}" + (f"; {', '.join(same)}" if same else "") + ".")
+    return latex.table(columns, rows, readable(text))
 
 
 def _settings_cells(row, varying):
@@ -520,46 +594,106 @@ def _new_figure():
     return fig, fig.subplots()
 
 
-def _finish(fig, ax, title, groups, counts):
-    ax.set_title(f"{title}\n{describe_setup(groups)}", fontsize=10)
+def _gid(kind, conv, style):
+    """An id for a figure's artist (an SVG element's id): what it is, of which series."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', str(conv))}-{style}"
+
+
+def _error_text(groups, counts):
+    """What the error bars of ``groups`` show (the legend's title and the caption's end)."""
+    repeated = any(g.get("n_seeds", g["n"]) < g["n"] for g in groups if "n" in g)
+    return seeds_text(counts, "runs" if repeated else "seeds")
+
+
+def _finish(fig, ax, title, groups, counts, points=()):
+    """Title, grid, legend and layout; then ``points`` (``[(x, y, text, colour)]``)
+    labelled, kept apart from each other, the points and the legend."""
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        repeated = any(g.get("n_seeds", g["n"]) < g["n"] for g in groups if "n" in g)
-        ax.legend(title=seeds_text(counts, "runs" if repeated else "seeds") or None,
-                  fontsize=8, title_fontsize=8)
+        ax.legend(title=_error_text(groups, counts) or None, fontsize=8, title_fontsize=8)
     fig.tight_layout()
+    if points:
+        from .reports.labels import place_labels
+
+        place_labels(ax, list(points))
     return fig
 
 
-def alpha_figure(groups, metric, ylabel, title):
+#: Each figure's title: short, as in a paper (the setup goes into its caption).
+FIGURE_TITLES = OrderedDict([
+    (PLOTS[0], "Test accuracy vs alpha"), (PLOTS[1], "Training throughput vs alpha"),
+    (PLOTS[2], "Accuracy vs compute"), (PLOTS[3], "Accuracy vs throughput")])
+
+
+def _on_alpha_axis(metric):
+    return lambda g: g[metric] is not None and (g["conv"] == "vanilla" or g["alpha"] is not None)
+
+
+def _with_accuracy(x_metric):
+    return lambda g: bool(g[x_metric]) and g["test_accuracy"] is not None
+
+
+#: file name -> (the configurations it shows, the metric whose runs its error bars count).
+FIGURE_CONTENT = OrderedDict([
+    (PLOTS[0], (_on_alpha_axis("test_accuracy"), "test_accuracy")),
+    (PLOTS[1], (_on_alpha_axis("train_images_per_second"), "train_images_per_second")),
+    (PLOTS[2], (_with_accuracy("flops_per_image"), "test_accuracy")),
+    (PLOTS[3], (_with_accuracy("train_images_per_second"), "test_accuracy"))])
+
+
+def caption(groups, name):
+    """The caption of figure ``name`` (summary.md's line under it): what it shows, the data
+    set, model and epochs of its points, and what its error bars are. The figure's own
+    title stays short, as a paper's figure has it."""
+    keep, metric = FIGURE_CONTENT[name]
+    shown = [g for g in groups if keep(g)]
+    errors = _error_text(shown or groups, [g[metric + "_n"] for g in shown])
+    band = " and vanilla's band" if name in PLOTS[:2] and any(
+        g["conv"] == "vanilla" and g.get(metric + "_std") for g in shown) else ""
+    return (f"{FIGURE_TITLES[name]}. {describe_setup(shown or groups)}."
+            + (f" Error bars{band}: {errors}." if errors else ""))
+
+
+def alpha_figure(groups, metric, ylabel, title, digits=2):
     """``metric`` against alpha: a line with error bars per conv mode (and per setting that
-    tells groups of a conv mode apart), vanilla as a horizontal baseline with a band."""
+    tells groups of a conv mode apart), vanilla as a horizontal baseline with a band; every
+    point labelled with its value."""
     fig, ax = _new_figure()
-    series = _series(groups, lambda g: g[metric] is not None
-                     and (g["conv"] == "vanilla" or g["alpha"] is not None))
-    plotted = []
+    series = _series(groups, _on_alpha_axis(metric))
+    plotted, points, baselines = [], [], []
     for conv, label, style, rows in series:
         color = conv_color(conv)
         plotted += rows
         if conv == "vanilla":
             for i, r in enumerate(rows):
-                ax.axhline(r[metric], color=color, linestyle=VANILLA_LINESTYLES[style % 4],
-                           label=label if i == 0 else None)
+                line = ax.axhline(r[metric], color=color, linestyle=VANILLA_LINESTYLES[style % 4],
+                                  label=label if i == 0 else None)
+                line.set_gid(_gid("series", conv, style))
                 if r[metric + "_std"]:
-                    ax.axhspan(r[metric] - r[metric + "_std"], r[metric] + r[metric + "_std"],
-                               color=color, alpha=0.1)
+                    band = ax.axhspan(r[metric] - r[metric + "_std"],
+                                      r[metric] + r[metric + "_std"], color=color, alpha=0.1,
+                                      label=f"{label} ± std" if i == 0 else None)
+                    band.set_gid(_gid("band", conv, style))
+                baselines.append((r[metric], f"{label} {r[metric]:.{digits}f}", color))
             continue
         stds = [r[metric + "_std"] or 0 for r in rows]
-        ax.errorbar([r["alpha"] for r in rows], [r[metric] for r in rows],
-                    yerr=stds if any(stds) else None, marker=MARKERS[style % len(MARKERS)],
-                    linestyle=LINESTYLES[style % len(LINESTYLES)], capsize=3, color=color,
-                    label=label)
+        bars = ax.errorbar([r["alpha"] for r in rows], [r[metric] for r in rows],
+                           yerr=stds if any(stds) else None, marker=MARKERS[style % len(MARKERS)],
+                           linestyle=LINESTYLES[style % len(LINESTYLES)], capsize=3, color=color,
+                           label=label)
+        bars.lines[0].set_gid(_gid("series", conv, style))
+        points += [(r["alpha"], r[metric], f"{r[metric]:.{digits}f}", color) for r in rows]
     alphas = sorted({g["alpha"] for g in plotted if g["alpha"] is not None})
     ax.set_xlabel("alpha (share of low-frequency channels)")
     ax.set_ylabel(ylabel)
     if alphas:
         ax.set_xticks(alphas)
-    return _finish(fig, ax, title, plotted or groups, [g[metric + "_n"] for g in plotted])
+    # A baseline's label sits at its right end (it has no point of its own).
+    right = ax.get_xlim()[1]
+    points += [(right, value, text, color) for value, text, color in baselines]
+    return _finish(fig, ax, title, plotted or groups, [g[metric + "_n"] for g in plotted],
+                   points)
 
 
 def group_value(group, name):
@@ -627,103 +761,123 @@ def pareto_rows(groups, objectives):
     return sorted(rows, key=lambda r: sign * r[objectives[0]])
 
 
-def compute_figure(groups):
-    """Test accuracy against MFLOPs per image, a point per group, alphas annotated; the
-    Pareto front of accuracy and FLOPs ringed."""
+def _point_label(group):
+    return "vanilla" if group["conv"] == "vanilla" or group["alpha"] is None else \
+        f"α={group['alpha']:g}"
+
+
+def scatter_figure(groups, x_metric, x_scale, xlabel, title, objectives, x_errors=False):
+    """Test accuracy against ``x_metric`` (divided by ``x_scale``), a point per group, each
+    labelled (its alpha, or vanilla); the Pareto front of ``objectives`` ringed."""
     fig, ax = _new_figure()
-    series = _series(groups, lambda g: g["flops_per_image"] and g["test_accuracy"] is not None)
-    plotted = []
+    series = _series(groups, _with_accuracy(x_metric))
+    plotted, points = [], []
     for conv, label, style, rows in series:
         plotted += rows
+        color = conv_color(conv)
+        xs = [r[x_metric] / x_scale for r in rows]
         stds = [r["test_accuracy_std"] or 0 for r in rows]
-        ax.errorbar([r["flops_per_image"] / 1e6 for r in rows], [r["test_accuracy"] for r in rows],
-                    yerr=stds if any(stds) else None, marker=MARKERS[style % len(MARKERS)],
-                    capsize=3, color=conv_color(conv), label=label,
-                    linestyle="none" if conv == "vanilla" else LINESTYLES[style % len(LINESTYLES)])
-        for r in rows:
-            if r["alpha"] is not None:
-                ax.annotate(f"α={r['alpha']:g}", (r["flops_per_image"] / 1e6, r["test_accuracy"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=8)
-    mark_front(ax, plotted, ("accuracy", "flops_per_image"),
-               lambda g: g["flops_per_image"] / 1e6, lambda g: g["test_accuracy"])
-    ax.set_xlabel("MFLOPs per image")
+        xstds = [(r[x_metric + "_std"] or 0) / x_scale for r in rows] if x_errors else []
+        bars = ax.errorbar(xs, [r["test_accuracy"] for r in rows],
+                           xerr=xstds if any(xstds) else None,
+                           yerr=stds if any(stds) else None, marker=MARKERS[style % len(MARKERS)],
+                           capsize=3, color=color, label=label,
+                           linestyle="none" if conv == "vanilla"
+                           else LINESTYLES[style % len(LINESTYLES)])
+        bars.lines[0].set_gid(_gid("series", conv, style))
+        points += [(x, r["test_accuracy"], _point_label(r), color) for x, r in zip(xs, rows)]
+    mark_front(ax, plotted, objectives, lambda g: g[x_metric] / x_scale,
+               lambda g: g["test_accuracy"])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    return _finish(fig, ax, "Accuracy vs compute", plotted or groups,
-                   [g["test_accuracy_n"] for g in plotted])
+    return _finish(fig, ax, title, plotted or groups, [g["test_accuracy_n"] for g in plotted],
+                   points)
+
+
+def compute_figure(groups):
+    """Test accuracy against MFLOPs per image; the Pareto front of accuracy and FLOPs ringed."""
+    return scatter_figure(groups, "flops_per_image", 1e6, "MFLOPs per image",
+                          FIGURE_TITLES[PLOTS[2]], ("accuracy", "flops_per_image"))
 
 
 def throughput_figure(groups):
-    """Test accuracy against training images/s, a point per group, alphas annotated; the
-    Pareto front of accuracy and throughput ringed."""
-    fig, ax = _new_figure()
-    series = _series(groups, lambda g: g["train_images_per_second"]
-                     and g["test_accuracy"] is not None)
-    plotted = []
-    for conv, label, style, rows in series:
-        plotted += rows
-        ax.errorbar([r["train_images_per_second"] for r in rows],
-                    [r["test_accuracy"] for r in rows],
-                    xerr=[r["train_images_per_second_std"] or 0 for r in rows],
-                    yerr=[r["test_accuracy_std"] or 0 for r in rows],
-                    marker=MARKERS[style % len(MARKERS)], capsize=3, color=conv_color(conv),
-                    label=label,
-                    linestyle="none" if conv == "vanilla" else LINESTYLES[style % len(LINESTYLES)])
-        for r in rows:
-            if r["alpha"] is not None:
-                ax.annotate(f"α={r['alpha']:g}", (r["train_images_per_second"], r["test_accuracy"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=8)
-    mark_front(ax, plotted, ("accuracy", "train_images_per_second"),
-               lambda g: g["train_images_per_second"], lambda g: g["test_accuracy"])
-    ax.set_xlabel("training images / s")
-    ax.set_ylabel("test accuracy (%)")
-    return _finish(fig, ax, "Accuracy vs throughput", plotted or groups,
-                   [g["test_accuracy_n"] for g in plotted])
+    """Test accuracy against training images/s; the Pareto front of accuracy and throughput
+    ringed."""
+    return scatter_figure(groups, "train_images_per_second", 1, "training images / s",
+                          FIGURE_TITLES[PLOTS[3]], ("accuracy", "train_images_per_second"),
+                          x_errors=True)
 
 
 def figures(groups):
-    """The four figures (matplotlib Figures), by file name."""
+    """The four figures (matplotlib Figures), by file name (.png; the other formats of
+    report.format are the same figures)."""
     return OrderedDict([
         (PLOTS[0], alpha_figure(groups, "test_accuracy", "test accuracy (%)",
-                                "Test accuracy vs alpha")),
+                                FIGURE_TITLES[PLOTS[0]])),
         (PLOTS[1], alpha_figure(groups, "train_images_per_second", "training images / s",
-                                "Training throughput vs alpha")),
+                                FIGURE_TITLES[PLOTS[1]], digits=0)),
         (PLOTS[2], compute_figure(groups)),
         (PLOTS[3], throughput_figure(groups)),
     ])
 
 
-def plot(sweep_dir, groups):
-    """The figures, as PNG files in the sweep dir; returns the paths written."""
+def figure_files(formats):
+    """The figures' file names in ``formats``, figure by figure."""
+    return [_stem(p) + "." + f for p in PLOTS for f in formats]
+
+
+def _stem(name):
+    return os.path.splitext(name)[0]
+
+
+#: Vector files keep text as text (svg: <text> elements; pdf: TrueType, as journals ask,
+#: not Type 3) and are the same bytes for the same figure (no dates, fixed SVG ids).
+SAVE_RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "octconv-exp"}
+SAVE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+
+
+def plot(sweep_dir, groups, formats=DEFAULT_FORMATS, dpi=DEFAULT_DPI):
+    """The figures, a file per format of ``formats`` in the sweep dir; returns the paths
+    written."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
         return []
     written = []
-    for name, fig in figures(groups).items():
-        path = os.path.join(sweep_dir, name)
-        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
-        written.append(path)
+    with matplotlib.rc_context(SAVE_RC):
+        for name, fig in figures(groups).items():
+            for fmt in formats:
+                path = os.path.join(sweep_dir, _stem(name) + "." + fmt)
+                atomic_write(path, lambda f, fig=fig, fmt=fmt: fig.savefig(
+                    f, format=fmt, dpi=dpi, metadata=SAVE_METADATA.get(fmt)))
+                written.append(path)
     return written
 
 
 # ------------------------------------------------------------------------------ the report
 
 
-def build_report(sweep_dir, make_plots=True):
-    """Write summary.csv, summary_by_config.csv, summary.md and the plots; returns the runs."""
+def build_report(sweep_dir, make_plots=True, formats=None, dpi=None,
+                 setting_keys=("--format", "--dpi")):
+    """Write summary.csv, summary_by_config.csv, summary.md, summary.tex and the plots (in
+    ``formats`` at ``dpi``; None: as the sweep's report.format/report.dpi say; a bad value
+    is a ConfigError naming ``setting_keys``); returns the runs."""
     if not os.path.isdir(sweep_dir):
         raise ReportError(f"{sweep_dir} is not a directory")
     problems = []
     runs = sorted(find_runs(sweep_dir, problems), key=_sort_key)
     if not runs:
         raise ReportError(f"no run directories (with .hydra/ or metrics.json) under {sweep_dir}")
+    # A bad format is refused before anything is written.
+    formats, dpi = sweep_report_settings(sweep_dir, runs, formats, dpi, setting_keys)
     varying = varying_keys(runs)
     groups = aggregate(runs, varying)
     # The varying config keys: a column each, after the columns every report has.
     write_csv(os.path.join(sweep_dir, "summary.csv"), _with_settings(runs, varying),
               list(RUN_COLUMNS) + varying)
-    agg_columns = list(AGG_COLUMNS_HEAD) + [c for m in AGG_METRICS for c in (m, m + "_std")] \
+    agg_columns = list(AGG_COLUMNS_HEAD) + [c for m in AGG_METRICS
+                                            for c in (m, m + "_std", m + "_ci95")] \
         + ["config"] + varying
     write_csv(os.path.join(sweep_dir, "summary_by_config.csv"), _with_settings(groups, varying),
               agg_columns)
@@ -732,11 +886,44 @@ def build_report(sweep_dir, make_plots=True):
               ["conv", "model", "alpha", "expansion", "optimizer", "n", "seeds", *objectives]
               + (["test_accuracy"] if "test_accuracy" not in objectives else []) + ["config"]
               + varying)
+    if groups:
+        write_text_atomic(os.path.join(sweep_dir, TEX_FILE), tex_table(groups, varying))
     if make_plots and groups:
-        plot(sweep_dir, groups)
+        plot(sweep_dir, groups, formats, dpi)
     write_text_atomic(os.path.join(sweep_dir, "summary.md"),
-                      readable(markdown(sweep_dir, runs, groups, problems, varying)))
+                      readable(markdown(sweep_dir, runs, groups, problems, varying, formats)))
     return runs
+
+
+def sweep_report_settings(sweep_dir, runs, formats=None, dpi=None,
+                          keys=("--format", "--dpi")):
+    """The figures' formats and dpi: those given, else the sweep's report.format and
+    report.dpi (its first run's .hydra/config.yaml that has them), else the defaults. A bad
+    value given raises ConfigError; one in a run's config is a warning and the default."""
+    if formats is not None and dpi is not None:
+        return report_settings(formats, dpi, keys)
+    saved = {}
+    for row in runs:
+        path = os.path.join(sweep_dir, row["run_dir"], ".hydra", "config.yaml")
+        try:
+            with open(path) as f:
+                found = (yaml.safe_load(f) or {}).get("report")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if isinstance(found, dict):
+            saved = found
+            break
+    from .errors import ConfigError
+
+    try:
+        saved_formats, saved_dpi = report_settings(saved.get("format", list(DEFAULT_FORMATS)),
+                                                   saved.get("dpi", DEFAULT_DPI))
+    except ConfigError as exc:
+        sys.stderr.write(readable(f"warning: the sweep's {exc}; the report uses "
+                                  f"{','.join(DEFAULT_FORMATS)} at {DEFAULT_DPI} dpi\n"))
+        saved_formats, saved_dpi = DEFAULT_FORMATS, DEFAULT_DPI
+    return report_settings(saved_formats if formats is None else formats,
+                           saved_dpi if dpi is None else dpi, keys)
 
 
 def _with_settings(rows, varying):
@@ -765,10 +952,19 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 def track_sweep(config, sweep_dir):
     """With logger=mlflow: the report's files as an MLflow run of the sweep's experiment (a
     tracking store that fails here is a warning: the report itself is written)."""
+    from omegaconf import OmegaConf
+
     from .errors import UserError
     from .loggers import log_sweep
 
-    names = ["summary.md", "summary.csv", "summary_by_config.csv", PARETO_FILE, *PLOTS]
+    formats = OmegaConf.select(config, "report.format", default=None)
+    try:
+        formats = report_settings(OmegaConf.to_object(formats) if OmegaConf.is_config(formats)
+                                  else formats, DEFAULT_DPI)[0]
+    except UserError:  # a config from before report.format: whatever figures are there
+        formats = REPORT_FORMATS
+    names = ["summary.md", "summary.csv", "summary_by_config.csv", PARETO_FILE, TEX_FILE,
+             *figure_files(formats)]
     try:
         log_sweep(config, sweep_dir, [os.path.join(sweep_dir, n) for n in names])
     except (UserError, Exception) as exc:  # noqa: BLE001 - the report is on disk already
@@ -783,8 +979,14 @@ class SweepReport(Callback):
         from .outputs import OutputError
 
         sweep_dir = str(config.hydra.sweep.dir)
+        from omegaconf import OmegaConf
+
         try:
-            runs = build_report(sweep_dir)
+            formats = OmegaConf.select(config, "report.format", default=None)
+            formats = OmegaConf.to_object(formats) if OmegaConf.is_config(formats) else formats
+            dpi = OmegaConf.select(config, "report.dpi", default=None)
+            runs = build_report(sweep_dir, formats=formats, dpi=dpi,
+                                setting_keys=("report.format", "report.dpi"))
         except ReportError as exc:
             sys.stderr.write(f"error: sweep report: {exc}\n")
             interrupted_sweep_line(config, sweep_dir)
@@ -827,12 +1029,23 @@ def main(argv=None):
         description="(Re)build summary.csv, summary.md and plots of a sweep directory.")
     parser.add_argument("sweep_dir")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--format", metavar="FORMATS",
+                        help="figure formats, comma-separated: some of "
+                        + ", ".join(REPORT_FORMATS) + " (default: the sweep's report.format, "
+                        "else " + ",".join(DEFAULT_FORMATS) + ")")
+    parser.add_argument("--dpi", metavar="N",
+                        help="PNG resolution (default: the sweep's report.dpi, else "
+                        f"{DEFAULT_DPI})")
     args = parser.parse_args(argv)
     from .errors import UserError
     from .outputs import OutputError
 
     try:
-        runs = build_report(args.sweep_dir, make_plots=not args.no_plots)
+        dpi = args.dpi
+        if dpi is not None:
+            dpi = int(dpi) if dpi.strip().isdigit() else dpi
+        runs = build_report(args.sweep_dir, make_plots=not args.no_plots, formats=args.format,
+                            dpi=dpi)
     except (ReportError, OSError, UserError) as exc:  # summary.md a folder, a full disk
         if isinstance(exc, OSError) and not isinstance(exc, UserError):
             exc = OutputError(exc.filename or args.sweep_dir, exc)

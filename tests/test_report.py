@@ -287,7 +287,7 @@ def legend_colors(fig):
     (ax,) = fig.axes
     out = {}
     for handle, label in zip(*ax.get_legend_handles_labels()):
-        if label.startswith("Pareto front"):
+        if label.startswith("Pareto front") or label.endswith("± std"):
             continue  # not a series of a conv mode (test_the_pareto_front_is_written_and_ringed)
         line = handle.lines[0] if hasattr(handle, "lines") else handle  # errorbar or axhline
         out[label] = to_hex(line.get_color())
@@ -326,21 +326,35 @@ def test_each_conv_mode_has_one_colour_in_every_figure(tmp_path):
     assert report.conv_color("other") == report.conv_color("other") not in expected.values()
 
 
-def test_titles_name_the_setup_and_the_error_bars_their_seeds(tmp_path):
+def test_titles_are_short_and_the_captions_name_the_setup_and_the_error_bars(tmp_path):
+    """A paper's figure has a short title; the setup (data, model, epochs) and what the error
+    bars are go into the caption line under each figure in summary.md."""
     groups = groups_of(tmp_path / "a", {"vanilla": 3, "octave": 3, "multi-octave": 3})
-    for fig in report.figures(groups).values():
+    for name, fig in report.figures(groups).items():
         (ax,) = fig.axes
-        assert ax.get_title().splitlines()[1] == "data: synthetic; model: seed_cnn; epochs: 2"
+        assert ax.get_title() == report.FIGURE_TITLES[name]
         assert ax.get_legend().get_title().get_text() == "mean ± std over 3 seeds"
+    assert report.caption(groups, report.PLOTS[0]) == (
+        "Test accuracy vs alpha. data: synthetic; model: seed_cnn; epochs: 2. "
+        "Error bars and vanilla's band: mean ± std over 3 seeds.")
+    assert report.caption(groups, report.PLOTS[2]) == (
+        "Accuracy vs compute. data: synthetic; model: seed_cnn; epochs: 2. "
+        "Error bars: mean ± std over 3 seeds.")
 
     mixed = groups_of(tmp_path / "b", {"vanilla": 2, "octave": 3},
                       {2: {"dataset": "cifar10", "epochs": 10, "model": "seed_cnn"}})
     # The third seed of octave is another data set: runs differ, every value is named.
-    for fig in report.figures(mixed).values():
+    for name, fig in report.figures(mixed).items():
         (ax,) = fig.axes
-        assert ax.get_title().splitlines()[1] == \
-            "data: cifar10, synthetic; model: seed_cnn; epochs: 2, 10"
+        assert "\n" not in ax.get_title() and "data:" not in ax.get_title()
         assert ax.get_legend().get_title().get_text() == "mean ± std over N=2-3 seeds"
+        assert "data: cifar10, synthetic; model: seed_cnn; epochs: 2, 10. Error bars" \
+            in report.caption(mixed, name)
+    report.build_report(str(tmp_path / "b"), formats=["png"], dpi=50)
+    md = (tmp_path / "b" / "summary.md").read_text()
+    assert "![accuracy_vs_flops](accuracy_vs_flops.png)\n*Accuracy vs compute. data: cifar10, " \
+        "synthetic; model: seed_cnn; epochs: 2, 10. Error bars: mean ± std over N=2-3 seeds.*\n" \
+        in md
 
     single = groups_of(tmp_path / "c", {"vanilla": 1, "octave": 1})
     (ax,) = report.figures(single)[report.PLOTS[0]].axes
