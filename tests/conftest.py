@@ -1,4 +1,7 @@
+import csv
+import hashlib
 import importlib
+import json
 import os
 import pickle
 import subprocess
@@ -161,20 +164,167 @@ def only_error_line(stderr):
     return lines[0]
 
 
-def start_joblib_sweep(sweep_dir, timeout):
-    """A 3-job joblib sweep (2 at a time, in a session of its own) whose first two jobs have
-    begun training: the process, for a test to signal."""
+def start_joblib_sweep(sweep_dir, timeout, training=("conv=vanilla", "conv=octave")):
+    """:data:`JOBLIB_SWEEP` (2 jobs at a time, in a session of its own) once the jobs named in
+    ``training`` have begun training: the process, for a test to signal."""
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
-         "hydra.launcher.n_jobs=2", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
-         "dataset.train_size=4000", "dataset.test_size=100", "trainer.epochs=1",
-         "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
+        [sys.executable, os.path.join(REPO, "run.py"), *JOBLIB_SWEEP,
+         f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + timeout
-    logs = [sweep_dir / c / "seed=0" / "run.log" for c in ("conv=vanilla", "conv=octave")]
+    logs = [sweep_dir / c / "seed=0" / "run.log" for c in training]
     while not all(p.exists() and "Training: epochs" in p.read_text() for p in logs):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     return proc
+
+
+# --------------------------------------------------------------------------------------------
+# What a run leaves, read back: one reader per file, for every test file.
+
+
+def read_metrics(run_dir):
+    """A run's metrics.json, as a dict."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def read_csv(path):
+    """The rows of a CSV file (summary.csv, epochs.csv) as dicts of strings."""
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def read_epochs(run_dir):
+    """A run's epochs.csv: one dict of strings an epoch."""
+    return read_csv(os.path.join(run_dir, "epochs.csv"))
+
+
+def read_state_dict(run_dir):
+    """The weights in a run's model.pt, on the CPU."""
+    import torch
+
+    return torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu",
+                      weights_only=False)["state_dict"]
+
+
+def optuna_study(sweep_dir, name="alpha_search"):
+    """A search's study, read back through Optuna's own API from the sweep's optuna.db."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/optuna.db")
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes, to show a refused command left it as it was."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def snapshot(root, skip=(".sweep.lock",)):
+    """Every file below ``root`` with its bytes: what a refused command must leave as it was
+    (the sweep's lock aside: a refused command takes it while it checks, and it names the
+    process holding it)."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name in skip:
+                continue
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Small runs' overrides, all on the synthetic data set. Each is named after what sets it apart
+# (training images first; the other sizes and settings below); tests add their own on top.
+
+#: 64 training, 32 test images, 8 a batch, the configured epochs.
+SYNTHETIC_64_BATCH_8 = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
+                        "trainer.batch_size=8", "trainer.progress_bar=false"]
+#: :data:`SYNTHETIC_64_BATCH_8` for one epoch.
+SYNTHETIC_64_BATCH_8_ONE_EPOCH = [*SYNTHETIC_64_BATCH_8, "trainer.epochs=1"]
+#: 64 training, 32 test images, one epoch of batches of 16.
+SYNTHETIC_64_ONE_EPOCH = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
+                          "trainer.epochs=1", "trainer.batch_size=16",
+                          "trainer.progress_bar=false"]
+#: 64 training images, 16 of them held out for validation, 32 test; two epochs of batches of 16.
+SYNTHETIC_64_VAL_16 = ["dataset=synthetic", "dataset.train_size=64",
+                                  "dataset.test_size=32", "dataset.val_size=16",
+                                  "trainer.epochs=2", "trainer.batch_size=16",
+                                  "trainer.progress_bar=false"]
+#: 32 training, 16 test images, one batch of 16 an epoch, no model.pt and no checkpoints.
+SYNTHETIC_32_NO_SAVES = ["dataset=synthetic", "dataset.train_size=32", "dataset.test_size=16",
+                         "trainer.epochs=1", "trainer.batch_size=16", "trainer.progress_bar=false",
+                         "trainer.save_model=false", "trainer.checkpoint=false"]
+#: 96 training, 32 test images, batches of 16, the configured epochs.
+SYNTHETIC_96 = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=32",
+                "trainer.batch_size=16", "trainer.progress_bar=false"]
+#: 96 training images, 40 of them held out for validation, 32 test; two epochs of batches of 16.
+SYNTHETIC_96_VAL_40 = ["dataset=synthetic", "dataset.train_size=96",
+                                  "dataset.test_size=32", "dataset.val_size=40",
+                                  "trainer.epochs=2", "trainer.batch_size=16",
+                                  "trainer.progress_bar=false"]
+#: 128 training, 101 test images, two epochs, multi-octave, channels-first (two ranks of 16: 4
+#: steps an epoch). In channels_last, oneDNN's convolutions round differently at batch 16 and
+#: 32 (measured: weights 1e-3 apart after 4 steps at lr 0.05, 1e-7 apart channels-first), which
+#: would hide what comparing two ranks at batch b with one process at 2b is about.
+SYNTHETIC_128_CHANNELS_FIRST = [
+    "dataset=synthetic", "dataset.train_size=128", "dataset.test_size=101", "trainer.epochs=2",
+    "trainer.progress_bar=false", "conv=multi-octave", "speed.channels_last=false"]
+#: 160 training, 60 test images, one epoch at the configured batch size.
+SYNTHETIC_160_ONE_EPOCH = ["dataset=synthetic", "dataset.train_size=160",
+                           "dataset.test_size=60", "trainer.epochs=1",
+                           "trainer.progress_bar=false"]
+#: experiment=alpha_search under -m on 160 training, 60 test images, one epoch of batches of
+#: 16 a trial; the tests add hydra.sweeper.n_trials.
+ALPHA_SEARCH_160 = ["-m", "experiment=alpha_search", "dataset=synthetic",
+                              "dataset.train_size=160", "dataset.test_size=60",
+                              "trainer.epochs=1", "trainer.batch_size=16",
+                              "trainer.progress_bar=false"]
+#: On the PopTorch double (device=ipu, one device iteration): 192 training, 61 test images, two
+#: epochs of batches of 8, multi-octave.
+IPU_SYNTHETIC_192 = ["device=ipu", "ipu.device_iterations=1", "dataset=synthetic",
+                                  "dataset.train_size=192", "dataset.test_size=61",
+                                  "trainer.epochs=2", "trainer.batch_size=8",
+                                  "trainer.progress_bar=false", "conv=multi-octave"]
+#: 200 training, 60 test images, one epoch of batches of 16.
+SYNTHETIC_200_ONE_EPOCH = ["dataset=synthetic", "dataset.train_size=200",
+                           "dataset.test_size=60", "trainer.batch_size=16", "trainer.epochs=1",
+                           "trainer.progress_bar=false"]
+#: 200 training, 50 test images, two epochs at the configured batch size.
+SYNTHETIC_200_TWO_EPOCHS = ["dataset=synthetic", "dataset.train_size=200",
+                            "dataset.test_size=50", "trainer.epochs=2",
+                            "trainer.progress_bar=false"]
+#: 400 training, 200 test images, one epoch of batches of 16.
+SYNTHETIC_400_ONE_EPOCH = ["dataset=synthetic", "dataset.train_size=400",
+                           "dataset.test_size=200", "trainer.epochs=1", "trainer.batch_size=16",
+                           "trainer.progress_bar=false"]
+#: 600 training, 100 test images, batches of 8 (tested 50 at a time), on the CPU, the
+#: configured epochs.
+SYNTHETIC_600_CPU = ["dataset=synthetic", "dataset.train_size=600", "dataset.test_size=100",
+                     "trainer.batch_size=8", "trainer.test_batch_size=50",
+                     "trainer.progress_bar=false", "device=cpu"]
+#: For the IPU backend (the tests add device=ipu): 960 training, 437 test images, two epochs of
+#: batches of 8 (tested 10 at a time), no loader worker processes.
+SYNTHETIC_960_FOR_IPU = ["dataset=synthetic", "dataset.train_size=960", "dataset.test_size=437",
+                         "trainer.epochs=2", "trainer.batch_size=8",
+                         "trainer.test_batch_size=10", "trainer.progress_bar=false",
+                         "ipu.num_workers=0"]
+#: 1200 training, 300 test images, batches of 8 (150 steps an epoch), octave at alpha 0.25,
+#: the configured epochs.
+SYNTHETIC_1200_OCTAVE = ["dataset=synthetic", "dataset.train_size=1200",
+                                 "dataset.test_size=300", "trainer.batch_size=8",
+                                 "trainer.progress_bar=false", "conv=octave", "alpha=0.25"]
+#: 2000 training, 500 test images, two epochs of batches of 16: enough to learn the data.
+SYNTHETIC_2000 = ["dataset=synthetic", "dataset.train_size=2000",
+                             "dataset.test_size=500", "trainer.epochs=2",
+                             "trainer.batch_size=16", "trainer.progress_bar=false"]
+#: A joblib sweep of the 3 conv modes, 2 jobs at a time, one epoch of 4000 training images each
+#: (long enough to be caught training).
+JOBLIB_SWEEP = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                "conv=vanilla,octave,multi-octave", "dataset=synthetic", "dataset.train_size=4000",
+                "dataset.test_size=100", "trainer.epochs=1", "trainer.progress_bar=false"]

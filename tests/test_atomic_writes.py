@@ -7,11 +7,7 @@ FileHandler's append-only log and .hydra/ is Hydra's: neither exists in an in-pr
 import builtins
 import os
 
-from conftest import compose_config
-
-TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
-        "dataset.val_size=16", "trainer.epochs=2", "trainer.batch_size=16",
-        "trainer.progress_bar=false"]
+from conftest import SYNTHETIC_64_VAL_16, compose_config
 
 
 def test_every_file_of_a_run_arrives_by_an_atomic_rename(tmp_path, monkeypatch):
@@ -34,7 +30,7 @@ def test_every_file_of_a_run_arrives_by_an_atomic_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(os, "replace", spy_replace)
-    run_experiment(compose_config(*TINY), run_dir)
+    run_experiment(compose_config(*SYNTHETIC_64_VAL_16), run_dir)
     monkeypatch.undo()
 
     left = sorted(os.path.relpath(os.path.join(d, f), run_dir)

@@ -1,6 +1,5 @@
 """Data-parallel runs: torchrun ranks (gloo on CPU), submitit tasks, the sharded loader, and
 the bad input around them. The end-to-end tests start real ranks on this machine."""
-import json
 import os
 import subprocess
 import sys
@@ -8,18 +7,11 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, compose_config, only_error_line, run_cli
+from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, compose_config, only_error_line,
+                      read_metrics, read_state_dict, run_cli)
 from octconv_exp import distributed
 from octconv_exp.data import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
-
-# Two ranks of a small run: 128 training images, 4 steps of 2 x 16 per epoch. Channels-first:
-# in channels_last, oneDNN's convolutions round differently at batch 16 and 32 (measured:
-# weights 1e-3 apart after 4 steps at lr 0.05, 1e-7 apart channels-first), which would
-# hide what the comparison is about.
-SMALL = ["dataset=synthetic", "dataset.train_size=128", "dataset.test_size=101",
-         "trainer.epochs=2", "trainer.progress_bar=false", "conv=multi-octave",
-         "speed.channels_last=false"]
 
 
 def torchrun(*args, ranks=2, env=None, timeout=300):
@@ -33,20 +25,10 @@ def torchrun(*args, ranks=2, env=None, timeout=300):
                           env=full)
 
 
-def weights(run_dir):
-    return torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu",
-                      weights_only=False)["state_dict"]
-
-
 def max_difference(a, b):
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a
                if a[k].is_floating_point())
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,8 +203,8 @@ def test_a_sweep_under_torchrun_is_refused(monkeypatch):
 def two_rank_run(tmp_path_factory):
     """An uninterrupted 2-rank run, batch 16 per rank, with synchronised BatchNorm."""
     run_dir = str(tmp_path_factory.mktemp("ddp") / "two")
-    result = torchrun(*SMALL, "trainer.batch_size=16", "trainer.sync_batchnorm=true",
-                      f"hydra.run.dir={run_dir}")
+    result = torchrun(*SYNTHETIC_128_CHANNELS_FIRST, "trainer.batch_size=16",
+                      "trainer.sync_batchnorm=true", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -232,11 +214,12 @@ def two_rank_run(tmp_path_factory):
 def test_two_ranks_with_sync_batchnorm_train_as_one_process_at_twice_the_batch(
         two_rank_run, tmp_path):
     one = str(tmp_path / "one")
-    result = run_cli(*SMALL, "trainer.batch_size=32", f"hydra.run.dir={one}",
+    result = run_cli(*SYNTHETIC_128_CHANNELS_FIRST, "trainer.batch_size=32", f"hydra.run.dir={one}",
                      env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_difference(weights(two_rank_run), weights(one)) < 1e-6  # 2e-7 measured
-    m2, m1 = metrics(two_rank_run), metrics(one)
+    # 2e-7 measured
+    assert max_difference(read_state_dict(two_rank_run), read_state_dict(one)) < 1e-6
+    m2, m1 = read_metrics(two_rank_run), read_metrics(one)
     assert (m2["world_size"], m2["global_batch_size"], m1["world_size"]) == (2, 32, 1)
     assert m2["test_samples"] == m1["test_samples"] == 101  # each test image once
     assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"])
@@ -248,16 +231,17 @@ def test_two_ranks_with_sync_batchnorm_train_as_one_process_at_twice_the_batch(
     assert "rank 0 of 2 (torchrun, gloo)" in log and "rank 1 of 2" not in log
     # Without synchronised BatchNorm each rank normalises its 16 images: not the same model.
     plain = str(tmp_path / "plain")
-    result = torchrun(*SMALL, "trainer.batch_size=16", f"hydra.run.dir={plain}")
+    result = torchrun(*SYNTHETIC_128_CHANNELS_FIRST, "trainer.batch_size=16",
+                      f"hydra.run.dir={plain}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_difference(weights(plain), weights(one)) > 1e-3
+    assert max_difference(read_state_dict(plain), read_state_dict(one)) > 1e-3
 
 
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_at_one_step_and_resume_is_exact(two_rank_run, tmp_path):
     run_dir = str(tmp_path / "stopped")
-    result = torchrun(*SMALL, "trainer.batch_size=16", "trainer.sync_batchnorm=true",
-                      f"hydra.run.dir={run_dir}",
+    result = torchrun(*SYNTHETIC_128_CHANNELS_FIRST, "trainer.batch_size=16",
+                      "trainer.sync_batchnorm=true", f"hydra.run.dir={run_dir}",
                       env={"OCTCONV_EXP_SIGNAL_AT": "step:3", "OCTCONV_EXP_SIGNAL_RANK": "1",
                            "OCTCONV_EXP_SIGNAL": "SIGTERM"})
     assert result.returncode != 0
@@ -265,7 +249,7 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_and_resume_is_exact(two_rank
     assert len(errors) == 1, result.stderr[-3000:]  # rank 0 says it for both
     assert "interrupted by SIGTERM at epoch 1, step 3" in errors[0]
     assert "continue with: torchrun --nproc_per_node=2" in errors[0]
-    assert metrics(run_dir)["status"] == "interrupted"
+    assert read_metrics(run_dir)["status"] == "interrupted"
     state = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=False)
     assert state["world_size"] == 2 and [r["progress"]["steps"] for r in state["ranks"]] == [3, 3]
     # One rank cannot continue an epoch two ranks split.
@@ -273,22 +257,22 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_and_resume_is_exact(two_rank
     assert refused.returncode == 2 and "written inside an epoch by 2 rank(s)" in refused.stderr
     result = torchrun("resume=true", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_difference(weights(run_dir), weights(two_rank_run)) == 0.0
-    assert metrics(run_dir)["train_loss"] == metrics(two_rank_run)["train_loss"]
+    assert max_difference(read_state_dict(run_dir), read_state_dict(two_rank_run)) == 0.0
+    assert read_metrics(run_dir)["train_loss"] == read_metrics(two_rank_run)["train_loss"]
 
 
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_run_with_one_line(tmp_path):
     run_dir = str(tmp_path / "killed")
-    result = torchrun(*SMALL, "trainer.batch_size=16", f"hydra.run.dir={run_dir}",
-                      "distributed.timeout_s=60",
+    result = torchrun(*SYNTHETIC_128_CHANNELS_FIRST, "trainer.batch_size=16",
+                      f"hydra.run.dir={run_dir}", "distributed.timeout_s=60",
                       env={"OCTCONV_EXP_SIGNAL_AT": "step:2", "OCTCONV_EXP_SIGNAL_RANK": "1",
                            "OCTCONV_EXP_SIGNAL": "SIGKILL"}, timeout=120)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2: a collective"), \
         result.stderr[-3000:]
-    assert metrics(run_dir)["status"] == "failed"
+    assert read_metrics(run_dir)["status"] == "failed"
 
 
 @pytest.mark.slow
@@ -297,11 +281,11 @@ def test_the_submitit_launcher_runs_a_job_as_ranks(tmp_path):
     through its environment): one job, two ranks, one record."""
     sweep = str(tmp_path / "sweep")
     result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-                     *SMALL, "trainer.epochs=1", "trainer.batch_size=16",
+                     *SYNTHETIC_128_CHANNELS_FIRST, "trainer.epochs=1", "trainer.batch_size=16",
                      "trainer.sync_batchnorm=true", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     (job,) = [os.path.join(root) for root, _, files in os.walk(sweep) if "metrics.json" in files]
-    m = metrics(job)
+    m = read_metrics(job)
     assert (m["status"], m["world_size"], m["test_samples"]) == ("completed", 2, 101)
     with open(os.path.join(job, "run.log")) as f:
         assert "rank 0 of 2 (submitit, gloo)" in f.read()

@@ -7,15 +7,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from conftest import run_cli
-
-SMALL = ["dataset=synthetic", "dataset.train_size=2000", "dataset.test_size=500",
-         "trainer.epochs=2", "trainer.batch_size=16", "trainer.progress_bar=false"]
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
+from conftest import SYNTHETIC_2000, read_metrics, run_cli
 
 
 @pytest.mark.slow
@@ -23,7 +15,7 @@ def read_metrics(run_dir):
 @pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
 def test_each_conv_mode_learns_the_synthetic_data(mode, tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(f"conv={mode}", "alpha=0.25", *SMALL, f"hydra.run.dir={run_dir}")
+    res = run_cli(f"conv={mode}", "alpha=0.25", *SYNTHETIC_2000, f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(run_dir)
     assert m["status"] == "completed"
@@ -164,7 +156,7 @@ def test_task_function_returns_test_accuracy(tmp_path):
         "    acc = run.main(cfg)  # hydra.main passes a given cfg straight to the task function\n"
         "    print('RETURNED', acc, json.load(open(os.path.join(HydraConfig.get().runtime.output_dir, 'metrics.json')))['test_accuracy'])\n"
     )
-    res = subprocess.run([sys.executable, "-c", code, *SMALL, "trainer.epochs=1",
+    res = subprocess.run([sys.executable, "-c", code, *SYNTHETIC_2000, "trainer.epochs=1",
                           f"hydra.run.dir={tmp_path}", f"hydra.runtime.output_dir={tmp_path}"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -175,8 +167,8 @@ def test_task_function_returns_test_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_scheduler_changes_the_rate_per_epoch(tmp_path):
-    res = run_cli(*SMALL, "dataset.train_size=200", "scheduler=step", "scheduler.step_size=1",
-                  "scheduler.gamma=0.5", f"hydra.run.dir={tmp_path}")
+    res = run_cli(*SYNTHETIC_2000, "dataset.train_size=200", "scheduler=step",
+                  "scheduler.step_size=1", "scheduler.gamma=0.5", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
     with open(tmp_path / "epochs.csv") as f:
         rates = [float(r["lr"]) for r in csv.DictReader(f)]
@@ -197,8 +189,8 @@ def test_speed_settings(tmp_path):
     for name, extra in (("first", ["speed.channels_last=false", "speed.malloc=false"]),
                         ("last", ["speed.channels_last=true"]),
                         ("compiled", ["speed.compile=true"])):
-        res = run_cli(*SMALL, "conv=multi-octave", "trainer.epochs=1", "dataset.train_size=128",
-                      *extra, f"hydra.run.dir={tmp_path / name}")
+        res = run_cli(*SYNTHETIC_2000, "conv=multi-octave", "trainer.epochs=1",
+                      "dataset.train_size=128", *extra, f"hydra.run.dir={tmp_path / name}")
         assert res.returncode == 0, res.stderr[-3000:]
         m = read_metrics(tmp_path / name)
         with open(tmp_path / name / "epochs.csv") as f:
@@ -224,7 +216,8 @@ def test_speed_settings(tmp_path):
         for key, value in default_weights.items():
             difference = (weights[key].float() - value.float()).abs().max().item()
             assert difference <= 1e-6, (name, key, difference)
-    res = run_cli(*SMALL, "device=cpu", "speed.autocast_bf16=true", f"hydra.run.dir={tmp_path / 'bf16'}")
+    res = run_cli(*SYNTHETIC_2000, "device=cpu", "speed.autocast_bf16=true",
+                  f"hydra.run.dir={tmp_path / 'bf16'}")
     assert res.returncode == 2 and "CUDA only" in res.stderr and res.stderr.count("\n") == 1
 
 
@@ -233,7 +226,7 @@ def test_piped_output_has_no_bars_and_metrics_carry_iso_times(tmp_path):
     import datetime
 
     run_dir = tmp_path / "run"
-    res = run_cli("conv=octave", "alpha=0.25", *SMALL, "trainer.epochs=1",
+    res = run_cli("conv=octave", "alpha=0.25", *SYNTHETIC_2000, "trainer.epochs=1",
                   "trainer.progress_bar=true", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "it/s" not in res.stderr and "\r" not in res.stderr  # stderr is a pipe here

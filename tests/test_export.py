@@ -1,7 +1,6 @@
 """python -m octconv_exp.export: a run's model as TorchScript or ONNX (uint8 images in, the run's
 stored normalisation inside, logits out), checked against the framework on the run's test set,
 for every conv mode, the seed CNN and the ResNets; and its one-line errors."""
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_cli, write_cifar_fixture, write_image_folder
+from conftest import REPO, read_metrics, run_cli, write_cifar_fixture, write_image_folder
 from octconv_exp.data import load_data, make_synthetic
 from octconv_exp.deploy import export as exporting
 from octconv_exp.inference import load_model
@@ -235,18 +234,13 @@ def test_the_module_runs_as_a_command_with_one_line_errors(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 
 
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
-
-
 def export_cli(run_dir, fmt, python=sys.executable):
     return subprocess.run([python, "-m", "octconv_exp.export", str(run_dir), "--format", fmt],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def check_exported_run(run_dir, test):
-    recorded = metrics(run_dir)["test_accuracy"]
+    recorded = read_metrics(run_dir)["test_accuracy"]
     reference = load_model(run_dir).scores(test.images)
     for fmt in ("torchscript", "onnx"):
         res = export_cli(run_dir, fmt)

@@ -4,7 +4,6 @@ ambiguous validation size, a symbolic-link loop and a FIFO in an image folder, a
 whose constructor raises. Each ends in one line and exit status 2 (or, for the folder, reads
 what is there exactly once), with nothing recorded lost and no code run from data."""
 import csv
-import hashlib
 import json
 import os
 import pickle
@@ -13,19 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config as compose, run_cli, write_cifar_fixture, write_image_folder
+from conftest import (SYNTHETIC_64_BATCH_8, compose_config as compose, file_sha256, run_cli,
+                      write_cifar_fixture, write_image_folder)
 from octconv_exp.data import load_cifar10, load_image_folder
 from octconv_exp.errors import ConfigError, UserError
 from octconv_exp.streaming import scan_image_folder
-
-TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
-        "trainer.batch_size=8", "trainer.progress_bar=false"]
-
-
-def digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
 
 def record(run_dir):
     """Every file of a run dir by content: what a refused command must leave as it was."""
@@ -36,7 +27,7 @@ def record(run_dir):
             # The log and each attempt's own Hydra files say what each attempt did: added
             # to, never rewritten.
             if name != "run.log" and not path.startswith(os.path.join(".hydra", "attempts")):
-                found[path] = digest(os.path.join(run_dir, path))
+                found[path] = file_sha256(os.path.join(run_dir, path))
     return found
 
 
@@ -146,7 +137,7 @@ def corrupt_image_folder(root):
 @pytest.mark.slow
 def test_a_fresh_run_into_a_finished_run_dir_is_refused_before_hydra_writes(tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_64_BATCH_8, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     before = record(run_dir)
     assert {"metrics.json", ".hydra/config.yaml", "model.pt", "checkpoints/last.pt"} <= set(before)
@@ -154,7 +145,7 @@ def test_a_fresh_run_into_a_finished_run_dir_is_refused_before_hydra_writes(tmp_
     corrupt_image_folder(folder)
     # A run that would fail on its data, and one that would succeed: both refused up front.
     for args in (["dataset=image_folder", f"dataset.root={folder}", "trainer.epochs=1"],
-                 [*TINY, "trainer.epochs=1"]):
+                 [*SYNTHETIC_64_BATCH_8, "trainer.epochs=1"]):
         line = one_error_line(run_cli(*args, "trainer.progress_bar=false",
                                       f"hydra.run.dir={run_dir}"))
         assert "holds a run's record (metrics.json status completed, 1 epoch)" in line
@@ -191,7 +182,7 @@ def test_a_run_that_failed_before_training_may_be_started_again_in_its_dir(tmp_p
 def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     # 8 steps an epoch: stopped 3 steps into epoch 2.
-    res = run_cli(*TINY, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+    res = run_cli(*SYNTHETIC_64_BATCH_8, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
                   env={"OCTCONV_EXP_SIGNAL_AT": "step:11"})
     assert res.returncode == 130, res.stderr[-3000:]
     before = record(run_dir)
@@ -249,7 +240,8 @@ def test_val_size_one_as_a_float_is_refused_and_as_a_count_is_one_image():
 
 @pytest.mark.slow
 def test_val_size_one_as_a_float_through_run_py(tmp_path):
-    line = one_error_line(run_cli(*TINY, "dataset.val_size=1.0", f"hydra.run.dir={tmp_path}/r"))
+    line = one_error_line(run_cli(*SYNTHETIC_64_BATCH_8, "dataset.val_size=1.0",
+                                  f"hydra.run.dir={tmp_path}/r"))
     assert "dataset.val_size=1.0: is ambiguous" in line
     assert not (tmp_path / "r").exists()
 
@@ -352,8 +344,8 @@ def test_a_user_model_whose_constructor_raises_is_a_config_error(user_models, er
 @pytest.mark.parametrize("error", ["RuntimeError", "KeyError"])
 def test_a_user_model_whose_constructor_raises_through_run_py(user_models, tmp_path, error):
     line = one_error_line(run_cli("model._target_=hostile_models.Raises",
-                                  f"+model.error={error}", *TINY, "trainer.epochs=1",
-                                  f"hydra.run.dir={tmp_path / 'run'}",
+                                  f"+model.error={error}", *SYNTHETIC_64_BATCH_8,
+                                  "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}",
                                   env={"PYTHONPATH": user_models}))
     assert "model._target_=hostile_models.Raises" in line
     assert f"its constructor raised {error}" in line

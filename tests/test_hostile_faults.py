@@ -2,9 +2,7 @@
 a full disk during torch.save is one line with the record written, and an unusable MLflow
 store is one line naming logger.mlflow.tracking_uri."""
 import errno
-import hashlib
 import io
-import json
 import os
 import resource
 import signal
@@ -16,24 +14,10 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, SYNTHETIC_64_BATCH_8_ONE_EPOCH, file_sha256, read_metrics, run_cli
 from octconv_exp import outputs
 from octconv_exp.outputs import OutputError, save_torch_atomic
 from octconv_exp.stopping import StopNow, StopRequest
-
-TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
-        "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.epochs=1"]
-
-
-def digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(str(run_dir), "metrics.json")) as f:
-        return json.load(f)
-
 
 # --- 8: a signal at start-up ---------------------------------------------------------------
 
@@ -97,7 +81,8 @@ def test_sigint_at_any_moment_of_start_up_never_ends_in_a_trained_run(tmp_path):
     signalled = 0
     for delay in (0.2, 0.35, 0.5, 0.55, 0.6, 0.65, 0.8, 1.0, 1.5, 2.5):
         run_dir = tmp_path / f"run-{delay}"
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *TINY,
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"),
+                                 *SYNTHETIC_64_BATCH_8_ONE_EPOCH,
                                  f"hydra.run.dir={run_dir}"], cwd=str(tmp_path),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
@@ -156,13 +141,13 @@ def test_torch_save_on_a_full_disk_names_the_file_and_the_reason(tmp_path, monke
     user, and the previous file must stay as it was."""
     path = tmp_path / "last.pt"
     save_torch_atomic(str(path), {"w": torch.arange(4.0)})
-    before = digest(path)
+    before = file_sha256(path)
     _disk_with_room(monkeypatch, room)
     with pytest.raises(OutputError) as failed:
         save_torch_atomic(str(path), {"w": torch.zeros(200_000)})
     assert str(failed.value) == (f"cannot write {path}: no space left on device; the previous "
                                  "version, if any, is intact")
-    assert digest(path) == before
+    assert file_sha256(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
 
 
@@ -188,7 +173,8 @@ def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_a_record(tmp_path
     """Issue 25 #17: `ulimit -f` during torch.save gave 47 lines and no metrics.json. The
     checkpoint (78 kB) does not fit, metrics.json (2 kB) does."""
     run_dir = tmp_path / "run"
-    res = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), *TINY,
+    res = subprocess.run([sys.executable, os.path.join(REPO, "run.py"),
+                          *SYNTHETIC_64_BATCH_8_ONE_EPOCH,
                           f"hydra.run.dir={run_dir}"], cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=600, preexec_fn=_file_size_limit(limit))
     assert res.returncode == 2, res.stderr[-3000:]
@@ -224,11 +210,12 @@ def test_an_unusable_mlflow_store_is_one_line_naming_the_setting(tmp_path, store
     training, and the run's record says why."""
     (tmp_path / "notes.db").write_text("not a database\n" * 50)
     _damaged_database(tmp_path / "damaged.db")
-    before = digest(tmp_path / "damaged.db")
+    before = file_sha256(tmp_path / "damaged.db")
     uri = store.format(tmp=tmp_path)
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, "logger=mlflow", f"logger.mlflow.tracking_uri={uri}",
-                  f"hydra.run.dir={run_dir}", cwd=str(tmp_path))
+    res = run_cli(*SYNTHETIC_64_BATCH_8_ONE_EPOCH, "logger=mlflow",
+                  f"logger.mlflow.tracking_uri={uri}", f"hydra.run.dir={run_dir}",
+                  cwd=str(tmp_path))
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.count("\n") == 1, res.stderr[-3000:]
     assert res.stderr.startswith(f"error: logger.mlflow.tracking_uri={uri}: "
@@ -237,7 +224,7 @@ def test_an_unusable_mlflow_store_is_one_line_naming_the_setting(tmp_path, store
     m = read_metrics(run_dir)
     assert m["status"] == "failed" and m["error"] in res.stderr and m["epochs_completed"] == 0
     assert not (tmp_path / "missing").exists()
-    assert digest(tmp_path / "damaged.db") == before
+    assert file_sha256(tmp_path / "damaged.db") == before
 
 
 @pytest.mark.slow
@@ -247,8 +234,9 @@ def test_a_corrupt_mlflow_run_note_is_one_line_not_a_new_mlflow_run(tmp_path, no
     import mlflow
 
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, "trainer.epochs=2", "logger=mlflow", f"hydra.run.dir={run_dir}",
-                  cwd=str(tmp_path), env={"OCTCONV_EXP_SIGNAL_AT": "step:10"})
+    res = run_cli(*SYNTHETIC_64_BATCH_8_ONE_EPOCH, "trainer.epochs=2", "logger=mlflow",
+                  f"hydra.run.dir={run_dir}", cwd=str(tmp_path),
+                  env={"OCTCONV_EXP_SIGNAL_AT": "step:10"})
     assert res.returncode == 130, res.stderr[-3000:]
     note_path = run_dir / "mlflow_run.json"
     note_path.write_bytes(note)

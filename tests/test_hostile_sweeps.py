@@ -8,27 +8,8 @@ import signal
 
 import pytest
 
-from conftest import run_cli, start_joblib_sweep
-
-TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "trainer.epochs=1",
-        "trainer.batch_size=16", "trainer.progress_bar=false"]
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
-
-
-def snapshot(root):
-    """Every file below ``root`` with its bytes: what a refused command must leave as it was."""
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
-
+from conftest import (ALPHA_SEARCH_160, SYNTHETIC_64_ONE_EPOCH, optuna_study, read_metrics,
+                      run_cli, snapshot, start_joblib_sweep)
 
 # ------------------------------------------------------------------ the override grammar
 
@@ -57,11 +38,11 @@ def test_the_quoting_the_message_gives_works(tmp_path):
     """The override the grammar error suggests is one Hydra takes: the run dir is the path."""
     import shlex
 
-    res = run_cli(*TINY, "hydra.run.dir=runs/x(1)", cwd=str(tmp_path))
+    res = run_cli(*SYNTHETIC_64_ONE_EPOCH, "hydra.run.dir=runs/x(1)", cwd=str(tmp_path))
     (override,) = shlex.split(res.stderr.split("write it as ")[1])
-    res = run_cli(*TINY, override, cwd=str(tmp_path))
+    res = run_cli(*SYNTHETIC_64_ONE_EPOCH, override, cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert metrics(tmp_path / "runs" / "x(1)")["status"] == "completed"
+    assert read_metrics(tmp_path / "runs" / "x(1)")["status"] == "completed"
 
 
 # ------------------------------------------------------------------ the sweep report
@@ -71,7 +52,7 @@ def test_the_quoting_the_message_gives_works(tmp_path):
 def test_a_report_that_cannot_be_written_fails_the_sweep_in_one_line(tmp_path):
     sweep_dir = tmp_path / "s"
     (sweep_dir / "summary.md").mkdir(parents=True)  # a folder where the report goes
-    res = run_cli("-m", *TINY, f"hydra.sweep.dir={sweep_dir}")
+    res = run_cli("-m", *SYNTHETIC_64_ONE_EPOCH, f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.splitlines()[-1] == (
         f"error: sweep report: cannot write {sweep_dir}/summary.md: is a directory; the "
@@ -82,38 +63,27 @@ def test_a_report_that_cannot_be_written_fails_the_sweep_in_one_line(tmp_path):
 # ------------------------------------------------------------------ a resumed sweep
 
 
-def records(root):
-    """:func:`snapshot` without the sweep dir's lock (it names the process holding it)."""
-    return {k: v for k, v in snapshot(root).items() if k != ".sweep.lock"}
-
-
 @pytest.mark.slow
 def test_a_resume_that_would_change_the_jobs_is_refused_before_anything_is_written(tmp_path):
     sweep_dir = tmp_path / "s"
-    args = ["-m", *TINY, "conv=octave", "alpha=0.25,0.5", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["-m", *SYNTHETIC_64_ONE_EPOCH, "conv=octave", "alpha=0.25,0.5",
+            f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    before = records(sweep_dir)
+    before = snapshot(sweep_dir)
     res = run_cli(*args, "optimizer.lr=0.1", "resume=true")
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.count("\n") == 1 and res.stderr.startswith(
         f"error: resume=true: {sweep_dir}/alpha=0.25/seed=0/checkpoints/last.pt was trained "
         "with optimizer.lr=0.05; this command sets optimizer.lr=0.1"), res.stderr
-    assert records(sweep_dir) == before  # jobs.yaml and multirun.yaml too, byte for byte
+    assert snapshot(sweep_dir) == before  # jobs.yaml and multirun.yaml too, byte for byte
 
 
 # ------------------------------------------------------------------ searches
 
-optuna = pytest.importorskip("optuna")
+pytest.importorskip("optuna")
 
-SEARCH = ["-m", "experiment=alpha_search", "dataset=synthetic", "dataset.train_size=160",
-          "dataset.test_size=60", "trainer.epochs=1", "trainer.batch_size=16",
-          "trainer.progress_bar=false", "hydra.sweeper.n_trials=2"]
-
-
-def trials(sweep_dir):
-    study = optuna.load_study(study_name="alpha_search", storage=f"sqlite:///{sweep_dir}/optuna.db")
-    return study.trials
+SEARCH = [*ALPHA_SEARCH_160, "hydra.sweeper.n_trials=2"]
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +104,17 @@ def test_an_interrupted_search_runs_its_trials_again_from_their_checkpoints(inte
     res = interrupted_search[1]
     assert res.returncode == 130, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
-    (stopped,) = trials(sweep_dir)  # no trial asked after the signal, none told FAIL
+    (stopped,) = optuna_study(sweep_dir).trials  # no trial asked after the signal, none told FAIL
     assert stopped.state.name == "RUNNING"
-    assert metrics(sweep_dir / "trial=0")["status"] == "interrupted"
+    assert read_metrics(sweep_dir / "trial=0")["status"] == "interrupted"
     again = run_cli(*SEARCH, "resume=true", f"hydra.sweep.dir={sweep_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
-    done = trials(sweep_dir)
+    done = optuna_study(sweep_dir).trials
     assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
     assert done[0].params == stopped.params
     log = (sweep_dir / "trial=0" / "run.log").read_text()
     assert "Resuming from" in log and "2 step(s) into epoch 1" in log
-    m = metrics(sweep_dir / "trial=0")
+    m = read_metrics(sweep_dir / "trial=0")
     assert done[0].values == [m["val_accuracy"], m["flops_per_image"]]
     assert not (sweep_dir / "trial=2").exists()
 
@@ -170,7 +140,7 @@ def test_a_sweep_dir_holds_one_study_and_one_search_at_a_time(interrupted_search
     if change == "empty optuna.db":
         (sweep_dir / "optuna.db").write_bytes(b"")
         (sweep_dir / "study.yaml").unlink()  # a sweep dir of an older octconv-exp
-    before = records(sweep_dir)
+    before = snapshot(sweep_dir)
     held = None
     if change == "locked":  # what a live search holds
         held = os.open(sweep_dir / ".sweep.lock", os.O_RDWR)
@@ -186,11 +156,11 @@ def test_a_sweep_dir_holds_one_study_and_one_search_at_a_time(interrupted_search
     assert res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith(f"error: hydra.sweep.dir={sweep_dir}"
                                  + line.format(pid=os.getpid())), res.stderr
-    after = records(sweep_dir)
+    after = snapshot(sweep_dir)
     if change == "empty optuna.db":  # the file the test emptied is all Optuna touched
         after.pop("optuna.db"), before.pop("optuna.db")
     assert after == before
-    assert [t.state.name for t in trials(interrupted_search[0])] == ["RUNNING"]
+    assert [t.state.name for t in optuna_study(interrupted_search[0]).trials] == ["RUNNING"]
 
 
 # ------------------------------------------------------------------ signals to a sweep
@@ -207,9 +177,9 @@ def test_sigterm_to_a_joblib_sweeps_own_process_stops_its_workers(tmp_path):
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err
     for conv in ("vanilla", "octave"):
-        m = metrics(sweep_dir / f"conv={conv}" / "seed=0")
+        m = read_metrics(sweep_dir / f"conv={conv}" / "seed=0")
         assert m["status"] == "interrupted" and "interrupted by SIGTERM at epoch 1" in m["error"]
-    m = metrics(sweep_dir / "conv=multi-octave" / "seed=0")
+    m = read_metrics(sweep_dir / "conv=multi-octave" / "seed=0")
     assert m["status"] == "interrupted" and m["error"].startswith(
         "not started: the sweep was interrupted by SIGTERM")
     assert "Training" not in (sweep_dir / "conv=multi-octave" / "seed=0" / "run.log").read_text()

@@ -9,40 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO, only_error_line, run_cli
-
-TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "trainer.epochs=1",
-        "trainer.batch_size=16", "trainer.progress_bar=false"]
-
-
-def snapshot(root, skip=(".sweep.lock",)):
-    """Every file below ``root`` with its bytes (the sweep's lock aside: a refused command
-    takes it while it checks)."""
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            if name in skip:
-                continue
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
-
-
-def status(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)["status"]
-
+from conftest import (REPO, ALPHA_SEARCH_160, JOBLIB_SWEEP, SYNTHETIC_64_ONE_EPOCH,
+                      only_error_line, read_metrics, run_cli, snapshot, start_joblib_sweep)
 
 # ------------------------------------------------------------------ 19: a damaged optuna.db
 
-SEARCH = ["-m", "experiment=alpha_search", "dataset=synthetic", "dataset.train_size=160",
-          "dataset.test_size=60", "trainer.epochs=1", "trainer.batch_size=16",
-          "trainer.progress_bar=false", "hydra.sweeper.n_trials=1"]
+SEARCH = [*ALPHA_SEARCH_160, "hydra.sweeper.n_trials=1"]
 
 
 @pytest.fixture(scope="module")
@@ -130,33 +105,16 @@ def test_hydra_keys_with_a_comma_are_quoted_under_m_and_sweeps_of_paths_are_not(
 
 @pytest.mark.slow
 def test_a_sweep_dir_with_a_comma_works_under_m(tmp_path):
-    res = run_cli("-m", *TINY, "conv=octave", "alpha=0.25,0.5", "hydra.sweep.dir=sw/a,b",
-                  cwd=str(tmp_path))
+    res = run_cli("-m", *SYNTHETIC_64_ONE_EPOCH, "conv=octave", "alpha=0.25,0.5",
+                  "hydra.sweep.dir=sw/a,b", cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     sweep_dir = tmp_path / "sw" / "a,b"
     for alpha in ("0.25", "0.5"):
-        assert status(sweep_dir / f"alpha={alpha}" / "seed=0") == "completed"
+        assert read_metrics(sweep_dir / f"alpha={alpha}" / "seed=0")["status"] == "completed"
     assert (sweep_dir / "summary.md").is_file()
 
 
 # ------------------------------------------------------------------ 20: joblib workers killed
-
-JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-          "conv=vanilla,octave,multi-octave", "dataset=synthetic", "dataset.train_size=4000",
-          "dataset.test_size=100", "trainer.epochs=1", "trainer.progress_bar=false"]
-
-
-def start_joblib_sweep(sweep_dir):
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *JOBLIB,
-                             f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    log = sweep_dir / "conv=vanilla" / "seed=0" / "run.log"
-    while not (log.exists() and "Training: epochs" in log.read_text()):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    return proc
-
 
 def children(pid):
     """(pid, command line) of the processes whose parent is ``pid``."""
@@ -179,7 +137,7 @@ def children(pid):
 @pytest.mark.slow
 def test_kill_9_of_a_joblib_worker_is_one_line_with_the_report_and_the_way_on(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = start_joblib_sweep(sweep_dir)
+    proc = start_joblib_sweep(sweep_dir, timeout=300, training=("conv=vanilla",))
     with open(sweep_dir / "conv=vanilla" / "seed=0" / ".lock") as f:
         os.kill(json.load(f)["pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
@@ -192,16 +150,16 @@ def test_kill_9_of_a_joblib_worker_is_one_line_with_the_report_and_the_way_on(tm
     command = line.split("continue it (finished jobs are kept, the others go on from their "
                          "checkpoints) with: ")[1]
     assert command.endswith(f"hydra.sweep.dir={sweep_dir} resume=true"), command
-    again = run_cli(*JOBLIB, f"hydra.sweep.dir={sweep_dir}", "resume=true")
+    again = run_cli(*JOBLIB_SWEEP, f"hydra.sweep.dir={sweep_dir}", "resume=true")
     assert again.returncode == 0, again.stderr[-3000:]
     for conv in ("vanilla", "octave", "multi-octave"):
-        assert status(sweep_dir / f"conv={conv}" / "seed=0") == "completed"
+        assert read_metrics(sweep_dir / f"conv={conv}" / "seed=0")["status"] == "completed"
 
 
 @pytest.mark.slow
 def test_kill_9_of_lokys_resource_tracker_is_one_warning_and_the_jobs_complete(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = start_joblib_sweep(sweep_dir)
+    proc = start_joblib_sweep(sweep_dir, timeout=300, training=("conv=vanilla",))
     trackers = [pid for pid, cmd in children(proc.pid) if "loky.backend.resource_tracker" in cmd]
     assert len(trackers) == 1, children(proc.pid)
     os.kill(trackers[0], signal.SIGKILL)
@@ -210,4 +168,4 @@ def test_kill_9_of_lokys_resource_tracker_is_one_warning_and_the_jobs_complete(t
     assert err == (f"warning: joblib's resource tracker process died and was restarted; the "
                    f"jobs go on; its messages go to {sweep_dir}/joblib_resource_tracker.log\n")
     for conv in ("vanilla", "octave", "multi-octave"):
-        assert status(sweep_dir / f"conv={conv}" / "seed=0") == "completed"
+        assert read_metrics(sweep_dir / f"conv={conv}" / "seed=0")["status"] == "completed"

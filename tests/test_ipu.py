@@ -7,10 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config as compose, DOUBLE, run_cli
-SMALL = ["dataset=synthetic", "dataset.train_size=960", "dataset.test_size=437",
-         "trainer.epochs=2", "trainer.batch_size=8", "trainer.test_batch_size=10",
-         "trainer.progress_bar=false", "ipu.num_workers=0"]
+from conftest import SYNTHETIC_960_FOR_IPU, compose_config as compose, DOUBLE, read_metrics, run_cli
 
 
 def run_ipu(tmp_path, *args, ipus=0, env=None):
@@ -21,8 +18,8 @@ def run_ipu(tmp_path, *args, ipus=0, env=None):
                 "POPTORCH_DOUBLE_IPUS": str(ipus), **(env or {})}
     res = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", env=full_env)
     record = json.loads(log.read_text()) if log.exists() else None
-    metrics_path = tmp_path / "run" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    run_dir = tmp_path / "run"
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.json").exists() else None
     return res, record, metrics
 
 
@@ -37,10 +34,10 @@ def run_ipu(tmp_path, *args, ipus=0, env=None):
 def test_every_conv_mode_runs_through_run_py_on_the_double(mode, tmp_path):
     cache = tmp_path / "cache"
     res, log, m = run_ipu(
-        tmp_path, "device=ipu", f"conv={mode}", "alpha=0.25", *SMALL, "ipu.device_iterations=3",
-        "ipu.replicas=2", "ipu.gradient_accumulation=2", f"ipu.cache_dir={cache}",
-        "ipu.available_memory_proportion=0.3", "scheduler=step", "scheduler.step_size=1",
-        "conv.multi_conv.plan_type=serial",
+        tmp_path, "device=ipu", f"conv={mode}", "alpha=0.25", *SYNTHETIC_960_FOR_IPU,
+        "ipu.device_iterations=3", "ipu.replicas=2", "ipu.gradient_accumulation=2",
+        f"ipu.cache_dir={cache}", "ipu.available_memory_proportion=0.3", "scheduler=step",
+        "scheduler.step_size=1", "conv.multi_conv.plan_type=serial",
         "conv.multi_conv.available_memory_proportions=[0.1,0.2,0.3,0.4]",
         "conv.multi_conv.partials_types=[half]", ipus=2)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -93,7 +90,7 @@ def test_every_conv_mode_runs_through_run_py_on_the_double(mode, tmp_path):
 
 @pytest.mark.slow
 def test_device_auto_picks_the_ipu_when_poptorch_sees_one(tmp_path):
-    res, log, m = run_ipu(tmp_path, "device=auto", *SMALL, "trainer.epochs=1",
+    res, log, m = run_ipu(tmp_path, "device=auto", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
                           "ipu.device_iterations=2", ipus=1)
     assert res.returncode == 0, res.stderr[-3000:]
     assert m["device"] == "ipu" and len(log["executors"]) == 2
@@ -101,14 +98,15 @@ def test_device_auto_picks_the_ipu_when_poptorch_sees_one(tmp_path):
 
 @pytest.mark.slow
 def test_device_auto_without_ipus_stays_on_the_cpu(tmp_path):
-    res, log, m = run_ipu(tmp_path, "device=auto", *SMALL, "trainer.epochs=1", ipus=0)
+    res, log, m = run_ipu(tmp_path, "device=auto", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
+                          ipus=0)
     assert res.returncode == 0, res.stderr[-3000:]
     assert m["device"] == "cpu" and log["executors"] == []
 
 
 @pytest.mark.slow
 def test_device_ipu_without_poptorch_is_one_line(tmp_path):
-    res = run_cli("device=ipu", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    res = run_cli("device=ipu", *SYNTHETIC_960_FOR_IPU, f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1
     assert "Poplar SDK" in res.stderr and "poptorch" in res.stderr
@@ -116,14 +114,14 @@ def test_device_ipu_without_poptorch_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_device_ipu_without_hardware_suggests_the_ipu_model(tmp_path):
-    res, _, _ = run_ipu(tmp_path, "device=ipu", *SMALL, ipus=0)
+    res, _, _ = run_ipu(tmp_path, "device=ipu", *SYNTHETIC_960_FOR_IPU, ipus=0)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "ipu.use_ipu_model=true" in res.stderr
 
 
 @pytest.mark.slow
 def test_ipu_model_runs_without_hardware(tmp_path):
-    res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SMALL,
+    res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
                           "trainer.epochs=1", "ipu.device_iterations=4", ipus=0)
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["executors"][0]["options"]["use_model"] is True
@@ -133,7 +131,7 @@ def test_ipu_model_runs_without_hardware(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("output_mode, has_accuracy", [("all", True), ("sum", False)])
 def test_output_modes(output_mode, has_accuracy, tmp_path):
-    res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SMALL,
+    res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
                           "trainer.epochs=1", "ipu.device_iterations=4",
                           f"ipu.output_mode={output_mode}")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -145,7 +143,7 @@ def test_output_modes(output_mode, has_accuracy, tmp_path):
 @pytest.mark.slow
 def test_lamb_and_loss_scaling_reach_poptorch_optim(tmp_path):
     res, log, _ = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", "optimizer=lamb",
-                          "ipu.loss_scaling=128", *SMALL, "trainer.epochs=1")
+                          "ipu.loss_scaling=128", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1")
     assert res.returncode == 0, res.stderr[-3000:]
     optimizer = log["executors"][0]["optimizer"]
     assert {k: optimizer[k] for k in ("class", "lr", "loss_scaling")} == {
@@ -155,7 +153,8 @@ def test_lamb_and_loss_scaling_reach_poptorch_optim(tmp_path):
 
 @pytest.mark.slow
 def test_lamb_elsewhere_is_refused(tmp_path):
-    res = run_cli("optimizer=lamb", "device=cpu", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    res = run_cli("optimizer=lamb", "device=cpu", *SYNTHETIC_960_FOR_IPU,
+                  f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 2 and "only available on IPUs" in res.stderr
 
 
@@ -410,8 +409,9 @@ def test_training_accuracy_is_scored_against_its_own_labels(mode, lr, tmp_path):
     """The Async loader refills its ring-buffer slots in place: a loop that kept a step's labels
     to score later would score against other batches' labels (~10 %, chance)."""
     res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", f"conv={mode}",
-                          "alpha=0.25", *SMALL, "dataset.train_size=1920", "trainer.epochs=3",
-                          "ipu.device_iterations=2", "ipu.output_mode=all", f"optimizer.lr={lr}",
+                          "alpha=0.25", *SYNTHETIC_960_FOR_IPU, "dataset.train_size=1920",
+                          "trainer.epochs=3", "ipu.device_iterations=2", "ipu.output_mode=all",
+                          f"optimizer.lr={lr}",
                           env={"POPTORCH_DOUBLE_TORCH_VERSION": torch.__version__.split("+")[0]})
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["dataloaders"][0]["mode"] == "Async"
@@ -465,7 +465,7 @@ def test_loop_keeps_nothing_of_a_step(poptorch):
 def test_resume_of_a_finished_ipu_run_copies_nothing_back(tmp_path):
     """resume=true on a finished run: the training model never compiles, and PopTorch's
     copyWeightsToHost raises on a model without an executable."""
-    args = ["device=ipu", "ipu.use_ipu_model=true", *SMALL, "trainer.epochs=1",
+    args = ["device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
             "ipu.device_iterations=2"]
     res, _, first = run_ipu(tmp_path, *args)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -481,8 +481,8 @@ def test_ipu_stopped_inside_an_epoch_resumes_from_the_last_whole_one(tmp_path):
     """poptorch.DataLoader cannot start a pass part-way: a checkpoint written k steps into
     epoch 2 would call those steps "epoch 1 done" and train them twice (issue 26.3). The stop
     keeps epoch 1's checkpoint, and the resumed run ends as an uninterrupted one."""
-    args = ["device=ipu", "ipu.use_ipu_model=true", *SMALL, "ipu.device_iterations=2",
-            "dataset.train_size=320"]
+    args = ["device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
+            "ipu.device_iterations=2", "dataset.train_size=320"]
     # 320 / (8 x 2) = 20 steps per epoch
     whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}", env={"PYTHONPATH": DOUBLE})
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -576,14 +576,15 @@ def test_only_what_the_config_changes_reaches_poptorch_optim(poptorch, overrides
 def test_default_sgd_compiles_to_sgd0_and_momentum_to_sgd2(tmp_path):
     (tmp_path / "sgd0").mkdir()
     (tmp_path / "sgd2").mkdir()
-    res, log, _ = run_ipu(tmp_path / "sgd0", "device=ipu", "ipu.use_ipu_model=true", *SMALL,
-                          "trainer.epochs=1", "ipu.device_iterations=4")
+    res, log, _ = run_ipu(tmp_path / "sgd0", "device=ipu", "ipu.use_ipu_model=true",
+                          *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1", "ipu.device_iterations=4")
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["executors"][0]["optimizer"]["variable"] == ["lr"]
     assert log["executors"][0]["optimizer"]["sgd_variant"] == "SGD0"
     # A run dir of its own: a new run into a finished run's dir is refused.
-    res, log, _ = run_ipu(tmp_path / "sgd2", "device=ipu", "ipu.use_ipu_model=true", *SMALL,
-                          "trainer.epochs=1", "ipu.device_iterations=4", "optimizer.momentum=0.9")
+    res, log, _ = run_ipu(tmp_path / "sgd2", "device=ipu", "ipu.use_ipu_model=true",
+                          *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1", "ipu.device_iterations=4",
+                          "optimizer.momentum=0.9")
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["executors"][0]["optimizer"]["sgd_variant"] == "SGD2"
 
@@ -593,7 +594,8 @@ def test_checkpoints_do_not_cross_between_ipu_and_cpu(tmp_path):
     cpu_dir, ipu_dir = tmp_path / "cpu", tmp_path / "ipu"
     cpu_dir.mkdir()
     ipu_dir.mkdir()
-    args = [*SMALL, "trainer.epochs=1", "ipu.use_ipu_model=true", "ipu.device_iterations=2"]
+    args = [*SYNTHETIC_960_FOR_IPU, "trainer.epochs=1", "ipu.use_ipu_model=true",
+            "ipu.device_iterations=2"]
     res, _, _ = run_ipu(cpu_dir, "device=cpu", *args)
     assert res.returncode == 0, res.stderr[-3000:]
     res, _, _ = run_ipu(ipu_dir, "device=ipu", *args)
@@ -623,10 +625,12 @@ def test_checkpoints_do_not_cross_between_ipu_and_cpu(tmp_path):
 @pytest.mark.sdk
 def test_poptorch_built_for_another_torch(tmp_path):
     env = {"POPTORCH_DOUBLE_TORCH_VERSION": "1.13.1"}
-    res, _, _ = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SMALL, env=env)
+    res, _, _ = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
+                        env=env)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
     assert "torch==1.13.1" in res.stderr and torch.__version__.split("+")[0] in res.stderr
-    res, log, m = run_ipu(tmp_path, "device=auto", *SMALL, "trainer.epochs=1", ipus=1, env=env)
+    res, log, m = run_ipu(tmp_path, "device=auto", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
+                          ipus=1, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert m["device"] == "cpu"
     assert "PopTorch is installed but unusable" in res.stdout + res.stderr
@@ -634,10 +638,10 @@ def test_poptorch_built_for_another_torch(tmp_path):
 
 @pytest.mark.slow
 def test_replicas_ask_for_as_many_ipus(tmp_path):
-    res, log, m = run_ipu(tmp_path, "device=ipu", *SMALL, "trainer.epochs=1",
+    res, log, m = run_ipu(tmp_path, "device=ipu", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
                           "ipu.replicas=2", ipus=1)
     assert res.returncode == 2 and "ipuHardwareIsAvailable(2)" in res.stderr
-    res, log, m = run_ipu(tmp_path, "device=auto", *SMALL, "trainer.epochs=1",
+    res, log, m = run_ipu(tmp_path, "device=auto", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
                           "ipu.replicas=2", ipus=1)
     assert res.returncode == 0, res.stderr[-3000:]
     assert m["device"] == "cpu" and "ipuHardwareIsAvailable(2)" in log["events"]
@@ -673,7 +677,7 @@ def test_ipu_model_with_replicas_and_drop_last_false_are_refused():
 
 @pytest.mark.slow
 def test_synthetic_data_reports_throughput_not_accuracy(tmp_path):
-    res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SMALL,
+    res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
                           "trainer.epochs=1", "ipu.synthetic_data=true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert m["test_accuracy"] is None and m["train_accuracy"] is None
@@ -683,7 +687,7 @@ def test_synthetic_data_reports_throughput_not_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_only_starts_no_training_loader(tmp_path):
-    args = ["device=ipu", "ipu.use_ipu_model=true", *SMALL, "trainer.epochs=1",
+    args = ["device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=1",
             "ipu.device_iterations=2"]
     res, _, trained = run_ipu(tmp_path, *args)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -726,8 +730,9 @@ def test_ctrl_c_to_the_process_group_leaves_the_async_workers_loading(tmp_path):
     from conftest import REPO
 
     run_dir = tmp_path / "run"
-    args = ["device=ipu", "ipu.use_ipu_model=true", *SMALL, "ipu.device_iterations=2",
-            "dataset.train_size=360", "dataset.val_size=40", f"hydra.run.dir={run_dir}"]
+    args = ["device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
+            "ipu.device_iterations=2", "dataset.train_size=360", "dataset.val_size=40",
+            f"hydra.run.dir={run_dir}"]
     # (360 - 40) / (8 x 2) = 20 steps per epoch
     env = dict(os.environ, PYTHONPATH=DOUBLE, OCTCONV_EXP_SIGNAL_AT="step:20",
                OCTCONV_EXP_SIGNAL_GROUP="1")

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import compose_config as compose, DOUBLE, run_cli, write_image_folder
+from conftest import compose_config as compose, DOUBLE, read_metrics, run_cli, write_image_folder
 
 USER_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_code")
 MODELS = {  # tiny versions of each family
@@ -17,11 +17,6 @@ MODELS = {  # tiny versions of each family
 MODES = ("vanilla", "octave", "multi-octave")
 
 
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +207,7 @@ def test_a_sweep_of_a_user_model_and_the_seed_cnn_keeps_them_apart(tmp_path):
     runs = {}
     for path in glob.glob(str(sweep_dir / "**" / "metrics.json"), recursive=True):
         run_dir = os.path.dirname(path)
-        runs[metrics(run_dir)["model"]] = run_dir
+        runs[read_metrics(run_dir)["model"]] = run_dir
     assert sorted(runs) == ["my_research.TinyNet", "seed_cnn"]
     with open(os.path.join(runs["my_research.TinyNet"], "run.log")) as f:
         assert "Model: my_research.TinyNet conv=vanilla" in f.read()
@@ -235,7 +230,7 @@ def test_every_family_trains_through_run_py(family, tmp_path):
                   "dataset.train_size=160", "dataset.test_size=40", "trainer.epochs=1",
                   "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
-    m = metrics(tmp_path)
+    m = read_metrics(tmp_path)
     name = {"seed_cnn": "seed_cnn", "resnet_cifar": "resnet_cifar-8",
             "resnet_imagenet": "resnet_imagenet-26"}[family]
     assert (m["status"], m["model"], m["image_size"], m["test_samples"]) == (
@@ -254,7 +249,7 @@ def test_a_resnet_on_the_ipu_double_and_a_resumed_resnet(tmp_path):
                   env={"PYTHONPATH": DOUBLE, "POPTORCH_DOUBLE_LOG": str(log),
                        "POPTORCH_DOUBLE_IPUS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    m = metrics(tmp_path / "ipu")
+    m = read_metrics(tmp_path / "ipu")
     assert (m["device"], m["model"], m["test_samples"]) == ("ipu", "resnet_cifar-8", 40)
     assert json.loads(log.read_text())["multiconv"]
     # Resume takes the model from the run's own record, and refuses another depth.
@@ -264,7 +259,7 @@ def test_a_resnet_on_the_ipu_double_and_a_resumed_resnet(tmp_path):
     res = run_cli("resume=true", "trainer.epochs=2", "trainer.progress_bar=false",
                   f"hydra.run.dir={tmp_path / 'cpu'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert metrics(tmp_path / "cpu")["epochs_completed"] == 2
+    assert read_metrics(tmp_path / "cpu")["epochs_completed"] == 2
     res = run_cli("resume=true", "model.depth=14", "trainer.epochs=3",
                   f"hydra.run.dir={tmp_path / 'cpu'}")
     assert res.returncode == 2 and "model.depth" in res.stderr
@@ -280,7 +275,7 @@ def test_your_own_model_and_data_set_through_target(tmp_path):
                   "trainer.batch_size=16", f"hydra.run.dir={tmp_path}",
                   env={"PYTHONPATH": USER_CODE})
     assert res.returncode == 0, res.stderr[-3000:]
-    m = metrics(tmp_path)
+    m = read_metrics(tmp_path)
     assert (m["status"], m["model"], m["dataset"], m["image_size"]) == (
         "completed", "tiny", "custom", [24, 24])
     assert m["params"] == 3 * 6 * 9 + 6 + 2 * 6 + 6 * 16 * 4 + 4  # conv, BN, head: 4 classes
@@ -301,11 +296,11 @@ def test_image_folders_of_any_size_for_resnets_and_not_for_the_seed_model(tmp_pa
     res = run_cli(*common, "model=resnet_cifar", "model.depth=8", "conv=octave",
                   f"hydra.run.dir={tmp_path / 'r'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert metrics(tmp_path / "r")["image_size"] == [40, 40]
+    assert read_metrics(tmp_path / "r")["image_size"] == [40, 40]
     res = run_cli(*common, f"hydra.run.dir={tmp_path / 's'}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "model=seed_cnn takes 32x32 images only" in res.stderr
-    assert metrics(tmp_path / "s")["status"] == "failed"
+    assert read_metrics(tmp_path / "s")["status"] == "failed"
 
 
 @pytest.mark.parametrize("preset, depth", [("resnet20_cifar10", 20), ("resnet56_cifar10", 56),

@@ -1,23 +1,16 @@
 """IPU pods through PopRun: instances started by poprun (their POPDIST_* environment), on the
 PopTorch double extended with popdist and Horovod (tests/poptorch_double: popdist/,
 horovod/; the double reduces gradients across processes as distributed replicated graphs do)."""
-import json
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import DOUBLE, REPO, compose_config
+from conftest import DOUBLE, IPU_SYNTHETIC_192, REPO, compose_config, read_metrics, read_state_dict
 from octconv_exp import distributed
 from octconv_exp.errors import UserError
-
-SMALL = ["device=ipu", "ipu.device_iterations=1", "dataset=synthetic",
-         "dataset.train_size=192", "dataset.test_size=61", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.progress_bar=false", "conv=multi-octave"]
-
 
 def poprun_env(instance, instances, local=1, port=None):
     """What poprun --num-instances I --num-replicas I*local gives instance ``instance`` (and
@@ -70,7 +63,7 @@ def test_the_instance_layout_and_ipu_replicas_are_checked_together(poptorch, mon
 
     for key, value in poprun_env(0, 1, local=2).items():  # one instance of 2 replicas
         monkeypatch.setenv(key, value)
-    cfg = compose_config(*SMALL, "ipu.replicas=1", "ipu.use_ipu_model=true")
+    cfg = compose_config(*IPU_SYNTHETIC_192, "ipu.replicas=1", "ipu.use_ipu_model=true")
     with pytest.raises(UserError, match=r"ipu.replicas=1: under poprun each instance runs the "
                                         r"replicas poprun gives it, here 2 .*set ipu.replicas=2"):
         run_experiment(cfg, str(tmp_path / "run"))
@@ -109,23 +102,18 @@ def test_two_instances_train_as_one_instance_of_two_replicas(tmp_path):
     the test set is evaluated once, split over the instances."""
     shared = str(tmp_path / "poprun")
     port = free_port()
-    procs = [launch([*SMALL, f"hydra.run.dir={shared}"], poprun_env(i, 2, port=port), ipus=1)
+    procs = [launch([*IPU_SYNTHETIC_192, f"hydra.run.dir={shared}"], poprun_env(i, 2, port=port),
+                    ipus=1)
              for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     one = str(tmp_path / "one")
-    ref = launch([*SMALL, "ipu.replicas=2", f"hydra.run.dir={one}"], {}, ipus=2)
+    ref = launch([*IPU_SYNTHETIC_192, "ipu.replicas=2", f"hydra.run.dir={one}"], {}, ipus=2)
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
 
-    def load(d):
-        with open(os.path.join(d, "metrics.json")) as f:
-            m = json.load(f)
-        state = torch.load(os.path.join(d, "model.pt"), weights_only=False)["state_dict"]
-        return m, state
-
-    (m2, w2), (m1, w1) = load(shared), load(one)
+    (m2, w2), (m1, w1) = ((read_metrics(d), read_state_dict(d)) for d in (shared, one))
     assert (m2["world_size"], m1["world_size"]) == (2, 1)
     assert m2["test_samples"] == m1["test_samples"] == 61
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)

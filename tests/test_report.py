@@ -11,19 +11,9 @@ import pytest
 import yaml
 from matplotlib.colors import to_hex
 
-from conftest import REPO, run_cli
+from conftest import REPO, SYNTHETIC_32_NO_SAVES, read_csv, run_cli
 from octconv_exp import report, sweep
 from octconv_exp.outputs import OutputError
-
-TINY = ["dataset=synthetic", "dataset.train_size=32", "dataset.test_size=16", "trainer.epochs=1",
-        "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.save_model=false",
-        "trainer.checkpoint=false"]
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
 
 def make_run(sweep_dir, subdir, metrics=None, overrides=(), config=None):
     """A run dir as a job leaves it: .hydra/overrides.yaml (and config.yaml), metrics.json."""
@@ -202,7 +192,7 @@ def test_the_sweeper_plans_the_real_job_dirs(tmp_path):
     """A real sweep: the plan has the jobs it launched (vanilla once), named as their dirs;
     a job removed afterwards (as if it never started) is reported missing."""
     sweep_dir = tmp_path / "s"
-    res = run_cli("-m", "conv=vanilla,octave", "alpha=0.25,0.5", *TINY,
+    res = run_cli("-m", "conv=vanilla,octave", "alpha=0.25,0.5", *SYNTHETIC_32_NO_SAVES,
                   f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     plan, problems = sweep.read_plan(str(sweep_dir))
@@ -555,7 +545,8 @@ def test_seeds_count_distinct_seeds_and_a_repeated_configuration_is_one_row(tmp_
 def test_the_report_of_real_runs_that_differ_in_epochs_and_data_size(tmp_path):
     """Two single runs of the same overrides but epochs and training-set size, and a third of
     another size, reported together: once three rows that read the same."""
-    base = [o for o in TINY if not o.startswith(("trainer.epochs=", "dataset.train_size="))]
+    base = [o for o in SYNTHETIC_32_NO_SAVES
+            if not o.startswith(("trainer.epochs=", "dataset.train_size="))]
     for name, extra in (("a", ["trainer.epochs=1", "dataset.train_size=32"]),
                         ("b", ["trainer.epochs=2", "dataset.train_size=32"]),
                         ("c", ["trainer.epochs=1", "dataset.train_size=48"])):

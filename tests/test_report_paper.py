@@ -15,11 +15,11 @@ import pytest
 from matplotlib.colors import to_hex
 from matplotlib.text import Annotation, Text
 
-from conftest import REPO, compose_config, run_cli
+from conftest import REPO, SYNTHETIC_32_NO_SAVES, compose_config, read_csv, run_cli
 from octconv_exp import report
 from octconv_exp.config import ConfigError, report_settings, validate
 from octconv_exp.reports import labels, latex, stats
-from test_report import TINY, groups_of, make_run, metrics, read_csv
+from test_report import groups_of, make_run, metrics
 
 SVG = "{http://www.w3.org/2000/svg}"
 CONVS = ("vanilla", "octave", "multi-octave")
@@ -358,7 +358,7 @@ def test_without_flags_the_report_follows_the_sweeps_own_report_settings(tmp_pat
 def test_a_real_sweep_writes_the_formats_of_report_format(tmp_path):
     sweep_dir = tmp_path / "s"
     res = run_cli("-m", "conv=vanilla,octave", "alpha=0.5", "report.format=[svg,pdf]",
-                  "report.dpi=60", *TINY, f"hydra.sweep.dir={sweep_dir}")
+                  "report.dpi=60", *SYNTHETIC_32_NO_SAVES, f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     written = sorted(n for n in os.listdir(sweep_dir) if n.endswith((".png", ".pdf", ".svg")))
     assert written == sorted(report.figure_files(["svg", "pdf"]))

@@ -12,20 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_cli, write_image_folder
+from conftest import REPO, SYNTHETIC_200_ONE_EPOCH, read_metrics, run_cli, write_image_folder
 from octconv_exp.data import SYNTHETIC_CLASSES, load_data, make_synthetic
 from octconv_exp.errors import UserError
 from octconv_exp.targets import check_saved_targets
 
 USER_CODE = os.path.join(REPO, "tests", "user_code")
-TINY = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=60",
-        "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress_bar=false"]
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
-
 
 # ------------------------------------------------------------------------------ fast
 
@@ -158,14 +150,14 @@ print(json.dumps({
 @pytest.mark.sdk
 def test_load_model_in_a_fresh_process_predicts_as_the_run_evaluated(tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, "conv=octave", "alpha=0.25", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_200_ONE_EPOCH, "conv=octave", "alpha=0.25", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(run_dir), "60"],
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["accuracy"] == metrics(run_dir)["test_accuracy"]
+    assert got["accuracy"] == read_metrics(run_dir)["test_accuracy"]
     assert got["names_match"] and got["one_image"] == [got["fifth"]]
     assert got["float_diff"] < 1e-4  # floats in [0, 1] are the same images as their uint8
     assert got["training"] is False and got["hydra_initialised"] is False
@@ -198,14 +190,14 @@ def test_evaluation_uses_the_recorded_normalisation_after_the_training_folder_ch
                   "trainer.batch_size=6", "trainer.progress_bar=false",
                   f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
-    trained = metrics(run_dir)["test_accuracy"]
+    trained = read_metrics(run_dir)["test_accuracy"]
     for i in range(40):
         Image.new("RGB", (40, 40), (255, 255, 255)).save(
             os.path.join(root, "train", "dogs", f"added{i:02d}.png"))
     res = run_cli("train=false", f"ckpt_path={run_dir}", f"dataset.root={root}",
                   f"hydra.run.dir={tmp_path / 'after'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    m = metrics(tmp_path / "after")
+    m = read_metrics(tmp_path / "after")
     assert (m["status"], m["test_samples"], m["test_accuracy"]) == ("evaluated", 30, trained)
     # A model file from before the record: statistics recomputed from today's folder, said
     # in a warning, and here they do change the accuracy (what the record prevents).
@@ -216,7 +208,7 @@ def test_evaluation_uses_the_recorded_normalisation_after_the_training_folder_ch
                   f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'legacy'}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "records no normalisation statistics" in res.stdout + res.stderr
-    assert metrics(tmp_path / "legacy")["test_accuracy"] != trained
+    assert read_metrics(tmp_path / "legacy")["test_accuracy"] != trained
     # A test folder with a class the model was not trained on is refused in one line.
     shutil.copytree(os.path.join(root, "test", "owls"), os.path.join(root, "test", "bats"))
     res = run_cli("train=false", f"ckpt_path={run_dir}", f"dataset.root={root}",
@@ -239,7 +231,7 @@ def _evil(source, target, marker, **nodes):
 @pytest.mark.sdk
 def test_a_checkpoint_config_that_names_code_runs_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_200_ONE_EPOCH, f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     marker = tmp_path / "pwned"
     command = {"_target_": "os.system", "command": f"touch {marker}"}
@@ -270,7 +262,7 @@ def test_your_own_model_is_rebuilt_only_when_you_name_it(tmp_path, monkeypatch):
 
     env = {"PYTHONPATH": USER_CODE}
     run_dir = tmp_path / "run"
-    tiny = ["model._target_=my_research.TinyNet", "model.name=tiny", *TINY]
+    tiny = ["model._target_=my_research.TinyNet", "model.name=tiny", *SYNTHETIC_200_ONE_EPOCH]
     res = run_cli(*tiny, f"hydra.run.dir={run_dir}", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("train=false", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e1'}",
@@ -280,14 +272,14 @@ def test_your_own_model_is_rebuilt_only_when_you_name_it(tmp_path, monkeypatch):
     res = run_cli("train=false", f"ckpt_path={run_dir}", "model._target_=my_research.TinyNet",
                   f"hydra.run.dir={tmp_path / 'e2'}", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert metrics(tmp_path / "e2")["test_accuracy"] == metrics(run_dir)["test_accuracy"]
+    assert read_metrics(tmp_path / "e2")["test_accuracy"] == read_metrics(run_dir)["test_accuracy"]
     monkeypatch.syspath_prepend(USER_CODE)
     with pytest.raises(UserError, match=r"trust_target='my_research.TinyNet'"):
         octconv_exp.load_model(run_dir)
     model = octconv_exp.load_model(run_dir, trust_target="my_research.TinyNet")
     test = make_synthetic(60, seed=0, split="test")
     accuracy = 100.0 * (model.predict(test.images).indices == test.labels).sum().item() / 60
-    assert accuracy == metrics(run_dir)["test_accuracy"]
+    assert accuracy == read_metrics(run_dir)["test_accuracy"]
 
 
 def test_load_model_refuses_a_file_from_before_the_record(tmp_path):

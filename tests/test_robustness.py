@@ -10,35 +10,27 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli, run_python, start_joblib_sweep
+from conftest import (REPO, SYNTHETIC_1200_OCTAVE, read_epochs, read_metrics, run_cli,
+                      run_python, start_joblib_sweep)
 
-BASE = ["dataset=synthetic", "dataset.train_size=1200", "dataset.test_size=300",
-        "trainer.batch_size=8", "trainer.progress_bar=false", "conv=octave", "alpha=0.25"]
 SAME = ("train_loss", "train_accuracy", "test_accuracy", "test_samples", "epochs_completed")
 
 
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
-
-
 def losses(run_dir):
-    with open(os.path.join(run_dir, "epochs.csv")) as f:
-        return [line.split(",")[1] for line in f.read().splitlines()[1:]]
+    return [row["train_loss"] for row in read_epochs(run_dir)]
 
 
 def epoch_rows(run_dir):
     """epochs.csv without its timing columns."""
-    with open(os.path.join(run_dir, "epochs.csv")) as f:
-        return [{k: r[k] for k in ("epoch", "train_loss", "train_accuracy", "train_images")}
-                for r in csv.DictReader(f)]
+    return [{k: r[k] for k in ("epoch", "train_loss", "train_accuracy", "train_images")}
+            for r in read_epochs(run_dir)]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 3-epoch run, the yardstick of the resume tests."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     return run_dir
 
@@ -51,7 +43,7 @@ def test_checkpoints_after_every_epoch(reference, tmp_path):
         reference_losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
     for k in (1, 2):
         run_dir = tmp_path / f"killed_in_epoch_{k + 1}"
-        res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+        res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
                       env={"OCTCONV_EXP_SIGNAL_AT": f"step:{150 * k + 1}",  # 150 steps an epoch
                            "OCTCONV_EXP_SIGNAL": "SIGKILL"})
         assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
@@ -75,12 +67,13 @@ def test_checkpoints_after_every_epoch(reference, tmp_path):
 @pytest.mark.sdk
 def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli(*BASE, "trainer.epochs=2", f"hydra.run.dir={run_dir}")
+    first = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=2", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_cli(*BASE, "trainer.epochs=3", "resume=true", f"hydra.run.dir={run_dir}")
+    resumed = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", "resume=true",
+                      f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
-    ref, got = metrics(reference), metrics(run_dir)
+    ref, got = read_metrics(reference), read_metrics(run_dir)
     assert {k: got[k] for k in SAME} == {k: ref[k] for k in SAME}
     assert losses(run_dir) == losses(reference)
 
@@ -95,13 +88,13 @@ def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_p
     """The stop lands at an exact step (the OCTCONV_EXP_SIGNAL_AT test hook sends the signal
     to the run itself after that step), so the checkpoint's progress is asserted exactly."""
     run_dir = tmp_path / "run"
-    res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
                   env={"OCTCONV_EXP_SIGNAL_AT": f"step:{step}", "OCTCONV_EXP_SIGNAL": sig})
     assert res.returncode == 128 + getattr(signal, sig), res.stderr[-3000:]
     last_line = res.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: interrupted by {sig} at epoch {epoch + 1}, step "
                                 f"{steps_in}") and "resume=true" in last_line
-    m = metrics(run_dir)
+    m = read_metrics(run_dir)
     assert m["status"] == "interrupted" and m["epochs_completed"] == epoch
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == epoch
@@ -109,11 +102,12 @@ def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_p
         assert state["progress"]["steps"] == steps_in and state["progress"]["images"] == 8 * steps_in
     else:
         assert state["progress"] is None
-    resumed = run_cli(*BASE, "trainer.epochs=3", "resume=true", f"hydra.run.dir={run_dir}")
+    resumed = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", "resume=true",
+                      f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{steps_in} step(s) into epoch {epoch + 1}" in resumed.stdout + resumed.stderr \
         or not steps_in
-    got, ref = metrics(run_dir), metrics(reference)
+    got, ref = read_metrics(run_dir), read_metrics(reference)
     assert got["status"] == "completed"
     assert {k: got[k] for k in SAME} == {k: ref[k] for k in SAME}
     assert losses(run_dir) == losses(reference)
@@ -154,14 +148,15 @@ def test_resume_inside_an_epoch_with_dropout_and_adam_is_exact(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "7 step(s) into epoch 2" in resumed.stdout + resumed.stderr
     assert epoch_rows(run_dir) == epoch_rows(ref_dir) and len(epoch_rows(ref_dir)) == 2
-    got, want = metrics(run_dir), metrics(ref_dir)
+    got, want = read_metrics(run_dir), read_metrics(ref_dir)
     assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
     final, final_ref = (torch.load(d / "model.pt", weights_only=True)["state_dict"]
                         for d in (run_dir, ref_dir))
     assert all(torch.equal(final[k], v) for k, v in final_ref.items())
 
 
-SHORT = [*BASE, "dataset.train_size=400", "dataset.test_size=160", "trainer.epochs=2"]
+SHORT = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "dataset.test_size=160",
+         "trainer.epochs=2"]
 
 
 @pytest.mark.slow
@@ -182,7 +177,7 @@ def test_a_signal_anywhere_in_a_run_is_one_line_and_a_record(tmp_path, at, statu
     run_dir = tmp_path / "run"
     res = run_cli(*SHORT, f"hydra.run.dir={run_dir}", env={"OCTCONV_EXP_SIGNAL_AT": at})
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    m = metrics(run_dir)
+    m = read_metrics(run_dir)
     assert m["status"] == status
     if line is None:  # finished: the outputs are written first, the signal is reported
         assert res.returncode == 0 and (run_dir / "model.pt").exists()
@@ -197,7 +192,7 @@ def test_a_signal_anywhere_in_a_run_is_one_line_and_a_record(tmp_path, at, statu
         assert hint.startswith("python ") and "resume=true" in hint
         again = run_cli("resume=true", f"hydra.run.dir={run_dir}")
         assert again.returncode == 0, again.stderr[-2000:]
-        assert metrics(run_dir)["status"] == "completed"
+        assert read_metrics(run_dir)["status"] == "completed"
 
 
 @pytest.mark.slow
@@ -214,12 +209,12 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
     steps_done = {}
     for conv in ("vanilla", "octave"):
         run_dir = sweep_dir / f"conv={conv}" / "seed=0"
-        m = metrics(run_dir)
+        m = read_metrics(run_dir)
         assert m["status"] == "interrupted" and "continue with" in m["error"], m
         progress = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]
         assert 0 < progress["steps"] < 500  # stopped inside the only epoch (500 steps)
         steps_done[conv] = progress["steps"]
-    m = metrics(sweep_dir / "conv=multi-octave" / "seed=0")
+    m = read_metrics(sweep_dir / "conv=multi-octave" / "seed=0")
     assert m["status"] == "interrupted" and m["error"].startswith("not started")
     assert "3 of 3 runs did not complete" in err
     resumed = run_cli("-m", "conv=vanilla,octave,multi-octave", "dataset=synthetic",
@@ -227,7 +222,7 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
                       "trainer.progress_bar=false", "resume=true",
                       f"hydra.sweep.dir={sweep_dir}", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert all(metrics(sweep_dir / f"conv={c}" / "seed=0")["status"] == "completed"
+    assert all(read_metrics(sweep_dir / f"conv={c}" / "seed=0")["status"] == "completed"
                for c in ("vanilla", "octave", "multi-octave"))
     # The interrupted jobs continued from their checkpoints: each resumed inside epoch 1 at
     # the step it had reached, ran the rest of it only, and counts the epoch once, whole.
@@ -237,28 +232,29 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
         assert len(attempts) == 2, conv
         assert f"0 epoch(s) done, {steps} step(s) into epoch 1" in attempts[1], attempts[1][:500]
         assert [r["train_images"] for r in epoch_rows(run_dir)] == ["4000"]  # none twice
-        assert metrics(run_dir)["epochs_completed"] == 1
+        assert read_metrics(run_dir)["epochs_completed"] == 1
     log = (sweep_dir / "conv=multi-octave" / "seed=0" / "run.log").read_text()
     assert "starting this job afresh" in log and "Resuming from" not in log
 
 
 @pytest.mark.slow
 def test_evaluate_only(reference, tmp_path):
-    res = run_cli(*BASE, "train=false", f"ckpt_path={reference}", f"hydra.run.dir={tmp_path}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "train=false", f"ckpt_path={reference}",
+                  f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
-    m = metrics(tmp_path)
+    m = read_metrics(tmp_path)
     assert m["status"] == "evaluated" and m["checkpoint"].endswith("model.pt")
-    assert m["test_accuracy"] == metrics(reference)["test_accuracy"]
+    assert m["test_accuracy"] == read_metrics(reference)["test_accuracy"]
     assert m["test_samples"] == 300 and not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.slow
 def test_checkpoint_of_another_model_says_what_differs(reference, tmp_path):
-    res = run_cli(*BASE, "conv=vanilla", "train=false", f"ckpt_path={reference}/checkpoints/best.pt",
-                  f"hydra.run.dir={tmp_path}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "conv=vanilla", "train=false",
+                  f"ckpt_path={reference}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "conv=octave" in res.stderr and "this run has conv=vanilla" in res.stderr
-    res = run_cli(*BASE, "alpha=0.5", "resume=true", f"ckpt_path={reference}",
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "alpha=0.5", "resume=true", f"ckpt_path={reference}",
                   f"hydra.run.dir={tmp_path / 'b'}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "trained with alpha=0.25; this command sets alpha=0.5" in res.stderr
@@ -266,7 +262,7 @@ def test_checkpoint_of_another_model_says_what_differs(reference, tmp_path):
 
 @pytest.mark.slow
 def test_resume_without_a_checkpoint(tmp_path):
-    res = run_cli(*BASE, "resume=true", f"hydra.run.dir={tmp_path}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "resume=true", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "no checkpoint in" in res.stderr
 
@@ -275,29 +271,33 @@ def test_resume_without_a_checkpoint(tmp_path):
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    res = run_cli(*BASE, "train=false", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'r'}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "train=false", f"ckpt_path={bad}",
+                  f"hydra.run.dir={tmp_path / 'r'}")
     assert res.returncode == 2 and f"{bad} is corrupt" in res.stderr
     assert res.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_divergence_stops_the_run(tmp_path):
-    res = run_cli(*BASE, "trainer.epochs=2", "optimizer.lr=1e30", f"hydra.run.dir={tmp_path}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=2", "optimizer.lr=1e30",
+                  f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "training diverged: loss nan at epoch 1, step" in res.stderr
-    assert metrics(tmp_path)["status"] == "diverged"
+    assert read_metrics(tmp_path)["status"] == "diverged"
 
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(reference, tmp_path):
     again = tmp_path / "again"
-    res = run_cli(*BASE, "trainer.epochs=3", f"hydra.run.dir={again}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={again}")
     assert res.returncode == 0
-    assert {k: metrics(again)[k] for k in SAME} == {k: metrics(reference)[k] for k in SAME}
+    got, want = read_metrics(again), read_metrics(reference)
+    assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
     assert losses(again) == losses(reference)
     other = tmp_path / "other"
     # Another seed: another first epoch already (one epoch is enough to tell).
-    res = run_cli(*BASE, "trainer.epochs=1", "seed=1", "deterministic=true", f"hydra.run.dir={other}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=1", "seed=1", "deterministic=true",
+                  f"hydra.run.dir={other}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert losses(other)[0] != losses(reference)[0]
 
@@ -306,7 +306,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(reference, tmp_path):
 def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    res = run_cli(*BASE, f"hydra.run.dir={blocker}/run")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, f"hydra.run.dir={blocker}/run")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "cannot create the output dir" in res.stderr and "is not a directory" in res.stderr
     assert blocker.read_text() == ""  # nothing lost
@@ -445,13 +445,13 @@ def test_validate_a_config_dir_of_its_own(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_resumes_job_by_job(tmp_path):
     sweep_dir = tmp_path / "s"
-    args = ["-m", *[a for a in BASE if not a.startswith(("alpha=", "dataset.train_size="))],
-            "alpha=0.25,0.5", "dataset.train_size=200", "trainer.epochs=2",
+    kept = [a for a in SYNTHETIC_1200_OCTAVE if not a.startswith(("alpha=", "dataset.train_size="))]
+    args = ["-m", *kept, "alpha=0.25,0.5", "dataset.train_size=200", "trainer.epochs=2",
             f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     finished = sweep_dir / "alpha=0.25" / "seed=0"
-    done = metrics(finished)
+    done = read_metrics(finished)
     before = {name: (finished / name).read_bytes()
               for name in ("epochs.csv", os.path.join("checkpoints", "last.pt"))}
     import shutil
@@ -462,7 +462,7 @@ def test_a_sweep_resumes_job_by_job(tmp_path):
     # The finished job was re-evaluated, not retrained: no epoch ran (a retrained epoch
     # would log itself and rewrite epochs.csv, whose train_seconds differ from run to run,
     # and last.pt), and the same weights gave the same accuracy.
-    m = metrics(finished)
+    m = read_metrics(finished)
     assert m["status"] == "completed" and m["test_accuracy"] == done["test_accuracy"]
     assert m["epochs_completed"] == 2 and m["train_seconds"] == done["train_seconds"]
     assert {name: (finished / name).read_bytes() for name in before} == before
@@ -482,7 +482,8 @@ def test_a_sweep_resumes_job_by_job(tmp_path):
         rows = {r["run_dir"]: r for r in csv.DictReader(f)}
     assert float(rows[os.path.join("alpha=0.25", "seed=0")]["wall_seconds"]) == done["wall_seconds"]
     fresh = sweep_dir / "alpha=0.5" / "seed=0"
-    assert metrics(fresh)["status"] == "completed" and metrics(fresh)["epochs_completed"] == 2
+    fresh_metrics = read_metrics(fresh)
+    assert fresh_metrics["status"] == "completed" and fresh_metrics["epochs_completed"] == 2
     assert "starting this job afresh" in (fresh / "run.log").read_text()
 
 
@@ -521,7 +522,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
     _pwn_file(evil, marker)
     for args in (["train=false", f"ckpt_path={evil}"], ["resume=true", f"ckpt_path={evil}"]):
-        res = run_cli(*BASE, *args, f"hydra.run.dir={tmp_path / 'r'}")
+        res = run_cli(*SYNTHETIC_1200_OCTAVE, *args, f"hydra.run.dir={tmp_path / 'r'}")
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
         assert "refusing to load" in res.stderr and "arbitrary-code" in res.stderr
         assert not marker.exists()
@@ -546,7 +547,7 @@ def test_a_damaged_last_checkpoint_names_best(reference, tmp_path):
     res = run_cli("resume=true", "trainer.epochs=4", f"ckpt_path={best}",
                   f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert metrics(run_dir)["epochs_completed"] == 4
+    assert read_metrics(run_dir)["epochs_completed"] == 4
 
 
 @pytest.mark.slow
@@ -576,7 +577,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_other_results(reference, t
     res = run_cli("resume=true", "trainer.epochs=4", "logger=csv", "trainer.progress_bar=false",
                   f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
-    m = metrics(run_dir)
+    m = read_metrics(run_dir)
     assert (m["status"], m["conv"], m["alpha"], m["dataset"], m["epochs"],
             m["epochs_completed"]) == ("completed", "octave", 0.25, "synthetic", 4, 4)
     assert losses(run_dir)[:3] == losses(reference)
@@ -588,7 +589,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_other_results(reference, t
 @pytest.mark.slow
 def test_the_interrupt_hint_is_a_command_that_works(tmp_path):
     run_dir = tmp_path / "a dir" / "conv=octave,alpha=0.25" / "seed=0"
-    args = [*BASE, "dataset.train_size=400", "trainer.epochs=2"]
+    args = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "trainer.epochs=2"]
     # SIGINT after step 60 of 100 (the test hook: no race with a timer).
     proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), *args,
                            f"hydra.run.dir='{run_dir}'"], cwd=str(tmp_path), capture_output=True,
@@ -604,7 +605,7 @@ def test_the_interrupt_hint_is_a_command_that_works(tmp_path):
     res = subprocess.run([sys.executable, *argv[1:]], cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    m = metrics(run_dir)
+    m = read_metrics(run_dir)
     assert (m["status"], m["conv"], m["dataset"], m["epochs_completed"]) == (
         "completed", "octave", "synthetic", 2)
 
@@ -631,13 +632,13 @@ def test_an_interrupted_sweep_ends_with_the_command_that_continues_the_whole_swe
     assert argv[:3] == ["python", os.path.join(REPO, "run.py"), "-m"]
     assert argv[3:] == overrides + ["resume=true", f'hydra.sweep.dir="{sweep_dir}"']
     job = sweep_dir / "conv=vanilla" / "seed=0"
-    assert metrics(job)["status"] == "interrupted"
-    assert metrics(sweep_dir / "conv=octave,alpha=0.25" / "seed=0")["status"] == "interrupted"
+    assert read_metrics(job)["status"] == "interrupted"
+    assert read_metrics(sweep_dir / "conv=octave,alpha=0.25" / "seed=0")["status"] == "interrupted"
     res = subprocess.run([sys.executable, *argv[1:]], cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     for run_dir in (job, sweep_dir / "conv=octave,alpha=0.25" / "seed=0"):
-        assert metrics(run_dir)["status"] == "completed"
+        assert read_metrics(run_dir)["status"] == "completed"
     assert "0 epoch(s) done, 20 step(s) into epoch 1" in (job / "run.log").read_text()
 
 
@@ -662,10 +663,10 @@ def test_evaluation_takes_model_and_data_from_the_checkpoint(reference, tmp_path
     res = run_cli("train=false", f"ckpt_path={reference}", "trainer.progress_bar=false",
                   f"hydra.run.dir={tmp_path / 'e'}")
     assert res.returncode == 0, res.stderr[-2000:]
-    m = metrics(tmp_path / "e")
+    m = read_metrics(tmp_path / "e")
     assert (m["status"], m["conv"], m["alpha"], m["dataset"], m["epochs"]) == (
         "evaluated", "octave", 0.25, "synthetic", 3)
-    assert m["test_accuracy"] == metrics(reference)["test_accuracy"]
+    assert m["test_accuracy"] == read_metrics(reference)["test_accuracy"]
     assert "synthetic" in (tmp_path / "e" / ".hydra" / "config.yaml").read_text()
 
 
@@ -682,7 +683,7 @@ def test_one_writer_per_run_dir(tmp_path):
         (run_dir / ".lock").write_text(json.dumps({"pid": sleeper.pid,
                                                    "host": socket.gethostname(),
                                                    "started": time.time()}))
-        res = run_cli(*BASE, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+        res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
         assert f"pid {sleeper.pid}" in res.stderr and "being written by another run" in res.stderr
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
@@ -690,11 +691,11 @@ def test_one_writer_per_run_dir(tmp_path):
         sleeper.kill()
         sleeper.wait()
     (run_dir / ".metrics.json.abc123").write_text("{half")  # a kill -9 between write and rename
-    res = run_cli(*BASE, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Taking over" in res.stdout + res.stderr
     assert not (run_dir / ".lock").exists() and not (run_dir / ".metrics.json.abc123").exists()
-    assert metrics(run_dir)["status"] == "completed"
+    assert read_metrics(run_dir)["status"] == "completed"
 
 
 def test_the_lock_refuses_a_live_holder_in_process(tmp_path):
@@ -726,8 +727,8 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
                              capture_output=True).returncode == 0
     try:
         if mounted:
-            res = run_cli(*BASE, "dataset.train_size=400", "expansion=2", "trainer.epochs=2",
-                          f"hydra.run.dir={tiny / 'run'}")
+            res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "expansion=2",
+                          "trainer.epochs=2", f"hydra.run.dir={tiny / 'run'}")
             assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
             assert "no space left on device" in res.stderr
             assert not [p for p in (tiny / "run" / "checkpoints").iterdir()
@@ -738,10 +739,11 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoints").write_text("not a folder")
-    res = run_cli(*BASE, "dataset.train_size=400", "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "trainer.epochs=1",
+                  f"hydra.run.dir={run_dir}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
     assert "is a file, and checkpoints need a folder" in res.stderr
-    assert metrics(run_dir)["status"] == "failed"
+    assert read_metrics(run_dir)["status"] == "failed"
     if not mounted:
         pytest.skip("no tmpfs mount here (not root): the disk-full half was not run")
 

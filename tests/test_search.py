@@ -7,16 +7,9 @@ import os
 import pytest
 import optuna  # requirements.txt installs it; the plugin pins <3
 
-from conftest import compose_config, only_error_line, run_cli
+from conftest import (SYNTHETIC_160_ONE_EPOCH, compose_config, only_error_line, optuna_study,
+                      run_cli)
 from octconv_exp.search import directions, objective_values, pareto_front
-
-
-SMALL = ["dataset=synthetic", "dataset.train_size=160", "dataset.test_size=60",
-         "trainer.epochs=1", "trainer.progress_bar=false"]
-
-
-def study(sweep_dir, name="alpha_search"):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/optuna.db")
 
 
 def test_pareto_front_keeps_the_non_dominated_points():
@@ -123,13 +116,13 @@ def test_the_search_preset_composes_nsga2_on_sqlite_with_one_direction_per_objec
 @pytest.mark.sdk
 def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
     sweep = str(tmp_path / "search")
-    args = ["-m", "experiment=alpha_search", *SMALL, f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "experiment=alpha_search", *SYNTHETIC_160_ONE_EPOCH, f"hydra.sweep.dir={sweep}"]
     result = run_cli(*args, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
     # stderr is a pipe here, not a terminal: Optuna's lines come without colour codes.
     assert "A new study created in RDB with name: alpha_search" in result.stderr
     assert "\x1b[" not in result.stderr + result.stdout
-    s = study(sweep)
+    s = optuna_study(sweep)
     assert [t.state.name for t in s.trials] == ["COMPLETE"] * 2
     assert sorted(d for d in os.listdir(sweep) if d.startswith("trial=")) == ["trial=0", "trial=1"]
     # Each trial's values are its run's objectives: validation accuracy and FLOPs.
@@ -165,7 +158,7 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
     stale.suggest_categorical("expansion", [1, 2])
     result = run_cli(*args, "hydra.sweeper.n_trials=3")
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = study(sweep).trials
+    trials = optuna_study(sweep).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert trials[2].params == stale.params
     with open(os.path.join(sweep, "trial=2", "metrics.json")) as f:
@@ -175,17 +168,18 @@ def test_a_search_stores_its_trials_continues_and_reports_the_front(tmp_path):
     assert not os.path.exists(os.path.join(sweep, "trial=3"))
     # Run again as it is: the study is complete, nothing runs, the report is rewritten.
     result = run_cli(*args, "hydra.sweeper.n_trials=3")
-    assert result.returncode == 0 and len(study(sweep).trials) == 3
+    assert result.returncode == 0 and len(optuna_study(sweep).trials) == 3
 
 
 @pytest.mark.slow
 def test_failed_trials_are_failed_in_the_study_not_numbers(tmp_path):
     sweep = str(tmp_path / "search")
-    result = run_cli("-m", "experiment=alpha_search", *SMALL, "trainer.batch_size=1000",
-                     "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
+    result = run_cli("-m", "experiment=alpha_search", *SYNTHETIC_160_ONE_EPOCH,
+                     "trainer.batch_size=1000", "hydra.sweeper.n_trials=2",
+                     f"hydra.sweep.dir={sweep}")
     assert result.returncode == 1  # the report names the failed runs
     assert "2 of 2 runs did not complete" in result.stderr
-    assert [(t.state.name, t.values) for t in study(sweep).trials] == [("FAIL", None)] * 2
+    assert [(t.state.name, t.values) for t in optuna_study(sweep).trials] == [("FAIL", None)] * 2
 
 
 def trial_dirs(sweep):
@@ -203,14 +197,14 @@ def test_a_continued_search_never_trains_the_same_parameters_twice(tmp_path):
     import yaml
 
     sweep = str(tmp_path / "search")
-    args = ["-m", "experiment=alpha_search", *SMALL, f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "experiment=alpha_search", *SYNTHETIC_160_ONE_EPOCH, f"hydra.sweep.dir={sweep}"]
     result = run_cli(*args, "hydra.sweeper.n_trials=3")
     assert result.returncode == 0, result.stderr[-3000:]
-    first = study(sweep).trials
-    study(sweep).enqueue_trial(dict(first[0].params))
+    first = optuna_study(sweep).trials
+    optuna_study(sweep).enqueue_trial(dict(first[0].params))
     result = run_cli(*args, "hydra.sweeper.n_trials=5")
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = study(sweep).trials
+    trials = optuna_study(sweep).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 5
     repeat = trials[3]
     assert repeat.params == trials[0].params and repeat.values == trials[0].values

@@ -440,9 +440,7 @@ def test_a_folder_streamed_and_in_memory_trains_alike_and_resumes_exactly(tmp_pa
     """1,000 PNGs, augmentation off, the same seed: streamed with 2 workers and held in
     memory, the runs see the same batches in the same order (the same weights, to the bit);
     a streamed run stopped inside an epoch resumes to the same end."""
-    import json
-
-    from conftest import run_cli, write_image_folder
+    from conftest import read_metrics, read_state_dict, run_cli, write_image_folder
 
     root = write_image_folder(str(tmp_path / "folder"), classes=tuple(f"c{i}" for i in range(10)),
                               per_class=(100, 20), size=32)
@@ -462,11 +460,10 @@ def test_a_folder_streamed_and_in_memory_trains_alike_and_resumes_exactly(tmp_pa
         assert "dataset.in_memory=false: streamed from disk" in f.read()
 
     def outcome(d):
-        state = torch.load(os.path.join(d, "model.pt"), weights_only=False)["state_dict"]
-        with open(os.path.join(d, "metrics.json")) as f:
-            m = json.load(f)
-        return state, {k: m[k] for k in ("train_loss", "train_accuracy", "val_accuracy",
-                                        "test_accuracy", "test_samples")}
+        m = read_metrics(d)
+        return read_state_dict(d), {k: m[k] for k in ("train_loss", "train_accuracy",
+                                                      "val_accuracy", "test_accuracy",
+                                                      "test_samples")}
 
     reference, numbers = outcome(dirs["memory"])
     assert numbers["test_samples"] == 200

@@ -1,5 +1,4 @@
 """Multiruns: layout, vanilla de-duplication, summaries, plots, failures, launchers, presets."""
-import csv
 import json
 import os
 import subprocess
@@ -7,23 +6,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, SYNTHETIC_400_ONE_EPOCH, read_csv, read_metrics, run_cli
 from octconv_exp import report
 from octconv_exp.sweep import config_name, dedupe_vanilla
 
-TINY = ["dataset=synthetic", "dataset.train_size=400", "dataset.test_size=200", "trainer.epochs=1",
-        "trainer.batch_size=16", "trainer.progress_bar=false"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def metrics_of(run_dir):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
 
 
 def assert_summary_holds_every_run(sweep_dir):
@@ -32,7 +19,7 @@ def assert_summary_holds_every_run(sweep_dir):
     runs = sorted(os.path.relpath(os.path.dirname(p), sweep_dir) for p in _metrics_files(sweep_dir))
     assert runs and sorted(r["run_dir"] for r in rows) == runs
     for row in rows:
-        m = metrics_of(os.path.join(sweep_dir, row["run_dir"]))
+        m = read_metrics(os.path.join(sweep_dir, row["run_dir"]))
         assert row["status"] == "completed" and row["conv"] == m["conv"]
         assert float(row["test_accuracy"]) == pytest.approx(m["test_accuracy"])
         assert int(row["flops_per_image"]) == m["flops_per_image"]
@@ -76,8 +63,8 @@ def test_dedupe_vanilla_keeps_one_vanilla_per_configuration():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
-    res = run_cli("-m", "conv=vanilla,octave,multi-octave", "alpha=0.25,0.5", "seed=0,1", *TINY,
-                  f"hydra.sweep.dir={sweep_dir}")
+    res = run_cli("-m", "conv=vanilla,octave,multi-octave", "alpha=0.25,0.5", "seed=0,1",
+                  *SYNTHETIC_400_ONE_EPOCH, f"hydra.sweep.dir={sweep_dir}")
     return sweep_dir, res
 
 
@@ -99,7 +86,7 @@ def test_multirun_layout_summary_and_plots(sweep):
     assert [r["conv"] for r in rows][:2] == ["vanilla", "vanilla"]
     assert [(r["conv"], r["alpha"]) for r in rows][2:6] == [("octave", "0.25")] * 2 + [("octave", "0.5")] * 2
     for row in rows:
-        m = metrics_of(sweep_dir / row["run_dir"])
+        m = read_metrics(sweep_dir / row["run_dir"])
         assert float(row["test_accuracy"]) == pytest.approx(m["test_accuracy"])
         assert float(row["train_loss"]) == pytest.approx(m["train_loss"])
         assert int(row["params"]) == m["params"] and int(row["seed"]) == m["seed"]
@@ -110,7 +97,8 @@ def test_multirun_layout_summary_and_plots(sweep):
     groups = read_csv(sweep_dir / "summary_by_config.csv")
     assert len(groups) == 5 and all(g["n"] == "2" for g in groups)
     octave = next(g for g in groups if g["conv"] == "octave" and g["alpha"] == "0.25")
-    accs = [metrics_of(sweep_dir / f"conv=octave,alpha=0.25/seed={s}")["test_accuracy"] for s in (0, 1)]
+    accs = [read_metrics(sweep_dir / f"conv=octave,alpha=0.25/seed={s}")["test_accuracy"]
+            for s in (0, 1)]
     assert float(octave["test_accuracy"]) == pytest.approx(sum(accs) / 2)
     assert float(octave["test_accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
 
@@ -152,7 +140,7 @@ def test_report_command_rebuilds_from_disk(sweep, tmp_path):
 @pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_sweep_exits_non_zero(tmp_path):
     sweep_dir = tmp_path / "s"
-    res = run_cli("-m", "conv=octave", "optimizer.lr=0.05,1e30", *TINY,
+    res = run_cli("-m", "conv=octave", "optimizer.lr=0.05,1e30", *SYNTHETIC_400_ONE_EPOCH,
                   f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 1
     assert "1 of 2 runs did not complete" in res.stderr
@@ -182,7 +170,8 @@ def test_interrupted_sweep_reports_missing_runs(sweep, tmp_path):
 def test_two_sweeps_started_together_never_share_a_directory(tmp_path):
     env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), "-m", "conv=octave",
-                               *TINY, "dataset.train_size=64", "dataset.test_size=32"],
+                               *SYNTHETIC_400_ONE_EPOCH, "dataset.train_size=64",
+                               "dataset.test_size=32"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(2)]
     for p in procs:
@@ -201,9 +190,10 @@ def test_two_sweeps_started_together_never_share_a_directory(tmp_path):
 def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
     sweep_dir = tmp_path / "s"
     res = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "conv=vanilla,octave",
-                  *TINY, "dataset.train_size=2000", f"hydra.sweep.dir={sweep_dir}")
+                  *SYNTHETIC_400_ONE_EPOCH, "dataset.train_size=2000",
+                  f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
-    runs = [metrics_of(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
+    runs = [read_metrics(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
     assert len(runs) == 2
     assert runs[0]["pid"] != runs[1]["pid"] != os.getpid()  # two worker processes...
     first, second = sorted(runs, key=lambda m: m["started_at"])
@@ -218,10 +208,10 @@ def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
 @pytest.mark.sdk
 def test_submitit_local_runs_a_job(tmp_path):
     sweep_dir = tmp_path / "s"
-    res = run_cli("-m", "hydra/launcher=submitit_local", "conv=octave", *TINY,
+    res = run_cli("-m", "hydra/launcher=submitit_local", "conv=octave", *SYNTHETIC_400_ONE_EPOCH,
                   f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
-    (m,) = [metrics_of(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
+    (m,) = [read_metrics(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
     assert m["status"] == "completed" and m["pid"] != os.getpid()
     assert m["torch_threads"] == 1  # our submitit_local default: cpus_per_task 1
     assert (sweep_dir / ".submitit").is_dir()
@@ -252,7 +242,8 @@ def test_launcher_configs_carry_our_defaults():
 
 @pytest.mark.slow
 def test_tensorboard_logger_writes_scalars_and_hparams(tmp_path):
-    res = run_cli(*TINY, "trainer.epochs=2", "logger=tensorboard", f"hydra.run.dir={tmp_path}")
+    res = run_cli(*SYNTHETIC_400_ONE_EPOCH, "trainer.epochs=2", "logger=tensorboard",
+                  f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

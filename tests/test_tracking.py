@@ -6,12 +6,8 @@ import os
 import pytest
 import mlflow  # requirements.txt installs mlflow-skinny
 
-from conftest import compose_config, only_error_line, run_cli
+from conftest import SYNTHETIC_200_TWO_EPOCHS, compose_config, only_error_line, run_cli
 from octconv_exp.loggers import flatten, selected
-
-
-SMALL = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=50",
-         "trainer.epochs=2", "trainer.progress_bar=false"]
 
 
 def runs_of(tmp_path, experiment="octconv-exp"):
@@ -36,7 +32,8 @@ def test_params_are_the_flattened_config():
 
 @pytest.mark.slow
 def test_an_unreachable_tracking_server_is_one_line_before_training(tmp_path):
-    result = run_cli(*SMALL, "logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:9",
+    result = run_cli(*SYNTHETIC_200_TWO_EPOCHS, "logger=mlflow",
+                     "logger.mlflow.tracking_uri=http://127.0.0.1:9",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=str(tmp_path))
     assert result.returncode == 2
     last = only_error_line(result.stderr)
@@ -49,8 +46,8 @@ def test_an_unreachable_tracking_server_is_one_line_before_training(tmp_path):
 @pytest.mark.sdk
 def test_a_run_is_an_mlflow_run_and_a_resume_continues_it(tmp_path):
     run_dir = str(tmp_path / "run")
-    result = run_cli(*SMALL, "logger=[csv,tensorboard,mlflow]", f"hydra.run.dir={run_dir}",
-                     "conv=octave", "alpha=0.25", cwd=str(tmp_path),
+    result = run_cli(*SYNTHETIC_200_TWO_EPOCHS, "logger=[csv,tensorboard,mlflow]",
+                     f"hydra.run.dir={run_dir}", "conv=octave", "alpha=0.25", cwd=str(tmp_path),
                      env={"OCTCONV_EXP_SIGNAL_AT": "step:30"})  # epoch 2 of 25-step epochs
     assert result.returncode == 130, result.stderr[-2000:]
     df = runs_of(tmp_path)
@@ -82,9 +79,9 @@ def test_a_run_is_an_mlflow_run_and_a_resume_continues_it(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_is_one_experiment_with_a_run_per_job_and_its_report(tmp_path):
     sweep = str(tmp_path / "sweep")
-    result = run_cli("-m", *SMALL, "trainer.epochs=1", "conv=vanilla,octave", "logger=mlflow",
-                     "logger.mlflow.experiment_name=my_sweep", f"hydra.sweep.dir={sweep}",
-                     cwd=str(tmp_path))
+    result = run_cli("-m", *SYNTHETIC_200_TWO_EPOCHS, "trainer.epochs=1", "conv=vanilla,octave",
+                     "logger=mlflow", "logger.mlflow.experiment_name=my_sweep",
+                     f"hydra.sweep.dir={sweep}", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     df = runs_of(tmp_path, "my_sweep")
     jobs = df[df["tags.kind"] != "sweep report"] if "tags.kind" in df else df
@@ -129,7 +126,8 @@ def test_the_documented_mlflow_ui_serves_the_runs(tmp_path):
     if not ui:
         pytest.skip("OCTCONV_EXP_MLFLOW_UI is not set: no UI venv as docs/search.md installs "
                     "it (mlflow-skinny here has no UI)")
-    res = run_cli("logger=mlflow", *SMALL, f"hydra.run.dir={tmp_path / 'run'}", cwd=str(tmp_path))
+    res = run_cli("logger=mlflow", *SYNTHETIC_200_TWO_EPOCHS, f"hydra.run.dir={tmp_path / 'run'}",
+                  cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,14 +6,9 @@ import json
 import os
 
 import mlflow  # requirements.txt installs mlflow-skinny
-import optuna  # requirements.txt installs it
 import pytest
 
-from conftest import compose_config, run_cli
-
-TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=32",
-        "trainer.batch_size=16", "trainer.progress_bar=false"]
-
+from conftest import SYNTHETIC_96, compose_config, optuna_study, run_cli
 
 def client_for(tmp_path):
     return mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
@@ -40,7 +35,7 @@ def test_a_failed_run_is_failed_in_mlflow_with_what_it_trained_and_where(tmp_pat
 
     monkeypatch.setattr(runner, "train_epoch", fails_in_epoch_2)
     run_dir = tmp_path / "run"
-    cfg = compose_config(*TINY, "trainer.epochs=3", "model=resnet_cifar", "model.depth=8",
+    cfg = compose_config(*SYNTHETIC_96, "trainer.epochs=3", "model=resnet_cifar", "model.depth=8",
                          "logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db",
                          "logger.mlflow.experiment_name=failures")
     with pytest.raises(RuntimeError, match="inside epoch 2"):
@@ -65,14 +60,14 @@ def test_a_search_of_two_trials_at_once_stores_each_in_optuna_and_mlflow(tmp_pat
     one FINISHED run per trial tagged with that dir, and the sweep report's run, whose
     summary.csv artifact holds the trials' test accuracies."""
     sweep = tmp_path / "search"
-    result = run_cli("-m", "experiment=alpha_search", *TINY, "trainer.epochs=1",
+    result = run_cli("-m", "experiment=alpha_search", *SYNTHETIC_96, "trainer.epochs=1",
                      "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                      "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "logger=mlflow",
                      f"logger.mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db",
                      f"hydra.sweep.dir={sweep}", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
 
-    study = optuna.load_study(study_name="alpha_search", storage=f"sqlite:///{sweep}/optuna.db")
+    study = optuna_study(sweep)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(2)]
     assert sorted(d for d in os.listdir(sweep) if d.startswith("trial=")) == [

@@ -7,12 +7,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_config
+from conftest import SYNTHETIC_96_VAL_40, compose_config
 
 EPS = 0.4
-TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=32",
-        "dataset.val_size=40", "trainer.epochs=2", "trainer.batch_size=16",
-        "trainer.progress_bar=false", f"trainer.label_smoothing={EPS}"]
+SMOOTHED = [*SYNTHETIC_96_VAL_40, f"trainer.label_smoothing={EPS}"]
 
 
 def test_val_loss_is_plain_cross_entropy_with_label_smoothing_on(tmp_path, monkeypatch):
@@ -43,7 +41,7 @@ def test_val_loss_is_plain_cross_entropy_with_label_smoothing_on(tmp_path, monke
         return accuracy, images, loss
 
     monkeypatch.setattr(runner, "validate_epoch", spy)
-    cfg = compose_config(*TINY)
+    cfg = compose_config(*SMOOTHED)
     runner.run_experiment(cfg, str(tmp_path / "run"))
     assert len(seen) == 2  # one validation pass an epoch
     for loss, plain, smoothed, images, count in seen:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config as compose, DOUBLE, run_cli
+from conftest import (SYNTHETIC_600_CPU, compose_config as compose, DOUBLE, read_epochs,
+                      read_metrics, run_cli)
 from octconv_exp.data import (BatchLoader, ImageSet, augment_batch, augmentation_generator,
                               load_data, make_synthetic, split_validation)
 from octconv_exp.errors import ConfigError, UserError
@@ -350,22 +351,13 @@ def test_ipu_validation_detaches_training_and_loses_no_state(poptorch, monkeypat
 
 # ------------------------------------------------------------------------------ end to end
 
-RUN = ["dataset=synthetic", "dataset.train_size=600", "dataset.test_size=100",
-       "trainer.batch_size=8", "trainer.test_batch_size=50", "trainer.progress_bar=false",
-       "device=cpu"]
-
-
 def read(run_dir):
-    with open(run_dir / "metrics.json") as f:
-        metrics = json.load(f)
-    with open(run_dir / "epochs.csv") as f:
-        rows = list(csv.DictReader(f))
-    return metrics, rows
+    return read_metrics(run_dir), read_epochs(run_dir)
 
 
 #: 400 - 80 held out = 320 training images, 40 steps an epoch; 80 validation images.
-AUGMENTED = [*RUN, "dataset.train_size=400", "dataset.val_size=80", "dataset.augment=true",
-             "optimizer.momentum=0.9", "trainer.epochs=3"]
+AUGMENTED = [*SYNTHETIC_600_CPU, "dataset.train_size=400", "dataset.val_size=80",
+             "dataset.augment=true", "optimizer.momentum=0.9", "trainer.epochs=3"]
 
 
 @pytest.fixture(scope="module")
@@ -407,8 +399,9 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
     """With a learning rate too small to change a prediction, the validation accuracy never
     improves after epoch 1: patience 2 stops after epoch 3 of 6."""
     run_dir = tmp_path / "run"
-    args = [*RUN, "dataset.train_size=200", "dataset.val_size=50", "optimizer.lr=1e-12",
-            "trainer.early_stopping.patience=2", "trainer.epochs=6", f"hydra.run.dir={run_dir}"]
+    args = [*SYNTHETIC_600_CPU, "dataset.train_size=200", "dataset.val_size=50",
+            "optimizer.lr=1e-12", "trainer.early_stopping.patience=2", "trainer.epochs=6",
+            f"hydra.run.dir={run_dir}"]
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     m, rows = read(run_dir)
@@ -428,8 +421,8 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
 #: The observed case of issue 24: a validation split and patience 1. Validation accuracy
 #: 27.5, 37.5, 27.5 % here (torch 2.14.1): stopped after epoch 3, best epoch 2, while the
 #: validation loss still improved (1.99, 1.73, 1.64).
-OBSERVED = [*RUN, "dataset.train_size=400", "dataset.val_size=0.1", "optimizer.lr=0.05",
-            "trainer.early_stopping.patience=1", "trainer.epochs=4"]
+OBSERVED = [*SYNTHETIC_600_CPU, "dataset.train_size=400", "dataset.val_size=0.1",
+            "optimizer.lr=0.05", "trainer.early_stopping.patience=1", "trainer.epochs=4"]
 
 
 def evaluated(tmp_path, checkpoint, name):
@@ -437,8 +430,7 @@ def evaluated(tmp_path, checkpoint, name):
     res = run_cli("train=false", f"ckpt_path={checkpoint}", "trainer.progress_bar=false",
                   "device=cpu", f"hydra.run.dir={tmp_path / name}")
     assert res.returncode == 0, res.stderr[-3000:]
-    with open(tmp_path / name / "metrics.json") as f:
-        return json.load(f)
+    return read_metrics(tmp_path / name)
 
 
 @pytest.mark.slow
@@ -509,7 +501,7 @@ def test_early_stopping_on_the_validation_loss_and_its_resume(tmp_path):
 
 @pytest.mark.slow
 def test_a_validation_monitor_without_a_split_is_one_line(tmp_path):
-    res = run_cli(*RUN, "trainer.early_stopping.monitor=val_loss", "trainer.epochs=1",
+    res = run_cli(*SYNTHETIC_600_CPU, "trainer.early_stopping.monitor=val_loss", "trainer.epochs=1",
                   f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
     assert "trainer.early_stopping.monitor=val_loss" in res.stderr
@@ -518,8 +510,8 @@ def test_a_validation_monitor_without_a_split_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_split_that_leaves_no_training_image_is_one_line(tmp_path):
-    res = run_cli(*RUN, "dataset.train_size=40", "dataset.val_size=40", "trainer.epochs=1",
-                  f"hydra.run.dir={tmp_path / 'run'}")
+    res = run_cli(*SYNTHETIC_600_CPU, "dataset.train_size=40", "dataset.val_size=40",
+                  "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
     assert "dataset.val_size=40 holds out 40 of the 40 training images" in res.stderr
 
