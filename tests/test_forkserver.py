@@ -4,7 +4,6 @@ subprocess where a fork could differ."""
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 

@@ -2,7 +2,6 @@
 label smoothing (loop.evaluate's docstring, docs): validation losses compare across
 ``trainer.label_smoothing``."""
 import csv
-import os
 
 import torch
 import torch.nn.functional as F
