@@ -7,7 +7,6 @@ Two places can reject a command line:
 - validation (ranges, cross-key rules, missing data, devices): :func:`run_task` catches
   :class:`~octconv_exp.errors.UserError`, records it in the run's ``metrics.json`` and exits.
 """
-import contextlib
 import itertools
 from collections import OrderedDict
 import logging
@@ -499,14 +498,6 @@ def _validate_sweep_values(overrides, combos, config_name, composed):
             _compose_and_validate(hydra_part + job, config_name, True, note)
 
 
-def log_to_files(level, message):
-    """Record a message in the run's log file only (the console gets the one error line)."""
-    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
 def is_multirun():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -550,56 +541,65 @@ def run_task(cfg):
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from .distributed import GpuClaim, launched_rank
+    from .distributed import GpuClaim
     from .resume import explicit_keys
-    from .rundir import RunDirLock
-    from .runner import Run, run_experiment
-    from .stopping import SWEEP_STOP, StopNow, StopRequest, marker_signal, note_sweep_stop
+    from .runner import Outcome, RunLifecycle
+    from .stopping import SWEEP_STOP, StopRequest, marker_signal, note_sweep_stop
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
-    run = Run(cfg, output_dir)
     multirun = is_multirun()
     in_worker = multirun and parallel_launcher(hydra_cfg)
     if in_worker and threading.current_thread() is threading.main_thread():
         # A joblib worker gets the terminal's Ctrl-C too: between jobs it only takes note.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, note_sweep_stop)
-    if multirun and SWEEP_STOP["signal"] is not None:
-        return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
-    signalled = marker_signal(str(hydra_cfg.sweep.dir)) if in_worker else None
-    if signalled is not None:  # the sweep's own process was signalled (kill PID), not this one
-        return _not_started(run, cfg, output_dir, hydra_cfg, signalled)
-    writer = launched_rank() == 0  # data-parallel: rank 0 writes the run's outputs
     # Jobs running side by side on this machine each take a GPU of their own (when it has
     # several); the lock dies with the job.
     gpu_claim = (GpuClaim(hydra_cfg.sweep.dir, hydra_cfg.job.num) if in_worker else None)
+    lifecycle = RunLifecycle(cfg, output_dir, threads=launcher_threads(cfg), sweep_job=multirun,
+                             explicit=explicit_keys(hydra_cfg.overrides.task),
+                             gpu_claim=gpu_claim, attempt_subdir=hydra_cfg.output_subdir)
+    signalled = SWEEP_STOP["signal"] if multirun else None
+    if signalled is None and in_worker:
+        # The sweep's own process was signalled (kill PID), not this one.
+        signalled = marker_signal(str(hydra_cfg.sweep.dir))
+    if signalled is not None:  # a job due after the sweep was interrupted
+        return report_ending(lifecycle.not_started(signalled), cfg, output_dir, hydra_cfg,
+                             multirun)
     with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
         if in_worker:
             stop.sweep_dir = str(hydra_cfg.sweep.dir)
-        try:
-            with (RunDirLock(output_dir) if writer else contextlib.nullcontext()):
-                if writer:
-                    adopt_attempt_files(output_dir, hydra_cfg)
-                try:
-                    metrics = run_experiment(cfg, output_dir, run=run,
-                                             threads=launcher_threads(cfg),
-                                             fresh_if_no_checkpoint=multirun,
-                                             explicit=explicit_keys(hydra_cfg.overrides.task),
-                                             stop=stop, gpu_claim=gpu_claim)
-                finally:
-                    stop.set_phase("closing", "")
-                    if writer and (run.resumed or run.status == "evaluated"):
-                        record_effective_config(output_dir, run.cfg)
-        except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
-            stop.set_phase("closing", "")
-            # An error that follows a stop (the signal interrupted an import) is the stop.
-            return _failed(stop.raised or exc, run, cfg, output_dir, hydra_cfg, multirun)
-        except StopNow as exc:  # a BaseException: see runner.StopNow
-            stop.set_phase("closing", "")
-            return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)
-    log.info("Outputs in %s", output_dir)
-    return task_value(run.cfg, metrics, hydra_cfg)
+        ending = lifecycle.run(stop)
+        if ending.outcome is not Outcome.COMPLETED:  # its line is said while still "closing"
+            return report_ending(ending, lifecycle.run_record.cfg, output_dir, hydra_cfg,
+                                 multirun)
+    return report_ending(ending, lifecycle.run_record.cfg, output_dir, hydra_cfg, multirun)
+
+
+def report_ending(ending, cfg, output_dir, hydra_cfg, multirun):
+    """What run.py's task function does with a run's :class:`~octconv_exp.runner.Ending`:
+    returns the sweeper's value for a completed run; otherwise one line (a sweep's job:
+    naming the job, and the sweep goes on with None) and, for a single run, its exit status.
+    A programming error in a single run is raised again with its traceback."""
+    from .distributed import launched_rank
+    from .runner import Outcome
+
+    if ending.outcome is Outcome.COMPLETED:
+        log.info("Outputs in %s", output_dir)
+        return task_value(cfg, ending.metrics, hydra_cfg)
+    if ending.bug is not None:
+        raise ending.bug
+    if multirun:  # the jobs still to come are recorded as not started; the report follows
+        sweep_dir = str(hydra_cfg.sweep.dir)
+        sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {ending.message}\n")
+        return None
+    rank = launched_rank()
+    if ending.outcome is Outcome.INTERRUPTED:
+        if rank != 0:  # data-parallel: rank 0 says it, for all of them
+            exit_with(ending.exit_code)
+        fail(ending.message, ending.exit_code)  # a single run, or a sequential sweep: stop it
+    fail(f"rank {rank}: {ending.message}" if rank else ending.message, ending.exit_code)
 
 
 def task_value(cfg, metrics, hydra_cfg):
@@ -619,115 +619,3 @@ def task_value(cfg, metrics, hydra_cfg):
 def parallel_launcher(hydra_cfg):
     """Does this sweep run its jobs in worker processes of this machine (joblib)?"""
     return str(hydra_cfg.launcher.get("_target_", "")).endswith("JoblibLauncher")
-
-
-def _not_started(run, cfg, output_dir, hydra_cfg, signum):
-    """A sweep job due after the sweep was interrupted: recorded, not run."""
-    run.status = "interrupted"
-    run.error = (f"not started: the sweep was interrupted by {signal.Signals(signum).name}; "
-                 "run the sweep again with resume=true to continue it")
-    if owns_record(run, cfg, output_dir):
-        try:
-            run.write_metrics()
-        except (OSError, UserError):
-            pass
-    sweep_dir = str(hydra_cfg.sweep.dir)
-    sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
-    return None
-
-
-def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
-    """A run that ended in an exception: recorded in metrics.json where this attempt owns the
-    record, then one line (a single run exits; a sweep job returns None and the sweep goes on)."""
-    from .distributed import launched_rank
-    from .errors import Diverged, RunInterrupted
-    from .rundir import RunDirBusy
-    from .runner import stopped_now
-    from .stopping import StopNow
-
-    if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        # The file system refused (a file where a folder should be, permissions, ...).
-        exc = UserError(f"{exc.strerror.lower()}: {exc.filename}")
-    user_error = isinstance(exc, (UserError, StopNow))
-    if not user_error and not multirun:
-        raise  # a programming error in a single run keeps its traceback (called in `except`)
-    if isinstance(exc, StopNow):
-        stopped_now(run, exc)
-        if owns_record(run, cfg, output_dir):
-            try:
-                run.write_metrics()
-            except (OSError, UserError):
-                pass
-    elif isinstance(exc, RunInterrupted):
-        run.error = str(exc)  # its checkpoint and metrics are written
-    if isinstance(exc, (StopNow, RunInterrupted)):
-        if multirun:  # the jobs still to come are recorded as not started; the report follows
-            sweep_dir = str(hydra_cfg.sweep.dir)
-            sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
-            return None
-        if launched_rank() != 0:  # data-parallel: rank 0 says it, for all of them
-            exit_with(exc.exit_code)
-        fail(run.error, exc.exit_code)  # a single run, or a sequential sweep: stop it
-    run.status = "diverged" if isinstance(exc, Diverged) else "failed"
-    run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-    if not isinstance(exc, RunDirBusy) and owns_record(run, cfg, output_dir):
-        try:
-            run.write_metrics()
-        except (OSError, UserError):
-            pass  # the output dir itself may be what is wrong
-    if user_error:
-        log_to_files(logging.ERROR, run.error)
-    else:
-        log.exception("job failed")  # the traceback goes to this job's log
-    if multirun:
-        sweep_dir = str(hydra_cfg.sweep.dir)
-        sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
-        return None
-    rank = launched_rank()
-    fail(f"rank {rank}: {run.error}" if rank else run.error)
-
-
-def owns_record(run, cfg, output_dir):
-    """May a failed run write metrics.json? Not a resume or an evaluation that failed before
-    it got going in a dir that already holds a run's record."""
-    from .distributed import launched_rank
-    from .outputs import METRICS_FILE
-
-    if launched_rank() != 0:
-        return False  # data-parallel: rank 0 writes the record
-    attempt = bool(cfg.resume) or not cfg.train
-    return (not attempt or run.resumed
-            or not os.path.exists(os.path.join(output_dir, METRICS_FILE)))
-
-
-def adopt_attempt_files(output_dir, hydra_cfg):
-    """A run dir without its own .hydra/ files (a new run dir, or a sweep job that never ran
-    before a resume) takes the attempt's as its record."""
-    import shutil
-
-    subdir = hydra_cfg.output_subdir
-    if not subdir or not str(subdir).startswith(".hydra/attempts/"):
-        return
-    record = os.path.join(output_dir, ".hydra")
-    if os.path.exists(os.path.join(record, "config.yaml")):
-        return
-    attempt = os.path.join(output_dir, str(subdir))
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        if os.path.isfile(os.path.join(attempt, name)):
-            shutil.copyfile(os.path.join(attempt, name), os.path.join(record, name))
-
-
-def record_effective_config(output_dir, cfg):
-    """The run's record after a resume or an evaluation: the config it ran with (a resume:
-    its own, with the changes a resume may make, e.g. more epochs; an evaluation: the model
-    and data set its checkpoint named)."""
-    from omegaconf import OmegaConf
-
-    from .outputs import write_text_atomic
-
-    path = os.path.join(output_dir, ".hydra", "config.yaml")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text_atomic(path, OmegaConf.to_yaml(cfg))
-    except (OSError, UserError):  # write_text_atomic reports a failed write as OutputError
-        pass

@@ -43,7 +43,7 @@ def check_resume(cfg, job, run_dir):
     except UserError:  # an unreadable checkpoint: that job says so, the others run
         return
     if found is not None:
-        config_for_resume(task, found[1], explicit_keys(job), found[0])
+        config_for_resume(task, found.state, explicit_keys(job), found.path)
 
 
 def worker_died(exc):
