@@ -9,6 +9,8 @@ Two places can reject a command line:
 """
 import itertools
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ import sys
 import threading
 
 from .errors import USER_ERROR_EXIT, UserError
+from .stopping import PROCESS
 
 log = logging.getLogger("octconv_exp")
 
@@ -24,16 +27,10 @@ CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
 
-#: The exit status :func:`exit_with` chose: the process has said what it had to say and is
-#: ending, and a signal that arrives while it exits (torchrun SIGTERMs the ranks left when one
-#: fails) ends it with this status and no further line (run.py's handler reads it).
-FINAL_EXIT = {"code": None}
-
-
 def exit_with(code):
-    """End the process with ``code``, its last word said (see :data:`FINAL_EXIT`)."""
-    FINAL_EXIT["code"] = code
-    sys.exit(code)
+    """End the process with ``code``, its last word said: a signal that arrives while it
+    exits ends it with this status and no further line (:class:`.stopping.ProcessState`)."""
+    PROCESS.exit_with(code)
 
 
 def fail(message, code=USER_ERROR_EXIT):
@@ -297,9 +294,6 @@ def keep_the_record(overrides):
     return overrides
 
 
-#: Group choices preflight took from a run's record, which are not the command's own choices
-#: (resume and evaluation take those from the checkpoint): read by ``resume.explicit_keys``.
-RECORDED_GROUPS_ENV = "OCTCONV_EXP_RECORDED_GROUPS"
 RECORD_GROUPS = ("model", "conv", "dataset", "optimizer", "scheduler", "logger", "ipu",
                  "experiment")
 #: Keys a group option requires (``???`` in conf/): recorded with the groups, so that a
@@ -307,22 +301,30 @@ RECORD_GROUPS = ("model", "conv", "dataset", "optimizer", "scheduler", "logger",
 RECORD_REQUIRED = ("dataset.root", "dataset._target_")
 
 
-def with_recorded_groups(overrides):
-    """resume=true / train=false of one run: compose with the group options the run was made
-    with (its .hydra/overrides.yaml), unless the command chooses them, so that a key of its
-    data set or model (``dataset.train_size`` of a synthetic run) composes; the checkpoint's
-    config still decides the values (:mod:`.resume`)."""
+@dataclass
+class Launch:
+    """What :func:`preflight` hands run.py: the argv Hydra should see, and the overrides in
+    it that came from the run's record (:func:`recorded_groups`), which run.py's task function
+    passes on to the run (they are not the command's own choices)."""
+    argv: List[str]
+    recorded_overrides: List[str] = field(default_factory=list)
+
+
+def recorded_groups(overrides):
+    """resume=true / train=false of one run: the group options the run was made with (its
+    .hydra/overrides.yaml) that the command does not choose, to compose with, so that a key of
+    its data set or model (``dataset.train_size`` of a synthetic run) composes; the
+    checkpoint's config still decides the values (:mod:`.resume`)."""
     import yaml
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    os.environ.pop(RECORDED_GROUPS_ENV, None)
     if not (_sets(overrides, "resume", True) or _sets(overrides, "train", False)):
-        return overrides
+        return []
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(list(overrides))
     except Exception:  # noqa: BLE001 - the composition below reports it in one line
-        return overrides
+        return []
     given = {ov.key_or_group: ov for ov in parsed}
     where = None
     if "ckpt_path" in given and given["ckpt_path"].value() is not None:
@@ -335,7 +337,7 @@ def with_recorded_groups(overrides):
         where = str(given["hydra.run.dir"].value())
     record = os.path.join(where, ".hydra", "overrides.yaml") if where else None
     if record is None or not os.path.isfile(record):
-        return overrides
+        return []
     try:
         with open(record) as f:
             recorded = [str(o) for o in (yaml.safe_load(f) or [])]
@@ -344,15 +346,14 @@ def with_recorded_groups(overrides):
                  and ov.key_or_group not in given
                  and ov.package is None and not ov.is_sweep_override()]
     except Exception:  # noqa: BLE001 - an unreadable record: compose from the command alone
-        return overrides
-    if taken:
-        os.environ[RECORDED_GROUPS_ENV] = "\n".join(taken)
-    return taken + list(overrides)
+        return []
+    return taken
 
 
 def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
-    argv Hydra should see (path values quoted, attempt files kept apart)."""
+    :class:`Launch`: the argv Hydra should see (path values quoted, attempt files kept apart,
+    a resume's recorded group options added)."""
     from .rundir import describe, live_holder, record_in_the_way
     from hydra import compose
     from hydra.errors import HydraException
@@ -361,7 +362,7 @@ def preflight(argv):
     try:
         args, overrides = _split_args(argv)
     except SystemExit:
-        return argv  # argparse already said what is wrong
+        return Launch(argv)  # argparse already said what is wrong
     modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun),
                                    ("--cfg", args.cfg), ("--info", args.info),
                                    ("--shell-completion", args.shell_completion)) if on]
@@ -369,15 +370,17 @@ def preflight(argv):
         fail(f"{' and '.join(modes)} cannot be combined: give one of --run, --multirun, --cfg, "
              "--info and --shell-completion")
     if args.help or args.hydra_help or args.info or args.shell_completion or args.run:
-        return argv
+        return Launch(argv)
     flags = argv[:len(argv) - len(overrides)] if overrides else list(argv)
+    recorded = []
     if overrides and argv[len(argv) - len(overrides):] == overrides:
         overrides = quote_paths(overrides, args.multirun)
         check_override_grammar(overrides, args.multirun)
         if args.cfg is None:
             overrides = keep_the_record(overrides)
         if not args.multirun:
-            overrides = with_recorded_groups(overrides)
+            recorded = recorded_groups(overrides)
+            overrides = recorded + overrides
         argv = flags + overrides
     from .presets import group_options_in_search_path, hydra_like_run
 
@@ -425,7 +428,7 @@ def preflight(argv):
         fail(str(exc))
     except (HydraException, OmegaConfBaseException) as exc:  # a bad hydra.searchpath
         fail(describe_composition_error(exc))
-    return argv
+    return Launch(argv, recorded)
 
 
 def _compose_and_validate(overrides, config_name, check, note=""):
@@ -530,8 +533,9 @@ def launcher_threads(cfg):
     return None
 
 
-def run_task(cfg):
+def run_task(cfg, recorded_overrides=()):
     """The body of run.py's task function: returns the test accuracy.
+    ``recorded_overrides``: those of the command line preflight took from the run's record.
 
     A single run ends a failed run with one line and exit status 2. In a multirun, a failed
     or diverged job is recorded in its metrics.json and the sweep goes on; the sweep report
@@ -544,7 +548,7 @@ def run_task(cfg):
     from .distributed import GpuClaim
     from .resume import explicit_keys
     from .runner import Outcome, RunLifecycle
-    from .stopping import SWEEP_STOP, StopRequest, marker_signal, note_sweep_stop
+    from .stopping import StopRequest, marker_signal
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
@@ -553,21 +557,23 @@ def run_task(cfg):
     if in_worker and threading.current_thread() is threading.main_thread():
         # A joblib worker gets the terminal's Ctrl-C too: between jobs it only takes note.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, note_sweep_stop)
+            signal.signal(sig, PROCESS.sweep_stop.note)
     # Jobs running side by side on this machine each take a GPU of their own (when it has
     # several); the lock dies with the job.
     gpu_claim = (GpuClaim(hydra_cfg.sweep.dir, hydra_cfg.job.num) if in_worker else None)
     lifecycle = RunLifecycle(cfg, output_dir, threads=launcher_threads(cfg), sweep_job=multirun,
-                             explicit=explicit_keys(hydra_cfg.overrides.task),
+                             explicit=explicit_keys(hydra_cfg.overrides.task,
+                                                    recorded_overrides),
                              gpu_claim=gpu_claim, attempt_subdir=hydra_cfg.output_subdir)
-    signalled = SWEEP_STOP["signal"] if multirun else None
+    signalled = PROCESS.sweep_stop.signal if multirun else None
     if signalled is None and in_worker:
         # The sweep's own process was signalled (kill PID), not this one.
         signalled = marker_signal(str(hydra_cfg.sweep.dir))
     if signalled is not None:  # a job due after the sweep was interrupted
         return report_ending(lifecycle.not_started(signalled), cfg, output_dir, hydra_cfg,
                              multirun)
-    with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
+    # SIGINT/SIGTERM from start-up to the last output written.
+    with StopRequest(PROCESS.sweep_stop) as stop:
         if in_worker:
             stop.sweep_dir = str(hydra_cfg.sweep.dir)
         ending = lifecycle.run(stop)
