@@ -6,9 +6,11 @@ optimising sweepers can use it.
 import signal
 import sys
 
-# Light (no torch, no Hydra): the process's state the handler below reads, from before Hydra
-# starts to the last exit handler.
-from octconv_exp.stopping import PROCESS
+
+def _this_process():
+    """octconv_exp.stopping.PROCESS, the process's state this handler reads, once imported
+    (None while the first import of it is under way: a signal then stops the start-up)."""
+    return getattr(sys.modules.get("octconv_exp.stopping"), "PROCESS", None)
 
 
 def _stopped_outside_a_run(signum, frame):
@@ -19,13 +21,16 @@ def _stopped_outside_a_run(signum, frame):
     the terminal's signal itself) and records the jobs not started yet; a second ends it.
     Once the process has chosen its exit (``PROCESS.exit_with``: after its one-line error, or
     a data-parallel rank whose stop rank 0 reports), a signal only ends it, quietly."""
-    if PROCESS.exit_code is not None:
+    process = _this_process()
+    if process is not None and process.exit_code is not None:
         # The process already wrote its outputs and said what it had to, and is exiting (a
         # failed rank's peers get torchrun's SIGTERM here): end it now with that status,
         # without a second line, and without raising into whatever exit code it is in.
-        _end_now(PROCESS.exit_code)
+        _end_now(process.exit_code)
     name = signal.Signals(signum).name
     if _MULTIRUN:
+        from octconv_exp.stopping import PROCESS
+
         if PROCESS.sweep_stop.signal is None:
             PROCESS.sweep_stop.note(signum)
             sys.stderr.write(f"{name} received: the running jobs stop at a checkpoint, the jobs "
@@ -47,7 +52,10 @@ def _end_now(code):
 
     # Not imported here: the signal may have interrupted logging's own import.
     logging = sys.modules.get("logging")
-    loggers = [logging.getLogger(), logging.getLogger("octconv_exp")] if logging else []
+    try:
+        loggers = [logging.getLogger(), logging.getLogger("octconv_exp")] if logging else []
+    except Exception:  # noqa: BLE001 - logging's own import half done: no handler to flush yet
+        loggers = []
     for handler in [h for logger in loggers for h in logger.handlers]:
         try:
             handler.flush()
@@ -70,6 +78,8 @@ if __name__ == "__main__":  # not in a launcher's worker that imports this modul
         signal.signal(_sig, _stopped_outside_a_run)
 
 import hydra  # noqa: E402
+
+from octconv_exp.stopping import PROCESS  # noqa: E402
 
 from octconv_exp import config  # noqa: F401,E402  (registers the schema in the ConfigStore)
 from octconv_exp.cli import preflight, run_task  # noqa: E402
