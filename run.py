@@ -7,27 +7,32 @@ import signal
 import sys
 
 
+def _this_process():
+    """octconv_exp.stopping.PROCESS, the process's state this handler reads, once imported
+    (None while the first import of it is under way: a signal then stops the start-up)."""
+    return getattr(sys.modules.get("octconv_exp.stopping"), "PROCESS", None)
+
+
 def _stopped_outside_a_run(signum, frame):
     """SIGINT/SIGTERM while no run is going (start-up, between sweep jobs, while joblib's
     workers run the jobs, the sweep report): one line, not a KeyboardInterrupt traceback.
     A run installs its own handler (octconv_exp.stopping.StopRequest) from its start-up to
     its last output. In a sweep the first signal lets the running jobs checkpoint (each gets
     the terminal's signal itself) and records the jobs not started yet; a second ends it.
-    Once the process has chosen its exit (``cli.exit_with``: after its one-line error, or a
-    data-parallel rank whose stop rank 0 reports), a signal only ends it, quietly."""
-    cli = sys.modules.get("octconv_exp.cli")
-    final_exit = getattr(cli, "FINAL_EXIT", None)  # None while cli is still being imported
-    if final_exit is not None and final_exit["code"] is not None:
+    Once the process has chosen its exit (``PROCESS.exit_with``: after its one-line error, or
+    a data-parallel rank whose stop rank 0 reports), a signal only ends it, quietly."""
+    process = _this_process()
+    if process is not None and process.exit_code is not None:
         # The process already wrote its outputs and said what it had to, and is exiting (a
         # failed rank's peers get torchrun's SIGTERM here): end it now with that status,
         # without a second line, and without raising into whatever exit code it is in.
-        _end_now(final_exit["code"])
+        _end_now(process.exit_code)
     name = signal.Signals(signum).name
     if _MULTIRUN:
-        from octconv_exp.stopping import SWEEP_STOP, note_sweep_stop
+        from octconv_exp.stopping import PROCESS
 
-        if SWEEP_STOP["signal"] is None:
-            note_sweep_stop(signum)
+        if PROCESS.sweep_stop.signal is None:
+            PROCESS.sweep_stop.note(signum)
             sys.stderr.write(f"{name} received: the running jobs stop at a checkpoint, the jobs "
                              "not started are recorded as interrupted (again to stop at once)\n")
             return
@@ -47,7 +52,10 @@ def _end_now(code):
 
     # Not imported here: the signal may have interrupted logging's own import.
     logging = sys.modules.get("logging")
-    loggers = [logging.getLogger(), logging.getLogger("octconv_exp")] if logging else []
+    try:
+        loggers = [logging.getLogger(), logging.getLogger("octconv_exp")] if logging else []
+    except Exception:  # noqa: BLE001 - logging's own import half done: no handler to flush yet
+        loggers = []
     for handler in [h for logger in loggers for h in logger.handlers]:
         try:
             handler.flush()
@@ -71,13 +79,24 @@ if __name__ == "__main__":  # not in a launcher's worker that imports this modul
 
 import hydra  # noqa: E402
 
+from octconv_exp.stopping import PROCESS  # noqa: E402
+
 from octconv_exp import config  # noqa: F401,E402  (registers the schema in the ConfigStore)
 from octconv_exp.cli import preflight, run_task  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg):
-    return run_task(cfg)
+def task_function(recorded_overrides=()):
+    """run.py's task function, given what preflight found: the overrides it took from the
+    run's record (a closure, so that it travels with the function to a launcher's worker)."""
+
+    def main(cfg):
+        return run_task(cfg, recorded_overrides)
+
+    return hydra.main(version_base="1.3", config_path="conf", config_name="config")(main)
+
+
+#: The task function of a plain command line (``import run; run.main(cfg)`` works too).
+main = task_function()
 
 
 if __name__ == "__main__":
@@ -89,16 +108,16 @@ if __name__ == "__main__":
         sys.argv[1:] = agree_on_launch(sys.argv[1:])
     except UserError as exc:
         fail(str(exc))
-    sys.argv[1:] = preflight(sys.argv[1:])
-    from octconv_exp.stopping import SWEEP_STOP
-
+    launch = preflight(sys.argv[1:])
+    sys.argv[1:] = launch.argv
+    stopped = PROCESS.sweep_stop
     try:
-        main()
+        task_function(launch.recorded_overrides)()
     except SystemExit as exc:
-        if SWEEP_STOP["signal"] is not None and exc.code not in (0, None):
-            sys.exit(128 + SWEEP_STOP["signal"])  # an interrupted sweep ends as interrupted
+        if stopped.signal is not None and exc.code not in (0, None):
+            sys.exit(128 + stopped.signal)  # an interrupted sweep ends as interrupted
         raise
-    if _MULTIRUN and SWEEP_STOP["signal"] is not None:
+    if _MULTIRUN and stopped.signal is not None:
         # Stopped, though every job it started completed (the signal came between jobs, or
         # to a joblib sweep's own process): the jobs it did not start make it interrupted.
-        sys.exit(128 + SWEEP_STOP["signal"])
+        sys.exit(128 + stopped.signal)

@@ -7,9 +7,10 @@ Two places can reject a command line:
 - validation (ranges, cross-key rules, missing data, devices): :func:`run_task` catches
   :class:`~octconv_exp.errors.UserError`, records it in the run's ``metrics.json`` and exits.
 """
-import contextlib
 import itertools
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import threading
 
 from .errors import USER_ERROR_EXIT, UserError
+from .stopping import PROCESS
 
 log = logging.getLogger("octconv_exp")
 
@@ -25,16 +27,10 @@ CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
 
-#: The exit status :func:`exit_with` chose: the process has said what it had to say and is
-#: ending, and a signal that arrives while it exits (torchrun SIGTERMs the ranks left when one
-#: fails) ends it with this status and no further line (run.py's handler reads it).
-FINAL_EXIT = {"code": None}
-
-
 def exit_with(code):
-    """End the process with ``code``, its last word said (see :data:`FINAL_EXIT`)."""
-    FINAL_EXIT["code"] = code
-    sys.exit(code)
+    """End the process with ``code``, its last word said: a signal that arrives while it
+    exits ends it with this status and no further line (:class:`.stopping.ProcessState`)."""
+    PROCESS.exit_with(code)
 
 
 def fail(message, code=USER_ERROR_EXIT):
@@ -298,9 +294,6 @@ def keep_the_record(overrides):
     return overrides
 
 
-#: Group choices preflight took from a run's record, which are not the command's own choices
-#: (resume and evaluation take those from the checkpoint): read by ``resume.explicit_keys``.
-RECORDED_GROUPS_ENV = "OCTCONV_EXP_RECORDED_GROUPS"
 RECORD_GROUPS = ("model", "conv", "dataset", "optimizer", "scheduler", "logger", "ipu",
                  "experiment")
 #: Keys a group option requires (``???`` in conf/): recorded with the groups, so that a
@@ -308,22 +301,30 @@ RECORD_GROUPS = ("model", "conv", "dataset", "optimizer", "scheduler", "logger",
 RECORD_REQUIRED = ("dataset.root", "dataset._target_")
 
 
-def with_recorded_groups(overrides):
-    """resume=true / train=false of one run: compose with the group options the run was made
-    with (its .hydra/overrides.yaml), unless the command chooses them, so that a key of its
-    data set or model (``dataset.train_size`` of a synthetic run) composes; the checkpoint's
-    config still decides the values (:mod:`.resume`)."""
+@dataclass
+class Launch:
+    """What :func:`preflight` hands run.py: the argv Hydra should see, and the overrides in
+    it that came from the run's record (:func:`recorded_groups`), which run.py's task function
+    passes on to the run (they are not the command's own choices)."""
+    argv: List[str]
+    recorded_overrides: List[str] = field(default_factory=list)
+
+
+def recorded_groups(overrides):
+    """resume=true / train=false of one run: the group options the run was made with (its
+    .hydra/overrides.yaml) that the command does not choose, to compose with, so that a key of
+    its data set or model (``dataset.train_size`` of a synthetic run) composes; the
+    checkpoint's config still decides the values (:mod:`.resume`)."""
     import yaml
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    os.environ.pop(RECORDED_GROUPS_ENV, None)
     if not (_sets(overrides, "resume", True) or _sets(overrides, "train", False)):
-        return overrides
+        return []
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(list(overrides))
     except Exception:  # noqa: BLE001 - the composition below reports it in one line
-        return overrides
+        return []
     given = {ov.key_or_group: ov for ov in parsed}
     where = None
     if "ckpt_path" in given and given["ckpt_path"].value() is not None:
@@ -336,7 +337,7 @@ def with_recorded_groups(overrides):
         where = str(given["hydra.run.dir"].value())
     record = os.path.join(where, ".hydra", "overrides.yaml") if where else None
     if record is None or not os.path.isfile(record):
-        return overrides
+        return []
     try:
         with open(record) as f:
             recorded = [str(o) for o in (yaml.safe_load(f) or [])]
@@ -345,15 +346,14 @@ def with_recorded_groups(overrides):
                  and ov.key_or_group not in given
                  and ov.package is None and not ov.is_sweep_override()]
     except Exception:  # noqa: BLE001 - an unreadable record: compose from the command alone
-        return overrides
-    if taken:
-        os.environ[RECORDED_GROUPS_ENV] = "\n".join(taken)
-    return taken + list(overrides)
+        return []
+    return taken
 
 
 def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
-    argv Hydra should see (path values quoted, attempt files kept apart)."""
+    :class:`Launch`: the argv Hydra should see (path values quoted, attempt files kept apart,
+    a resume's recorded group options added)."""
     from .rundir import describe, live_holder, record_in_the_way
     from hydra import compose
     from hydra.errors import HydraException
@@ -362,7 +362,7 @@ def preflight(argv):
     try:
         args, overrides = _split_args(argv)
     except SystemExit:
-        return argv  # argparse already said what is wrong
+        return Launch(argv)  # argparse already said what is wrong
     modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun),
                                    ("--cfg", args.cfg), ("--info", args.info),
                                    ("--shell-completion", args.shell_completion)) if on]
@@ -370,15 +370,17 @@ def preflight(argv):
         fail(f"{' and '.join(modes)} cannot be combined: give one of --run, --multirun, --cfg, "
              "--info and --shell-completion")
     if args.help or args.hydra_help or args.info or args.shell_completion or args.run:
-        return argv
+        return Launch(argv)
     flags = argv[:len(argv) - len(overrides)] if overrides else list(argv)
+    recorded = []
     if overrides and argv[len(argv) - len(overrides):] == overrides:
         overrides = quote_paths(overrides, args.multirun)
         check_override_grammar(overrides, args.multirun)
         if args.cfg is None:
             overrides = keep_the_record(overrides)
         if not args.multirun:
-            overrides = with_recorded_groups(overrides)
+            recorded = recorded_groups(overrides)
+            overrides = recorded + overrides
         argv = flags + overrides
     from .presets import group_options_in_search_path, hydra_like_run
 
@@ -426,7 +428,7 @@ def preflight(argv):
         fail(str(exc))
     except (HydraException, OmegaConfBaseException) as exc:  # a bad hydra.searchpath
         fail(describe_composition_error(exc))
-    return argv
+    return Launch(argv, recorded)
 
 
 def _compose_and_validate(overrides, config_name, check, note=""):
@@ -499,14 +501,6 @@ def _validate_sweep_values(overrides, combos, config_name, composed):
             _compose_and_validate(hydra_part + job, config_name, True, note)
 
 
-def log_to_files(level, message):
-    """Record a message in the run's log file only (the console gets the one error line)."""
-    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
 def is_multirun():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -539,8 +533,9 @@ def launcher_threads(cfg):
     return None
 
 
-def run_task(cfg):
+def run_task(cfg, recorded_overrides=()):
     """The body of run.py's task function: returns the test accuracy.
+    ``recorded_overrides``: those of the command line preflight took from the run's record.
 
     A single run ends a failed run with one line and exit status 2. In a multirun, a failed
     or diverged job is recorded in its metrics.json and the sweep goes on; the sweep report
@@ -550,56 +545,67 @@ def run_task(cfg):
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from .distributed import GpuClaim, launched_rank
+    from .distributed import GpuClaim
     from .resume import explicit_keys
-    from .rundir import RunDirLock
-    from .runner import Run, run_experiment
-    from .stopping import SWEEP_STOP, StopNow, StopRequest, marker_signal, note_sweep_stop
+    from .runner import Outcome, RunLifecycle
+    from .stopping import StopRequest, marker_signal
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
-    run = Run(cfg, output_dir)
     multirun = is_multirun()
     in_worker = multirun and parallel_launcher(hydra_cfg)
     if in_worker and threading.current_thread() is threading.main_thread():
         # A joblib worker gets the terminal's Ctrl-C too: between jobs it only takes note.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, note_sweep_stop)
-    if multirun and SWEEP_STOP["signal"] is not None:
-        return _not_started(run, cfg, output_dir, hydra_cfg, SWEEP_STOP["signal"])
-    signalled = marker_signal(str(hydra_cfg.sweep.dir)) if in_worker else None
-    if signalled is not None:  # the sweep's own process was signalled (kill PID), not this one
-        return _not_started(run, cfg, output_dir, hydra_cfg, signalled)
-    writer = launched_rank() == 0  # data-parallel: rank 0 writes the run's outputs
+            signal.signal(sig, PROCESS.sweep_stop.note)
     # Jobs running side by side on this machine each take a GPU of their own (when it has
     # several); the lock dies with the job.
     gpu_claim = (GpuClaim(hydra_cfg.sweep.dir, hydra_cfg.job.num) if in_worker else None)
-    with StopRequest() as stop:  # SIGINT/SIGTERM from start-up to the last output written
+    lifecycle = RunLifecycle(cfg, output_dir, threads=launcher_threads(cfg), sweep_job=multirun,
+                             explicit=explicit_keys(hydra_cfg.overrides.task,
+                                                    recorded_overrides),
+                             gpu_claim=gpu_claim, attempt_subdir=hydra_cfg.output_subdir)
+    signalled = PROCESS.sweep_stop.signal if multirun else None
+    if signalled is None and in_worker:
+        # The sweep's own process was signalled (kill PID), not this one.
+        signalled = marker_signal(str(hydra_cfg.sweep.dir))
+    if signalled is not None:  # a job due after the sweep was interrupted
+        return report_ending(lifecycle.not_started(signalled), cfg, output_dir, hydra_cfg,
+                             multirun)
+    # SIGINT/SIGTERM from start-up to the last output written.
+    with StopRequest(PROCESS.sweep_stop) as stop:
         if in_worker:
             stop.sweep_dir = str(hydra_cfg.sweep.dir)
-        try:
-            with (RunDirLock(output_dir) if writer else contextlib.nullcontext()):
-                if writer:
-                    adopt_attempt_files(output_dir, hydra_cfg)
-                try:
-                    metrics = run_experiment(cfg, output_dir, run=run,
-                                             threads=launcher_threads(cfg),
-                                             fresh_if_no_checkpoint=multirun,
-                                             explicit=explicit_keys(hydra_cfg.overrides.task),
-                                             stop=stop, gpu_claim=gpu_claim)
-                finally:
-                    stop.set_phase("closing", "")
-                    if writer and (run.resumed or run.status == "evaluated"):
-                        record_effective_config(output_dir, run.cfg)
-        except Exception as exc:  # noqa: BLE001 - recorded, then re-raised or reported below
-            stop.set_phase("closing", "")
-            # An error that follows a stop (the signal interrupted an import) is the stop.
-            return _failed(stop.raised or exc, run, cfg, output_dir, hydra_cfg, multirun)
-        except StopNow as exc:  # a BaseException: see runner.StopNow
-            stop.set_phase("closing", "")
-            return _failed(exc, run, cfg, output_dir, hydra_cfg, multirun)
-    log.info("Outputs in %s", output_dir)
-    return task_value(run.cfg, metrics, hydra_cfg)
+        ending = lifecycle.run(stop)
+        if ending.outcome is not Outcome.COMPLETED:  # its line is said while still "closing"
+            return report_ending(ending, lifecycle.run_record.cfg, output_dir, hydra_cfg,
+                                 multirun)
+    return report_ending(ending, lifecycle.run_record.cfg, output_dir, hydra_cfg, multirun)
+
+
+def report_ending(ending, cfg, output_dir, hydra_cfg, multirun):
+    """What run.py's task function does with a run's :class:`~octconv_exp.runner.Ending`:
+    returns the sweeper's value for a completed run; otherwise one line (a sweep's job:
+    naming the job, and the sweep goes on with None) and, for a single run, its exit status.
+    A programming error in a single run is raised again with its traceback."""
+    from .distributed import launched_rank
+    from .runner import Outcome
+
+    if ending.outcome is Outcome.COMPLETED:
+        log.info("Outputs in %s", output_dir)
+        return task_value(cfg, ending.metrics, hydra_cfg)
+    if ending.bug is not None:
+        raise ending.bug
+    if multirun:  # the jobs still to come are recorded as not started; the report follows
+        sweep_dir = str(hydra_cfg.sweep.dir)
+        sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {ending.message}\n")
+        return None
+    rank = launched_rank()
+    if ending.outcome is Outcome.INTERRUPTED:
+        if rank != 0:  # data-parallel: rank 0 says it, for all of them
+            exit_with(ending.exit_code)
+        fail(ending.message, ending.exit_code)  # a single run, or a sequential sweep: stop it
+    fail(f"rank {rank}: {ending.message}" if rank else ending.message, ending.exit_code)
 
 
 def task_value(cfg, metrics, hydra_cfg):
@@ -619,115 +625,3 @@ def task_value(cfg, metrics, hydra_cfg):
 def parallel_launcher(hydra_cfg):
     """Does this sweep run its jobs in worker processes of this machine (joblib)?"""
     return str(hydra_cfg.launcher.get("_target_", "")).endswith("JoblibLauncher")
-
-
-def _not_started(run, cfg, output_dir, hydra_cfg, signum):
-    """A sweep job due after the sweep was interrupted: recorded, not run."""
-    run.status = "interrupted"
-    run.error = (f"not started: the sweep was interrupted by {signal.Signals(signum).name}; "
-                 "run the sweep again with resume=true to continue it")
-    if owns_record(run, cfg, output_dir):
-        try:
-            run.write_metrics()
-        except (OSError, UserError):
-            pass
-    sweep_dir = str(hydra_cfg.sweep.dir)
-    sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
-    return None
-
-
-def _failed(exc, run, cfg, output_dir, hydra_cfg, multirun):
-    """A run that ended in an exception: recorded in metrics.json where this attempt owns the
-    record, then one line (a single run exits; a sweep job returns None and the sweep goes on)."""
-    from .distributed import launched_rank
-    from .errors import Diverged, RunInterrupted
-    from .rundir import RunDirBusy
-    from .runner import stopped_now
-    from .stopping import StopNow
-
-    if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        # The file system refused (a file where a folder should be, permissions, ...).
-        exc = UserError(f"{exc.strerror.lower()}: {exc.filename}")
-    user_error = isinstance(exc, (UserError, StopNow))
-    if not user_error and not multirun:
-        raise  # a programming error in a single run keeps its traceback (called in `except`)
-    if isinstance(exc, StopNow):
-        stopped_now(run, exc)
-        if owns_record(run, cfg, output_dir):
-            try:
-                run.write_metrics()
-            except (OSError, UserError):
-                pass
-    elif isinstance(exc, RunInterrupted):
-        run.error = str(exc)  # its checkpoint and metrics are written
-    if isinstance(exc, (StopNow, RunInterrupted)):
-        if multirun:  # the jobs still to come are recorded as not started; the report follows
-            sweep_dir = str(hydra_cfg.sweep.dir)
-            sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
-            return None
-        if launched_rank() != 0:  # data-parallel: rank 0 says it, for all of them
-            exit_with(exc.exit_code)
-        fail(run.error, exc.exit_code)  # a single run, or a sequential sweep: stop it
-    run.status = "diverged" if isinstance(exc, Diverged) else "failed"
-    run.error = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-    if not isinstance(exc, RunDirBusy) and owns_record(run, cfg, output_dir):
-        try:
-            run.write_metrics()
-        except (OSError, UserError):
-            pass  # the output dir itself may be what is wrong
-    if user_error:
-        log_to_files(logging.ERROR, run.error)
-    else:
-        log.exception("job failed")  # the traceback goes to this job's log
-    if multirun:
-        sweep_dir = str(hydra_cfg.sweep.dir)
-        sys.stderr.write(f"error: {os.path.relpath(output_dir, sweep_dir)}: {run.error}\n")
-        return None
-    rank = launched_rank()
-    fail(f"rank {rank}: {run.error}" if rank else run.error)
-
-
-def owns_record(run, cfg, output_dir):
-    """May a failed run write metrics.json? Not a resume or an evaluation that failed before
-    it got going in a dir that already holds a run's record."""
-    from .distributed import launched_rank
-    from .outputs import METRICS_FILE
-
-    if launched_rank() != 0:
-        return False  # data-parallel: rank 0 writes the record
-    attempt = bool(cfg.resume) or not cfg.train
-    return (not attempt or run.resumed
-            or not os.path.exists(os.path.join(output_dir, METRICS_FILE)))
-
-
-def adopt_attempt_files(output_dir, hydra_cfg):
-    """A run dir without its own .hydra/ files (a new run dir, or a sweep job that never ran
-    before a resume) takes the attempt's as its record."""
-    import shutil
-
-    subdir = hydra_cfg.output_subdir
-    if not subdir or not str(subdir).startswith(".hydra/attempts/"):
-        return
-    record = os.path.join(output_dir, ".hydra")
-    if os.path.exists(os.path.join(record, "config.yaml")):
-        return
-    attempt = os.path.join(output_dir, str(subdir))
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        if os.path.isfile(os.path.join(attempt, name)):
-            shutil.copyfile(os.path.join(attempt, name), os.path.join(record, name))
-
-
-def record_effective_config(output_dir, cfg):
-    """The run's record after a resume or an evaluation: the config it ran with (a resume:
-    its own, with the changes a resume may make, e.g. more epochs; an evaluation: the model
-    and data set its checkpoint named)."""
-    from omegaconf import OmegaConf
-
-    from .outputs import write_text_atomic
-
-    path = os.path.join(output_dir, ".hydra", "config.yaml")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text_atomic(path, OmegaConf.to_yaml(cfg))
-    except (OSError, UserError):  # write_text_atomic reports a failed write as OutputError
-        pass

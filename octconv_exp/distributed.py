@@ -32,6 +32,8 @@ log = logging.getLogger("octconv_exp")
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 #: The launch time and process id every rank names its run dir with (config.yaml's
 #: ``${octconv_exp.now:...}`` and ``${octconv_exp.pid:}``): rank 0's, agreed at start-up.
+#: Environment variables on purpose, not an internal channel: the values cross from rank 0's
+#: process to the others, and Hydra's resolvers (sweep.py), which no argument reaches, read them.
 LAUNCH_TIME_ENV = "OCTCONV_EXP_LAUNCH_TIME"
 LAUNCH_PID_ENV = "OCTCONV_EXP_LAUNCH_PID"
 _STORE_KEY = "octconv_exp/launch"

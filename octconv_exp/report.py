@@ -1011,16 +1011,17 @@ def interrupted_sweep_line(config, sweep_dir):
     """After a sweep that SIGINT/SIGTERM stopped: its last line is the command that continues
     the whole sweep (every job's own line above names that job's checkpoint only)."""
     from .resume import sweep_resume_hint
-    from .stopping import SWEEP_STOP
+    from .stopping import PROCESS
 
-    if SWEEP_STOP["signal"] is None:
+    signum = PROCESS.sweep_stop.signal
+    if signum is None:
         return
     import signal
 
     search = "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
     hint = sweep_resume_hint(sys.argv[1:], sweep_dir, search=search)
     sys.stderr.write(f"error: the sweep was interrupted by "
-                     f"{signal.Signals(SWEEP_STOP['signal']).name}; continue it with: {hint}\n")
+                     f"{signal.Signals(signum).name}; continue it with: {hint}\n")
 
 
 def main(argv=None):

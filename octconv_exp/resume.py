@@ -34,13 +34,13 @@ FROM_CHECKPOINT_ON_EVALUATION = ("model", "conv", "alpha", "expansion", "dataset
                                  "trainer.batch_size", "trainer.label_smoothing")
 
 
-def explicit_keys(overrides):
-    """The config keys a list of Hydra overrides sets (``conv=octave`` -> ``conv``)."""
+def explicit_keys(overrides, recorded=()):
+    """The config keys a list of Hydra overrides sets (``conv=octave`` -> ``conv``), leaving
+    out the ``recorded`` overrides (those preflight took from the run's record,
+    ``cli.recorded_groups``: not the command's own choices)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    import os
-
-    recorded = set(os.environ.get("OCTCONV_EXP_RECORDED_GROUPS", "").split("\n")) - {""}
+    recorded = set(recorded)
     keys = []
     for ov in OverridesParser.create().parse_overrides([o for o in overrides
                                                         if o not in recorded]):

@@ -3,11 +3,13 @@
 A run (:class:`StopRequest`, held by run.py from start-up to the last output written) stops
 after the current training step and writes a checkpoint, or stops at once where there is
 nothing to save; a sweep records its running jobs as interrupted and starts no more
-(:data:`SWEEP_STOP`). Light on purpose: run.py's own handler imports it before torch.
+(:class:`SweepStop`, held by the process's :data:`PROCESS`). Light on purpose: run.py's own
+handler imports it before torch.
 """
 import logging
 import os
 import signal
+import sys
 import threading
 
 log = logging.getLogger("octconv_exp")
@@ -16,7 +18,8 @@ log = logging.getLogger("octconv_exp")
 class StopNow(BaseException):
     """A signal that stops the run where it is: at start-up, during evaluation, or a second
     signal during training. Nothing is lost: checkpoints and outputs are written atomically,
-    so the last complete ones stay; :func:`stopped_now` words the line and the status.
+    so the last complete ones stay; :meth:`runner.RunLifecycle.stopped_now` words the line
+    and the status.
     A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way
     (Hydra's instantiate wraps those) turns it into another error."""
 
@@ -26,27 +29,72 @@ class StopNow(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name} {phase}")
 
 
-#: The first SIGINT/SIGTERM this process received, in or between runs: a parallel launcher's
-#: worker (joblib) starts no further sweep job after one. ``dir``: the sweep dir of the sweep
-#: this process runs (set by the sweepers), where the signal is left for the workers.
-SWEEP_STOP = {"signal": None, "dir": None}
 #: In the sweep dir: the signal the sweep's own process received. A signal sent to that
 #: process alone (kill PID, a scheduler's SIGTERM) does not reach a joblib launcher's worker
 #: processes: they read it here, start no further job and stop the running one at a step.
 STOP_MARKER = ".sweep_stop"
 
 
-def note_sweep_stop(signum, frame=None):
-    """Between the jobs of a parallel launcher's worker: remember the signal, do nothing else
-    (the jobs still to come are then recorded as interrupted instead of run)."""
-    if SWEEP_STOP["signal"] is None:
-        SWEEP_STOP["signal"] = signum
-        if SWEEP_STOP.get("dir"):
+class SweepStop:
+    """The first SIGINT/SIGTERM this process received, in or between runs: a sweep starts no
+    further job after one (a parallel launcher's worker, joblib, neither), and the sweep
+    ends as interrupted. ``dir``: the sweep dir of the sweep this process runs (set by the
+    sweepers, :meth:`start`), where the signal is left for the workers."""
+
+    def __init__(self):
+        self.signal = None
+        self.dir = None
+
+    def note(self, signum, frame=None):
+        """Remember the signal (and leave it in the sweep dir), do nothing else: the jobs still
+        to come are then recorded as interrupted instead of run. Also a signal handler."""
+        if self.signal is not None:
+            return
+        self.signal = signum
+        if self.dir:
             try:
-                with open(os.path.join(SWEEP_STOP["dir"], STOP_MARKER), "w") as f:
+                with open(os.path.join(self.dir, STOP_MARKER), "w") as f:
                     f.write(f"{signum}\n")
             except OSError:  # the workers then see only the signals they get themselves
                 pass
+
+    def start(self, sweep_dir):
+        """A sweeper starts (under the sweep dir's lock): a stop left by an earlier,
+        interrupted sweep in this dir is no longer asked for."""
+        self.dir = str(sweep_dir)
+        try:
+            os.unlink(os.path.join(str(sweep_dir), STOP_MARKER))
+        except FileNotFoundError:
+            pass
+        if self.signal is not None:  # arrived while Hydra started the sweeper
+            signum, self.signal = self.signal, None
+            self.note(signum)
+
+
+class ProcessState:
+    """How this process as a whole stops and ends: the sweep stop it was asked for
+    (:class:`SweepStop`) and, once it has said its last word, the exit status it chose
+    (``exit_code``: a signal that arrives while it exits, e.g. torchrun's SIGTERM to the ranks
+    left when one fails, then ends it with that status and no further line).
+
+    One per process, :data:`PROCESS`, and nothing else in the package holds such state. Its
+    owner is the process's entry point: run.py's signal handler reads it from before Hydra
+    starts and run.py's main its sweep stop after Hydra returns; run.py hands its sweep stop
+    to each run's :class:`StopRequest` (cli.run_task). The sweepers, which Hydra builds, and
+    a joblib worker's jobs, which run in a process of their own (with its own), reach it
+    here."""
+
+    def __init__(self):
+        self.sweep_stop = SweepStop()
+        self.exit_code = None
+
+    def exit_with(self, code):
+        """End the process with ``code``, its last word said."""
+        self.exit_code = code
+        sys.exit(code)
+
+
+PROCESS = ProcessState()
 
 
 def marker_signal(sweep_dir):
@@ -61,19 +109,6 @@ def marker_signal(sweep_dir):
         return int(signal.SIGINT)
 
 
-def start_sweep(sweep_dir):
-    """A sweeper starts (under the sweep dir's lock): a stop left by an earlier, interrupted
-    sweep in this dir is no longer asked for."""
-    SWEEP_STOP["dir"] = str(sweep_dir)
-    try:
-        os.unlink(os.path.join(str(sweep_dir), STOP_MARKER))
-    except FileNotFoundError:
-        pass
-    if SWEEP_STOP["signal"] is not None:  # arrived while Hydra started the sweeper
-        signum, SWEEP_STOP["signal"] = SWEEP_STOP["signal"], None
-        note_sweep_stop(signum)
-
-
 class StopRequest:
     """SIGINT/SIGTERM handling for a whole run, from start-up to the last output written.
 
@@ -85,7 +120,10 @@ class StopRequest:
       signal is reported in one line; a second signal stops at once.
     """
 
-    def __init__(self):
+    def __init__(self, sweep_stop=None):
+        """``sweep_stop``: the process's :class:`SweepStop`, told of every signal (default:
+        :data:`PROCESS`'s)."""
+        self.sweep_stop = PROCESS.sweep_stop if sweep_stop is None else sweep_stop
         self.signal = None
         self.phase = "at start-up"
         self.mode = "immediate"   # immediate | polled | finishing | closing
@@ -120,7 +158,7 @@ class StopRequest:
         first = self.signal is None or self._from_marker
         self._from_marker = False
         name = signal.Signals(signum).name
-        note_sweep_stop(signum)
+        self.sweep_stop.note(signum)
         if first:
             self.signal = signum
         if first and self.mode == "polled":

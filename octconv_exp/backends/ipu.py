@@ -38,6 +38,7 @@ from ..data import Normalise, augment_batch, augmentation_generator, shard_of
 from ..config import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
 from ..errors import UserError
 from . import ipus_needed
+from .base import Backend
 from ..model import build_model, octave_branches
 
 POPTORCH_INSTALL_HINT = (
@@ -271,7 +272,11 @@ class TestBatches:
             yield self.tail
 
 
-class IpuBackend:
+class IpuBackend(Backend):
+    """PopTorch: a training and an inference executable over the host model. Its training
+    loader (poptorch.DataLoader) cannot start a pass part-way: whole epochs are checkpointed
+    (``resumes_inside_epoch`` stays False)."""
+
     name = "ipu"
 
     def __init__(self, cfg):

@@ -11,6 +11,7 @@ from .. import allocator, distributed
 from ..config import check_optimizer_for_device
 from ..data import BatchLoader
 from ..model import build_model, model_name
+from .base import Backend
 
 log = logging.getLogger("octconv_exp")
 
@@ -95,7 +96,12 @@ def compile_decision(setting, device_type, model="seed_cnn", conv="vanilla", det
                      f"{'>' if verdict else '<='} {warmup_s:.0f} s of compilation")
 
 
-class NativeBackend:
+class NativeBackend(Backend):
+    """CPU and CUDA: the model itself (torch.compile'd and DistributedDataParallel where
+    configured), in-memory or streamed :class:`~octconv_exp.backends.base.ResumableLoader` loaders."""
+
+    resumes_inside_epoch = True
+
     def __init__(self, cfg, device):
         self.cfg = cfg
         self.device = torch.device(device)

@@ -43,7 +43,7 @@ def check_resume(cfg, job, run_dir):
     except UserError:  # an unreadable checkpoint: that job says so, the others run
         return
     if found is not None:
-        config_for_resume(task, found[1], explicit_keys(job), found[0])
+        config_for_resume(task, found.state, explicit_keys(job), found.path)
 
 
 def worker_died(exc):
@@ -190,7 +190,7 @@ class DedupSweeper(BasicSweeper):
 
         from octconv_exp.cli import fail
         from octconv_exp.rundir import lock_sweep_dir
-        from octconv_exp.stopping import start_sweep
+        from octconv_exp.stopping import PROCESS
 
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:
@@ -199,7 +199,7 @@ class DedupSweeper(BasicSweeper):
             parsed = parser.parse_overrides(self._parse_config() + list(arguments))
             self.overrides = self.split_arguments(parsed, self.max_batch_size)
             self._plan = self._make_plan()
-            start_sweep(sweep_dir)
+            PROCESS.sweep_stop.start(sweep_dir)
         except UserError as exc:
             fail(str(exc))
         # A worker that dies (kill -9, the OOM killer) leaves the multiprocessing resource

@@ -270,10 +270,11 @@ class _TrialNamedLauncher:
         import optuna
         from hydra.core.utils import JobStatus
 
-        from octconv_exp.stopping import SWEEP_STOP
+        from octconv_exp.stopping import PROCESS
 
+        stopped_by = PROCESS.sweep_stop.signal
         status = {n: _run_status(self.sweep_dir, n) if self.sweep_dir else None for n in numbers}
-        if SWEEP_STOP["signal"] is None and "interrupted" not in status.values():
+        if stopped_by is None and "interrupted" not in status.values():
             return
         study = self._study()
         left = []
@@ -288,7 +289,7 @@ class _TrialNamedLauncher:
                     study.tell(number, state=optuna.trial.TrialState.FAIL)
             else:
                 left.append(number)
-        name = signal.Signals(SWEEP_STOP["signal"] or signal.SIGINT).name
+        name = signal.Signals(stopped_by or signal.SIGINT).name
         log.warning("Search stopped by %s: %s run again when it continues (the same command, "
                     "the same hydra.sweep.dir)", name, _ranges(left) or "no trial")
         raise SearchInterrupted(name)
@@ -376,7 +377,7 @@ if OptunaSweeper is not None:
             from octconv_exp.cli import fail
             from octconv_exp.errors import UserError
             from octconv_exp.rundir import lock_sweep_dir
-            from octconv_exp.stopping import start_sweep
+            from octconv_exp.stopping import PROCESS
 
             impl = self.sweeper
             sweep_dir = str(impl.config.hydra.sweep.dir)
@@ -387,7 +388,7 @@ if OptunaSweeper is not None:
                 done, first = self._continue_study(impl, sweep_dir)
                 if new_record is not None:
                     record_study(sweep_dir, new_record)
-                start_sweep(sweep_dir)
+                PROCESS.sweep_stop.start(sweep_dir)
             except UserError as exc:
                 fail(str(exc))
             impl.n_trials = max(0, target - done)
