@@ -276,3 +276,18 @@ def test_a_model_other_than_the_seeds_is_named_when_it_cannot_fit(monkeypatch):
         config_module.check_model_fits_in_memory(cfg)
     assert (info.value.key, info.value.value) == ("model", "resnet_cifar")
     assert info.value.expected.endswith("GiB is available; use a smaller model")
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("nesterov_momentum", "did you mean optimizer.nesterov or optimizer.momentum? "),
+    ("zzz", ""),  # nothing close: only the list
+])
+def test_an_argument_the_optimizer_does_not_take_is_named_with_the_closest_ones(key, hint):
+    opt = config_module.OmegaConf.create(
+        {"name": "sgd", "_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9, key: 1})
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module._check_optimizer_arguments(opt)
+    assert (info.value.key, info.value.value) == (f"optimizer.{key}", 1)
+    assert info.value.expected.startswith(
+        f"SGD takes no argument '{key}'; {hint}it takes lr, momentum, dampening, weight_decay, "
+        "nesterov, maximize, foreach, differentiable")
