@@ -109,7 +109,7 @@ def test_a_parallel_jobs_share_of_the_cores(cores, launcher, expected, monkeypat
     cfg = types.SimpleNamespace(get=lambda key: None)
     assert cli.launcher_threads(cfg) == expected
     # threads= given: the config decides, whatever the launcher
-    given = types.SimpleNamespace(get=lambda key: 5, threads=5)
+    given = types.SimpleNamespace(get={"threads": 5}.get, threads=5)
     assert cli.launcher_threads(given) == 5
 
 
@@ -166,7 +166,7 @@ def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
 def test_a_single_run_outside_a_launcher_keeps_torchs_default_threads():
     # No Hydra run is active here: HydraConfig.get() raises ValueError.
     assert cli.launcher_threads(types.SimpleNamespace(get=lambda key: None)) is None
-    assert cli.launcher_threads(types.SimpleNamespace(get=lambda key: 3, threads=3)) == 3
+    assert cli.launcher_threads(types.SimpleNamespace(get={"threads": 3}.get, threads=3)) == 3
 
 
 def _scheduler(**node):
