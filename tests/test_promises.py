@@ -156,7 +156,8 @@ def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
     assert threads(8, {"_target_": joblib}) == 1
     assert threads(8, {"_target_": joblib, "n_jobs": None}) == 1
     assert threads(8, {"_target_": joblib, "n_jobs": 0}) == 1
-    # os.cpu_count() may not know (None): one core is assumed, not a crash
+    # os.cpu_count() may not know (None): one core is assumed, not a crash, even for one job
+    assert threads(None, {"_target_": joblib, "n_jobs": 1}) == 1
     assert threads(None, {"_target_": joblib, "n_jobs": 2}) == 1
     # submitit without cpus_per_task: torch's own default, not a guess
     assert threads(8, {"_target_": submitit}) is None
