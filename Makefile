@@ -10,7 +10,7 @@ SDK_PY := $(SDK_VENV)/bin/python
 SDK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python) $(shell command -v python3.8 2>/dev/null))
 SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 
-.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench bench-e2e mutate clean
+.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench bench-e2e mutate mutate-checks clean
 
 # Both venvs build at once (pip waits on downloads and the disk more than on a core).
 MAKEFLAGS += -j2
@@ -105,13 +105,33 @@ bench-e2e: venv
 # that no longer imports, would count as "survived").
 MUTATE_PATHS ?= octconv_exp/loop.py,octconv_exp/checkpoint.py,octconv_exp/outputs.py,octconv_exp/runner.py,octconv_exp/data.py
 MUTATE_TESTS ?= tests/test_outputs.py tests/test_data.py tests/test_validation.py tests/test_robustness.py tests/test_ipu.py
+# MUTATE_FUNCTIONS: names of top-level functions in those files; only their mutants are tested
+# (mutmut_config.py), the others are reported as skipped. Empty: every mutant.
+MUTATE_FUNCTIONS ?=
 # MUTANT=ID: (re)check that one mutant only.
 MUTANT ?=
 mutate: venv
 	$(PY) -m pip install --quiet 'mutmut>=2.5,<3'
-	$(PY) -m mutmut run $(MUTANT) --paths-to-mutate '$(MUTATE_PATHS)' --tests-dir tests --simple-output \
+	@# mutmut caches a skipped mutant as skipped: another scope starts from an empty cache.
+	@scope='$(MUTATE_PATHS) $(MUTATE_FUNCTIONS)'; test "$$scope" = "$$(cat .mutmut-scope 2>/dev/null)" \
+		|| { rm -f .mutmut-cache; printf '%s' "$$scope" > .mutmut-scope; }
+	MUTATE_FUNCTIONS='$(MUTATE_FUNCTIONS)' $(PY) -m mutmut run $(MUTANT) --paths-to-mutate '$(MUTATE_PATHS)' --tests-dir tests --simple-output \
 		--runner "sh -c '$(abspath $(PY)) -m pytest -x -q -p no:cacheprovider -m \"not slow\" $(MUTATE_TESTS) >/dev/null 2>&1 || exit 1'"; \
 	rc=$$?; $(PY) -m mutmut results; test $$((rc & 1)) -eq 0
+
+# The refusals docs/reliability.md promises (a key nothing reads, an argument the optimizer or
+# the schedule does not take, a model larger than memory) and a parallel launcher's share of
+# the cores per job, against the fast tests that pin them: 162 mutants, 40 to 80 s each on
+# 2 busy cores (docs/development.md); MUTATE_FUNCTIONS=name on the command line narrows it.
+MUTATE_CHECKS := _refuse_unknown_keys _check_optimizer_arguments _check_scheduler \
+	check_model_fits_in_memory check_optimizer_for_device _require_int _is_number _import_target \
+	launcher_threads
+mutate-checks: MUTATE_PATHS = octconv_exp/config.py,octconv_exp/cli.py
+mutate-checks: MUTATE_FUNCTIONS = $(MUTATE_CHECKS)
+mutate-checks: MUTATE_TESTS = tests/test_promises.py \
+	--deselect tests/test_promises.py::test_a_bad_value_deep_in_a_large_sweep_is_refused_before_any_job \
+	tests/test_robustness.py::test_a_model_that_cannot_fit_in_gpu_memory_is_refused_before_allocating
+mutate-checks: mutate
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -109,7 +109,7 @@ def test_a_parallel_jobs_share_of_the_cores(cores, launcher, expected, monkeypat
     cfg = types.SimpleNamespace(get=lambda key: None)
     assert cli.launcher_threads(cfg) == expected
     # threads= given: the config decides, whatever the launcher
-    given = types.SimpleNamespace(get=lambda key: 5, threads=5)
+    given = types.SimpleNamespace(get={"threads": 5}.get, threads=5)
     assert cli.launcher_threads(given) == 5
 
 
@@ -136,3 +136,159 @@ def test_a_bad_value_deep_in_a_large_sweep_is_refused_before_any_job(capsys):
     assert code == USER_ERROR_EXIT
     assert_one_line(err)
     assert err.startswith("error: alpha=1.5: "), err
+
+
+def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
+    from hydra.core import hydra_config
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    submitit = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    cfg = types.SimpleNamespace(get=lambda key: None)
+
+    def threads(cores, launcher):
+        monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
+        node = _Launcher(launcher)
+        monkeypatch.setattr(hydra_config, "HydraConfig", types.SimpleNamespace(
+            get=lambda: types.SimpleNamespace(launcher=node)))
+        return cli.launcher_threads(cfg)
+
+    # joblib's n_jobs unset, null or 0: a job per core, as joblib itself runs them
+    assert threads(8, {"_target_": joblib}) == 1
+    assert threads(8, {"_target_": joblib, "n_jobs": None}) == 1
+    assert threads(8, {"_target_": joblib, "n_jobs": 0}) == 1
+    # os.cpu_count() may not know (None): one core is assumed, not a crash, even for one job
+    assert threads(None, {"_target_": joblib, "n_jobs": 1}) == 1
+    assert threads(None, {"_target_": joblib, "n_jobs": 2}) == 1
+    # submitit without cpus_per_task: torch's own default, not a guess
+    assert threads(8, {"_target_": submitit}) is None
+    assert threads(8, {"_target_": submitit, "cpus_per_task": 4}) == 4
+
+
+def test_a_single_run_outside_a_launcher_keeps_torchs_default_threads():
+    # No Hydra run is active here: HydraConfig.get() raises ValueError.
+    assert cli.launcher_threads(types.SimpleNamespace(get=lambda key: None)) is None
+    assert cli.launcher_threads(types.SimpleNamespace(get={"threads": 3}.get, threads=3)) == 3
+
+
+def _scheduler(**node):
+    return config_module.OmegaConf.create(node)
+
+
+@pytest.mark.parametrize("node, key, expected", [
+    ({"name": "step", "_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 0},
+     "scheduler.step_size", "must be an integer >= 1"),
+    ({"name": "step", "_target_": "torch.optim.lr_scheduler.StepLR", "step_size": True},
+     "scheduler.step_size", "must be an integer >= 1"),
+    ({"name": "step", "_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2.0},
+     "scheduler.step_size", "must be an integer >= 1"),
+    ({"name": "cosine", "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 0},
+     "scheduler.T_max", "must be an integer >= 1"),
+    ({"name": "step", "_target_": "torch.optim.lr_scheduler.NoSuchLR", "step_size": 3},
+     "scheduler._target_", "cannot be imported: name a torch.optim.lr_scheduler class"),
+])
+def test_scheduler_arguments_out_of_range_are_refused(node, key, expected):
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module._check_scheduler(_scheduler(**node), 0.1)
+    assert (info.value.key, info.value.expected) == (key, expected)
+
+
+def test_what_the_scheduler_class_refuses_is_named_with_every_argument_given():
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module._check_scheduler(_scheduler(
+            name="step", _target_="torch.optim.lr_scheduler.StepLR", step_size=3, foo=1), 0.1)
+    assert info.value.key == "scheduler=step"
+    assert info.value.value == "step_size=3, foo=1"
+    assert info.value.expected.startswith("StepLR refuses them: ")
+    assert "foo" in info.value.expected
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module._check_scheduler(_scheduler(
+            name="step", _target_="torch.optim.lr_scheduler.StepLR"), 0.1)
+    assert info.value.value == "(no arguments)"
+    assert "step_size" in info.value.expected  # StepLR's own: a required argument is missing
+
+
+def test_the_smallest_scheduler_arguments_are_accepted():
+    config_module._check_scheduler(_scheduler(
+        name="step", _target_="torch.optim.lr_scheduler.StepLR", step_size=1, gamma=0.5), 0.1)
+    config_module._check_scheduler(_scheduler(
+        name="cosine", _target_="torch.optim.lr_scheduler.CosineAnnealingLR", T_max=1), 0.1)
+
+
+@pytest.mark.parametrize("value, is_number", [
+    (0, True), (-2.5, True), (1e300, True),
+    (True, False), (float("inf"), False), (float("-inf"), False), (float("nan"), False),
+    ("1", False), (None, False),
+])
+def test_what_the_checks_count_as_a_number(value, is_number):
+    # optimizer.lr=inf would pass "> 0" and train on NaN weights; true is no number either.
+    assert config_module._is_number(value) is is_number
+
+
+@pytest.mark.parametrize("value", [2.5, 3.0, True, "3", None, 0])
+def test_an_integer_setting_refuses_what_is_not_an_integer_of_the_range(value):
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module._require_int("dataset.workers", value, 1, "must be an integer >= 1")
+    assert info.value.key == "dataset.workers" and info.value.value is value
+
+
+def test_an_integer_setting_takes_its_minimum():
+    config_module._require_int("dataset.workers", 1, 1, "must be an integer >= 1")
+    config_module._require_int("dataset.workers", 2**63 - 1, 0, "must be an integer >= 0")
+
+
+def _composed(*overrides):
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
+        return compose(config_name="config", overrides=["dataset=synthetic", *overrides])
+
+
+def test_a_model_as_large_as_the_free_memory_fits_and_one_byte_less_is_refused(monkeypatch):
+    cfg = _composed()
+    need = config_module.check_model(cfg)
+    monkeypatch.setattr(config_module, "_free_gpu_memory", lambda device: None)
+    monkeypatch.setattr(config_module, "_available_memory", lambda: need)
+    config_module.check_model_fits_in_memory(cfg)
+    monkeypatch.setattr(config_module, "_available_memory", lambda: None)  # no /proc/meminfo
+    config_module.check_model_fits_in_memory(cfg)
+    monkeypatch.setattr(config_module, "_available_memory", lambda: need - 1)
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module.check_model_fits_in_memory(cfg)
+    assert (info.value.key, info.value.value) == ("expansion", 1)
+    # On a GPU: the same rule against its free memory, the host's being enough.
+    monkeypatch.setattr(config_module, "_available_memory", lambda: 2 * need)
+    monkeypatch.setattr(config_module, "_free_gpu_memory", lambda device: need)
+    config_module.check_model_fits_in_memory(cfg)
+    monkeypatch.setattr(config_module, "_free_gpu_memory", lambda device: need - 1)
+    with pytest.raises(config_module.ConfigError, match="of GPU memory .* use a smaller "
+                                                        "expansion, or device=cpu"):
+        config_module.check_model_fits_in_memory(cfg)
+
+
+def test_a_model_other_than_the_seeds_is_named_when_it_cannot_fit(monkeypatch):
+    cfg = _composed("model=resnet_cifar")
+    monkeypatch.setattr(config_module, "_free_gpu_memory", lambda device: None)
+    monkeypatch.setattr(config_module, "_available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module.check_model_fits_in_memory(cfg)
+    assert (info.value.key, info.value.value) == ("model", "resnet_cifar")
+    assert info.value.expected.endswith("GiB is available; use a smaller model")
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("nesterov_momentum", "did you mean optimizer.nesterov or optimizer.momentum? "),
+    ("zzz", ""),  # nothing close: only the list
+])
+def test_an_argument_the_optimizer_does_not_take_is_named_with_the_closest_ones(key, hint):
+    opt = config_module.OmegaConf.create(
+        {"name": "sgd", "_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9, key: 1})
+    with pytest.raises(config_module.ConfigError) as info:
+        config_module._check_optimizer_arguments(opt)
+    assert (info.value.key, info.value.value) == (f"optimizer.{key}", 1)
+    assert info.value.expected.startswith(
+        f"SGD takes no argument '{key}'; {hint}it takes lr, momentum, dampening, weight_decay, "
+        "nesterov, maximize, foreach, differentiable")
