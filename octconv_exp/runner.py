@@ -23,6 +23,7 @@ from .checkpoint import (CHECKPOINT_DIR, INFERENCE, LAST, Checkpointer, check_id
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import RunInterrupted, UserError
+from .evaluation import ConfusionMatrix, write_outputs as write_evaluation_files
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .resume import config_for_evaluation, config_for_resume, resume_hint
 from .targets import check_saved_targets
@@ -100,6 +101,8 @@ class Run:
         self.epochs = []
         self.test_accuracy = None
         self.test_samples = None
+        self.test_loss = None  # the plain cross-entropy, as val_loss
+        self.test_confusion = None  # an evaluation.ConfusionMatrix of the test set
         self.status = "running"
         self.error = None
         self.flops = None
@@ -136,6 +139,7 @@ class Run:
             if self.test_epoch is not None else best
         train_images = sum(e.train_images for e in self.epochs)
         train_seconds = sum(e.train_seconds for e in self.epochs)
+        confusion = self.test_confusion
         m = {
             "status": self.status,
             "model": model_name(cfg),
@@ -159,6 +163,10 @@ class Run:
             "train_accuracy": last.train_accuracy if last else None,
             "test_accuracy": self.test_accuracy,
             "test_samples": self.test_samples,
+            "test_loss": self.test_loss,
+            # Percent, as test_accuracy; None with 5 classes or fewer.
+            "test_top5_accuracy": confusion.top_k_accuracy() if confusion else None,
+            "test_per_class_accuracy": confusion.per_class_accuracy() if confusion else None,
             "test_checkpoint": self.test_checkpoint,
             "test_epoch": self.test_epoch,
             "best_epoch": best.epoch if best else None,
@@ -450,12 +458,15 @@ def _run(s, resume_from, evaluate_from):
     # copies the host's weights to its device when it attaches, as after each validation).
     load_tested_weights(s)
     infer = backend.inference_step(s.model)
-    run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
-                                                      progress_bar=show_progress(cfg),
-                                                      reduce=reducer())
+    confusion = ConfusionMatrix(s.data.train.classes)
+    run.test_accuracy, run.test_samples, run.test_loss = evaluate(
+        infer, s.test_loader, progress_bar=show_progress(cfg), reduce=reducer(),
+        confusion=confusion)
+    run.test_confusion = confusion  # only once whole: a stopped evaluation records none
     s.stop.set_phase("finishing", "while writing the finished run's outputs")
     send_test_signal("accuracy")
     report_test_accuracy(run, backend)
+    write_test_evaluation(run)
     if cfg.trainer.save_model and distributed.is_writer():
         outputs.save_torch_atomic(os.path.join(s.output_dir, outputs.MODEL_FILE),
                                   model_file(cfg, s.model, s.num_classes, s.data))
@@ -814,11 +825,22 @@ def state_of_this_rank(state, path):
 def report_test_accuracy(run, backend):
     if getattr(backend, "synthetic_data", False):
         # The inference model computed on synthetic data too: the number means nothing.
-        run.test_accuracy = None
+        run.test_accuracy = run.test_loss = run.test_confusion = None
         log.info("Synthetic data on the device (ipu.synthetic_data=true): throughput only, "
                  "no accuracy (%d test images run)", run.test_samples)
     else:
         log.info("Accuracy on test set: %.2f%% (%d images)", run.test_accuracy, run.test_samples)
+
+
+def write_test_evaluation(run):
+    """The test set's confusion matrix and per-class accuracies beside metrics.json (rank 0)."""
+    if run.test_confusion is None or not distributed.is_writer():
+        return
+    top5 = run.test_confusion.top_k_accuracy()
+    log.info("Test loss %.4f%s; confusion matrix and per-class accuracy in %s", run.test_loss,
+             "" if top5 is None else f", top-5 accuracy {top5:.2f}%",
+             ", ".join(os.path.basename(p)
+                       for p in write_evaluation_files(run.test_confusion, run.output_dir)))
 
 
 def evaluate_only(s, evaluate_from):
@@ -831,9 +853,11 @@ def evaluate_only(s, evaluate_from):
     _, s.test_loader = s.backend.make_loaders(s.data, train=False)  # no training loader/worker
     infer = s.backend.inference_step(s.model)
     s.stop.set_phase("immediate", "during evaluation")
-    run.test_accuracy, run.test_samples, _ = evaluate(infer, s.test_loader,
-                                                      progress_bar=show_progress(cfg),
-                                                      reduce=reducer())
+    confusion = ConfusionMatrix(s.data.train.classes)
+    run.test_accuracy, run.test_samples, run.test_loss = evaluate(
+        infer, s.test_loader, progress_bar=show_progress(cfg), reduce=reducer(),
+        confusion=confusion)
+    run.test_confusion = confusion  # only once whole: a stopped evaluation records none
     s.stop.set_phase("finishing", "while writing the evaluation's outputs")
     send_test_signal("accuracy")
     if "epoch" in state:  # a checkpoint: how far its training had got
@@ -847,6 +871,7 @@ def evaluate_only(s, evaluate_from):
             run.val_samples = len(s.data.val)
     log.info("Evaluated %s", path)
     report_test_accuracy(run, s.backend)
+    write_test_evaluation(run)
     run.status = "evaluated"
     run.checkpoint = os.path.abspath(path)
     run.write_metrics()
