@@ -165,20 +165,30 @@ class ConfusionMatrix:
         c = self.num_classes
         rows = counts.sum(dim=1, keepdim=True).clamp(min=1)
         fraction = (counts.double() / rows.double()).numpy()
-        side = min(max(4.0, 2.5 + 0.45 * c), 40.0)
-        fig = Figure(figsize=(side + 1.2, side))
-        ax = fig.add_subplot(1, 1, 1)
+        cell = 0.45 if c <= ANNOTATED_CLASSES else 0.12  # inches: a count fits, or a name
+        grid = min(max(2.5, cell * c), 30.0)
+        # Margins for the class names (about 0.09 inch a character at 10 points) instead of
+        # tight_layout, which draws the whole figure once more to measure them.
+        longest = max(len(n) for n in self.class_names) if c <= LABELLED_CLASSES else 0
+        left = 0.8 + 0.09 * longest
+        bottom = 0.8 + (0.065 if c <= ANNOTATED_CLASSES else 0.08) * longest  # 45 or 90 deg
+        width, height = left + grid + 1.4, bottom + grid + 0.5
+        fig = Figure(figsize=(width, height))
+        ax = fig.add_axes([left / width, bottom / height, grid / width, grid / height])
         image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
-                     label="fraction of the true class's images")
+        bar = fig.add_axes([(left + grid + 0.2) / width, bottom / height, 0.2 / width,
+                            grid / height])
+        fig.colorbar(image, cax=bar, label="fraction of the true class's images")
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         if c <= LABELLED_CLASSES:
             ax.set_xticks(range(c))
             ax.set_yticks(range(c))
-            ax.set_xticklabels(self.class_names, rotation=45, ha="right",
-                               rotation_mode="anchor")
-            ax.set_yticklabels(self.class_names)
+            few = c <= ANNOTATED_CLASSES
+            names = 10 if few else 7  # points: a name per 0.12-inch cell needs a small font
+            ax.set_xticklabels(self.class_names, rotation=45 if few else 90, ha="right",
+                               rotation_mode="anchor", fontsize=names)
+            ax.set_yticklabels(self.class_names, fontsize=names)
         if c <= ANNOTATED_CLASSES:
             size = 9 if c <= 15 else 7
             for i in range(c):
@@ -189,7 +199,6 @@ class ConfusionMatrix:
         accuracy = self.accuracy()
         ax.set_title(title or (f"{self.total} images, accuracy "
                                + ("n/a" if accuracy is None else f"{accuracy:.2f}%")))
-        fig.tight_layout()
         return fig
 
 

@@ -264,9 +264,9 @@ def test_the_ipu_path_counts_every_test_image_once(tmp_path):
     args = ["dataset=synthetic", "dataset.train_size=240", "dataset.test_size=437",
             "trainer.epochs=1", "trainer.batch_size=8", "trainer.test_batch_size=10",
             "trainer.progress_bar=false", "ipu.num_workers=0"]
-    result = run_cli("device=ipu", "ipu.use_ipu_model=true", *args, "ipu.replicas=2",
-                     "ipu.device_iterations=3", f"hydra.run.dir={run_dir}",
-                     env={"PYTHONPATH": DOUBLE, "POPTORCH_DOUBLE_IPUS": "0"})
+    result = run_cli("device=ipu", *args, "ipu.replicas=2", "ipu.device_iterations=3",
+                     f"hydra.run.dir={run_dir}",
+                     env={"PYTHONPATH": DOUBLE, "POPTORCH_DOUBLE_IPUS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics, names, counts, per_class = read_run(run_dir)
     assert metrics["device"] == "ipu" and metrics["test_samples"] == 437
