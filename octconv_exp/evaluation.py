@@ -191,10 +191,11 @@ class ConfusionMatrix:
             ax.set_yticklabels(self.class_names, fontsize=names)
         if c <= ANNOTATED_CLASSES:
             size = 9 if c <= 15 else 7
+            table = counts.tolist()
             for i in range(c):
                 for j in range(c):
                     # Dark text on light cells, white on dark ones.
-                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center",
+                    ax.text(j, i, str(table[i][j]), ha="center", va="center",
                             fontsize=size, color="white" if fraction[i, j] > 0.5 else "black")
         accuracy = self.accuracy()
         ax.set_title(title or (f"{self.total} images, accuracy "
