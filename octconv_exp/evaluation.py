@@ -43,9 +43,8 @@ class ConfusionMatrix:
         if self.num_classes == 0:
             raise ValueError("a confusion matrix needs at least one class")
         self.top_k = top_k if self.num_classes > top_k else None
-        # On the outputs' device until read: adding there costs no synchronisation per batch.
-        self._counts = None
-        self._top_k_correct = None
+        self._counts = None  # on the host
+        self._top_k_correct = None  # on the outputs' device until read
 
     def update(self, output, labels):
         """Count one batch: ``output`` (N x classes logits or log-probabilities) against the
@@ -55,11 +54,14 @@ class ConfusionMatrix:
                              f"(N, {self.num_classes})")
         n = output.shape[0]
         labels = labels[-n:].to(output.device).long()
-        predicted = output.argmax(dim=1)
         c = self.num_classes
-        counts = torch.bincount(labels * c + predicted, minlength=c * c).reshape(c, c)
-        self._counts = counts if self._counts is None \
-            else self._counts + counts.to(self._counts.device)
+        # Counted on the host, in place: CUDA's bincount is refused under deterministic
+        # algorithms on some torch versions (atomicAdd), N predictions are a small copy, and
+        # a C x C matrix per batch would be 8 MB at 1000 classes.
+        truth, predicted = labels.cpu(), output.argmax(dim=1).cpu()
+        if self._counts is None:
+            self._counts = torch.zeros((c, c), dtype=torch.int64)
+        self._counts.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
         if self.top_k is not None:
             # float(): topk of half outputs (IPU) is not implemented on every torch's CPU.
             top = output.float().topk(self.top_k, dim=1).indices
