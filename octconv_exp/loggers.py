@@ -67,7 +67,8 @@ class TensorBoardLogger:
 
     def finish(self, metrics):
         # val_accuracy: the best epoch's (metrics.json), present with a validation split.
-        final = {f"final/{k}": metrics[k] for k in ("test_accuracy", "train_loss",
+        final = {f"final/{k}": metrics[k] for k in ("test_accuracy", "test_loss",
+                                                     "test_top5_accuracy", "train_loss",
                                                      "train_images_per_second", "val_accuracy")
                  if isinstance(metrics.get(k), (int, float))
                  and not isinstance(metrics.get(k), bool)}
@@ -203,6 +204,7 @@ class MlflowLogger:
     EPOCH_METRICS = ("train_loss", "train_accuracy", "train_images_per_second", "lr",
                      "val_loss", "val_accuracy")
     FINAL_METRICS = ("test_accuracy", "val_accuracy", "train_loss", "train_accuracy",
+                     "test_loss", "test_top5_accuracy",
                      "train_images_per_second", "flops_per_image", "flops_ratio", "params",
                      "wall_seconds", "epochs_completed")
 
@@ -285,7 +287,8 @@ class MlflowLogger:
         final = {f"final_{k}" if k in self.EPOCH_METRICS else k: metrics.get(k)
                  for k in self.FINAL_METRICS}
         self._log_metrics(final, metrics.get("epochs_completed") or 0)
-        for name in ("metrics.json", "epochs.csv", os.path.join(".hydra", "config.yaml")):
+        for name in ("metrics.json", "epochs.csv", os.path.join(".hydra", "config.yaml"),
+                     "confusion_matrix.csv", "confusion_matrix.png", "per_class_accuracy.csv"):
             path = os.path.join(self.output_dir, name)
             if os.path.isfile(path):
                 self.client.log_artifact(self.run_id, path)

@@ -279,7 +279,7 @@ def _describe(loss, correct, seen):
 
 
 def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evaluation",
-             reduce=None):
+             reduce=None, confusion=None):
     """``(accuracy, images, loss)``: the accuracy (percent) over every image the loader yields,
     how many that was, and the mean cross-entropy of the outputs against the labels.
 
@@ -289,7 +289,9 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
     that validation losses compare across ``trainer.label_smoothing``.
     ``signal_point``: the test hook's point after the first batch (None: none).
     ``reduce`` (data-parallel: a sum over the ranks, each evaluating its part of the set):
-    the counts and the loss of the whole set."""
+    the counts and the loss of the whole set. ``confusion`` (an
+    :class:`~octconv_exp.evaluation.ConfusionMatrix`) counts the same predictions, summed
+    over the ranks with the other counts."""
     correct = torch.zeros((), dtype=torch.int64)
     loss_sum = None
     seen = 0
@@ -298,6 +300,8 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
         output = infer(data)
         ok, n = count_correct(output, labels)
         correct += ok.cpu()
+        if confusion is not None:
+            confusion.update(output, labels)
         # Summed on the device, read once at the end.
         batch_loss = F.cross_entropy(output.float(), labels[-n:].to(output.device),
                                      reduction="sum")
@@ -309,8 +313,12 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
         raise ValueError(f"the {desc.lower()} loader yielded no batch")
     correct, loss_sum = correct.item(), loss_sum.item()
     if reduce is not None:
-        correct, seen, loss_sum = reduce([correct, seen, loss_sum])
+        extra = [] if confusion is None else confusion.sums()
+        totals = reduce([correct, seen, loss_sum] + extra)
+        correct, seen, loss_sum = totals[:3]
         seen = int(seen)
+        if confusion is not None:
+            confusion.set_sums(totals[3:])
     return 100.0 * correct / seen, seen, loss_sum / seen
 
 

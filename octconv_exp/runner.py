@@ -30,6 +30,7 @@ from .checkpoint import (CHECKPOINT_DIR, INFERENCE, LAST, Checkpointer, check_id
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
 from .errors import USER_ERROR_EXIT, Diverged, RunInterrupted, UserError
+from .evaluation import ConfusionMatrix, write_outputs as write_evaluation_files
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .rundir import RunDirBusy, RunDirLock
 from .resume import config_for_evaluation, config_for_resume, resume_hint
@@ -108,6 +109,8 @@ class Run:
         self.epochs = []
         self.test_accuracy = None
         self.test_samples = None
+        self.test_loss = None  # the plain cross-entropy, as val_loss
+        self.test_confusion = None  # an evaluation.ConfusionMatrix of the test set
         self.status = "running"
         self.error = None
         self.flops = None
@@ -144,6 +147,7 @@ class Run:
             if self.test_epoch is not None else best
         train_images = sum(e.train_images for e in self.epochs)
         train_seconds = sum(e.train_seconds for e in self.epochs)
+        confusion = self.test_confusion
         m = {
             "status": self.status,
             "model": model_name(cfg),
@@ -167,6 +171,10 @@ class Run:
             "train_accuracy": last.train_accuracy if last else None,
             "test_accuracy": self.test_accuracy,
             "test_samples": self.test_samples,
+            "test_loss": self.test_loss,
+            # Percent, as test_accuracy; None with 5 classes or fewer.
+            "test_top5_accuracy": confusion.top_k_accuracy() if confusion else None,
+            "test_per_class_accuracy": confusion.per_class_accuracy() if confusion else None,
             "test_checkpoint": self.test_checkpoint,
             "test_epoch": self.test_epoch,
             "best_epoch": best.epoch if best else None,
@@ -785,9 +793,17 @@ class RunLifecycle:
         self.load_tested_weights()
         infer = self.backend.inference_step(self.model)
         run = self.run_record
-        run.test_accuracy, run.test_samples, _ = evaluate(infer, self.test_loader,
-                                                          progress_bar=show_progress(self.cfg),
-                                                          reduce=reducer())
+        run.test_accuracy, run.test_samples, run.test_loss, run.test_confusion = \
+            self.score_test_set(infer)
+
+    def score_test_set(self, infer):
+        """Test accuracy, images, loss and confusion matrix; the matrix only once the pass is
+        whole (a stopped evaluation records none)."""
+        confusion = ConfusionMatrix(self.data.train.classes)
+        accuracy, samples, loss = evaluate(infer, self.test_loader,
+                                           progress_bar=show_progress(self.cfg),
+                                           reduce=reducer(), confusion=confusion)
+        return accuracy, samples, loss, confusion
 
     def finish(self):
         """The finished run's outputs: model.pt, metrics.json, the logger's last word."""
@@ -795,6 +811,7 @@ class RunLifecycle:
         send_test_signal("accuracy")
         run = self.run_record
         report_test_accuracy(run, self.backend)
+        write_test_evaluation(run)
         if self.cfg.trainer.save_model and distributed.is_writer():
             outputs.save_torch_atomic(os.path.join(self.output_dir, outputs.MODEL_FILE),
                                       model_file(self.cfg, self.model, self.num_classes,
@@ -855,9 +872,8 @@ class RunLifecycle:
         _, self.test_loader = self.backend.make_loaders(self.data, train=False)
         infer = self.backend.inference_step(self.model)
         self.stop.set_phase("immediate", "during evaluation")
-        run.test_accuracy, run.test_samples, _ = evaluate(infer, self.test_loader,
-                                                          progress_bar=show_progress(cfg),
-                                                          reduce=reducer())
+        run.test_accuracy, run.test_samples, run.test_loss, run.test_confusion = \
+            self.score_test_set(infer)
         self.stop.set_phase("finishing", "while writing the evaluation's outputs")
         send_test_signal("accuracy")
         if "epoch" in state:  # a checkpoint: how far its training had got
@@ -871,6 +887,7 @@ class RunLifecycle:
                 run.val_samples = len(self.data.val)
         log.info("Evaluated %s", saved.path)
         report_test_accuracy(run, self.backend)
+        write_test_evaluation(run)
         run.status = "evaluated"
         run.checkpoint = os.path.abspath(saved.path)
         run.write_metrics()
@@ -1165,10 +1182,21 @@ def state_of_this_rank(state, path):
     return state
 
 
+def write_test_evaluation(run):
+    """The test set's confusion matrix and per-class accuracies beside metrics.json (rank 0)."""
+    if run.test_confusion is None or not distributed.is_writer():
+        return
+    top5 = run.test_confusion.top_k_accuracy()
+    log.info("Test loss %.4f%s; confusion matrix and per-class accuracy in %s", run.test_loss,
+             "" if top5 is None else f", top-5 accuracy {top5:.2f}%",
+             ", ".join(os.path.basename(p)
+                       for p in write_evaluation_files(run.test_confusion, run.output_dir)))
+
+
 def report_test_accuracy(run, backend):
     if backend.synthetic_data:
         # The inference model computed on synthetic data too: the number means nothing.
-        run.test_accuracy = None
+        run.test_accuracy = run.test_loss = run.test_confusion = None
         log.info("Synthetic data on the device (ipu.synthetic_data=true): throughput only, "
                  "no accuracy (%d test images run)", run.test_samples)
     else:

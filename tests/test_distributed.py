@@ -238,6 +238,29 @@ def test_two_ranks_with_sync_batchnorm_train_as_one_process_at_twice_the_batch(
 
 
 @pytest.mark.slow
+def test_two_ranks_sum_one_confusion_matrix_of_the_whole_test_set(two_rank_run, tmp_path):
+    """Each rank counts its part of the 101 test images; the matrix rank 0 writes is the one
+    a single process counts evaluating the same model.pt (each image once, none twice)."""
+    import csv
+
+    def matrix(run_dir):
+        with open(os.path.join(run_dir, "confusion_matrix.csv"), newline="") as f:
+            return [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
+
+    both = matrix(two_rank_run)
+    m = metrics(two_rank_run)
+    assert sum(map(sum, both)) == m["test_samples"] == 101
+    assert 100.0 * sum(both[k][k] for k in range(10)) / 101 == m["test_accuracy"]
+    one = str(tmp_path / "one")
+    result = run_cli("train=false", f"ckpt_path={two_rank_run}", f"hydra.run.dir={one}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert matrix(one) == both
+    assert metrics(one)["test_per_class_accuracy"] == m["test_per_class_accuracy"]
+    assert metrics(one)["test_top5_accuracy"] == m["test_top5_accuracy"]
+    assert metrics(one)["test_loss"] == pytest.approx(m["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_at_one_step_and_resume_is_exact(two_rank_run, tmp_path):
     run_dir = str(tmp_path / "stopped")
     result = torchrun(*SYNTHETIC_128_CHANNELS_FIRST, "trainer.batch_size=16",

@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from conftest import SYNTHETIC_2000, read_metrics, run_cli
+from conftest import CIFAR_CLASSES, SYNTHETIC_2000, read_metrics, run_cli
 
 
 @pytest.mark.slow
@@ -76,6 +76,11 @@ def test_cifar10_path_through_run_py(cifar_root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(run_dir)
     assert m["dataset"] == "cifar10" and m["test_samples"] == 60  # 8 full batches + a tail of 4
+    # The confusion matrix names CIFAR-10's classes, from the data set's own batches.meta.
+    with open(run_dir / "confusion_matrix.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == CIFAR_CLASSES == [r[0] for r in rows[1:]]
+    assert list(m["test_per_class_accuracy"]) == CIFAR_CLASSES
 
 
 @pytest.mark.slow
@@ -99,6 +104,11 @@ def test_image_folder_through_run_py(image_folder_root, tmp_path):
     assert m["test_samples"] == 15
     saved = torch.load(run_dir / "model.pt", weights_only=True)
     assert saved["num_classes"] == 3 and saved["state_dict"]["fc.weight"].shape[0] == 3
+    # The folders' names are the classes; with 3 of them top-5 says nothing.
+    assert list(m["test_per_class_accuracy"]) == ["cats", "dogs", "owls"]
+    assert m["test_top5_accuracy"] is None and m["test_loss"] > 0
+    with open(run_dir / "per_class_accuracy.csv", newline="") as f:
+        assert [int(r["images"]) for r in csv.DictReader(f)] == [5, 5, 5]
 
 
 @pytest.mark.slow

@@ -683,6 +683,9 @@ def test_synthetic_data_reports_throughput_not_accuracy(tmp_path):
     assert m["test_accuracy"] is None and m["train_accuracy"] is None
     assert m["test_samples"] == 437 and m["train_images_per_second"] > 0
     assert all(e["options"]["popart"]["syntheticDataMode"] == 2 for e in log["executors"])
+    # Nor any other score of the device's own data: no loss, no matrix.
+    assert (m["test_loss"], m["test_top5_accuracy"], m["test_per_class_accuracy"]) == (None,) * 3
+    assert not (tmp_path / "run" / "confusion_matrix.csv").exists()
 
 
 @pytest.mark.slow

@@ -71,8 +71,11 @@ def test_a_run_is_an_mlflow_run_and_a_resume_continues_it(tmp_path):
     with open(os.path.join(run_dir, "epochs.csv")) as f:
         losses = [float(line.split(",")[1]) for line in f.read().splitlines()[1:]]
     assert sorted(h.value for h in history) == pytest.approx(sorted(losses))
+    assert row["metrics.test_loss"] == pytest.approx(m["test_loss"])
+    assert row["metrics.test_top5_accuracy"] == pytest.approx(m["test_top5_accuracy"])
     assert {a.path for a in client.list_artifacts(row.run_id)} == {
-        "metrics.json", "epochs.csv", "config.yaml"}
+        "metrics.json", "epochs.csv", "config.yaml", "confusion_matrix.csv",
+        "confusion_matrix.png", "per_class_accuracy.csv"}
     assert os.path.isdir(os.path.join(run_dir, "tensorboard"))  # loggers combined
 
 
