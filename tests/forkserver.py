@@ -33,7 +33,8 @@ import threading
 #: What the server imports before it forks: what every run.py run imports anyway.
 PREIMPORT = ("numpy", "yaml", "PIL.Image", "torch", "torch._dynamo", "torch.nn", "torch.optim",
              "torchvision", "omegaconf", "hydra", "hydra.main", "hydra.utils",
-             "hydra.core.config_store", "octconv")
+             "hydra.core.config_store", "octconv", "matplotlib", "matplotlib.figure",
+             "matplotlib.backends.backend_agg")
 
 #: Environment variables that may differ between the server and a run: read at run time.
 RUN_TIME_PREFIXES = ("OCTCONV_EXP_", "POPTORCH_", "POPDIST_", "OMPI_", "SLURM_", "SUBMITIT_",
