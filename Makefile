@@ -103,7 +103,7 @@ bench-e2e: venv
 # docs/development.md ("Mutation testing"). mutmut is installed into the venv here, not
 # listed in requirements.txt. A failing runner exits 1 for mutmut (pytest's 2, a module
 # that no longer imports, would count as "survived").
-MUTATE_PATHS ?= octconv_exp/loop.py,octconv_exp/checkpoint.py,octconv_exp/outputs.py,octconv_exp/runner.py,octconv_exp/data.py
+MUTATE_PATHS ?= octconv_exp/training/loop.py,octconv_exp/training/checkpoint.py,octconv_exp/records/outputs.py,octconv_exp/training/runner.py,octconv_exp/data/datasets.py
 MUTATE_TESTS ?= tests/test_outputs.py tests/test_data.py tests/test_validation.py tests/test_robustness.py tests/test_ipu.py
 # MUTATE_FUNCTIONS: names of top-level functions in those files; only their mutants are tested
 # (mutmut_config.py), the others are reported as skipped. Empty: every mutant.
@@ -126,7 +126,7 @@ mutate: venv
 MUTATE_CHECKS := _refuse_unknown_keys _check_optimizer_arguments _check_scheduler \
 	check_model_fits_in_memory check_optimizer_for_device _require_int _is_number _import_target \
 	launcher_threads
-mutate-checks: MUTATE_PATHS = octconv_exp/config.py,octconv_exp/cli.py
+mutate-checks: MUTATE_PATHS = octconv_exp/config/schema.py,octconv_exp/cli/preflight.py
 mutate-checks: MUTATE_FUNCTIONS = $(MUTATE_CHECKS)
 mutate-checks: MUTATE_TESTS = tests/test_promises.py \
 	--deselect tests/test_promises.py::test_a_bad_value_deep_in_a_large_sweep_is_refused_before_any_job \

@@ -8,15 +8,15 @@ import sys
 
 
 def _this_process():
-    """octconv_exp.stopping.PROCESS, the process's state this handler reads, once imported
+    """octconv_exp.training.stopping.PROCESS, the process's state this handler reads, once imported
     (None while the first import of it is under way: a signal then stops the start-up)."""
-    return getattr(sys.modules.get("octconv_exp.stopping"), "PROCESS", None)
+    return getattr(sys.modules.get("octconv_exp.training.stopping"), "PROCESS", None)
 
 
 def _stopped_outside_a_run(signum, frame):
     """SIGINT/SIGTERM while no run is going (start-up, between sweep jobs, while joblib's
     workers run the jobs, the sweep report): one line, not a KeyboardInterrupt traceback.
-    A run installs its own handler (octconv_exp.stopping.StopRequest) from its start-up to
+    A run installs its own handler (octconv_exp.training.stopping.StopRequest) from its start-up to
     its last output. In a sweep the first signal lets the running jobs checkpoint (each gets
     the terminal's signal itself) and records the jobs not started yet; a second ends it.
     Once the process has chosen its exit (``PROCESS.exit_with``: after its one-line error, or
@@ -29,7 +29,7 @@ def _stopped_outside_a_run(signum, frame):
         _end_now(process.exit_code)
     name = signal.Signals(signum).name
     if _MULTIRUN:
-        from octconv_exp.stopping import PROCESS
+        from octconv_exp.training.stopping import PROCESS
 
         if PROCESS.sweep_stop.signal is None:
             PROCESS.sweep_stop.note(signum)
@@ -79,10 +79,10 @@ if __name__ == "__main__":  # not in a launcher's worker that imports this modul
 
 import hydra  # noqa: E402
 
-from octconv_exp.stopping import PROCESS  # noqa: E402
+from octconv_exp.training.stopping import PROCESS  # noqa: E402
 
-from octconv_exp import config  # noqa: F401,E402  (registers the schema in the ConfigStore)
-from octconv_exp.cli import preflight, run_task  # noqa: E402
+from octconv_exp.config import schema as config  # noqa: F401,E402  (registers the schema in the ConfigStore)
+from octconv_exp.cli.preflight import preflight, run_task  # noqa: E402
 
 
 def task_function(recorded_overrides=()):
@@ -100,8 +100,8 @@ main = task_function()
 
 
 if __name__ == "__main__":
-    from octconv_exp.cli import fail
-    from octconv_exp.distributed import agree_on_launch
+    from octconv_exp.cli.preflight import fail
+    from octconv_exp.backends.distributed import agree_on_launch
     from octconv_exp.errors import UserError
 
     try:  # torchrun: the ranks agree on one run dir before Hydra names it

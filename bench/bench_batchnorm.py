@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_batchnorm.py --quick
 
 Forward + backward of one training-mode BatchNorm over a channels-last tensor, torch's
-``nn.BatchNorm2d`` against :func:`octconv_exp.batchnorm.wide_batch_norm` (the wide-view path,
+``nn.BatchNorm2d`` against :func:`octconv_exp.models.batchnorm.wide_batch_norm` (the wide-view path,
 whatever the shape), interleaved round-robin, medians. The shapes are the per-frequency tensors
 of ResNet-20 (batch 128) at alpha 0.5 and 0.25, the seed CNN's defaults (batch 8), and channel
 counts where torch's kernel is already fast (16, 32), which the product leaves to torch. The
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _shared import interleaved, warm, write_results  # noqa: E402
 
-from octconv_exp import batchnorm  # noqa: E402
+from octconv_exp.models import batchnorm  # noqa: E402
 
 #: (what, N, C, H): per-frequency BatchNorm inputs of the models the end-to-end bench runs
 SHAPES = (

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _shared import interleaved, sync, warm, write_results  # noqa: E402
-from octconv_exp.model import ClassificationModel  # noqa: E402
-from octconv_exp.resnet import ResNetCifar  # noqa: E402
+from octconv_exp.models.octave import ClassificationModel  # noqa: E402
+from octconv_exp.models.resnet import ResNetCifar  # noqa: E402
 
 MODES = ("vanilla", "octave", "multi-octave")
 #: (key, builder, batch)
@@ -47,7 +47,7 @@ MODELS = (
     ("seed_exp1_b8", lambda mode: ClassificationModel(mode, 0.5, 1), 8),
     ("resnet20_b128", lambda mode: ResNetCifar(20, conv_mode=mode, alpha=0.5), 128),
 )
-#: what metrics.json's "model" (octconv_exp.model.model_name) calls each
+#: what metrics.json's "model" (octconv_exp.models.octave.model_name) calls each
 MODEL_NAMES = {"seed_exp4_b64": "seed_cnn", "seed_exp1_b8": "seed_cnn",
                "resnet20_b128": "resnet_cifar-20"}
 #: name -> (channels_last, bf16 autocast, cudnn.benchmark)

@@ -6,7 +6,7 @@
 
 Each measurement is a fresh process (glibc's thresholds depend on the process's allocation
 history, which is the point): it builds bench_cuda.py's training step for the model
-(channels_last, fp32, SGD with momentum), applies ``speed.malloc`` (octconv_exp/allocator.py)
+(channels_last, fp32, SGD with momentum), applies ``speed.malloc`` (octconv_exp/backends/allocator.py)
 as a run would, takes warm-up training steps, then times training steps and counts the minor
 page faults they cause (``getrusage``), reported as MiB of fresh pages per step. Processes for every case, conv mode and setting are interleaved
 round-robin, the order rotating each round, and medians are kept. The last column is the time
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from _shared import rotating_rounds, write_results  # noqa: E402
 from bench_cuda import MODELS, MODES, make_step  # noqa: E402
 
-from octconv_exp import allocator  # noqa: E402
+from octconv_exp.backends import allocator  # noqa: E402
 
 #: bench_cuda.MODELS keys: the end-to-end bench's larger cases, and the quick smoke run's
 CASES = ("seed_exp4_b64", "resnet20_b128")

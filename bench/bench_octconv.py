@@ -22,11 +22,11 @@ import octconv  # noqa: E402
 from _shared import interleaved, warm, write_results  # noqa: E402
 
 from octconv_exp.backends.native import use_channels_last  # noqa: E402
-from octconv_exp.data import BatchLoader, make_synthetic  # noqa: E402
-from octconv_exp.loop import train_epoch  # noqa: E402
-from octconv_exp.model import (ClassificationModel, FusedOctConv2d, count_flops_per_image,  # noqa: E402
+from octconv_exp.data.datasets import BatchLoader, make_synthetic  # noqa: E402
+from octconv_exp.training.loop import train_epoch  # noqa: E402
+from octconv_exp.models.octave import (ClassificationModel, FusedOctConv2d, count_flops_per_image,  # noqa: E402
                                octave_cost, theoretical_flops_ratio)
-from octconv_exp.resnet import ResNetCifar, ResNetImageNet  # noqa: E402
+from octconv_exp.models.resnet import ResNetCifar, ResNetImageNet  # noqa: E402
 
 MODES = ("vanilla", "octave", "multi-octave")
 ALPHAS = (0.25, 0.5, 0.75)

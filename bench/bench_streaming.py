@@ -5,7 +5,7 @@
 Writes a temporary folder of 32x32 PNGs (10 classes x 300 training images by default, removed
 afterwards) and measures, in one process:
 
-* the images per second :class:`octconv_exp.streaming.StreamingLoader` delivers alone (2 worker
+* the images per second :class:`octconv_exp.data.streaming.StreamingLoader` delivers alone (2 worker
   processes, shuffled, batch 64, CPU): one whole pass after a warm-up pass;
 * the images per second the default seed model (conv=vanilla) trains at, batch 64, SGD, on a
   fixed batch: warm-up steps, then timed steps;
@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from octconv_exp.data import BatchLoader, load_image_folder  # noqa: E402
-from octconv_exp.model import build_model  # noqa: E402  (imports the config schema too)
-from octconv_exp.streaming import StreamingLoader, scan_image_folder  # noqa: E402
+from octconv_exp.data.datasets import BatchLoader, load_image_folder  # noqa: E402
+from octconv_exp.models.octave import build_model  # noqa: E402  (imports the config schema too)
+from octconv_exp.data.streaming import StreamingLoader, scan_image_folder  # noqa: E402
 
 TARGET = 1.0  # loader images/s / training images/s
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -15,7 +15,7 @@ def __getattr__(name):
     # load_model needs torch: imported on first use, so that `import octconv_exp` (every
     # Hydra job and sweep worker does it) stays light.
     if name in ("load_model", "LoadedModel"):
-        from . import inference
+        from .deploy import inference
 
         return getattr(inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Errors a user can cause, as opposed to programming errors.
 
 A :class:`UserError` ends the process with one clear line and a non-zero exit
-(see ``octconv_exp.cli``); anything else is a bug and keeps its traceback.
+(see ``octconv_exp.cli.preflight``); anything else is a bug and keeps its traceback.
 """
 
 #: Exit status for a bad override, missing data or an unusable device.

@@ -16,7 +16,7 @@ sys.path.insert(0, REPO)
 #: The test double of poptorch (PopTorch 3.4's behaviour, from its source).
 DOUBLE = os.path.join(REPO, "tests", "poptorch_double")
 
-from octconv_exp.data import make_synthetic  # noqa: E402
+from octconv_exp.data.datasets import make_synthetic  # noqa: E402
 
 import forkserver  # noqa: E402  (tests/forkserver.py)
 
@@ -141,7 +141,7 @@ def compose_config(*overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import octconv_exp.config  # noqa: F401 (registers the schemas the configs name)
+    import octconv_exp.config.schema  # noqa: F401 (registers the schemas the configs name)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):

@@ -1,4 +1,4 @@
-"""speed.malloc (octconv_exp/allocator.py): the decision, the mallopt calls, and their effect on a
+"""speed.malloc (octconv_exp/backends/allocator.py): the decision, the mallopt calls, and their effect on a
 real training loop's page faults."""
 import os
 import shutil
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from octconv_exp import allocator
+from octconv_exp.backends import allocator
 from octconv_exp.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def test_a_preloaded_malloc_turns_auto_off(tmp_path):
                    "void *malloc(size_t n) { return __libc_malloc(n); }\n")
     lib = tmp_path / "libmymalloc.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    code = ("from octconv_exp import allocator; "
+    code = ("from octconv_exp.backends import allocator; "
             "print(allocator.apply('auto', 'cpu'))")
     env = dict(os.environ, LD_PRELOAD=str(lib))
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
@@ -100,8 +100,8 @@ def test_a_preloaded_malloc_turns_auto_off(tmp_path):
 
 PAGE_FAULTS = textwrap.dedent("""
     import resource, sys, torch
-    from octconv_exp import allocator
-    from octconv_exp.model import ClassificationModel
+    from octconv_exp.backends import allocator
+    from octconv_exp.models.octave import ClassificationModel
     print(allocator.apply(sys.argv[1], "cpu"))
     torch.manual_seed(0)
     model = ClassificationModel("vanilla", 0.5, 2).to(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ from conftest import SYNTHETIC_64_VAL_16, compose_config
 
 
 def test_every_file_of_a_run_arrives_by_an_atomic_rename(tmp_path, monkeypatch):
-    from octconv_exp.runner import run_experiment
+    from octconv_exp.training.runner import run_experiment
 
     run_dir = os.path.abspath(tmp_path / "run")
     opened, replaced = [], []

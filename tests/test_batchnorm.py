@@ -1,13 +1,13 @@
-"""The narrow-channel BatchNorm of multi-octave (octconv_exp.batchnorm) against nn.BatchNorm2d."""
+"""The narrow-channel BatchNorm of multi-octave (octconv_exp.models.batchnorm) against nn.BatchNorm2d."""
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
-from octconv_exp import batchnorm
-from octconv_exp.model import ClassificationModel
-from octconv_exp.resnet import ResNetCifar
+from octconv_exp.models import batchnorm
+from octconv_exp.models.octave import ClassificationModel
+from octconv_exp.models.resnet import ResNetCifar
 
 CL = torch.channels_last
 

@@ -83,7 +83,7 @@ def _quick_run(name, tmp_path, timeout):
 
 
 def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
-    from octconv_exp import batchnorm
+    from octconv_exp.models import batchnorm
     bench, results = _quick_run("bench_batchnorm", tmp_path, timeout=300)
     rows = results["rows"]
     assert [r["tensor"] for r in rows] == [s[0] for s in bench.SHAPES]
@@ -105,7 +105,7 @@ def test_batchnorm_bench_reports_both_kernels_and_the_products_choice(tmp_path):
 
 
 def test_malloc_bench_measures_each_mode_with_speed_malloc_off_and_on(tmp_path):
-    from octconv_exp import allocator
+    from octconv_exp.backends import allocator
     bench, results = _quick_run("bench_malloc", tmp_path, timeout=600)
     rows = results["rows"]
     assert [(r["case"], r["conv"]) for r in rows] == [

@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO
-from octconv_exp import cli
-from octconv_exp.config import ConfigError, validate
+from octconv_exp.cli import preflight as cli
+from octconv_exp.config.schema import ConfigError, validate
 from octconv_exp.errors import USER_ERROR_EXIT
 
 CONF = os.path.join(REPO, "conf")

@@ -9,8 +9,8 @@ import torch
 
 from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, compose_config, only_error_line,
                       read_metrics, read_state_dict, run_cli)
-from octconv_exp import distributed
-from octconv_exp.data import BatchLoader, make_synthetic
+from octconv_exp.backends import distributed
+from octconv_exp.data.datasets import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
 
 
@@ -125,7 +125,7 @@ def test_the_slurm_launcher_composes_a_multi_gpu_multi_node_job():
 def test_every_rank_names_the_same_run_dir_from_rank_0s_launch():
     """${octconv_exp.now:} and ${octconv_exp.pid:} (config.yaml's run dir) read rank 0's
     launch time and pid once torchrun's ranks agreed on them."""
-    code = ("import os, sys\nsys.path.insert(0, %r)\nimport octconv_exp.config\n"
+    code = ("import os, sys\nsys.path.insert(0, %r)\nimport octconv_exp.config.schema\n"
             "from hydra import compose, initialize_config_dir\n"
             "with initialize_config_dir(version_base='1.3', config_dir=os.path.join(%r, 'conf')):\n"
             "    print(compose(config_name='config', return_hydra_config=True).hydra.run.dir)\n"
@@ -164,7 +164,7 @@ def test_bad_distributed_values_are_refused_in_one_line():
 
 
 def test_sync_batchnorm_is_refused_on_ipus(tmp_path, poptorch):
-    from octconv_exp.runner import run_experiment
+    from octconv_exp.training.runner import run_experiment
 
     cfg = compose_config("dataset=synthetic", "device=ipu", "trainer.sync_batchnorm=true")
     with pytest.raises(UserError, match="trainer.sync_batchnorm=true: not on IPUs"):
@@ -172,8 +172,8 @@ def test_sync_batchnorm_is_refused_on_ipus(tmp_path, poptorch):
 
 
 def test_more_ranks_than_images_to_share_is_refused(monkeypatch):
-    from octconv_exp.data import DataBundle
-    from octconv_exp.runner import check_batches, check_ranks
+    from octconv_exp.data.datasets import DataBundle
+    from octconv_exp.training.runner import check_batches, check_ranks
 
     monkeypatch.setattr(distributed, "WORLD", distributed.World(rank=0, world_size=4))
     data = DataBundle(train=make_synthetic(66), test=make_synthetic(3), mean=(0,) * 3,
@@ -319,7 +319,7 @@ def test_the_submitit_launcher_runs_a_job_as_ranks(tmp_path):
 HOLD_A_GPU = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from octconv_exp.distributed import GpuClaim
+from octconv_exp.backends.distributed import GpuClaim
 claim = GpuClaim({sweep!r}, int(sys.argv[1]))
 print(claim.acquire(int(sys.argv[2])), flush=True)
 time.sleep(60)

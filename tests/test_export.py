@@ -11,18 +11,18 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, read_metrics, run_cli, write_cifar_fixture, write_image_folder
-from octconv_exp.data import load_data, make_synthetic
+from octconv_exp.data.datasets import load_data, make_synthetic
 from octconv_exp.deploy import export as exporting
-from octconv_exp.inference import load_model
-from octconv_exp.model import build_model
-from octconv_exp.runner import model_file
+from octconv_exp.deploy.inference import load_model
+from octconv_exp.models.octave import build_model
+from octconv_exp.training.runner import model_file
 
 TINY = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=60",
         "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress_bar=false"]
-SEED_CNN = {"_target_": "octconv_exp.model.ClassificationModel", "name": "seed_cnn"}
-RESNET_CIFAR_8 = {"_target_": "octconv_exp.resnet.ResNetCifar", "name": "resnet_cifar",
+SEED_CNN = {"_target_": "octconv_exp.models.octave.ClassificationModel", "name": "seed_cnn"}
+RESNET_CIFAR_8 = {"_target_": "octconv_exp.models.resnet.ResNetCifar", "name": "resnet_cifar",
                   "depth": 8}
-RESNET_IMAGENET_26 = {"_target_": "octconv_exp.resnet.ResNetImageNet",
+RESNET_IMAGENET_26 = {"_target_": "octconv_exp.models.resnet.ResNetImageNet",
                       "name": "resnet_imagenet", "depth": 26}
 SYNTHETIC = {"name": "synthetic", "train_size": 100, "test_size": 37, "seed": 0, "val_size": 0,
              "mean": None, "std": None}

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import REPO, run_cli
-from octconv_exp.helppage import config_groups
+from octconv_exp.config.helppage import config_groups
 
 CONF = os.path.join(REPO, "conf")
 

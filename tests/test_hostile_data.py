@@ -14,9 +14,9 @@ import torch
 
 from conftest import (SYNTHETIC_64_BATCH_8, compose_config as compose, file_sha256, run_cli,
                       write_cifar_fixture, write_image_folder)
-from octconv_exp.data import load_cifar10, load_image_folder
+from octconv_exp.data.datasets import load_cifar10, load_image_folder
 from octconv_exp.errors import ConfigError, UserError
-from octconv_exp.streaming import scan_image_folder
+from octconv_exp.data.streaming import scan_image_folder
 
 def record(run_dir):
     """Every file of a run dir by content: what a refused command must leave as it was."""
@@ -206,7 +206,7 @@ def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
 def test_the_epoch_check_counts_an_epoch_begun():
     from omegaconf import OmegaConf
 
-    from octconv_exp.resume import check_epochs_cover_checkpoint
+    from octconv_exp.training.resume import check_epochs_cover_checkpoint
 
     def cfg(epochs):
         return OmegaConf.create({"trainer": {"epochs": epochs}})
@@ -225,7 +225,7 @@ def test_the_epoch_check_counts_an_epoch_begun():
 
 
 def test_val_size_one_as_a_float_is_refused_and_as_a_count_is_one_image():
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
 
     with pytest.raises(ConfigError) as info:
         validate(compose("dataset=synthetic", "dataset.val_size=1.0"), check_environment=False)
@@ -330,7 +330,7 @@ def user_models(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("error", ["RuntimeError", "KeyError"])
 def test_a_user_model_whose_constructor_raises_is_a_config_error(user_models, error):
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
 
     with pytest.raises(ConfigError) as info:
         validate(compose("model._target_=hostile_models.Raises", f"+model.error={error}",

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import REPO, SYNTHETIC_64_BATCH_8_ONE_EPOCH, file_sha256, read_metrics, run_cli
-from octconv_exp import outputs
-from octconv_exp.outputs import OutputError, save_torch_atomic
-from octconv_exp.stopping import StopNow, StopRequest
+from octconv_exp.records import outputs
+from octconv_exp.records.outputs import OutputError, save_torch_atomic
+from octconv_exp.training.stopping import StopNow, StopRequest
 
 # --- 8: a signal at start-up ---------------------------------------------------------------
 

@@ -96,7 +96,7 @@ def test_the_report_cli_with_summary_md_a_folder_is_one_line_and_exit_2(tmp_path
 
 
 def test_hydra_keys_with_a_comma_are_quoted_under_m_and_sweeps_of_paths_are_not():
-    from octconv_exp.cli import quote_paths
+    from octconv_exp.cli.preflight import quote_paths
 
     assert quote_paths(["hydra.sweep.dir=sw/a,b", "ckpt_path=a,b", "dataset.root=r1,r2"],
                        True) == ['hydra.sweep.dir="sw/a,b"', "ckpt_path=a,b", "dataset.root=r1,r2"]

@@ -186,7 +186,7 @@ def test_profile_on_ipu_takes_the_model_and_the_datas_shape(tmp_path, image_fold
 
 
 def test_profile_with_cache_dir_is_refused():
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
     from octconv_exp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ipu.cache_dir"):
@@ -206,7 +206,7 @@ def _backend(poptorch, *overrides):
 
 @pytest.mark.parametrize("mode", ["vanilla", "octave", "multi-octave"])
 def test_cpu_and_ipu_outputs_agree(poptorch, mode):
-    from octconv_exp.model import build_model
+    from octconv_exp.models.octave import build_model
 
     backend, cfg = _backend(poptorch, f"conv={mode}", "ipu.device_iterations=2")
     backend.test_options = backend.make_options(train=False)
@@ -227,7 +227,7 @@ def _first_steps(poptorch, *overrides):
     batch: ``(backend, model, reference, loss, reference loss)``."""
     backend, cfg = _backend(poptorch, *overrides, "ipu.device_iterations=1")
     backend.train_options = backend.make_options(train=True)
-    from octconv_exp.model import build_model
+    from octconv_exp.models.octave import build_model
 
     torch.manual_seed(0)
     model = backend.build_model(num_classes=10)
@@ -270,7 +270,7 @@ def test_label_smoothing_is_trained_on_the_ipu(poptorch, model):
 def test_explicit_smoothed_loss_is_torchs(poptorch):
     """The IPU's explicit smoothed loss equals CrossEntropyLoss(label_smoothing), which the CPU
     keeps, for log-probabilities (the seed CNN) and logits (WithLoss)."""
-    from octconv_exp.model import smoothed_nll
+    from octconv_exp.models.octave import smoothed_nll
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(64, 10, generator=gen) * 4
@@ -362,7 +362,7 @@ def test_poptorch_ipu_model_from_the_environment_is_not_overridden(poptorch, mon
 
 
 def test_count_correct_aligns_on_the_last_rows():
-    from octconv_exp.loop import count_correct
+    from octconv_exp.training.loop import count_correct
 
     labels = torch.tensor([0, 1, 2, 3])
     output = torch.nn.functional.one_hot(torch.tensor([2, 0]), 4).float()  # last two rows: 2, 3
@@ -426,7 +426,7 @@ def test_training_accuracy_is_scored_against_its_own_labels(mode, lr, tmp_path):
 def test_loop_keeps_nothing_of_a_step(poptorch):
     """Overwrite every tensor a step was given or returned after the step: the epoch's
     numbers must not change."""
-    from octconv_exp.loop import train_epoch
+    from octconv_exp.training.loop import train_epoch
 
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 3), torch.randint(0, 3, (4,), generator=gen)) for _ in range(7)]
@@ -511,7 +511,7 @@ def test_ipu_stopped_inside_an_epoch_resumes_from_the_last_whole_one(tmp_path):
 
 def test_data_order_follows_the_seed_in_the_loader_worker(poptorch):
     from octconv_exp.backends.ipu import SeededEpochSampler
-    from octconv_exp.data import load_data
+    from octconv_exp.data.datasets import load_data
 
     def first_labels(seed, first_epoch=1, passes=1):
         backend, cfg = _backend(poptorch, "dataset=synthetic", "dataset.train_size=96",
@@ -650,7 +650,7 @@ def test_replicas_ask_for_as_many_ipus(tmp_path):
 def test_replicas_must_be_a_power_of_two(poptorch, monkeypatch):
     """PopTorch refuses 3 IPUs per process without autoRoundNumIPUs (CompilerImpl.cpp:707;
     the double too): the config says so before anything starts (issue 26.5)."""
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
     from octconv_exp.errors import ConfigError
 
     monkeypatch.setenv("POPTORCH_DOUBLE_IPUS", "4")
@@ -664,7 +664,7 @@ def test_replicas_must_be_a_power_of_two(poptorch, monkeypatch):
 
 
 def test_ipu_model_with_replicas_and_drop_last_false_are_refused():
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
     from octconv_exp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ipu.replicas=2: the IPU Model"):
@@ -761,7 +761,7 @@ def test_ipu_loaders_send_uint8_and_yield_the_normalised_batches(poptorch):
     bytes, issue 26.6) and are normalised per batch: the batches are the numbers the whole
     set normalised at once gave."""
     from octconv_exp.backends.ipu import IpuBackend
-    from octconv_exp.data import Normalise, load_data
+    from octconv_exp.data.datasets import Normalise, load_data
 
     cfg = compose("device=ipu", "ipu.use_ipu_model=true", "dataset=synthetic",
                   "dataset.train_size=64", "dataset.test_size=37", "trainer.batch_size=8",

@@ -8,8 +8,8 @@ from conftest import compose_config
 
 from octconv_exp.backends.base import Backend
 from octconv_exp.errors import Diverged, UserError
-from octconv_exp.runner import Outcome, RunLifecycle
-from octconv_exp.stopping import StopNow, StopRequest
+from octconv_exp.training.runner import Outcome, RunLifecycle
+from octconv_exp.training.stopping import StopNow, StopRequest
 
 
 def lifecycle(tmp_path, sweep_job=False):

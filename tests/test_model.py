@@ -5,7 +5,7 @@ import octconv
 import pytest
 import torch
 
-from octconv_exp.model import (ClassificationModel, FusedOctaveBlock, FusedOctConv2d,
+from octconv_exp.models.octave import (ClassificationModel, FusedOctaveBlock, FusedOctConv2d,
                                OctaveBlock, count_parameters, octave_branches)
 
 MODES = ("vanilla", "octave", "multi-octave")
@@ -221,7 +221,7 @@ def test_channels_last_gives_the_same_results(mode):
 
 
 def test_flops_counted_and_theoretical():
-    from octconv_exp.model import count_flops_per_image, octave_cost, theoretical_flops_ratio
+    from octconv_exp.models.octave import count_flops_per_image, octave_cost, theoretical_flops_ratio
 
     vanilla = count_flops_per_image(ClassificationModel("vanilla", 0.5, 1))
     assert vanilla == 2 * (3 * 16 * 9 * 32 * 32 + 16 * 32 * 9 * 16 * 16 + 32 * 16 * 9 * 8 * 8
@@ -238,7 +238,7 @@ def test_flop_counter_needs_only_torch_2_0_and_agrees_with_torchs():
     """FlopCounter (a TorchFunctionMode, torch >= 2.0) counts convolutions called as modules or
     functionally, linear layers and matrix products; where torch has its own counter
     (torch.utils.flop_counter, torch >= 2.1) both give the same numbers."""
-    from octconv_exp.model import FlopCounter, count_flops_per_image
+    from octconv_exp.models.octave import FlopCounter, count_flops_per_image
 
     x, w = torch.zeros(2, 3, 8, 8), torch.zeros(4, 3, 3, 3)
     with FlopCounter() as counter:

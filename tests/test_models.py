@@ -35,7 +35,7 @@ def test_ipu_model_equals_the_cpu_model_and_groups_multi_octave(poptorch, family
     fused implementation) computes, its first training step equals plain PyTorch's, and
     multi-octave runs every octave convolution of the family inside a poptorch.MultiConv."""
     from octconv_exp.backends.ipu import IpuBackend
-    from octconv_exp.model import build_model
+    from octconv_exp.models.octave import build_model
 
     cfg = compose("device=ipu", "ipu.use_ipu_model=true", "ipu.device_iterations=1",
                   f"conv={mode}", "alpha=0.25", *MODELS[family])
@@ -96,8 +96,8 @@ def test_ipu_model_equals_the_cpu_model_and_groups_multi_octave(poptorch, family
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_flops_and_parameters_are_reported_for_every_family(family):
-    from octconv_exp.model import build_model, count_parameters
-    from octconv_exp.runner import flops_summary
+    from octconv_exp.models.octave import build_model, count_parameters
+    from octconv_exp.training.runner import flops_summary
 
     for mode, alpha in (("vanilla", 0.5), ("octave", 0.5), ("multi-octave", 0.25)):
         cfg = compose(f"conv={mode}", f"alpha={alpha}", *MODELS[family])
@@ -112,7 +112,7 @@ def test_flops_and_parameters_are_reported_for_every_family(family):
 
 
 def test_the_seed_model_refuses_other_input_sizes_in_one_line():
-    from octconv_exp.model import build_model, check_input_size
+    from octconv_exp.models.octave import build_model, check_input_size
 
     model = build_model(compose("conv=octave"))
     check_input_size(model, (3, 32, 32))
@@ -125,7 +125,7 @@ def test_the_seed_model_refuses_other_input_sizes_in_one_line():
 
 
 def test_a_plain_classifier_gets_its_loss_inside_the_model():
-    from octconv_exp.model import WithLoss, build_model
+    from octconv_exp.models.octave import WithLoss, build_model
 
     cfg = compose("model=resnet_cifar", "model.depth=8", "trainer.label_smoothing=0.1")
     model = build_model(cfg)
@@ -141,8 +141,8 @@ def test_a_plain_classifier_gets_its_loss_inside_the_model():
 
 
 def test_old_checkpoints_without_a_model_key_are_the_seed_model():
-    from octconv_exp.checkpoint import check_identity
-    from octconv_exp.model import model_name
+    from octconv_exp.training.checkpoint import check_identity
+    from octconv_exp.models.octave import model_name
 
     cfg = compose("conv=octave", "alpha=0.25")
     saved = {"conv": "octave", "alpha": 0.25, "expansion": 1, "num_classes": 10}
@@ -154,8 +154,8 @@ def test_old_checkpoints_without_a_model_key_are_the_seed_model():
 
 
 def test_a_user_model_is_recorded_by_its_class_or_the_name_its_user_gives():
-    from octconv_exp import sweep
-    from octconv_exp.model import model_name
+    from octconv_exp.sweeps import sweep
+    from octconv_exp.models.octave import model_name
 
     # The seed_cnn YAML's name stays when only _target_ is overridden: not the class that ran.
     user = compose("model._target_=my_research.TinyNet")
@@ -174,7 +174,7 @@ def test_a_user_model_is_recorded_by_its_class_or_the_name_its_user_gives():
 
 
 def test_checkpoints_that_named_a_user_model_by_the_old_rule_still_load():
-    from octconv_exp.checkpoint import check_identity, identity
+    from octconv_exp.training.checkpoint import check_identity, identity
 
     cfg = compose("model._target_=my_research.TinyNet")
     saved = identity(cfg, 10)
@@ -193,7 +193,7 @@ def test_a_sweep_of_a_user_model_and_the_seed_cnn_keeps_them_apart(tmp_path):
     """Log, metrics.json, the sweep's plan and report, and the MLflow tags name the class."""
     mlflow = pytest.importorskip("mlflow")
     sweep_dir = tmp_path / "sweep"
-    res = run_cli("-m", "model._target_=my_research.TinyNet,octconv_exp.model.ClassificationModel",
+    res = run_cli("-m", "model._target_=my_research.TinyNet,octconv_exp.models.octave.ClassificationModel",
                   "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=16",
                   "trainer.epochs=1", "trainer.progress_bar=false", "logger=mlflow",
                   f"hydra.sweep.dir={sweep_dir}", cwd=str(tmp_path),
@@ -202,7 +202,7 @@ def test_a_sweep_of_a_user_model_and_the_seed_cnn_keeps_them_apart(tmp_path):
     import csv
     import glob
 
-    from octconv_exp import sweep
+    from octconv_exp.sweeps import sweep
 
     runs = {}
     for path in glob.glob(str(sweep_dir / "**" / "metrics.json"), recursive=True):
@@ -306,7 +306,7 @@ def test_image_folders_of_any_size_for_resnets_and_not_for_the_seed_model(tmp_pa
 @pytest.mark.parametrize("preset, depth", [("resnet20_cifar10", 20), ("resnet56_cifar10", 56),
                                            ("resnet20_octave", 20), ("resnet56_octave", 56)])
 def test_recipes_are_he_et_al_s(preset, depth):
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
 
     cfg = compose(f"experiment={preset}")
     validate(cfg, check_environment=False)
@@ -319,7 +319,7 @@ def test_recipes_are_he_et_al_s(preset, depth):
 
 
 def test_warmup_multistep_schedule_and_its_exact_resume():
-    from octconv_exp.schedules import WarmupMultiStepLR
+    from octconv_exp.training.schedules import WarmupMultiStepLR
 
     def run(epochs, state=None):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

@@ -1,4 +1,4 @@
-"""What a run leaves in its output dir is written atomically (octconv_exp/outputs.py): a
+"""What a run leaves in its output dir is written atomically (octconv_exp/records/outputs.py): a
 write that fails or is interrupted half-way leaves the previous file whole and no temp file."""
 import errno
 import json
@@ -8,8 +8,8 @@ import stat
 import pytest
 import torch
 
-from octconv_exp import outputs
-from octconv_exp.outputs import OutputError, atomic_write
+from octconv_exp.records import outputs
+from octconv_exp.records.outputs import OutputError, atomic_write
 
 
 def listing(path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import DOUBLE, IPU_SYNTHETIC_192, REPO, compose_config, read_metrics, read_state_dict
-from octconv_exp import distributed
+from octconv_exp.backends import distributed
 from octconv_exp.errors import UserError
 
 def poprun_env(instance, instances, local=1, port=None):
@@ -59,7 +59,7 @@ def test_popdist_options_refuse_what_poprun_set(poptorch, monkeypatch):
 
 def test_the_instance_layout_and_ipu_replicas_are_checked_together(poptorch, monkeypatch,
                                                                    tmp_path):
-    from octconv_exp.runner import run_experiment
+    from octconv_exp.training.runner import run_experiment
 
     for key, value in poprun_env(0, 1, local=2).items():  # one instance of 2 replicas
         monkeypatch.setenv(key, value)

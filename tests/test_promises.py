@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from octconv_exp import cli
-from octconv_exp import config as config_module
+from octconv_exp.cli import preflight as cli
+from octconv_exp.config import schema as config_module
 from octconv_exp.errors import USER_ERROR_EXIT
 
 

@@ -12,8 +12,9 @@ import yaml
 from matplotlib.colors import to_hex
 
 from conftest import REPO, SYNTHETIC_32_NO_SAVES, read_csv, run_cli
-from octconv_exp import report, sweep
-from octconv_exp.outputs import OutputError
+from octconv_exp.reports import report
+from octconv_exp.sweeps import sweep
+from octconv_exp.records.outputs import OutputError
 
 def make_run(sweep_dir, subdir, metrics=None, overrides=(), config=None):
     """A run dir as a job leaves it: .hydra/overrides.yaml (and config.yaml), metrics.json."""
@@ -393,7 +394,7 @@ def test_plots_are_written_as_png_files(tmp_path):
 
 
 def test_validation_accuracy_and_best_epoch_reach_the_summaries(tmp_path):
-    from octconv_exp.report import build_report
+    from octconv_exp.reports.report import build_report
 
     for seed, val in ((0, 61.0), (1, 63.0)):
         make_run(tmp_path, f"conv=octave,alpha=0.5/seed={seed}",

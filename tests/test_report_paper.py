@@ -16,8 +16,8 @@ from matplotlib.colors import to_hex
 from matplotlib.text import Annotation, Text
 
 from conftest import REPO, SYNTHETIC_32_NO_SAVES, compose_config, read_csv, run_cli
-from octconv_exp import report
-from octconv_exp.config import ConfigError, report_settings, validate
+from octconv_exp.reports import report
+from octconv_exp.config.schema import ConfigError, report_settings, validate
 from octconv_exp.reports import labels, latex, stats
 from test_report import groups_of, make_run, metrics
 

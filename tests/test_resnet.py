@@ -1,12 +1,12 @@
-"""CIFAR and ImageNet ResNets in vanilla, octave and multi-octave form (octconv_exp.resnet)."""
+"""CIFAR and ImageNet ResNets in vanilla, octave and multi-octave form (octconv_exp.models.resnet)."""
 import octconv
 import pytest
 import torch
 import torch.nn as nn
 
-from octconv_exp.model import (FusedOctConv2d, count_flops_per_image, count_parameters,
+from octconv_exp.models.octave import (FusedOctConv2d, count_flops_per_image, count_parameters,
                                octave_branches, octave_cost)
-from octconv_exp.resnet import (ConvBN, ConvSpec, FreqApply, FreqGlobalAvgPool, FreqReLU,
+from octconv_exp.models.resnet import (ConvBN, ConvSpec, FreqApply, FreqGlobalAvgPool, FreqReLU,
                                 OctBatchNorm2d, PooledConv2d, ResNetCifar, ResNetImageNet,
                                 freq_add, make_conv, octave_cost_strided, spec_flops,
                                 theoretical_flops_ratio)

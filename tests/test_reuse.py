@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, SYNTHETIC_200_ONE_EPOCH, read_metrics, run_cli, write_image_folder
-from octconv_exp.data import SYNTHETIC_CLASSES, load_data, make_synthetic
+from octconv_exp.data.datasets import SYNTHETIC_CLASSES, load_data, make_synthetic
 from octconv_exp.errors import UserError
-from octconv_exp.targets import check_saved_targets
+from octconv_exp.config.targets import check_saved_targets
 
 USER_CODE = os.path.join(REPO, "tests", "user_code")
 
@@ -28,7 +28,7 @@ def test_importing_the_package_stays_light_and_load_model_is_exported():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "octconv_exp.inference"]
+    assert out.stdout.split() == ["True", "octconv_exp.deploy.inference"]
 
 
 def test_load_data_uses_given_statistics_and_refuses_other_classes():
@@ -47,7 +47,7 @@ def test_load_data_uses_given_statistics_and_refuses_other_classes():
 
 
 def _saved(**nodes):
-    config = {"model": {"_target_": "octconv_exp.model.ClassificationModel", "name": "seed_cnn"},
+    config = {"model": {"_target_": "octconv_exp.models.octave.ClassificationModel", "name": "seed_cnn"},
               "optimizer": {"name": "sgd", "_target_": "torch.optim.SGD", "lr": 0.05},
               "scheduler": {"name": "none"}, "dataset": {"name": "synthetic"}}
     config.update(nodes)
@@ -61,9 +61,9 @@ def check(config, explicit=(), command=None):
 
 @pytest.mark.parametrize("nodes", [
     {},
-    {"model": {"_target_": "octconv_exp.resnet.ResNetCifar", "name": "resnet_cifar", "depth": 8}},
+    {"model": {"_target_": "octconv_exp.models.resnet.ResNetCifar", "name": "resnet_cifar", "depth": 8}},
     {"optimizer": {"name": "adam", "_target_": "torch.optim.Adam", "lr": 0.001}},
-    {"scheduler": {"name": "multistep", "_target_": "octconv_exp.schedules.WarmupMultiStepLR",
+    {"scheduler": {"name": "multistep", "_target_": "octconv_exp.training.schedules.WarmupMultiStepLR",
                    "milestones": [1]}},
     {"scheduler": {"name": "step", "_target_": "torch.optim.lr_scheduler.StepLR",
                    "step_size": 1}},
@@ -75,8 +75,8 @@ def test_the_packages_own_targets_are_taken_from_a_checkpoint(nodes):
 @pytest.mark.parametrize("key, nodes", [
     ("model._target_=os.system", {"model": {"_target_": "os.system", "command": "true"}}),
     # in the package, but not a model
-    ("model._target_=octconv_exp.outputs.write_json_atomic",
-     {"model": {"_target_": "octconv_exp.outputs.write_json_atomic", "path": "/tmp/x"}}),
+    ("model._target_=octconv_exp.records.outputs.write_json_atomic",
+     {"model": {"_target_": "octconv_exp.records.outputs.write_json_atomic", "path": "/tmp/x"}}),
     # a torch.optim prefix that Hydra's attribute walk turns into torch.load
     ("optimizer._target_=torch.optim.sgd.torch.load",
      {"optimizer": {"name": "sgd", "_target_": "torch.optim.sgd.torch.load", "f": "x"}}),
@@ -107,7 +107,7 @@ def test_a_target_this_command_names_is_allowed():
 
 
 def test_the_resume_command_a_run_prints_names_the_users_own_classes():
-    from octconv_exp.resume import resume_hint
+    from octconv_exp.training.resume import resume_hint
 
     own = _saved(model={"_target_": "my_research.TinyNet", "name": "tiny"},
                  dataset={"_target_": "my_research.Stripes", "name": "custom"})
@@ -124,7 +124,7 @@ LOAD_AND_PREDICT = r"""
 import json, sys
 import torch
 import octconv_exp
-from octconv_exp.data import make_synthetic
+from octconv_exp.data.datasets import make_synthetic
 
 run_dir, n = sys.argv[1], int(sys.argv[2])
 model = octconv_exp.load_model(run_dir)
@@ -172,7 +172,7 @@ def test_load_model_in_a_fresh_process_predicts_as_the_run_evaluated(tmp_path):
     for name in ("model.pt", "checkpoints/last.pt", "checkpoints/best.pt"):
         record = torch.load(run_dir / name, weights_only=True)["inference"]
         assert (record["mean"], record["std"]) == (got["mean"], got["std"]), name
-        assert record["model"] == {"_target_": "octconv_exp.model.ClassificationModel",
+        assert record["model"] == {"_target_": "octconv_exp.models.octave.ClassificationModel",
                                    "name": "seed_cnn"}
         assert (record["conv_mode"], record["alpha"], record["num_classes"]) == (
             "octave", 0.25, 10)

@@ -488,9 +488,9 @@ def test_a_sweep_resumes_job_by_job(tmp_path):
 
 
 def test_validate_in_parallel_reports_the_same_lines_in_the_same_order():
-    from octconv_exp import config  # noqa: F401  (schema)
-    from octconv_exp.cli import CONFIG_DIR, CONFIG_NAME
-    from octconv_exp.validate import check_all
+    from octconv_exp.config import schema as config  # noqa: F401  (schema)
+    from octconv_exp.cli.preflight import CONFIG_DIR, CONFIG_NAME
+    from octconv_exp.cli.validate import check_all
 
     combos = [(f"alpha={a} conv={c}", [f"alpha={a}", f"conv={c}"])
               for c in ("octave", "vanilla") for a in (0.25, 0.99, 1.5, 0.5, 0.97)]
@@ -643,7 +643,7 @@ def test_an_interrupted_sweep_ends_with_the_command_that_continues_the_whole_swe
 
 
 def test_the_sweep_resume_hint_replaces_resume_sweep_dir_and_attempt_subdir():
-    from octconv_exp.resume import sweep_resume_hint
+    from octconv_exp.training.resume import sweep_resume_hint
 
     import shlex
 
@@ -699,7 +699,7 @@ def test_one_writer_per_run_dir(tmp_path):
 
 
 def test_the_lock_refuses_a_live_holder_in_process(tmp_path):
-    from octconv_exp.rundir import RunDirBusy, RunDirLock
+    from octconv_exp.training.rundir import RunDirBusy, RunDirLock
 
     with RunDirLock(str(tmp_path)) as lock:
         assert lock.held and (tmp_path / ".lock").exists()
@@ -762,7 +762,7 @@ def test_a_run_dir_path_too_long_is_refused_before_anything_is_written(tmp_path)
 
 
 def test_job_names_of_a_sweep_over_many_keys_fit_a_file_name():
-    from octconv_exp.sweep import MAX_NAME_BYTES, config_name
+    from octconv_exp.sweeps.sweep import MAX_NAME_BYTES, config_name
 
     overrides = [f"optimizer.some_rather_long_argument_name_{i}={i / 7:.6f}" for i in range(12)]
     name = config_name(overrides)
@@ -777,7 +777,7 @@ def test_a_model_that_cannot_fit_in_gpu_memory_is_refused_before_allocating(monk
     faked; the host check passes)."""
     from hydra import compose, initialize_config_dir
 
-    from octconv_exp import config as config_module
+    from octconv_exp.config import schema as config_module
     from octconv_exp.errors import ConfigError
 
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):

@@ -9,7 +9,7 @@ import optuna  # requirements.txt installs it; the plugin pins <3
 
 from conftest import (SYNTHETIC_160_ONE_EPOCH, compose_config, only_error_line, optuna_study,
                       run_cli)
-from octconv_exp.search import directions, objective_values, pareto_front
+from octconv_exp.sweeps.search import directions, objective_values, pareto_front
 
 
 def test_pareto_front_keeps_the_non_dominated_points():
@@ -40,7 +40,7 @@ class _Terminal(io.StringIO):
 def test_optuna_logs_are_plain_off_a_terminal_and_left_coloured_on_one():
     import logging
 
-    from octconv_exp.search import plain_optuna_logs
+    from octconv_exp.sweeps.search import plain_optuna_logs
 
     logger = logging.getLogger("optuna")
     before = list(logger.handlers)
@@ -63,7 +63,7 @@ def test_optuna_logs_are_plain_off_a_terminal_and_left_coloured_on_one():
 
 
 def test_a_trial_is_known_by_what_it_trains():
-    from octconv_exp.search import trial_key, trial_overrides, unique_solutions
+    from octconv_exp.sweeps.search import trial_key, trial_overrides, unique_solutions
 
     launched = ["alpha=0.25", "expansion=2", "dataset=synthetic", "trainer.progress_bar=False"]
     same = ["dataset=synthetic", "expansion=2", "alpha=0.25", "hydra.sweep.subdir='trial=3'"]

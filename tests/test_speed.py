@@ -65,7 +65,7 @@ class _Recorder(torch.nn.Module):
 @pytest.mark.parametrize("steps_left, compiled", [(10**6, True), (PROBE_SKIP + PROBE_STEPS, False),
                                                   (None, False)])
 def test_training_step_times_eager_steps_then_decides(monkeypatch, steps_left, compiled):
-    from octconv_exp import distributed
+    from octconv_exp.backends import distributed
 
     calls, compiles, agreed = [], [], []
 
@@ -122,7 +122,7 @@ def test_data_parallel_training_and_inference_compile_apart(monkeypatch):
     """Under torchrun with compile on, training steps run the compiled DDP wrapper and
     inference the compiled model itself: a DDP forward would broadcast buffers (a collective)
     while each rank evaluates its own images."""
-    from octconv_exp import distributed
+    from octconv_exp.backends import distributed
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or ("compiled", m))
@@ -140,7 +140,7 @@ def test_data_parallel_training_and_inference_compile_apart(monkeypatch):
 def test_close_lets_go_of_the_ddp_wrappers_before_the_group_is_destroyed(monkeypatch):
     """The DDP wrappers' reducers hold the process group: close() drops them, so that
     distributed.teardown's collection frees the group while the interpreter is whole."""
-    from octconv_exp import distributed
+    from octconv_exp.backends import distributed
 
     monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))
     monkeypatch.setattr(distributed, "WORLD", distributed.World(world_size=2))

@@ -1,4 +1,4 @@
-"""octconv_exp.streaming: image folders decoded by DataLoader workers, batch for batch what the
+"""octconv_exp.data.streaming: image folders decoded by DataLoader workers, batch for batch what the
 in-memory path (load_image_folder, split_validation, channel_stats, BatchLoader) gives."""
 import os
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from octconv_exp.data import (BatchLoader, ImageSet, derived_seed, load_image_folder,
+from octconv_exp.data.datasets import (BatchLoader, ImageSet, derived_seed, load_image_folder,
                               split_validation)
 from octconv_exp.errors import ConfigError, UserError
-from octconv_exp.streaming import (FileSet, ImageFileFolder, StreamingLoader, choose_in_memory,
+from octconv_exp.data.streaming import (FileSet, ImageFileFolder, StreamingLoader, choose_in_memory,
                                    crop_params, decode_augmented, decoded_bytes, file_stats,
                                    scan_image_folder, split_files, stats_sample)
 
@@ -291,7 +291,7 @@ def test_two_workers_same_batches_one_pool_global_rng_untouched(train):
 
 
 def test_unreadable_file_is_one_line_user_error_naming_it(tmp_path):
-    from octconv_exp.data import _read_image
+    from octconv_exp.data.datasets import _read_image
 
     rng = np.random.RandomState(3)
     root = str(tmp_path)
@@ -387,7 +387,7 @@ def test_auto_streams_a_folder_over_max_memory_gb_and_says_so(tmp_path, caplog):
     import logging
 
     from conftest import compose_config, write_image_folder
-    from octconv_exp.data import load_data
+    from octconv_exp.data.datasets import load_data
 
     root = write_image_folder(str(tmp_path / "folder"), per_class=(8, 3), size=32)
     caplog.set_level(logging.INFO, logger="octconv_exp")
@@ -409,7 +409,7 @@ def test_bad_streaming_settings_are_one_line(tmp_path):
     from conftest import only_error_line, run_cli, write_image_folder
 
     from conftest import compose_config
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
 
     root = write_image_folder(str(tmp_path / "folder"), per_class=(4, 2), size=32)
     # The command line: one line, exit status 2 (the validation's ConfigError, as below).
@@ -426,7 +426,7 @@ def test_bad_streaming_settings_are_one_line(tmp_path):
 
 def test_a_streamed_folder_is_refused_on_ipus(tmp_path, poptorch):
     from conftest import compose_config, write_image_folder
-    from octconv_exp.runner import run_experiment
+    from octconv_exp.training.runner import run_experiment
 
     root = write_image_folder(str(tmp_path / "folder"), per_class=(4, 2), size=32)
     cfg = compose_config("dataset=image_folder", f"dataset.root={root}", "device=ipu",

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import REPO, SYNTHETIC_400_ONE_EPOCH, read_csv, read_metrics, run_cli
-from octconv_exp import report
-from octconv_exp.sweep import config_name, dedupe_vanilla
+from octconv_exp.reports import report
+from octconv_exp.sweeps.sweep import config_name, dedupe_vanilla
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -223,7 +223,7 @@ def test_launcher_configs_carry_our_defaults():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from octconv_exp import config  # noqa: F401  (registers the schema config.yaml names)
+    from octconv_exp.config import schema as config  # noqa: F401  (registers the schema config.yaml names)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(REPO, "conf")):
@@ -261,7 +261,7 @@ def test_tensorboard_logger_writes_scalars_and_hparams(tmp_path):
 
 
 def test_job_subdirs_name_what_varies():
-    from octconv_exp.sweep import job_subdirs
+    from octconv_exp.sweeps.sweep import job_subdirs
 
     jobs = [["conv=octave", "alpha=0.25", "trainer.epochs=2"], ["conv=octave", "alpha=0.5", "trainer.epochs=2"]]
     assert job_subdirs(jobs, lambda job: 0) == ["alpha=0.25/seed=0", "alpha=0.5/seed=0"]
@@ -272,7 +272,7 @@ def test_job_subdirs_name_what_varies():
 def test_report_survives_any_single_bad_file(tmp_path):
     """One good run beside a non-dict metrics.json, a string alpha, a corrupt overrides.yaml
     and a job without metrics: the report is written, each bad one is named."""
-    from octconv_exp.report import build_report
+    from octconv_exp.reports.report import build_report
 
     def job(name, metrics=None, overrides=None, raw_metrics=None):
         d = tmp_path / name / "seed=0"

@@ -7,7 +7,7 @@ import pytest
 import mlflow  # requirements.txt installs mlflow-skinny
 
 from conftest import SYNTHETIC_200_TWO_EPOCHS, compose_config, only_error_line, run_cli
-from octconv_exp.loggers import flatten, selected
+from octconv_exp.records.loggers import flatten, selected
 
 
 def runs_of(tmp_path, experiment="octconv-exp"):

@@ -24,7 +24,7 @@ def test_a_failed_run_is_failed_in_mlflow_with_what_it_trained_and_where(tmp_pat
     """A run that raises in its second epoch: its MLflow run ends FAILED (not RUNNING, not
     FINISHED), keeps the first epoch's metrics, and is tagged with the model, the dataset and
     the run dir."""
-    from octconv_exp import runner
+    from octconv_exp.training import runner
 
     real = runner.train_epoch
 

@@ -17,7 +17,7 @@ def test_val_loss_is_plain_cross_entropy_with_label_smoothing_on(tmp_path, monke
     that moment, the plain and the smoothed cross-entropy: the val_loss the pass returns and
     the one epochs.csv records are the plain one (and the two differ by a hundred times the
     tolerance, so a smoothed val_loss cannot pass)."""
-    from octconv_exp import runner
+    from octconv_exp.training import runner
 
     real = runner.validate_epoch
     seen = []

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import (SYNTHETIC_600_CPU, compose_config as compose, DOUBLE, read_epochs,
                       read_metrics, run_cli)
-from octconv_exp.data import (BatchLoader, ImageSet, augment_batch, augmentation_generator,
+from octconv_exp.data.datasets import (BatchLoader, ImageSet, augment_batch, augmentation_generator,
                               load_data, make_synthetic, split_validation)
 from octconv_exp.errors import ConfigError, UserError
 
@@ -82,7 +82,7 @@ def test_load_data_computes_statistics_on_what_remains():
 
 
 def test_early_stopping_needs_a_validation_split():
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
 
     with pytest.raises(ConfigError) as info:
         validate(compose("dataset=synthetic", "trainer.early_stopping.patience=2"),
@@ -98,8 +98,8 @@ def test_early_stopping_needs_a_validation_split():
 
 
 def test_best_epoch_and_patience_arithmetic():
-    from octconv_exp.checkpoint import Checkpointer
-    from octconv_exp.loop import EpochStats, best_epoch, epochs_without_improvement
+    from octconv_exp.training.checkpoint import Checkpointer
+    from octconv_exp.training.loop import EpochStats, best_epoch, epochs_without_improvement
 
     accs = [40.0, 55.0, 55.0, 50.0, 54.0]
     epochs = [EpochStats(i + 1, 2.0 - i / 10, 0.0, 10, 1.0, val_accuracy=a, val_loss=1.0)
@@ -118,7 +118,7 @@ def test_best_epoch_and_patience_arithmetic():
 
 
 def val_epochs(val_losses, val_accs=None):
-    from octconv_exp.loop import EpochStats
+    from octconv_exp.training.loop import EpochStats
 
     val_accs = val_accs or [50.0] * len(val_losses)
     return [EpochStats(i + 1, 1.0, 0.0, 10, 1.0, val_loss=v, val_accuracy=a)
@@ -126,7 +126,7 @@ def val_epochs(val_losses, val_accs=None):
 
 
 def test_the_stopping_decision_follows_monitor_mode_and_min_delta():
-    from octconv_exp.loop import best_epoch, epochs_without_improvement, should_stop_early
+    from octconv_exp.training.loop import best_epoch, epochs_without_improvement, should_stop_early
 
     # The observed case: the validation accuracy fell after epoch 1 while the loss improved.
     epochs = val_epochs([2.34, 2.19], [18.0, 14.0])
@@ -151,7 +151,7 @@ def test_the_stopping_decision_follows_monitor_mode_and_min_delta():
 
 
 def test_monitor_mode_min_delta_and_test_on_are_checked_in_one_line():
-    from octconv_exp.config import validate
+    from octconv_exp.config.schema import validate
 
     def check(*overrides):
         validate(compose("dataset=synthetic", *overrides), check_environment=False)
@@ -171,7 +171,7 @@ def test_monitor_mode_min_delta_and_test_on_are_checked_in_one_line():
           "trainer.test_on=last")
     cfg = compose()
     assert cfg.trainer.test_on == "best" and cfg.trainer.early_stopping.monitor is None
-    from octconv_exp.checkpoint import mode_for, monitor_for
+    from octconv_exp.training.checkpoint import mode_for, monitor_for
 
     assert monitor_for(compose("dataset.val_size=10")) == "val_accuracy"
     assert monitor_for(cfg) == "train_loss" and mode_for(cfg, "train_loss") == "min"
@@ -182,8 +182,8 @@ def test_monitor_mode_min_delta_and_test_on_are_checked_in_one_line():
 
 
 def test_epochs_csv_leaves_validation_columns_empty_without_a_split(tmp_path):
-    from octconv_exp.loop import EpochStats
-    from octconv_exp.outputs import write_epochs_csv
+    from octconv_exp.training.loop import EpochStats
+    from octconv_exp.records.outputs import write_epochs_csv
 
     path = tmp_path / "epochs.csv"
     write_epochs_csv(path, [EpochStats(1, 1.5, 40.0, 80, 2.0, lr=0.1).as_row(),

@@ -1,4 +1,4 @@
-"""The Backend interface: every hook the run lifecycle (``octconv_exp.runner``) calls.
+"""The Backend interface: every hook the run lifecycle (``octconv_exp.training.runner``) calls.
 
 A backend runs the one training loop on a kind of hardware. :class:`Backend` declares what the
 lifecycle asks of it, with the defaults a backend without the feature wants, so the lifecycle

@@ -33,13 +33,13 @@ from typing import List
 import torch
 from omegaconf import OmegaConf
 
-from .. import distributed
-from ..data import Normalise, augment_batch, augmentation_generator, shard_of
-from ..config import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
+from . import distributed
+from ..data.datasets import Normalise, augment_batch, augmentation_generator, shard_of
+from ..config.schema import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
 from ..errors import UserError
 from . import ipus_needed
 from .base import Backend
-from ..model import build_model, octave_branches
+from ..models.octave import build_model, octave_branches
 
 POPTORCH_INSTALL_HINT = (
     "device=ipu needs PopTorch, which ships with Graphcore's Poplar SDK (it is not on PyPI): "

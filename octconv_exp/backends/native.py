@@ -7,10 +7,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .. import allocator, distributed
-from ..config import check_optimizer_for_device
-from ..data import BatchLoader
-from ..model import build_model, model_name
+from . import allocator, distributed
+from ..config.schema import check_optimizer_for_device
+from ..data.datasets import BatchLoader
+from ..models.octave import build_model, model_name
 from .base import Backend
 
 log = logging.getLogger("octconv_exp")
@@ -202,12 +202,12 @@ class NativeBackend(Backend):
 
     def loader_class(self, data):
         """:class:`BatchLoader` over images in memory; over a streamed image folder, a
-        :class:`~octconv_exp.streaming.StreamingLoader` with ``dataset.workers`` workers."""
+        :class:`~octconv_exp.data.streaming.StreamingLoader` with ``dataset.workers`` workers."""
         if not data.streamed:
             return BatchLoader
         import functools
 
-        from ..streaming import StreamingLoader
+        from ..data.streaming import StreamingLoader
 
         return functools.partial(StreamingLoader, workers=int(self.cfg.dataset.get("workers", 2)))
 

@@ -1,4 +1,4 @@
-"""Deploying a trained model: reusing it in Python without Hydra (``load_model``, for now in
-``octconv_exp.inference``) and exporting it as a self-contained TorchScript or ONNX file that
-takes images and returns logits (:mod:`.export`), checked against the framework's own outputs
-on the run's test set."""
+"""Using a trained run outside the framework: ``load_model(run_dir)`` and the TorchScript/ONNX
+export (``export``). May import training (checkpoints), config, backends, records, models, data
+and errors.
+"""

@@ -4,7 +4,7 @@
 
 The exported model is the run's ``model.pt`` (the weights its test accuracy was measured with)
 behind the run's stored normalisation (the checkpoint's inference record,
-:func:`~octconv_exp.checkpoint.inference_record`), so it needs nothing from octconv-exp:
+:func:`~octconv_exp.training.checkpoint.inference_record`), so it needs nothing from octconv-exp:
 
 - input ``images``: uint8, (N, C, H, W) with the run's C, H, W (``input_shape``), values
   0-255, RGB; N, the batch, is free (a dynamic axis in ONNX);
@@ -13,7 +13,7 @@ behind the run's stored normalisation (the checkpoint's inference record,
 
 Before the file is put in place, it runs on the run's whole test set (TorchScript under
 ``torch.jit.load``, ONNX under ONNX Runtime) beside the framework's model
-(:func:`~octconv_exp.inference.load_model`): their outputs must agree to float tolerance, or
+(:func:`~octconv_exp.deploy.inference.load_model`): their outputs must agree to float tolerance, or
 nothing is written and the exit status is 1. A user's mistake (no run dir, no model.pt, no
 onnxruntime, a test set that cannot be read) is one line and exit status 2.
 """
@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ..data import Normalise
+from ..data.datasets import Normalise
 from ..errors import USER_ERROR_EXIT, UserError
 
 #: The formats and the file name each is written to in the run dir (without ``--out``).
@@ -72,7 +72,7 @@ class Check(NamedTuple):
 
 class ImageClassifier(nn.Module):
     """A framework model (``net(x)``: outputs of normalised images) behind the normalisation
-    the training loader applied (:class:`~octconv_exp.data.Normalise`): uint8 images
+    the training loader applied (:class:`~octconv_exp.data.datasets.Normalise`): uint8 images
     (N, C, H, W), 0-255, in; logits (N, classes) out."""
 
     def __init__(self, net, mean, std):
@@ -214,7 +214,7 @@ def passed(check):
 
 def run_model_file(run_dir):
     """``run_dir``'s model.pt, or a UserError naming what is missing."""
-    from ..outputs import MODEL_FILE
+    from ..records.outputs import MODEL_FILE
 
     if not os.path.exists(run_dir):
         raise UserError(f"{run_dir}: no such run dir")
@@ -230,7 +230,7 @@ def run_model_file(run_dir):
 
 def recorded_test_accuracy(run_dir):
     """metrics.json's test_accuracy (None without one)."""
-    from ..outputs import METRICS_FILE
+    from ..records.outputs import METRICS_FILE
 
     try:
         with open(os.path.join(run_dir, METRICS_FILE)) as f:
@@ -246,7 +246,7 @@ def load_test_set(config, record, data_root=None, trust_dataset=None):
     runs only when the user names it (``trust_dataset``)."""
     from omegaconf import OmegaConf
 
-    from ..data import check_classes, load_cifar10, load_custom, make_synthetic
+    from ..data.datasets import check_classes, load_cifar10, load_custom, make_synthetic
 
     node = dict((config or {}).get("dataset") or {})
     if data_root is not None:
@@ -267,7 +267,7 @@ def load_test_set(config, record, data_root=None, trust_dataset=None):
         test = load_cifar10(node.get("root", "data"), train=False, download=False,
                             verify_checksums=bool(node.get("verify_checksums", True)))
     elif name == "image_folder":
-        from ..streaming import decode_files, scan_image_folder
+        from ..data.streaming import decode_files, scan_image_folder
 
         if not node.get("root"):
             raise UserError("the run's config names no dataset.root; give --data-root")
@@ -289,10 +289,10 @@ def export(run_dir, fmt, out=None, opset=None, force=False, data_root=None, trus
            trust_dataset=None):
     """Export ``run_dir``'s model (see the module's docstring); returns ``(path, Check)``.
     Raises :class:`ExportMismatch` (nothing written) when the outputs disagree."""
-    from ..checkpoint import INFERENCE, load
-    from ..inference import load_model
-    from ..outputs import OutputError
-    from ..targets import trusted_model_target
+    from ..training.checkpoint import INFERENCE, load
+    from .inference import load_model
+    from ..records.outputs import OutputError
+    from ..config.targets import trusted_model_target
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")

@@ -1,2 +1,3 @@
-"""What a run leaves behind and how it is written: atomic writes and metrics.json, the run
-dir's lock, the loggers, and the provenance of the code that produced a record."""
+"""What a run writes: atomic outputs, metrics.json, the loggers (CSV, TensorBoard, MLflow), the
+provenance of the code that wrote a record. May import models, data and errors.
+"""

@@ -24,9 +24,9 @@ import sys
 import yaml
 
 from ..errors import USER_ERROR_EXIT, UserError
-from ..outputs import EPOCHS_FILE, METRICS_FILE, OutputError, atomic_write, write_text_atomic
-from ..report import readable, run_settings
-from ..rundir import live_holder
+from ..records.outputs import EPOCHS_FILE, METRICS_FILE, OutputError, atomic_write, write_text_atomic
+from .report import readable, run_settings
+from ..training.rundir import live_holder
 
 CONFIG_FILE = os.path.join(".hydra", "config.yaml")
 #: Folders under a sweep dir that never hold a job's run dir.

@@ -3,9 +3,9 @@ job directories named by what the sweep varies.
 
 Vanilla convolutions ignore alpha, so `-m conv=vanilla,octave alpha=0.25,0.5` trains vanilla
 once (without its alpha override) and octave twice. Each job gets
-`hydra.sweep.subdir=<varying overrides>/seed=<seed>` (octconv_exp.sweep.job_subdirs).
+`hydra.sweep.subdir=<varying overrides>/seed=<seed>` (octconv_exp.sweeps.sweep.job_subdirs).
 Before the first job is launched, the jobs it will run are written into the sweep dir
-(`jobs.yaml`, octconv_exp.sweep.write_plan), so that the report counts the jobs that never
+(`jobs.yaml`, octconv_exp.sweeps.sweep.write_plan), so that the report counts the jobs that never
 started. Everything else is BasicSweeper's.
 """
 import logging
@@ -18,7 +18,7 @@ import warnings
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 from octconv_exp.errors import UserError
-from octconv_exp.sweep import dedupe_vanilla, job_subdirs, plan_entry, write_plan
+from octconv_exp.sweeps.sweep import dedupe_vanilla, job_subdirs, plan_entry, write_plan
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def check_resume(cfg, job, run_dir):
     makes, all of them before the first starts: otherwise every job is refused, alone)."""
     from omegaconf import OmegaConf, open_dict
 
-    from octconv_exp.resume import config_for_resume, explicit_keys
-    from octconv_exp.runner import find_resume_checkpoint
+    from octconv_exp.training.resume import config_for_resume, explicit_keys
+    from octconv_exp.training.runner import find_resume_checkpoint
 
     if not OmegaConf.select(cfg, "resume", default=False):
         return
@@ -64,7 +64,7 @@ def _died_jobs(sweep_dir, subdirs):
     process that is gone (a job that ended released it)."""
     import json
 
-    from octconv_exp.rundir import LOCK_FILE
+    from octconv_exp.training.rundir import LOCK_FILE
 
     died = []
     for subdir in subdirs:
@@ -83,8 +83,8 @@ def _died_jobs(sweep_dir, subdirs):
 
 def resume_command(sweep_dir):
     """The command that continues this sweep: its own, with resume=true and its sweep dir."""
-    from octconv_exp.cli import _sets
-    from octconv_exp.resume import hydra_quoted
+    from octconv_exp.cli.preflight import _sets
+    from octconv_exp.training.resume import hydra_quoted
 
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.output_subdir=.hydra/attempts/")]
     overrides = [a for a in args if not a.startswith("-")]
@@ -159,7 +159,7 @@ def dead_worker_line(exc, sweep_dir, running):
     """One line for a sweep whose joblib worker died: which job's, what the report holds,
     how to continue. loky then kills the batch's other workers too (SIGKILL), so every job of
     the batch still running died with it; their last epoch's checkpoints are kept."""
-    from octconv_exp.report import build_report, readable
+    from octconv_exp.reports.report import build_report, readable
 
     codes = re.findall(r"\{([^}]*)\}", str(exc))
     how = f" ({codes[-1]})" if codes else ""
@@ -188,9 +188,9 @@ class DedupSweeper(BasicSweeper):
         before anything is written (multirun.yaml, jobs.yaml)."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from octconv_exp.cli import fail
-        from octconv_exp.rundir import lock_sweep_dir
-        from octconv_exp.stopping import PROCESS
+        from octconv_exp.cli.preflight import fail
+        from octconv_exp.training.rundir import lock_sweep_dir
+        from octconv_exp.training.stopping import PROCESS
 
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:

@@ -26,7 +26,7 @@ batches, the study in ``hydra.sweeper.storage``), except:
   first run's parameters again; ``optimization_results.yaml`` lists each front point once.
 
 A trial's value is what ``run.py`` returns: the objectives of ``search.objectives`` (see
-``octconv_exp.search``); a failed or diverged job returns None, which the plugin records as a
+``octconv_exp.sweeps.search``); a failed or diverged job returns None, which the plugin records as a
 FAIL trial (``hydra.sweeper.max_failure_rate``: 1.0 in the preset, so the search goes on).
 """
 import functools
@@ -34,7 +34,7 @@ import json
 import logging
 import os
 
-from octconv_exp.search import trial_key, trial_overrides, unique_solutions
+from octconv_exp.sweeps.search import trial_key, trial_overrides, unique_solutions
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def check_study(impl, arguments, sweep_dir):
 def unreadable_storage(storage, sweep_dir, exc):
     """One line for a study storage Optuna cannot open (a truncated or overwritten
     optuna.db): the file, what the database said, and the ways on."""
-    from octconv_exp.cli import one_line
+    from octconv_exp.cli.preflight import one_line
 
     reason = one_line(getattr(exc, "orig", None) or exc).split("[SQL:")[0].strip()[:200]
     storage = str(storage)
@@ -171,7 +171,7 @@ def unreadable_storage(storage, sweep_dir, exc):
 def record_study(sweep_dir, identity):
     import yaml
 
-    from octconv_exp.outputs import write_text_atomic
+    from octconv_exp.records.outputs import write_text_atomic
 
     path = os.path.join(sweep_dir, STUDY_FILE)
     write_text_atomic(path, "# The Optuna study this sweep dir holds: a search into it must "
@@ -270,7 +270,7 @@ class _TrialNamedLauncher:
         import optuna
         from hydra.core.utils import JobStatus
 
-        from octconv_exp.stopping import PROCESS
+        from octconv_exp.training.stopping import PROCESS
 
         stopped_by = PROCESS.sweep_stop.signal
         status = {n: _run_status(self.sweep_dir, n) if self.sweep_dir else None for n in numbers}
@@ -351,7 +351,7 @@ def _unique_front(sweep_dir):
     """optimization_results.yaml with each Pareto point's parameters once."""
     import yaml
 
-    from octconv_exp.outputs import write_text_atomic
+    from octconv_exp.records.outputs import write_text_atomic
 
     path = os.path.join(sweep_dir, "optimization_results.yaml")
     try:
@@ -368,16 +368,16 @@ if OptunaSweeper is not None:
 
     class OptunaSearchSweeper(OptunaSweeper):
         def setup(self, **kwargs):
-            from octconv_exp.search import plain_optuna_logs
+            from octconv_exp.sweeps.search import plain_optuna_logs
 
             plain_optuna_logs()  # before the study is created (Optuna's first log line)
             return super().setup(**kwargs)
 
         def sweep(self, arguments):
-            from octconv_exp.cli import fail
+            from octconv_exp.cli.preflight import fail
             from octconv_exp.errors import UserError
-            from octconv_exp.rundir import lock_sweep_dir
-            from octconv_exp.stopping import PROCESS
+            from octconv_exp.training.rundir import lock_sweep_dir
+            from octconv_exp.training.stopping import PROCESS
 
             impl = self.sweeper
             sweep_dir = str(impl.config.hydra.sweep.dir)

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import UserError
-from .model import model_class
+from ..errors import UserError
+from ..models.octave import model_class
 
 PACKAGE = "octconv_exp."
 #: What each node's ``_target_`` may be when it comes from a checkpoint, in words.

@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("octconv_exp")
 

@@ -25,7 +25,7 @@ life of the process (runs of a sweep in one process share it).
 import ctypes
 import sys
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: glibc's malloc.h option numbers
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3

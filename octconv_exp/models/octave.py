@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import batchnorm
-from .config import OCTAVE_BRANCHES, split_high_low
+from ..config.schema import OCTAVE_BRANCHES, split_high_low
 
 
 def make_conv_block(in_channels, out_channels):
@@ -137,7 +137,7 @@ class FusedOctaveBlock(OctaveBlock):
     the same element either way (where every element of a window is <= 0 both give 0 and a
     zero gradient). Pooling first runs the ReLU and its backward on a quarter of the elements
     (measured: README, Performance). BatchNorm over few channels (not a multiple of 16) in
-    channels-last memory runs as :func:`octconv_exp.batchnorm.batch_norm`."""
+    channels-last memory runs as :func:`octconv_exp.models.batchnorm.batch_norm`."""
 
     def __init__(self, in_channels, out_channels, alpha):
         super().__init__(in_channels, out_channels, alpha, conv_cls=FusedOctConv2d)
@@ -266,7 +266,7 @@ class WithLoss(nn.Module):
 #: What build_model offers a model's constructor, each when the constructor takes it.
 OFFERED_ARGUMENTS = ("conv_mode", "alpha", "num_classes", "expansion", "parallel_scope",
                      "label_smoothing")
-SEED_MODEL = {"_target_": "octconv_exp.model.ClassificationModel", "name": "seed_cnn"}
+SEED_MODEL = {"_target_": "octconv_exp.models.octave.ClassificationModel", "name": "seed_cnn"}
 
 
 def model_node(cfg):
@@ -297,8 +297,8 @@ def model_class(node):
 def model_name(cfg, legacy=False):
     """The model as the run's record names it: ``seed_cnn``, ``resnet_cifar-20``,
     ``resnet_imagenet-50`` (with ``-w2`` for width 2), or a user model's ``model.name``, else
-    its class (``module.Class``): :func:`octconv_exp.config.recorded_model_name`."""
-    from .config import recorded_model_name
+    its class (``module.Class``): :func:`octconv_exp.config.schema.recorded_model_name`."""
+    from ..config.schema import recorded_model_name
 
     return recorded_model_name(model_node(cfg), legacy=legacy)
 

@@ -13,7 +13,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import UserError
+from ..errors import UserError
 
 #: What a resumed run may change: how long it trains, how it reports, where and how fast it
 #: runs. Everything else (data set and its sizes/seed/root, batch size, optimizer and its
@@ -170,7 +170,7 @@ def resume_hint(output_dir, cfg=None):
     """A command that continues the run in ``output_dir`` when pasted into a shell (with the
     run's config ``cfg``: naming the classes of your own it uses, which a resume takes from
     the checkpoint only when the command names them, see :mod:`.targets`)."""
-    from .targets import user_targets
+    from ..config.targets import user_targets
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "run.py"
     launcher = "python"
     if os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -106,7 +106,7 @@ def objective_directions(objectives):
 def launch_pid():
     """Resolver ``${octconv_exp.pid:}``: this process's id, or under torchrun rank 0's
     (distributed.agree_on_launch), so that every rank names the same run dir."""
-    from .distributed import LAUNCH_PID_ENV
+    from ..backends.distributed import LAUNCH_PID_ENV
 
     return os.environ.get(LAUNCH_PID_ENV) or str(os.getpid())
 
@@ -116,7 +116,7 @@ def launch_time(pattern):
     strftime formats it), or under torchrun rank 0's launch time."""
     import datetime
 
-    from .distributed import LAUNCH_TIME_ENV
+    from ..backends.distributed import LAUNCH_TIME_ENV
 
     stamp = os.environ.get(LAUNCH_TIME_ENV)
     when = datetime.datetime.fromtimestamp(float(stamp)) if stamp else datetime.datetime.now()
@@ -124,7 +124,7 @@ def launch_time(pattern):
 
 
 def _config_groups(_root_):
-    from .helppage import config_groups
+    from ..config.helppage import config_groups
 
     return config_groups(_root_)
 
@@ -146,7 +146,7 @@ def register():
         OmegaConf.register_new_resolver("octconv_exp.config_groups", _config_groups)
     # The sweeper is a Hydra plugin, which Hydra only loads from the hydra_plugins namespace
     # package: ours is shipped inside this package.
-    plugins = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
+    plugins = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins")
     if plugins not in sys.path:
         sys.path.append(plugins)
 
@@ -201,7 +201,7 @@ def model_name(value):
         return None
     if hasattr(value, "items"):  # a dict, or a DictConfig
         if value.get("name") is not None or value.get("_target_") is not None:
-            from .config import recorded_model_name
+            from ..config.schema import recorded_model_name
 
             return recorded_model_name(value)  # as the job's metrics.json will say
         return None if value.get("arch") is None else str(value.get("arch"))
@@ -231,7 +231,7 @@ def plan_entry(subdir, overrides, cfg):
 def _job_identity(overrides):
     """The overrides that say which job this is: without those a resume may change (more
     epochs, resume=true, ...), Hydra's own and the order."""
-    from .resume import MAY_CHANGE_ON_RESUME
+    from ..training.resume import MAY_CHANGE_ON_RESUME
 
     kept = []
     for text in overrides:
@@ -294,7 +294,7 @@ def write_plan(sweep_dir, entries):
     the same dir left (:func:`merge_plans`); returns the path."""
     import yaml
 
-    from .outputs import write_text_atomic
+    from ..records.outputs import write_text_atomic
 
     old, _ = read_plan(sweep_dir)
     merged = merge_plans(old or [], entries)

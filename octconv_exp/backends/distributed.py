@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("octconv_exp")
 

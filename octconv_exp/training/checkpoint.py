@@ -30,8 +30,8 @@ import warnings
 import numpy as np
 import torch
 
-from .errors import UserError
-from .outputs import atomic_write, save_torch_atomic
+from ..errors import UserError
+from ..records.outputs import atomic_write, save_torch_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -62,7 +62,7 @@ def set_rng_state(state):
 
 
 def identity(cfg, num_classes):
-    from .model import model_name
+    from ..models.octave import model_name
 
     return {"model": model_name(cfg), "conv": cfg.conv.mode, "alpha": float(cfg.alpha),
             "expansion": int(cfg.expansion), "num_classes": int(num_classes)}
@@ -77,10 +77,10 @@ def inference_record(cfg, data):
     (``mean``, ``std`` of the images scaled to [0, 1]), ``class_names``, ``input_shape``
     (channels, height, width), the model's ``model_name`` and its constructor config
     (``model``: the model node; ``conv_mode``, ``alpha``, ``expansion``, ``num_classes``,
-    ``label_smoothing``: what :func:`~octconv_exp.model.build_model` offers it)."""
+    ``label_smoothing``: what :func:`~octconv_exp.models.octave.build_model` offers it)."""
     from omegaconf import OmegaConf
 
-    from .model import model_name, model_node
+    from ..models.octave import model_name, model_node
 
     trainer = cfg.get("trainer") or {}
     return {"mean": [float(m) for m in data.mean], "std": [float(s) for s in data.std],
@@ -95,7 +95,7 @@ def inference_record(cfg, data):
 
 def saved_preprocessing(state):
     """``{"stats": (mean, std), "classes": [...]}`` a checkpoint recorded, for
-    :func:`~octconv_exp.data.load_data`; None for a file from before the record."""
+    :func:`~octconv_exp.data.datasets.load_data`; None for a file from before the record."""
     record = state.get(INFERENCE)
     if not isinstance(record, dict) or "mean" not in record or "std" not in record:
         return None
@@ -105,7 +105,7 @@ def saved_preprocessing(state):
 
 def check_identity(saved, cfg, num_classes, path):
     """Refuse a checkpoint of another model, naming what differs."""
-    from .model import model_name
+    from ..models.octave import model_name
 
     wanted = identity(cfg, num_classes)
     if saved.get("conv") == "vanilla" and wanted["conv"] == "vanilla":

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import Diverged
+from ..errors import Diverged
 
 
 @dataclass
@@ -195,7 +195,7 @@ def send_test_signal(point):
         return
     only = os.environ.get("OCTCONV_EXP_SIGNAL_RANK")  # data-parallel: signal one rank only
     if only is not None:
-        from .distributed import WORLD
+        from ..backends.distributed import WORLD
 
         if int(only) != WORLD.rank:
             return
@@ -290,7 +290,7 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
     ``signal_point``: the test hook's point after the first batch (None: none).
     ``reduce`` (data-parallel: a sum over the ranks, each evaluating its part of the set):
     the counts and the loss of the whole set. ``confusion`` (an
-    :class:`~octconv_exp.evaluation.ConfusionMatrix`) counts the same predictions, summed
+    :class:`~octconv_exp.training.evaluation.ConfusionMatrix`) counts the same predictions, summed
     over the ranks with the other counts."""
     correct = torch.zeros((), dtype=torch.int64)
     loss_sum = None

@@ -16,9 +16,9 @@ import contextlib
 import os
 from collections import OrderedDict
 
-from .errors import UserError
+from ..errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: run.py's file: Hydra resolves a relative --config-path against its folder.
 RUN_PY = os.path.join(REPO, "run.py")
 

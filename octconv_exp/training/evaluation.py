@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from .outputs import atomic_write, write_text_atomic
+from ..records.outputs import atomic_write, write_text_atomic
 
 log = logging.getLogger("octconv_exp")
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("octconv_exp")
 
@@ -439,7 +439,7 @@ def load_image_folder(folder, classes: Optional[List[str]] = None, image_size=IM
     A class folder without images is an error for the training set (a class the model could
     never learn, usually a copy that went wrong); in a test set it is allowed, since a test
     split may lack a class, and said in a warning. The listing is
-    :func:`~octconv_exp.streaming.scan_image_folder`'s, which a streamed folder reads too."""
+    :func:`~octconv_exp.data.streaming.scan_image_folder`'s, which a streamed folder reads too."""
     from .streaming import decode_files, scan_image_folder
 
     return decode_files(scan_image_folder(folder, classes=classes, image_size=image_size))

@@ -1,7 +1,7 @@
 """Use a trained model outside the framework: ``octconv_exp.load_model(run_dir_or_file)``.
 
 A run dir's ``model.pt`` (or any checkpoint) records how its images were normalised, its class
-names, input shape and how to build the model (:func:`~octconv_exp.checkpoint.inference_record`),
+names, input shape and how to build the model (:func:`~octconv_exp.training.checkpoint.inference_record`),
 so the model predicts exactly as the run evaluated it, whatever its data set holds today, with
 no Hydra config to compose::
 
@@ -13,10 +13,10 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from .checkpoint import INFERENCE, load, resolve_path
-from .data import Normalise
-from .errors import UserError
-from .targets import trusted_model_target
+from ..training.checkpoint import INFERENCE, load, resolve_path
+from ..data.datasets import Normalise
+from ..errors import UserError
+from ..config.targets import trusted_model_target
 
 
 class Prediction(NamedTuple):
@@ -89,7 +89,7 @@ def load_model(path, device="cpu", trust_target: Optional[str] = None):
     :class:`~octconv_exp.errors.UserError`."""
     from omegaconf import OmegaConf
 
-    from .model import build_model
+    from ..models.octave import build_model
 
     where = resolve_path(str(path), prefer_final=True)
     state = load(where)

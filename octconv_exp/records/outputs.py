@@ -7,7 +7,7 @@ import platform
 import tempfile
 from importlib import metadata
 
-from .errors import UserError
+from ..errors import UserError
 
 METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
@@ -120,7 +120,7 @@ def package_versions():
             if dist == "poptorch":
                 continue  # only present inside a Poplar SDK environment
             versions[dist] = None
-    from . import __version__
+    from .. import __version__
 
     versions["octconv_exp"] = __version__
     return versions

@@ -2,12 +2,12 @@
 batch by batch, instead of being held in memory as one uint8 tensor.
 
 :func:`scan_image_folder` lists root/<split>/<class>/** exactly as
-:func:`~octconv_exp.data.load_image_folder` reads it (same classes, same file order, same
+:func:`~octconv_exp.data.datasets.load_image_folder` reads it (same classes, same file order, same
 errors), without decoding anything: a :class:`FileSet`. :class:`StreamingLoader` is a drop-in
-replacement for :class:`~octconv_exp.data.BatchLoader` over such a set: the same seeded order,
+replacement for :class:`~octconv_exp.data.datasets.BatchLoader` over such a set: the same seeded order,
 the same global batches and data-parallel shards, the same resumption inside a pass, and
 (without augmentation) byte for byte the same normalised batches as ``BatchLoader`` over the
-decoded :class:`~octconv_exp.data.ImageSet`. Only the decoding moves: each pass's batches go
+decoded :class:`~octconv_exp.data.datasets.ImageSet`. Only the decoding moves: each pass's batches go
 to a ``torch.utils.data.DataLoader`` as its ``batch_sampler``, over a torchvision
 ``ImageFolder`` whose loader decodes as ``_read_image`` does, and the collated uint8 batch is
 normalised on the training device as ``BatchLoader`` normalises it.
@@ -31,9 +31,9 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 
-from .data import (IMAGE_EXTENSIONS, IMAGE_SIZE, BatchLoader, ImageSet, _image_files,
+from .datasets import (IMAGE_EXTENSIONS, IMAGE_SIZE, BatchLoader, ImageSet, _image_files,
                    _read_image, derived_seed, global_batch, shard_of, split_validation)
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 
 #: RandomResizedCrop's defaults (torchvision, and the ImageNet recipe).
 CROP_SCALE = (0.08, 1.0)
@@ -46,7 +46,7 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 @dataclass
 class FileSet:
-    """The file-level twin of :class:`~octconv_exp.data.ImageSet`: (path, class index) pairs
+    """The file-level twin of :class:`~octconv_exp.data.datasets.ImageSet`: (path, class index) pairs
     in the order ``load_image_folder`` decodes them, nothing decoded."""
     samples: List[Tuple[str, int]]
     classes: List[str]
@@ -75,7 +75,7 @@ class FileSet:
 
 def scan_image_folder(folder, classes: Optional[List[str]] = None, image_size=IMAGE_SIZE):
     """The files under folder/<class>/ (nested folders included) that
-    :func:`~octconv_exp.data.load_image_folder` would decode, in its order and with its
+    :func:`~octconv_exp.data.datasets.load_image_folder` would decode, in its order and with its
     errors (a class folder without images: an error for a training set, a warning for a test
     set), as a :class:`FileSet`."""
     if not os.path.isdir(folder):
@@ -117,7 +117,7 @@ def scan_image_folder(folder, classes: Optional[List[str]] = None, image_size=IM
 
 
 def split_files(files: FileSet, val_size, seed):
-    """``(rest, val)`` as :func:`~octconv_exp.data.split_validation` splits the decoded set:
+    """``(rest, val)`` as :func:`~octconv_exp.data.datasets.split_validation` splits the decoded set:
     the same generator, the same held-out images (``val`` None for 0), the same errors."""
     n = len(files)
     # split_validation itself, on a stand-in whose "images" are the positions 0..n-1.
@@ -390,7 +390,7 @@ class _PassBatches:
 
 
 class StreamingLoader(BatchLoader):
-    """:class:`~octconv_exp.data.BatchLoader`'s interface and semantics over a
+    """:class:`~octconv_exp.data.datasets.BatchLoader`'s interface and semantics over a
     :class:`FileSet`: each pass's seeded order is cut into global batches and this rank's
     shard exactly as ``BatchLoader`` cuts it; the batches are decoded by ``workers``
     DataLoader worker processes (0: in this process) and normalised on ``device``.

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 
-from .errors import UserError
+from ..errors import UserError
 from .outputs import flatten as flatten_dict
 
 log = logging.getLogger("octconv_exp")
@@ -216,7 +216,7 @@ class MlflowLogger:
         self.finished = False
         self.run_id = self._previous_run()
         if self.run_id is None:
-            from .model import model_name
+            from ..models.octave import model_name
 
             tags = {"conv": str(cfg.conv.mode), "alpha": str(cfg.alpha),
                     "model": model_name(cfg), "device": str(device or cfg.device),

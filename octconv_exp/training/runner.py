@@ -17,29 +17,30 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, outputs
-from .backends import ipus_needed, make_backend, resolve_device
-from .backends.base import Backend, ResumableLoader
-from .config import validate
-from .data import load_data
-from .data import derived_seed
-from .loggers import NullLogger, make_logger
+from ..backends import distributed
+from ..records import outputs
+from ..backends import ipus_needed, make_backend, resolve_device
+from ..backends.base import Backend, ResumableLoader
+from ..config.schema import validate
+from ..data.datasets import load_data
+from ..data.datasets import derived_seed
+from ..records.loggers import NullLogger, make_logger
 from .checkpoint import (CHECKPOINT_DIR, INFERENCE, LAST, Checkpointer, check_identity,
                          identity, inference_record, mode_for, monitor_for, rng_state,
                          saved_preprocessing, set_rng_state)
 from .checkpoint import load as load_checkpoint
 from .checkpoint import resolve_path as resolve_checkpoint
-from .errors import USER_ERROR_EXIT, Diverged, RunInterrupted, UserError
+from ..errors import USER_ERROR_EXIT, Diverged, RunInterrupted, UserError
 from .evaluation import ConfusionMatrix, write_outputs as write_evaluation_files
 from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 from .rundir import RunDirBusy, RunDirLock
 from .resume import config_for_evaluation, config_for_resume, resume_hint
-from .targets import check_saved_targets
-from .records import provenance
+from ..config.targets import check_saved_targets
+from ..records import provenance
 from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
                    evaluate, send_test_signal, should_stop_early, train_epoch,
                    validate as validate_epoch)
-from .model import (build_model, check_input_size, count_flops_per_image, count_parameters,
+from ..models.octave import (build_model, check_input_size, count_flops_per_image, count_parameters,
                     model_name, theoretical_ratio)
 
 log = logging.getLogger("octconv_exp")
@@ -330,7 +331,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     sets torch's thread count; ``fresh_if_no_checkpoint`` lets resume=true start a job that
     never ran (resuming a sweep); ``explicit`` lists the keys the command line set;
     ``stop`` is the caller's entered :class:`StopRequest`, else this call installs its own;
-    ``gpu_claim`` (a :class:`~octconv_exp.distributed.GpuClaim`): a parallel sweep's job
+    ``gpu_claim`` (a :class:`~octconv_exp.backends.distributed.GpuClaim`): a parallel sweep's job
     takes a GPU of its own. See :class:`RunLifecycle`.
     """
     if stop is None:
@@ -1088,7 +1089,7 @@ def epochs_since(run):
 def model_file(cfg, model, num_classes, data=None):
     """What model.pt holds, and what every checkpoint starts with: the model's identity (which
     check_identity compares), its weights on the host, the run's config and, given the run's
-    ``data``, what reusing the model needs (:func:`~octconv_exp.checkpoint.inference_record`)."""
+    ``data``, what reusing the model needs (:func:`~octconv_exp.training.checkpoint.inference_record`)."""
     record = {} if data is None else {INFERENCE: inference_record(cfg, data)}
     return dict(identity(cfg, num_classes),
                 state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -17,16 +17,16 @@ from typing import Any, List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CONV_MODES = ("vanilla", "octave", "multi-octave")
 DEVICES = ("auto", "cpu", "cuda", "ipu")
 DATASETS = ("cifar10", "synthetic", "image_folder")
 MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
 #: The class each built-in model's YAML (conf/model/) names in its _target_.
-MODEL_TARGETS = {"seed_cnn": "octconv_exp.model.ClassificationModel",
-                 "resnet_cifar": "octconv_exp.resnet.ResNetCifar",
-                 "resnet_imagenet": "octconv_exp.resnet.ResNetImageNet"}
+MODEL_TARGETS = {"seed_cnn": "octconv_exp.models.octave.ClassificationModel",
+                 "resnet_cifar": "octconv_exp.models.resnet.ResNetCifar",
+                 "resnet_imagenet": "octconv_exp.models.resnet.ResNetImageNet"}
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 IPU_ONLY_OPTIMIZERS = ("lamb",)
@@ -156,7 +156,7 @@ class TrainerConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data-parallel runs (torchrun, submitit tasks): octconv_exp/distributed.py."""
+    """Data-parallel runs (torchrun, submitit tasks): octconv_exp/backends/distributed.py."""
 
     # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     backend: str = "auto"
@@ -175,7 +175,7 @@ class SpeedConfig:
     # octconv_exp/backends/native.py COMPILE_MEASURED)
     compile: str = "auto"
     # true | false | auto (true on CPU where malloc is glibc's: freed memory stays mapped, so a
-    # step's tensors do not page-fault; octconv_exp/allocator.py)
+    # step's tensors do not page-fault; octconv_exp/backends/allocator.py)
     malloc: str = "auto"
     autocast_bf16: bool = False  # CUDA: bf16 autocast for the forward pass
     cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest algorithms
@@ -203,14 +203,14 @@ DISTRIBUTED_BACKENDS = ("auto", "gloo", "nccl")
 @dataclass
 class SearchConfig:
     """What a search optimises (hydra/sweeper=octconv_exp_optuna), and the objectives of the
-    Pareto front in a sweep's report: names in octconv_exp.search.OBJECTIVES."""
+    Pareto front in a sweep's report: names in octconv_exp.sweeps.search.OBJECTIVES."""
 
     objectives: List[str] = field(default_factory=lambda: ["accuracy", "flops_per_image"])
 
 
 @dataclass
 class ReportConfig:
-    """The sweep report's figures (octconv_exp/report.py; also python -m octconv_exp.report
+    """The sweep report's figures (octconv_exp/reports/report.py; also python -m octconv_exp.report
     --format/--dpi)."""
 
     # A list of png, pdf, svg (or one of them): each figure is written in every format given.
@@ -273,7 +273,7 @@ class Schema:
 
 
 def register_configs():
-    from . import sweep
+    from ..sweeps import sweep
 
     cs = ConfigStore.instance()
     cs.store(name="octconv_exp_schema", node=Schema)
@@ -403,7 +403,7 @@ def validate(cfg: DictConfig, check_environment=True):
     _require_int("trainer.test_batch_size", t.test_batch_size, 1, "must be a positive integer")
     objectives = OmegaConf.select(cfg, "search.objectives", default=None)
     if objectives is not None:
-        from .search import OBJECTIVES
+        from ..sweeps.search import OBJECTIVES
 
         if len(objectives) == 0:
             raise ConfigError("search.objectives", [], "needs at least one of " + ", ".join(OBJECTIVES))
@@ -440,7 +440,7 @@ def validate(cfg: DictConfig, check_environment=True):
     if scheduler != "none":
         _check_scheduler(cfg.scheduler, float(lr))
 
-    from .loggers import LOGGERS, selected
+    from ..records.loggers import LOGGERS, selected
 
     for name in selected(cfg):
         if name not in LOGGERS:
@@ -451,7 +451,7 @@ def validate(cfg: DictConfig, check_environment=True):
         if str(value) not in ("true", "false", "auto", "True", "False"):
             raise ConfigError(f"speed.{key}", value, "expected one of true, false, auto")
     if cfg.device not in ("cpu", "auto"):  # the CPU's own case is decided when the run starts
-        from .allocator import decide
+        from ..backends.allocator import decide
 
         decide(cfg.speed.get("malloc", "auto"), cfg.device)  # speed.malloc=true: ConfigError
     for key in ("autocast_bf16", "cudnn_benchmark"):
@@ -627,7 +627,7 @@ def estimated_training_bytes(cfg):
     states (4 bytes each), counted on the model built on the meta device (no memory)."""
     import torch
 
-    from .model import ModelConstructorError, build_model, count_parameters
+    from ..models.octave import ModelConstructorError, build_model, count_parameters
 
     try:
         with torch.device("meta"):
@@ -649,7 +649,7 @@ def check_model(cfg):
     configuration, since ``validate`` checks many configs that share one model."""
     import json
 
-    from .model import model_name, model_node
+    from ..models.octave import model_name, model_node
 
     if _skips_code("model._target_", model_node(cfg).get("_target_")):
         return 0
@@ -784,7 +784,7 @@ def _validate_dataset(ds, check_environment):
     if ds.name == "image_folder":
         _require_int("dataset.image_size", ds.get("image_size", 32), 1,
                      "must be a positive integer (pixels per side)")
-        from .streaming import choose_in_memory
+        from ..data.streaming import choose_in_memory
 
         choose_in_memory(ds.get("in_memory", "auto"), 0, 1, ds.get("max_memory_gb", 4))
         _require_int("dataset.workers", ds.get("workers", 2), 0, "must be an integer >= 0")
@@ -812,7 +812,7 @@ EARLY_STOPPING_MODES = ("max", "min")
 def _validate_early_stopping(cfg):
     """trainer.early_stopping (patience, monitor, mode, min_delta) and trainer.test_on: a
     validation monitor needs a validation split."""
-    from .loop import MONITORS
+    from ..training.loop import MONITORS
 
     test_on = OmegaConf.select(cfg, "trainer.test_on", default="best")
     if test_on not in TEST_ON:

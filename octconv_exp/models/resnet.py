@@ -7,15 +7,15 @@ Two families, both plain classifiers (``forward(x)`` returns logits):
 * :class:`ResNetImageNet`: the bottleneck networks (depth 26, 50, 101, 152) in torchvision's
   v1.5 layout (the stride in the 3x3 convolution).
 
-One ``conv_mode`` and one ``alpha`` pick the convolutions, as in :mod:`octconv_exp.model`:
+One ``conv_mode`` and one ``alpha`` pick the convolutions, as in :mod:`octconv_exp.models.octave`:
 
 * ``"vanilla"``: ``nn.Conv2d`` everywhere (strided convolutions as torchvision has them);
 * ``"octave"``: ``octconv.OctConv2d`` (a stride-2 octave convolution average-pools its input,
   then convolves with stride 1);
-* ``"multi-octave"``: :class:`~octconv_exp.model.FusedOctConv2d` (same parameters and state-dict
+* ``"multi-octave"``: :class:`~octconv_exp.models.octave.FusedOctConv2d` (same parameters and state-dict
   names as ``OctConv2d``), or, when a ``parallel_scope`` is given (the IPU backend's
   ``poptorch.MultiConv`` factory), ``octconv.OctConv2d`` with ``parallel_scope(conv)`` entered
-  around every octave convolution call, exactly as :class:`~octconv_exp.model.OctaveBlock` does.
+  around every octave convolution call, exactly as :class:`~octconv_exp.models.octave.OctaveBlock` does.
 
 A convolution whose alpha_in and alpha_out are both 0 is an ordinary ``nn.Conv2d`` in every mode
 (an octave convolution with no low-frequency side is one), except that in the octave modes a
@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import batchnorm
-from .model import FusedOctConv2d, check_octave_split, octave_cost
+from .octave import FusedOctConv2d, check_octave_split, octave_cost
 
 CONV_MODES = ("vanilla", "octave", "multi-octave")
 CIFAR_EXAMPLE_DEPTHS = (20, 32, 44, 56, 110)
@@ -142,7 +142,7 @@ class OctBatchNorm2d(nn.Module):
     tuple separately (octconv's split of ``channels`` by ``alpha``).
 
     ``narrow=True`` (multi-octave on CPU/GPU) runs each through
-    :func:`octconv_exp.batchnorm.batch_norm`: the same BatchNorm, faster for channels-last CPU
+    :func:`octconv_exp.models.batchnorm.batch_norm`: the same BatchNorm, faster for channels-last CPU
     tensors with few channels (not a multiple of 16). Same modules and state dict either way."""
 
     def __init__(self, high_channels, low_channels, narrow=False):

@@ -17,12 +17,12 @@ import signal
 import sys
 import threading
 
-from .errors import USER_ERROR_EXIT, UserError
-from .stopping import PROCESS
+from ..errors import USER_ERROR_EXIT, UserError
+from ..training.stopping import PROCESS
 
 log = logging.getLogger("octconv_exp")
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
@@ -65,7 +65,7 @@ def describe_composition_error(exc):
 def suggest_keys(cause):
     """For an unknown key: the closest keys that exist beside it, else where a key of that
     name lives (never ``+key``: a key the code does not read does nothing)."""
-    from .keys import not_read
+    from ..config.keys import not_read
 
     parent = getattr(cause, "parent_node", None)
     key = str(getattr(cause, "key", "") or str(cause.full_key).rsplit(".", 1)[-1])
@@ -216,7 +216,7 @@ PATH_KEYS = ("ckpt_path", "hydra.run.dir", "hydra.sweep.dir", "profile_dir", "da
 
 def quote_paths(argv, multirun):
     """argv with the values of :data:`PATH_KEYS` quoted for Hydra's override parser."""
-    from .resume import hydra_quoted
+    from ..training.resume import hydra_quoted
 
     out = []
     for arg in argv:
@@ -239,7 +239,7 @@ def check_override_grammar(overrides, multirun):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    from .resume import hydra_quoted
+    from ..training.resume import hydra_quoted
 
     parser = OverridesParser.create()
     for text in overrides:
@@ -354,7 +354,7 @@ def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
     :class:`Launch`: the argv Hydra should see (path values quoted, attempt files kept apart,
     a resume's recorded group options added)."""
-    from .rundir import describe, live_holder, record_in_the_way
+    from ..training.rundir import describe, live_holder, record_in_the_way
     from hydra import compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -382,7 +382,7 @@ def preflight(argv):
             recorded = recorded_groups(overrides)
             overrides = recorded + overrides
         argv = flags + overrides
-    from .presets import group_options_in_search_path, hydra_like_run
+    from ..config.presets import group_options_in_search_path, hydra_like_run
 
     if args.config_dir and not os.path.isdir(args.config_dir):
         fail(f"--config-dir {args.config_dir}: not a directory (it adds a folder of your own "
@@ -410,7 +410,7 @@ def preflight(argv):
                 full = compose(config_name=config_name, overrides=combos[0],
                                return_hydra_config=True)
                 check_output_dir(full, args.multirun)
-                from .distributed import launched_rank
+                from ..backends.distributed import launched_rank
 
                 if not args.multirun and launched_rank() == 0:  # rank 0 holds the lock
                     from omegaconf import OmegaConf
@@ -436,7 +436,7 @@ def _compose_and_validate(overrides, config_name, check, note=""):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import validate
+    from ..config.schema import validate
 
     try:
         cfg = compose(config_name=config_name, overrides=overrides)
@@ -445,7 +445,7 @@ def _compose_and_validate(overrides, config_name, check, note=""):
     except (HydraException, OmegaConfBaseException) as exc:  # also a broken ${...}
         fail(describe_composition_error(exc) + note)
     except UnicodeDecodeError as exc:  # a binary file where a YAML option should be
-        from .presets import undecodable_files
+        from ..config.presets import undecodable_files
 
         files = undecodable_files(overrides) or ["a config file"]
         fail(f"{files[0]}: not a YAML text file (not UTF-8: {exc.reason} at byte {exc.start}); "
@@ -461,7 +461,7 @@ def _validate_sweep_values(overrides, combos, config_name, composed):
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .presets import group_options_in_search_path, sweep_choices
+    from ..config.presets import group_options_in_search_path, sweep_choices
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     groups = {}
@@ -539,16 +539,16 @@ def run_task(cfg, recorded_overrides=()):
 
     A single run ends a failed run with one line and exit status 2. In a multirun, a failed
     or diverged job is recorded in its metrics.json and the sweep goes on; the sweep report
-    (octconv_exp.report.SweepReport) then exits non-zero, naming the failed jobs. A run holds
+    (octconv_exp.reports.report.SweepReport) then exits non-zero, naming the failed jobs. A run holds
     its dir's lock while it runs; a refused resume or evaluation leaves the dir's record
     (metrics.json, epochs.csv, .hydra/) as it was.
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from .distributed import GpuClaim
-    from .resume import explicit_keys
-    from .runner import Outcome, RunLifecycle
-    from .stopping import StopRequest, marker_signal
+    from ..backends.distributed import GpuClaim
+    from ..training.resume import explicit_keys
+    from ..training.runner import Outcome, RunLifecycle
+    from ..training.stopping import StopRequest, marker_signal
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
@@ -584,12 +584,12 @@ def run_task(cfg, recorded_overrides=()):
 
 
 def report_ending(ending, cfg, output_dir, hydra_cfg, multirun):
-    """What run.py's task function does with a run's :class:`~octconv_exp.runner.Ending`:
+    """What run.py's task function does with a run's :class:`~octconv_exp.training.runner.Ending`:
     returns the sweeper's value for a completed run; otherwise one line (a sweep's job:
     naming the job, and the sweep goes on with None) and, for a single run, its exit status.
     A programming error in a single run is raised again with its traceback."""
-    from .distributed import launched_rank
-    from .runner import Outcome
+    from ..backends.distributed import launched_rank
+    from ..training.runner import Outcome
 
     if ending.outcome is Outcome.COMPLETED:
         log.info("Outputs in %s", output_dir)
@@ -616,7 +616,7 @@ def task_value(cfg, metrics, hydra_cfg):
         return metrics.get("test_accuracy")
     from omegaconf import OmegaConf
 
-    from .search import objective_values
+    from ..sweeps.search import objective_values
 
     objectives = OmegaConf.select(cfg, "search.objectives", default=None) or ["accuracy"]
     return objective_values(metrics, list(objectives))
