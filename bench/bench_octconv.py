@@ -24,8 +24,8 @@ from _shared import interleaved, warm, write_results  # noqa: E402
 from octconv_exp.backends.native import use_channels_last  # noqa: E402
 from octconv_exp.data.datasets import BatchLoader, make_synthetic  # noqa: E402
 from octconv_exp.training.loop import train_epoch  # noqa: E402
-from octconv_exp.models.octave import (ClassificationModel, FusedOctConv2d, count_flops_per_image,  # noqa: E402
-                               octave_cost, theoretical_flops_ratio)
+from octconv_exp.models.flops import count_flops_per_image, seed_cnn_flops_ratio  # noqa: E402
+from octconv_exp.models.octave import ClassificationModel, FusedOctConv2d, octave_cost  # noqa: E402
 from octconv_exp.models.resnet import ResNetCifar, ResNetImageNet  # noqa: E402
 
 MODES = ("vanilla", "octave", "multi-octave")
@@ -132,7 +132,7 @@ def model_grid(device, args):
                 "train_time_ratio": t_train[name] / t_train["vanilla"],
                 "inference_time_ratio": t_infer[name] / t_infer["vanilla"],
                 "flops_ratio": flops / vanilla_flops,
-                "theoretical_ratio": theoretical_flops_ratio(mode, alpha or 0.0, expansion),
+                "theoretical_ratio": seed_cnn_flops_ratio(mode, alpha or 0.0, expansion),
             })
     return results
 

@@ -1,8 +1,9 @@
 """octconv-exp: a Hydra-configured experiment framework for Octave Convolution."""
 import warnings
 
-__version__ = "0.1.0"
-__all__ = ["load_model", "LoadedModel"]
+from .version import __version__
+
+__all__ = ["__version__", "load_model", "LoadedModel"]
 
 # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml deliberately take the place of
 # the launcher plugins' configs of the same names, to carry our defaults; Hydra still validates

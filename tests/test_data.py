@@ -11,8 +11,8 @@ import torchvision
 from omegaconf import OmegaConf
 
 from conftest import write_cifar_fixture
-from octconv_exp.data.datasets import (CIFAR10_MEAN, CIFAR10_STD, BatchLoader, ImageSet, load_cifar10,
-                              load_data, load_image_folder, make_synthetic)
+from octconv_exp.data.datasets import CIFAR10_MEAN, CIFAR10_STD, BatchLoader, ImageSet, load_cifar10, make_synthetic
+from octconv_exp.data.loading import load_data, load_image_folder
 from octconv_exp.errors import UserError
 
 

@@ -14,7 +14,8 @@ import torch
 
 from conftest import (SYNTHETIC_64_BATCH_8, compose_config as compose, file_sha256, run_cli,
                       write_cifar_fixture, write_image_folder)
-from octconv_exp.data.datasets import load_cifar10, load_image_folder
+from octconv_exp.data.datasets import load_cifar10
+from octconv_exp.data.loading import load_image_folder
 from octconv_exp.errors import ConfigError, UserError
 from octconv_exp.data.streaming import scan_image_folder
 

@@ -511,7 +511,7 @@ def test_ipu_stopped_inside_an_epoch_resumes_from_the_last_whole_one(tmp_path):
 
 def test_data_order_follows_the_seed_in_the_loader_worker(poptorch):
     from octconv_exp.backends.ipu import SeededEpochSampler
-    from octconv_exp.data.datasets import load_data
+    from octconv_exp.data.loading import load_data
 
     def first_labels(seed, first_epoch=1, passes=1):
         backend, cfg = _backend(poptorch, "dataset=synthetic", "dataset.train_size=96",
@@ -761,7 +761,8 @@ def test_ipu_loaders_send_uint8_and_yield_the_normalised_batches(poptorch):
     bytes, issue 26.6) and are normalised per batch: the batches are the numbers the whole
     set normalised at once gave."""
     from octconv_exp.backends.ipu import IpuBackend
-    from octconv_exp.data.datasets import Normalise, load_data
+    from octconv_exp.data.datasets import Normalise
+    from octconv_exp.data.loading import load_data
 
     cfg = compose("device=ipu", "ipu.use_ipu_model=true", "dataset=synthetic",
                   "dataset.train_size=64", "dataset.test_size=37", "trainer.batch_size=8",

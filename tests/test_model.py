@@ -221,7 +221,8 @@ def test_channels_last_gives_the_same_results(mode):
 
 
 def test_flops_counted_and_theoretical():
-    from octconv_exp.models.octave import count_flops_per_image, octave_cost, theoretical_flops_ratio
+    from octconv_exp.models.flops import count_flops_per_image, seed_cnn_flops_ratio
+    from octconv_exp.models.octave import octave_cost
 
     vanilla = count_flops_per_image(ClassificationModel("vanilla", 0.5, 1))
     assert vanilla == 2 * (3 * 16 * 9 * 32 * 32 + 16 * 32 * 9 * 16 * 16 + 32 * 16 * 9 * 8 * 8
@@ -230,7 +231,7 @@ def test_flops_counted_and_theoretical():
         for mode in ("octave", "multi-octave"):
             counted = count_flops_per_image(ClassificationModel(mode, alpha, 1)) / vanilla
             # alpha*16 and alpha*32 are whole channel counts here, so the split is exact.
-            assert counted == pytest.approx(theoretical_flops_ratio(mode, alpha, 1), rel=1e-9)
+            assert counted == pytest.approx(seed_cnn_flops_ratio(mode, alpha, 1), rel=1e-9)
     assert [round(octave_cost(a, a), 2) for a in (0.125, 0.25, 0.5, 0.75)] == [0.82, 0.67, 0.44, 0.30]
 
 
@@ -238,7 +239,7 @@ def test_flop_counter_needs_only_torch_2_0_and_agrees_with_torchs():
     """FlopCounter (a TorchFunctionMode, torch >= 2.0) counts convolutions called as modules or
     functionally, linear layers and matrix products; where torch has its own counter
     (torch.utils.flop_counter, torch >= 2.1) both give the same numbers."""
-    from octconv_exp.models.octave import FlopCounter, count_flops_per_image
+    from octconv_exp.models.flops import FlopCounter, count_flops_per_image
 
     x, w = torch.zeros(2, 3, 8, 8), torch.zeros(4, 3, 3, 3)
     with FlopCounter() as counter:

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from octconv_exp.models.octave import (FusedOctConv2d, count_flops_per_image, count_parameters,
-                               octave_branches, octave_cost)
+from octconv_exp.models.flops import count_flops_per_image
+from octconv_exp.models.octave import FusedOctConv2d, count_parameters, octave_branches, octave_cost
 from octconv_exp.models.resnet import (ConvBN, ConvSpec, FreqApply, FreqGlobalAvgPool, FreqReLU,
                                 OctBatchNorm2d, PooledConv2d, ResNetCifar, ResNetImageNet,
                                 freq_add, make_conv, octave_cost_strided, spec_flops,

@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, SYNTHETIC_200_ONE_EPOCH, read_metrics, run_cli, write_image_folder
-from octconv_exp.data.datasets import SYNTHETIC_CLASSES, load_data, make_synthetic
+from octconv_exp.data.datasets import SYNTHETIC_CLASSES, make_synthetic
+from octconv_exp.data.loading import load_data
 from octconv_exp.errors import UserError
 from octconv_exp.config.targets import check_saved_targets
 

@@ -489,7 +489,7 @@ def test_a_sweep_resumes_job_by_job(tmp_path):
 
 def test_validate_in_parallel_reports_the_same_lines_in_the_same_order():
     from octconv_exp.config import schema as config  # noqa: F401  (schema)
-    from octconv_exp.cli.preflight import CONFIG_DIR, CONFIG_NAME
+    from octconv_exp.config.presets import CONFIG_DIR, CONFIG_NAME
     from octconv_exp.cli.validate import check_all
 
     combos = [(f"alpha={a} conv={c}", [f"alpha={a}", f"conv={c}"])
@@ -762,7 +762,7 @@ def test_a_run_dir_path_too_long_is_refused_before_anything_is_written(tmp_path)
 
 
 def test_job_names_of_a_sweep_over_many_keys_fit_a_file_name():
-    from octconv_exp.sweeps.sweep import MAX_NAME_BYTES, config_name
+    from octconv_exp.config.resolvers import MAX_NAME_BYTES, config_name
 
     overrides = [f"optimizer.some_rather_long_argument_name_{i}={i / 7:.6f}" for i in range(12)]
     name = config_name(overrides)

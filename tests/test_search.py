@@ -9,7 +9,7 @@ import optuna  # requirements.txt installs it; the plugin pins <3
 
 from conftest import (SYNTHETIC_160_ONE_EPOCH, compose_config, only_error_line, optuna_study,
                       run_cli)
-from octconv_exp.sweeps.search import directions, objective_values, pareto_front
+from octconv_exp.records.objectives import directions, objective_values, pareto_front
 
 
 def test_pareto_front_keeps_the_non_dominated_points():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from octconv_exp.data.datasets import (BatchLoader, ImageSet, derived_seed, load_image_folder,
-                              split_validation)
+from octconv_exp.data.datasets import BatchLoader, ImageSet, derived_seed, split_validation
+from octconv_exp.data.loading import load_image_folder
 from octconv_exp.errors import ConfigError, UserError
 from octconv_exp.data.streaming import (FileSet, ImageFileFolder, StreamingLoader, choose_in_memory,
                                    crop_params, decode_augmented, decoded_bytes, file_stats,
@@ -387,7 +387,7 @@ def test_auto_streams_a_folder_over_max_memory_gb_and_says_so(tmp_path, caplog):
     import logging
 
     from conftest import compose_config, write_image_folder
-    from octconv_exp.data.datasets import load_data
+    from octconv_exp.data.loading import load_data
 
     root = write_image_folder(str(tmp_path / "folder"), per_class=(8, 3), size=32)
     caplog.set_level(logging.INFO, logger="octconv_exp")

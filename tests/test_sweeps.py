@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO, SYNTHETIC_400_ONE_EPOCH, read_csv, read_metrics, run_cli
 from octconv_exp.reports import report
-from octconv_exp.sweeps.sweep import config_name, dedupe_vanilla
+from octconv_exp.config.resolvers import config_name
+from octconv_exp.sweeps.sweep import dedupe_vanilla
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from conftest import (SYNTHETIC_600_CPU, compose_config as compose, DOUBLE, read_epochs,
                       read_metrics, run_cli)
 from octconv_exp.data.datasets import (BatchLoader, ImageSet, augment_batch, augmentation_generator,
-                              load_data, make_synthetic, split_validation)
+                                       make_synthetic, split_validation)
+from octconv_exp.data.loading import load_data
 from octconv_exp.errors import ConfigError, UserError
 
 

@@ -28,11 +28,6 @@ def poptorch_available():
     return True
 
 
-def ipus_needed(cfg):
-    """The IPUs a run needs: one per replica (the model is not pipelined over several)."""
-    return int(cfg.ipu.replicas)
-
-
 def resolve_device(requested, ipus_needed=1):
     """auto -> ipu (PopTorch and the IPUs the run needs present) | cuda | cpu; explicit
     choices are checked."""

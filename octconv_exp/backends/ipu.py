@@ -35,11 +35,11 @@ from omegaconf import OmegaConf
 
 from . import distributed
 from ..data.datasets import Normalise, augment_batch, augmentation_generator, shard_of
-from ..config.schema import OCTAVE_BRANCHES, check_ipu_profiling, check_ipu_training
+from .checks import check_ipu_profiling, check_ipu_training, ipus_needed
 from ..errors import UserError
-from . import ipus_needed
 from .base import Backend
 from ..models.octave import build_model, octave_branches
+from ..models.spec import OCTAVE_BRANCHES
 
 POPTORCH_INSTALL_HINT = (
     "device=ipu needs PopTorch, which ships with Graphcore's Poplar SDK (it is not on PyPI): "

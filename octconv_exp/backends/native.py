@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from . import allocator, distributed
-from ..config.schema import check_optimizer_for_device
+from .checks import check_optimizer_for_device
 from ..data.datasets import BatchLoader
 from ..models.octave import build_model, model_name
 from .base import Backend

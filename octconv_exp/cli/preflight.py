@@ -17,13 +17,12 @@ import signal
 import sys
 import threading
 
+from ..config.presets import CONFIG_NAME, GROUPS
 from ..errors import USER_ERROR_EXIT, UserError
 from ..training.stopping import PROCESS
 
 log = logging.getLogger("octconv_exp")
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
-CONFIG_NAME = "config"
 MAX_PREFLIGHT_COMBINATIONS = 256
 
 
@@ -74,8 +73,6 @@ def suggest_keys(cause):
         root = parent._get_root() if parent is not None else None
     except Exception:  # noqa: BLE001 - a node we cannot list: no suggestion
         keys, root = [], None
-    from .validate import GROUPS
-
     groups = [g for g in GROUPS + ("experiment",)
               if g not in keys] if "." not in str(cause.full_key) else []
     full_key = str(cause.full_key)
@@ -616,7 +613,7 @@ def task_value(cfg, metrics, hydra_cfg):
         return metrics.get("test_accuracy")
     from omegaconf import OmegaConf
 
-    from ..sweeps.search import objective_values
+    from ..records.objectives import objective_values
 
     objectives = OmegaConf.select(cfg, "search.objectives", default=None) or ["accuracy"]
     return objective_values(metrics, list(objectives))

@@ -29,11 +29,9 @@ import multiprocessing
 import os
 import sys
 
-from .preflight import CONFIG_DIR, CONFIG_NAME, describe_composition_error, group_options
-from ..config.presets import hydra_like_run
+from ..config.presets import CONFIG_DIR, CONFIG_NAME, GROUPS, hydra_like_run
+from .preflight import describe_composition_error, group_options
 
-#: Groups whose options interact: every combination is composed.
-GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
 #: Groups whose options do not touch the training configuration: each option once.
 SINGLE_GROUPS = ("logger", "search")
 

@@ -17,7 +17,7 @@ def _sources():
         return [s for s in hydra.config_loader().get_sources() if s.scheme() != _STRUCTURED]
     from hydra._internal.core_plugins.file_config_source import FileConfigSource
 
-    from ..cli.preflight import CONFIG_DIR
+    from .presets import CONFIG_DIR
 
     return [FileConfigSource(provider="main", path=CONFIG_DIR)]
 

@@ -58,7 +58,7 @@ def shipped_places(leaf):
 def _index_shipped():
     import yaml
 
-    from ..cli.preflight import CONFIG_DIR
+    from .presets import CONFIG_DIR
 
     index = {}
     for group in sorted(os.listdir(CONFIG_DIR)):

@@ -21,6 +21,12 @@ from ..errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: run.py's file: Hydra resolves a relative --config-path against its folder.
 RUN_PY = os.path.join(REPO, "run.py")
+#: The primary config: conf/config.yaml.
+CONFIG_DIR = os.path.join(REPO, "conf")
+CONFIG_NAME = "config"
+#: Groups whose options interact (``python -m octconv_exp.validate`` composes every
+#: combination; a key that is not read may be meant as one of them).
+GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
 
 
 def search_path(config_path="conf", config_dir=None):

@@ -17,30 +17,28 @@ from typing import Any, List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ..backends.checks import check_ipu_profiling, check_ipu_training, check_optimizer_for_device
 from ..errors import ConfigError
+from . import resolvers
+from ..models.spec import OCTAVE_BRANCHES, split_high_low
 
 CONV_MODES = ("vanilla", "octave", "multi-octave")
 DEVICES = ("auto", "cpu", "cuda", "ipu")
 DATASETS = ("cifar10", "synthetic", "image_folder")
 MODELS = ("seed_cnn", "resnet_cifar", "resnet_imagenet")
-#: The class each built-in model's YAML (conf/model/) names in its _target_.
-MODEL_TARGETS = {"seed_cnn": "octconv_exp.models.octave.ClassificationModel",
-                 "resnet_cifar": "octconv_exp.models.resnet.ResNetCifar",
-                 "resnet_imagenet": "octconv_exp.models.resnet.ResNetImageNet"}
 # optimizer name -> torch.optim class the YAML's _target_ must point at (native backend).
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
-IPU_ONLY_OPTIMIZERS = ("lamb",)
 SCHEDULERS = ("none", "cosine", "step", "multistep")
 MULTI_CONV_PLAN_TYPES = ("parallel", "serial")
 PARTIALS_TYPES = ("float", "half")
 OUTPUT_MODES = ("default", "final", "all", "sum")
-OCTAVE_BRANCHES = ("h2h", "h2l", "l2l", "l2h")  # octconv's execution order
 #: The sweep report's figure formats (report.format), and the default: a PNG to look at,
 #: a PDF for the paper.
 REPORT_FORMATS = ("png", "pdf", "svg")
 DEFAULT_REPORT_FORMATS = ("png", "pdf")
 DEFAULT_REPORT_DPI = 200
 REPORT_DPI_RANGE = (50, 1200)
+
 
 
 @dataclass
@@ -203,7 +201,7 @@ DISTRIBUTED_BACKENDS = ("auto", "gloo", "nccl")
 @dataclass
 class SearchConfig:
     """What a search optimises (hydra/sweeper=octconv_exp_optuna), and the objectives of the
-    Pareto front in a sweep's report: names in octconv_exp.sweeps.search.OBJECTIVES."""
+    Pareto front in a sweep's report: names in octconv_exp.records.objectives.OBJECTIVES."""
 
     objectives: List[str] = field(default_factory=lambda: ["accuracy", "flops_per_image"])
 
@@ -273,8 +271,6 @@ class Schema:
 
 
 def register_configs():
-    from ..sweeps import sweep
-
     cs = ConfigStore.instance()
     cs.store(name="octconv_exp_schema", node=Schema)
     for name, schema in DATASET_SCHEMAS.items():
@@ -282,7 +278,7 @@ def register_configs():
     cs.store(group="hydra/sweeper", name="octconv_exp", node={
         "_target_": "hydra_plugins.octconv_exp_sweeper.dedup_sweeper.DedupSweeper",
         "max_batch_size": None, "params": None})
-    sweep.register()
+    resolvers.register()
     register_optuna_sweeper(cs)
 
 
@@ -307,29 +303,6 @@ def register_optuna_sweeper(cs):
 register_configs()
 
 
-def recorded_model_name(node, legacy=False):
-    """The model as the log, metrics.json, checkpoints, MLflow and sweep reports name it
-    (``node``: the model config as a dict): a built-in model by its name (``seed_cnn``,
-    ``resnet_cifar-20``, ``-w2`` for width 2), a user model by the ``model.name`` its user
-    gave, else by its class, ``module.Class``. A built-in's name beside another class is the
-    YAML's default left over (``model._target_=my_research.TinyNet`` keeps seed_cnn's
-    ``name``): it would mix the user's runs with the built-in's, so the class names it.
-    ``legacy``: the name before that rule (checkpoints written then carry it)."""
-    target, name = node.get("_target_"), node.get("name")
-    if legacy:
-        name = str(name or str(target).rpartition(".")[2])
-    elif name is None or (target is not None and MODEL_TARGETS.get(name, target) != target):
-        name = None if target is None else str(target)
-    if name is None:
-        return None
-    name = str(name)
-    if "depth" in node:
-        name += f"-{node['depth']}"
-    if node.get("width", 1) not in (1, None):
-        name += f"-w{node['width']}"
-    return name
-
-
 # --------------------------------------------------------------------------------------------
 # Validation
 
@@ -338,12 +311,6 @@ def channel_splits(expansion):
     """The channel counts of every octave layer output/input that gets split by alpha."""
     c = 16 * expansion
     return sorted({c, 2 * c})
-
-
-def split_high_low(channels, alpha):
-    """octconv's split: int((1 - alpha) * C) high-frequency channels, the rest low."""
-    high = int((1 - alpha) * channels)
-    return high, channels - high
 
 
 def _is_number(value):
@@ -403,7 +370,7 @@ def validate(cfg: DictConfig, check_environment=True):
     _require_int("trainer.test_batch_size", t.test_batch_size, 1, "must be a positive integer")
     objectives = OmegaConf.select(cfg, "search.objectives", default=None)
     if objectives is not None:
-        from ..sweeps.search import OBJECTIVES
+        from ..records.objectives import OBJECTIVES
 
         if len(objectives) == 0:
             raise ConfigError("search.objectives", [], "needs at least one of " + ", ".join(OBJECTIVES))
@@ -712,35 +679,6 @@ def check_model_fits_in_memory(cfg):
                           f"free; use a smaller {what}, or device=cpu")
 
 
-def check_optimizer_for_device(name):
-    """For CPU/GPU runs (also device=auto once it resolved to one): no IPU-only optimizer."""
-    if name in IPU_ONLY_OPTIMIZERS:
-        raise ConfigError("optimizer", name, "is only available on IPUs (poptorch.optim); use "
-                          "device=ipu or choose sgd, adam, adamw or rmsprop")
-
-
-def check_ipu_profiling(cfg):
-    """For IPU runs (also device=auto once it resolved to one): profiling needs a fresh
-    compilation, which a cached executable skips."""
-    if cfg.profile_dir is not None and cfg.ipu.cache_dir is not None:
-        raise ConfigError("profile_dir", cfg.profile_dir,
-                          "cannot be combined with ipu.cache_dir (profiling needs a fresh "
-                          "compilation); unset one of them")
-
-
-def check_ipu_training(cfg):
-    """For IPU runs (also device=auto once it resolved to one): what a compiled IPU training
-    model cannot do."""
-    if not cfg.trainer.drop_last:
-        # PopTorch >= 3.2 re-batches an Async loader with drop_last=False and hands out a
-        # smaller last batch (poptorch 3.4 python/__init__.py, DataLoader.__init__ /
-        # __len__), which a training executable compiled for the combined batch cannot take.
-        raise ConfigError("trainer.drop_last", "false",
-                          "a compiled IPU training model takes whole combined batches only "
-                          "(trainer.batch_size x ipu.device_iterations x ipu.replicas x "
-                          "ipu.gradient_accumulation); use trainer.drop_last=true on device=ipu")
-
-
 def _validate_dataset(ds, check_environment):
     custom = "_target_" in list(ds.keys())
     if ds.get("name") not in DATASETS and not custom:
@@ -807,13 +745,14 @@ def _validate_dataset(ds, check_environment):
 
 TEST_ON = ("best", "last")
 EARLY_STOPPING_MODES = ("max", "min")
+#: What best.pt and metrics.json's best_epoch follow (trainer.early_stopping.monitor; by
+#: default the validation accuracy with a validation split, else the training loss).
+MONITORS = ("val_accuracy", "val_loss", "train_loss")
 
 
 def _validate_early_stopping(cfg):
     """trainer.early_stopping (patience, monitor, mode, min_delta) and trainer.test_on: a
     validation monitor needs a validation split."""
-    from ..training.loop import MONITORS
-
     test_on = OmegaConf.select(cfg, "trainer.test_on", default="best")
     if test_on not in TEST_ON:
         raise ConfigError("trainer.test_on", test_on, "expected one of " + ", ".join(TEST_ON))

@@ -15,10 +15,9 @@ import octconv
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from . import batchnorm
-from ..config.schema import OCTAVE_BRANCHES, split_high_low
+from .spec import LEGACY_MODEL_TARGETS, OCTAVE_BRANCHES, recorded_model_name, split_high_low
 
 
 def make_conv_block(in_channels, out_channels):
@@ -286,6 +285,7 @@ def model_class(node):
     import importlib
 
     target = node.get("_target_")
+    target = LEGACY_MODEL_TARGETS.get(target, target) if isinstance(target, str) else target
     module, _, name = str(target).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -297,9 +297,7 @@ def model_class(node):
 def model_name(cfg, legacy=False):
     """The model as the run's record names it: ``seed_cnn``, ``resnet_cifar-20``,
     ``resnet_imagenet-50`` (with ``-w2`` for width 2), or a user model's ``model.name``, else
-    its class (``module.Class``): :func:`octconv_exp.config.schema.recorded_model_name`."""
-    from ..config.schema import recorded_model_name
-
+    its class (``module.Class``): :func:`recorded_model_name`."""
     return recorded_model_name(model_node(cfg), legacy=legacy)
 
 
@@ -386,85 +384,9 @@ def check_input_size(model, image_shape):
                          f"and the data set has {image_shape[-2]}x{image_shape[-1]}")
 
 
-def theoretical_ratio(model, cfg, image_shape, num_classes):
-    """The model's FLOPs relative to vanilla if channels split exactly by alpha: the seed CNN's
-    formula, a model's ``conv_specs`` (the ResNets), else None (a model we cannot read)."""
-    net = model.net if isinstance(model, WithLoss) else model
-    if isinstance(net, ClassificationModel):
-        return theoretical_flops_ratio(cfg.conv.mode, float(cfg.alpha), int(cfg.expansion),
-                                       num_classes)
-    if hasattr(net, "conv_specs"):
-        from .resnet import theoretical_flops_ratio as from_specs
-
-        return from_specs(net.conv_specs(tuple(image_shape[-2:])))
-    return None
-
-
-class FlopCounter(TorchFunctionMode):
-    """Counts the FLOPs (2 per multiply-add) of the convolutions and matrix products run inside
-    it, as ``torch.utils.flop_counter.FlopCounterMode`` does (bias adds, normalisation, pooling
-    and activations not counted), but built on ``torch.overrides.TorchFunctionMode`` alone, so
-    it gives the same numbers on torch 2.0.1 (which Poplar SDK 3.3/3.4 pin and which has no
-    flop_counter) and on the newest torch. A torch function mode sees functional calls too
-    (``F.conv2d`` in :class:`FusedOctConv2d`), which module hooks would miss."""
-
-    CONVS = (torch.conv1d, torch.conv2d, torch.conv3d)
-    LINEAR = (torch._C._nn.linear, F.linear)
-    MATMULS = (torch.mm, torch.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
-               torch.Tensor.mm, torch.Tensor.bmm)
-    ADDMMS = (torch.addmm, torch.Tensor.addmm, torch.baddbmm)
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in self.CONVS:
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            # out: N x C_out x spatial; weight: C_out x C_in/groups x kernel
-            self.total += 2 * out.numel() * weight[0].numel()
-        elif func in self.LINEAR:
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.total += 2 * out.numel() * weight.shape[-1]
-        elif func in self.MATMULS:
-            self.total += 2 * out.numel() * args[0].shape[-1]
-        elif func in self.ADDMMS:
-            self.total += 2 * out.numel() * args[1].shape[-1]
-        return out
-
-
-def count_flops_per_image(model, image_shape=(3, 32, 32)):
-    """FLOPs of one forward pass of one image (:class:`FlopCounter`: 2 per multiply-add)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounter() as counter, torch.no_grad():
-            model(torch.zeros(1, *image_shape, device=device))
-    finally:
-        model.train(was_training)
-    return int(counter.total)
-
-
 def octave_cost(alpha_in, alpha_out):
     """Cost of an octave convolution relative to a plain one with the same channels: the four
     branches, the ones touching the low-frequency half running at a quarter of the pixels.
     For alpha_in = alpha_out = a this is 1 - 3/4 * a * (2 - a)."""
     return ((1 - alpha_in) * (1 - alpha_out) + (1 - alpha_in) * alpha_out / 4
             + alpha_in * (1 - alpha_out) / 4 + alpha_in * alpha_out / 4)
-
-
-def theoretical_flops_ratio(conv_mode, alpha, expansion, num_classes=10):
-    """The whole model's FLOPs relative to vanilla if channels split exactly by alpha."""
-    if conv_mode == "vanilla":
-        return 1.0
-    c = 16 * expansion
-    # (in, out, pixels, alpha_in, alpha_out) of the three convolutions, 3x3 kernels.
-    layers = [(3, c, 32 * 32, 0.0, alpha), (c, 2 * c, 16 * 16, alpha, alpha),
-              (2 * c, c, 8 * 8, alpha, 0.0)]
-    conv = [2 * 9 * cin * cout * px for cin, cout, px, _, _ in layers]
-    head = 2 * c * 4 * 4 * num_classes
-    octave = sum(f * octave_cost(a_in, a_out) for f, (_, _, _, a_in, a_out) in zip(conv, layers))
-    return (octave + head) / (sum(conv) + head)

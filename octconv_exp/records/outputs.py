@@ -8,6 +8,7 @@ import tempfile
 from importlib import metadata
 
 from ..errors import UserError
+from ..version import __version__
 
 METRICS_FILE = "metrics.json"
 EPOCHS_FILE = "epochs.csv"
@@ -120,8 +121,6 @@ def package_versions():
             if dist == "poptorch":
                 continue  # only present inside a Poplar SDK environment
             versions[dist] = None
-    from .. import __version__
-
     versions["octconv_exp"] = __version__
     return versions
 

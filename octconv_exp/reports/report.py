@@ -32,8 +32,8 @@ from ..config.schema import REPORT_FORMATS, report_settings
 from ..records.outputs import METRICS_FILE, atomic_write, flatten, write_text_atomic
 from . import latex
 from .stats import ci95_half_width
-from ..sweeps.sweep import (DEFAULT_MODEL, NOISE_KEYS, PLAN_CONFIG_KEYS, PLAN_FILE, SEED_KEY, config_name,
-                    model_name, read_plan, split_override)
+from ..config.resolvers import NOISE_KEYS, SEED_KEY, config_name, split_override
+from ..sweeps.sweep import DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, model_name, read_plan
 
 CONV_ORDER = {"vanilla": 0, "octave": 1, "multi-octave": 2}
 RUN_COLUMNS = ("conv", "model", "alpha", "expansion", "optimizer", "seed", "test_accuracy",
@@ -699,14 +699,14 @@ def alpha_figure(groups, metric, ylabel, title, digits=2):
 def group_value(group, name):
     """A configuration's value of a search objective (``accuracy``: its validation accuracy
     when it has one, else its test accuracy), or None."""
-    from ..sweeps.search import value
+    from ..records.objectives import value
 
     return value(group, name)  # a group holds the metrics' names, as means over its seeds
 
 
 def front(groups, objectives):
     """The configurations on the Pareto front of ``objectives`` (those with every value)."""
-    from ..sweeps.search import directions, pareto_front
+    from ..records.objectives import directions, pareto_front
 
     scored = [g for g in groups if all(group_value(g, o) is not None for o in objectives)]
     points = [[group_value(g, o) for o in objectives] for g in scored]
@@ -720,7 +720,7 @@ def mark_front(ax, groups, objectives, x_of, y_of):
     points = sorted({(x_of(g), y_of(g)) for g in front(groups, objectives)})
     if not points:
         return
-    from ..sweeps.search import OBJECTIVES
+    from ..records.objectives import OBJECTIVES
 
     arrows = {"maximize": "↑", "minimize": "↓"}
     label = "Pareto front (" + ", ".join(f"{o} {arrows[OBJECTIVES[o]]}" for o in objectives) + ")"
@@ -732,7 +732,7 @@ def mark_front(ax, groups, objectives, x_of, y_of):
 def sweep_objectives(sweep_dir, runs):
     """The sweep's search.objectives (its first run's .hydra/config.yaml; the default when
     no run says)."""
-    from ..sweeps.search import OBJECTIVES
+    from ..records.objectives import OBJECTIVES
 
     for row in runs:
         path = os.path.join(sweep_dir, row["run_dir"], ".hydra", "config.yaml")
@@ -748,7 +748,7 @@ def sweep_objectives(sweep_dir, runs):
 
 def pareto_rows(groups, objectives):
     """pareto.csv's rows: the front's configurations, best first in the first objective."""
-    from ..sweeps.search import OBJECTIVES
+    from ..records.objectives import OBJECTIVES
 
     sign = -1 if OBJECTIVES[objectives[0]] == "maximize" else 1
     rows = []

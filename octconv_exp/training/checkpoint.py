@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.octave import model_name, model_node
+from ..models.spec import LEGACY_MODEL_TARGETS
 from ..records.outputs import atomic_write, save_torch_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -62,8 +64,6 @@ def set_rng_state(state):
 
 
 def identity(cfg, num_classes):
-    from ..models.octave import model_name
-
     return {"model": model_name(cfg), "conv": cfg.conv.mode, "alpha": float(cfg.alpha),
             "expansion": int(cfg.expansion), "num_classes": int(num_classes)}
 
@@ -79,8 +79,6 @@ def inference_record(cfg, data):
     (``model``: the model node; ``conv_mode``, ``alpha``, ``expansion``, ``num_classes``,
     ``label_smoothing``: what :func:`~octconv_exp.models.octave.build_model` offers it)."""
     from omegaconf import OmegaConf
-
-    from ..models.octave import model_name, model_node
 
     trainer = cfg.get("trainer") or {}
     return {"mean": [float(m) for m in data.mean], "std": [float(s) for s in data.std],
@@ -105,8 +103,6 @@ def saved_preprocessing(state):
 
 def check_identity(saved, cfg, num_classes, path):
     """Refuse a checkpoint of another model, naming what differs."""
-    from ..models.octave import model_name
-
     wanted = identity(cfg, num_classes)
     if saved.get("conv") == "vanilla" and wanted["conv"] == "vanilla":
         wanted["alpha"] = saved.get("alpha")  # vanilla ignores alpha
@@ -164,7 +160,25 @@ def load(path):
                         f"{type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise UserError(f"{os.path.abspath(path)} is not an octconv-exp checkpoint or model file")
+    if isinstance(state.get("config"), dict):
+        state["config"] = _current_targets(state["config"])
     return state
+
+
+#: The package's classes a config may name, by the paths they had before the package had
+#: subpackages (issue 28): checkpoints and model files written then name them so.
+LEGACY_TARGETS = dict(LEGACY_MODEL_TARGETS, **{
+    "octconv_exp.schedules.WarmupMultiStepLR": "octconv_exp.training.schedules.WarmupMultiStepLR"})
+
+
+def _current_targets(node):
+    """``node`` (a saved config) with every ``_target_`` of :data:`LEGACY_TARGETS` renamed."""
+    if isinstance(node, dict):
+        return {key: (LEGACY_TARGETS.get(value, value) if key == "_target_" and isinstance(value, str)
+                      else _current_targets(value)) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_current_targets(value) for value in node]
+    return node
 
 
 def _first_line(exc):

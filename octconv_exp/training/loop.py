@@ -48,10 +48,8 @@ class EpochStats:
                 "val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
 
-#: What best.pt and metrics.json's best_epoch follow (trainer.early_stopping.monitor; by
-#: default the validation accuracy with a validation split, else the training loss) and which
-#: way is better by default (trainer.early_stopping.mode: max for these, min for losses).
-MONITORS = ("val_accuracy", "val_loss", "train_loss")
+#: Which way is better by default for a monitor (trainer.early_stopping.monitor, one of the
+#: schema's MONITORS; trainer.early_stopping.mode: max for these, min for losses).
 HIGHER_IS_BETTER = ("val_accuracy", "test_accuracy")
 
 

@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..backends import distributed
 from ..records import outputs
-from ..backends import ipus_needed, make_backend, resolve_device
+from ..backends import make_backend, resolve_device
 from ..backends.base import Backend, ResumableLoader
+from ..backends.checks import ipus_needed
 from ..config.schema import validate
-from ..data.datasets import load_data
+from ..data.loading import load_data
 from ..data.datasets import derived_seed
 from ..records.loggers import NullLogger, make_logger
 from .checkpoint import (CHECKPOINT_DIR, INFERENCE, LAST, Checkpointer, check_identity,
@@ -40,8 +41,8 @@ from ..records import provenance
 from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
                    evaluate, send_test_signal, should_stop_early, train_epoch,
                    validate as validate_epoch)
-from ..models.octave import (build_model, check_input_size, count_flops_per_image, count_parameters,
-                    model_name, theoretical_ratio)
+from ..models.flops import count_flops_per_image, theoretical_ratio
+from ..models.octave import build_model, check_input_size, count_parameters, model_name
 
 log = logging.getLogger("octconv_exp")
 
