@@ -82,7 +82,8 @@ import hydra  # noqa: E402
 from octconv_exp.training.stopping import PROCESS  # noqa: E402
 
 from octconv_exp.config import schema as config  # noqa: F401,E402  (registers the schema in the ConfigStore)
-from octconv_exp.cli.preflight import preflight, run_task  # noqa: E402
+from octconv_exp.cli.outcome import run_task  # noqa: E402
+from octconv_exp.cli.preflight import preflight  # noqa: E402
 
 
 def task_function(recorded_overrides=()):

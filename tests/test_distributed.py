@@ -12,6 +12,7 @@ from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, compose_config, only_e
 from octconv_exp.backends import distributed
 from octconv_exp.data.datasets import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
+from octconv_exp.sweeps.gpus import GpuClaim
 
 
 def torchrun(*args, ranks=2, env=None, timeout=300):
@@ -319,7 +320,7 @@ def test_the_submitit_launcher_runs_a_job_as_ranks(tmp_path):
 HOLD_A_GPU = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from octconv_exp.backends.distributed import GpuClaim
+from octconv_exp.sweeps.gpus import GpuClaim
 claim = GpuClaim({sweep!r}, int(sys.argv[1]))
 print(claim.acquire(int(sys.argv[2])), flush=True)
 time.sleep(60)
@@ -349,7 +350,7 @@ def test_parallel_jobs_each_take_a_gpu_of_their_own_and_a_dead_job_frees_it(tmp_
         fourth, gpu_d = job(7)  # job 0 died: its GPU is free again
         running.append(fourth)
         assert gpu_d == "cuda:0"
-        assert distributed.GpuClaim(str(tmp_path), 3).acquire(1) == "cuda"  # one GPU: nothing to share out
+        assert GpuClaim(str(tmp_path), 3).acquire(1) == "cuda"  # one GPU: nothing to share out
     finally:
         for p in running:
             p.kill()

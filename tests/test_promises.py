@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from octconv_exp.cli import outcome
 from octconv_exp.cli import preflight as cli
 from octconv_exp.config import schema as config_module
 from octconv_exp.errors import USER_ERROR_EXIT
@@ -107,10 +108,10 @@ def test_a_parallel_jobs_share_of_the_cores(cores, launcher, expected, monkeypat
     fake = types.SimpleNamespace(get=lambda: types.SimpleNamespace(launcher=_Launcher(launcher)))
     monkeypatch.setattr(hydra_config, "HydraConfig", fake)
     cfg = types.SimpleNamespace(get=lambda key: None)
-    assert cli.launcher_threads(cfg) == expected
+    assert outcome.launcher_threads(cfg) == expected
     # threads= given: the config decides, whatever the launcher
     given = types.SimpleNamespace(get={"threads": 5}.get, threads=5)
-    assert cli.launcher_threads(given) == 5
+    assert outcome.launcher_threads(given) == 5
 
 
 def test_a_sweep_of_more_than_256_combinations_is_checked_one_value_at_a_time():
@@ -150,7 +151,7 @@ def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
         node = _Launcher(launcher)
         monkeypatch.setattr(hydra_config, "HydraConfig", types.SimpleNamespace(
             get=lambda: types.SimpleNamespace(launcher=node)))
-        return cli.launcher_threads(cfg)
+        return outcome.launcher_threads(cfg)
 
     # joblib's n_jobs unset, null or 0: a job per core, as joblib itself runs them
     assert threads(8, {"_target_": joblib}) == 1
@@ -166,8 +167,8 @@ def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
 
 def test_a_single_run_outside_a_launcher_keeps_torchs_default_threads():
     # No Hydra run is active here: HydraConfig.get() raises ValueError.
-    assert cli.launcher_threads(types.SimpleNamespace(get=lambda key: None)) is None
-    assert cli.launcher_threads(types.SimpleNamespace(get={"threads": 3}.get, threads=3)) == 3
+    assert outcome.launcher_threads(types.SimpleNamespace(get=lambda key: None)) is None
+    assert outcome.launcher_threads(types.SimpleNamespace(get={"threads": 3}.get, threads=3)) == 3
 
 
 def _scheduler(**node):

@@ -303,7 +303,7 @@ class TrainingStart:
 
 
 class Outcome(enum.Enum):
-    """How a run ended. The CLI turns it into an exit status (cli.report_ending)."""
+    """How a run ended. The CLI turns it into an exit status (cli.outcome.report_ending)."""
     COMPLETED = "completed"  # trained and tested, evaluated (train=false) or profiled
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: 128 + the signal
     DIVERGED = "diverged"  # a non-finite loss: a user error

@@ -80,7 +80,7 @@ class ProcessState:
     One per process, :data:`PROCESS`, and nothing else in the package holds such state. Its
     owner is the process's entry point: run.py's signal handler reads it from before Hydra
     starts and run.py's main its sweep stop after Hydra returns; run.py hands its sweep stop
-    to each run's :class:`StopRequest` (cli.run_task). The sweepers, which Hydra builds, and
+    to each run's :class:`StopRequest` (cli.outcome.run_task). The sweepers, which Hydra builds, and
     a joblib worker's jobs, which run in a process of their own (with its own), reach it
     here."""
 

@@ -188,7 +188,7 @@ class DedupSweeper(BasicSweeper):
         before anything is written (multirun.yaml, jobs.yaml)."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from octconv_exp.cli.preflight import fail
+        from octconv_exp.cli.outcome import fail
         from octconv_exp.training.rundir import lock_sweep_dir
         from octconv_exp.training.stopping import PROCESS
 

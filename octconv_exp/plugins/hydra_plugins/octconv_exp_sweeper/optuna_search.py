@@ -374,7 +374,7 @@ if OptunaSweeper is not None:
             return super().setup(**kwargs)
 
         def sweep(self, arguments):
-            from octconv_exp.cli.preflight import fail
+            from octconv_exp.cli.outcome import fail
             from octconv_exp.errors import UserError
             from octconv_exp.training.rundir import lock_sweep_dir
             from octconv_exp.training.stopping import PROCESS
