@@ -169,8 +169,8 @@ def test_a_user_model_is_recorded_by_its_class_or_the_name_its_user_gives():
     assert model_name(compose("model=resnet_cifar", "model.width=2")) == "resnet_cifar-20-w2"
     # A sweep's plan (jobs.yaml) and a missing job's row say what metrics.json says.
     for cfg in (user, compose("model=resnet_cifar")):
-        assert sweep.model_name(cfg.model) == model_name(cfg)
-    assert sweep.model_name({"name": "wide_cnn"}) == "wide_cnn"
+        assert sweep.reported_model_name(cfg.model) == model_name(cfg)
+    assert sweep.reported_model_name({"name": "wide_cnn"}) == "wide_cnn"
 
 
 def test_checkpoints_that_named_a_user_model_by_the_old_rule_still_load():

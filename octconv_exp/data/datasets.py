@@ -246,7 +246,7 @@ def load_cifar10(root, train, download, verify_checksums=True):
         except (OSError, RuntimeError) as exc:  # no network, or a broken archive
             raise UserError(
                 f"CIFAR-10 is not in {folder} and could not be downloaded "
-                f"({one_line(exc)}); put cifar-10-batches-py/ there by hand, or run offline "
+                f"({exception_line(exc)}); put cifar-10-batches-py/ there by hand, or run offline "
                 "with dataset=synthetic") from None
         except (ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
                 pickle.UnpicklingError):
@@ -266,7 +266,7 @@ def load_cifar10(root, train, download, verify_checksums=True):
         # TypeError, AttributeError: a file that unpickles to something else than a batch
         # (a list, arguments numpy refuses).
         raise UserError(f"CIFAR-10 {split} files in {folder} are corrupt "
-                        f"({type(exc).__name__}: {one_line(exc)}); delete them and download "
+                        f"({type(exc).__name__}: {exception_line(exc)}); delete them and download "
                         "again") from None
     data = np.asarray(ds.data)
     if (data.ndim != 4 or data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -286,7 +286,8 @@ def load_cifar10(root, train, download, verify_checksums=True):
     return ImageSet(images=images, labels=labels, classes=list(ds.classes))
 
 
-def one_line(exc):
+def exception_line(exc):
+    """An exception's message with its whitespace collapsed, to quote inside one error line."""
     return " ".join(str(exc).split())
 
 

@@ -33,7 +33,7 @@ from ..records.outputs import METRICS_FILE, atomic_write, flatten, write_text_at
 from . import latex
 from .stats import ci95_half_width
 from ..config.resolvers import NOISE_KEYS, SEED_KEY, config_name, split_override
-from ..sweeps.sweep import DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, model_name, read_plan
+from ..sweeps.sweep import DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, read_plan, reported_model_name
 
 CONV_ORDER = {"vanilla": 0, "octave": 1, "multi-octave": 2}
 RUN_COLUMNS = ("conv", "model", "alpha", "expansion", "optimizer", "seed", "test_accuracy",
@@ -226,7 +226,7 @@ def _config_values(path):
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if name == "model":
-            node = model_name(node)
+            node = reported_model_name(node)
         if node is not None and (name == "model" or not isinstance(node, (dict, list))):
             values[name] = node
     return values
@@ -266,7 +266,7 @@ def _row(run_dir, sweep_dir, m, overrides):
         seed = int(number) if number is not None and float(number).is_integer() else None
     epochs = _number(m.get("epochs"))
     row = {
-        "conv": conv, "model": model_name(m.get("model")) or DEFAULT_MODEL,
+        "conv": conv, "model": reported_model_name(m.get("model")) or DEFAULT_MODEL,
         "alpha": None if conv == "vanilla" else alpha,
         "expansion": m.get("expansion"), "optimizer": m.get("optimizer"), "seed": seed,
         "test_accuracy": _number(m.get("test_accuracy")), "train_loss": _number(m.get("train_loss")),

@@ -75,7 +75,7 @@ _PLAN_HEADER = (
     "# `python -m octconv_exp.report` lists a planned job without a run dir as missing.\n")
 
 
-def model_name(value):
+def reported_model_name(value):
     """A model as the report names it: a string, or a model config's ``name``; None when
     nothing names it."""
     if value is None:
@@ -89,7 +89,8 @@ def model_name(value):
     return str(value)
 
 
-def _plain(value):
+def _plan_value(value):
+    """A config value as jobs.yaml records it: a scalar as it is, anything else as its text."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -104,8 +105,8 @@ def plan_entry(subdir, overrides, cfg):
         except Exception:  # noqa: BLE001 - a broken interpolation: the job will say so itself
             value = None
         if name == "model":
-            value = model_name(value) or DEFAULT_MODEL
-        config[name] = _plain(value)
+            value = reported_model_name(value) or DEFAULT_MODEL
+        config[name] = _plan_value(value)
     return {"subdir": subdir, "overrides": [str(o) for o in overrides], "config": config}
 
 
