@@ -10,7 +10,7 @@ SDK_PY := $(SDK_VENV)/bin/python
 SDK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python) $(shell command -v python3.8 2>/dev/null))
 SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 
-.PHONY: venv venv-sdk test test-newest test-sdk test-fast demo bench bench-e2e mutate mutate-checks clean
+.PHONY: venv venv-sdk lint test test-newest test-sdk test-fast demo bench bench-e2e mutate mutate-checks clean
 
 # Both venvs build at once (pip waits on downloads and the disk more than on a core).
 MAKEFLAGS += -j2
@@ -44,10 +44,18 @@ venv-sdk: $(SDK_VENV)/.installed
 # thread (docs/development.md). Tests that need more threads set them themselves.
 TEST_THREADS ?= 1
 TEST_ENV := OMP_NUM_THREADS=$(TEST_THREADS) MKL_NUM_THREADS=$(TEST_THREADS)
+
+# Seconds, and first: the subpackages import only downward (pyproject.toml's import-linter
+# contract) and ruff's checks (unused or undefined names, likely bugs). Either failing fails
+# `make test` before the suites start.
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+
 SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
 SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py tests/test_hostile_sweeps2.py
-test: venv venv-sdk
+test: venv venv-sdk lint
 	@( $(TEST_ENV) $(SDK_PY) -m pytest -q -p no:cacheprovider --durations=15 -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
 	   $(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
 	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 1 of 2)"; \

@@ -42,7 +42,7 @@ def test_two_ranks_at_batch_b_see_exactly_what_one_process_at_2b_sees(augment, d
               augment_seed=7, drop_last=drop_last)
     one = BatchLoader(data, 10, **kw)
     ranks = [BatchLoader(data, 5, rank=r, world_size=2, **kw) for r in range(2)]
-    for epoch in range(2):  # a second pass: the shared generator moves on alike
+    for _ in range(2):  # a second pass: the shared generator moves on alike
         whole, parts = list(one), [list(r) for r in ranks]
         assert len(whole) == len(parts[0]) == len(parts[1]) == (10 if drop_last else 11)
         for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):

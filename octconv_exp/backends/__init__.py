@@ -3,7 +3,9 @@
 A backend builds the model for its hardware, wraps model + optimizer into a training step
 ``(images, labels) -> (log_probs, loss)`` and the model into an inference step
 ``images -> log_probs``, and builds loaders with its batching semantics. The loop
-(``octconv_exp.training.loop``) is the same for all of them.
+(``octconv_exp.training.loop``) is the same for all of them. The subpackage also holds the
+process group and ranks (``distributed``), the allocator setting and what a backend refuses in
+a config (``checks``). It may import records, models, data and errors.
 """
 import logging
 
