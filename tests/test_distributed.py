@@ -249,16 +249,16 @@ def test_two_ranks_sum_one_confusion_matrix_of_the_whole_test_set(two_rank_run, 
             return [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
 
     both = matrix(two_rank_run)
-    m = metrics(two_rank_run)
+    m = read_metrics(two_rank_run)
     assert sum(map(sum, both)) == m["test_samples"] == 101
     assert 100.0 * sum(both[k][k] for k in range(10)) / 101 == m["test_accuracy"]
     one = str(tmp_path / "one")
     result = run_cli("train=false", f"ckpt_path={two_rank_run}", f"hydra.run.dir={one}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert matrix(one) == both
-    assert metrics(one)["test_per_class_accuracy"] == m["test_per_class_accuracy"]
-    assert metrics(one)["test_top5_accuracy"] == m["test_top5_accuracy"]
-    assert metrics(one)["test_loss"] == pytest.approx(m["test_loss"], rel=1e-6)
+    assert read_metrics(one)["test_per_class_accuracy"] == m["test_per_class_accuracy"]
+    assert read_metrics(one)["test_top5_accuracy"] == m["test_top5_accuracy"]
+    assert read_metrics(one)["test_loss"] == pytest.approx(m["test_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

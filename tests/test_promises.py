@@ -102,11 +102,9 @@ class _Launcher(dict):
     (8, {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, None),
 ])
 def test_a_parallel_jobs_share_of_the_cores(cores, launcher, expected, monkeypatch):
-    from hydra.core import hydra_config
-
     monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
     fake = types.SimpleNamespace(get=lambda: types.SimpleNamespace(launcher=_Launcher(launcher)))
-    monkeypatch.setattr(hydra_config, "HydraConfig", fake)
+    monkeypatch.setattr(outcome, "HydraConfig", fake)
     cfg = types.SimpleNamespace(get=lambda key: None)
     assert outcome.launcher_threads(cfg) == expected
     # threads= given: the config decides, whatever the launcher
@@ -140,8 +138,6 @@ def test_a_bad_value_deep_in_a_large_sweep_is_refused_before_any_job(capsys):
 
 
 def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
-    from hydra.core import hydra_config
-
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     submitit = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     cfg = types.SimpleNamespace(get=lambda key: None)
@@ -149,7 +145,7 @@ def test_a_parallel_jobs_share_when_the_launcher_leaves_things_out(monkeypatch):
     def threads(cores, launcher):
         monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
         node = _Launcher(launcher)
-        monkeypatch.setattr(hydra_config, "HydraConfig", types.SimpleNamespace(
+        monkeypatch.setattr(outcome, "HydraConfig", types.SimpleNamespace(
             get=lambda: types.SimpleNamespace(launcher=node)))
         return outcome.launcher_threads(cfg)
 

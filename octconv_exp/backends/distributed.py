@@ -17,9 +17,11 @@ with one GPU per local rank), and provides what the runner needs from it:
   one line (:func:`peer_failure`), not a hang.
 """
 import datetime
+import gc
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -106,7 +108,7 @@ def submitit_env(env=None):
     if not executor:
         return None
     try:
-        import submitit
+        import submitit  # optional: only the submitit launchers need it
     except ImportError:
         return None
     saved = dict(os.environ)
@@ -140,7 +142,7 @@ def agree_on_launch(argv, timeout_s=600):
     env = torchrun_env()
     if env is None:
         return agree_under_poprun(argv)
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: loads torch; imported before torch at start-up
 
     if any(a in ("-m", "--multirun") for a in argv):
         raise UserError("-m under torchrun: a sweep's jobs run one after another, each as a "
@@ -186,7 +188,7 @@ def join_poprun(instance, instances, local_instance=0):
     across instances: graphcore/examples vision/cnns/pytorch/utils/distributed.py)."""
     global WORLD
     try:
-        import horovod.torch as hvd
+        import horovod.torch as hvd  # optional: Horovod only under PopRun
     except ImportError:
         raise UserError(f"poprun with {instances} instances: combining loss and accuracy across "
                         "instances needs Horovod (Graphcore's build ships with the Poplar SDK: "
@@ -199,7 +201,7 @@ def join_poprun(instance, instances, local_instance=0):
 
 
 def _hvd():
-    import horovod.torch as hvd
+    import horovod.torch as hvd  # optional: Horovod only under PopRun
 
     return hvd
 
@@ -232,8 +234,8 @@ def setup(cfg, device):
             os.environ.update(env)  # torch's env:// rendezvous reads them
     if env is None:
         return device
-    import torch
-    import torch.distributed as dist
+    import torch  # deferred: loads torch; imported before torch at start-up
+    import torch.distributed as dist  # deferred: loads torch; imported before torch at start-up
 
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     backend = backend_for(cfg, device)
@@ -278,9 +280,7 @@ def teardown():
     PR 179291 describes the mechanism)."""
     global WORLD
     if WORLD.active and WORLD.backend != "horovod":
-        import gc
-
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: loads torch; imported before torch at start-up
 
         if dist.is_initialized():
             try:
@@ -293,8 +293,6 @@ def teardown():
 
 def peer_failure(exc):
     """A failed collective (a rank died, or timed out) as one line."""
-    import re
-
     # gloo prefixes its source file ("[.../pair.cc:545] Read error ...")
     first = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))
     first = first.split(". This is typically")[0][:300]
@@ -315,13 +313,13 @@ def is_collective_failure(exc):
 def _all_reduce(values, dtype, maximum=False):
     """``values`` summed (or their maximum) over the ranks, as a host tensor. NCCL reduces
     tensors on this rank's GPU only; gloo and Horovod host tensors."""
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
     t = torch.tensor(values, dtype=dtype)
     if WORLD.backend == "horovod":
         hvd = _hvd()
         return hvd.allreduce(t, op=hvd.Max if maximum else hvd.Sum)
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: loads torch; imported before torch at start-up
 
     if WORLD.backend == "nccl":
         t = t.cuda()
@@ -333,7 +331,7 @@ def all_reduce_sum(values):
     """Sum a list of numbers over the ranks (float64; exact for counts below 2**53)."""
     if not WORLD.active:
         return list(values)
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
     return _all_reduce([float(v) for v in values], torch.float64).tolist()
 
@@ -343,7 +341,7 @@ def max_over_ranks(value):
     for none), on every rank: one small all-reduce."""
     if not WORLD.active:
         return int(value)
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
     return int(_all_reduce([int(value)], torch.int64, maximum=True)[0])
 
@@ -354,7 +352,7 @@ def gather(obj):
         return [obj]
     if WORLD.backend == "horovod":
         return list(_hvd().allgather_object(obj))
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: loads torch; imported before torch at start-up
 
     out = [None] * WORLD.world_size
     dist.all_gather_object(out, obj)
@@ -364,9 +362,9 @@ def gather(obj):
 # ------------------------------------------------------------------------------------------
 # SyncBatchNorm on CPU
 def _sync_batch_norm_module():
-    import torch
-    import torch.distributed as dist
-    from torch import nn
+    import torch  # deferred: loads torch; imported before torch at start-up
+    import torch.distributed as dist  # deferred: loads torch; imported before torch at start-up
+    from torch import nn  # deferred: loads torch; imported before torch at start-up
 
     class AllReduceSum(torch.autograd.Function):
         """A sum over the ranks whose backward is the sum of the ranks' gradients (what
@@ -437,8 +435,8 @@ def convert_sync_batchnorm(model, device):
     """Every BatchNorm2d (the per-frequency ones of octave layers too) made synchronous:
     torch's on CUDA, :class:`SyncBatchNorm` on CPU. Parameters and buffers are kept (the
     state dict's keys do not change)."""
-    import torch
-    from torch import nn
+    import torch  # deferred: loads torch; imported before torch at start-up
+    from torch import nn  # deferred: loads torch; imported before torch at start-up
 
     if str(device).startswith("cuda"):
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -468,7 +466,9 @@ def convert_sync_batchnorm(model, device):
 def wrap(model, device):
     """The model as DDP trains it (the model itself keeps the weights: checkpoints and
     evaluation read it directly)."""
-    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import (
+        DistributedDataParallel,  # deferred: loads torch; imported before torch at start-up
+    )
 
     if str(device).startswith("cuda"):
         index = int(str(device).split(":")[1])

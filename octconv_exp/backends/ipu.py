@@ -27,19 +27,21 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import signal
+import threading
 from typing import List
 
 import torch
 from omegaconf import OmegaConf
 
-from . import distributed
 from ..data.datasets import Normalise, augment_batch, augmentation_generator, shard_of
-from .checks import check_ipu_profiling, check_ipu_training, ipus_needed
 from ..errors import UserError
-from .base import Backend
 from ..models.octave import build_model, octave_branches
 from ..models.spec import OCTAVE_BRANCHES
+from . import distributed
+from .base import Backend
+from .checks import check_ipu_profiling, check_ipu_training, ipus_needed
 
 POPTORCH_INSTALL_HINT = (
     "device=ipu needs PopTorch, which ships with Graphcore's Poplar SDK (it is not on PyPI): "
@@ -66,7 +68,7 @@ def import_poptorch():
     version of PopTorch only works with torch==X but the version installed is Y"): that is an
     AssertionError, not an ImportError."""
     try:
-        import poptorch
+        import poptorch  # optional: PopTorch exists only in a Poplar SDK environment
     except ImportError:
         raise UserError(POPTORCH_INSTALL_HINT) from None
     except AssertionError as exc:
@@ -78,8 +80,6 @@ def import_poptorch():
 def poptorch_torch_mismatch(exc):
     """What is wrong when ``import poptorch`` fails other than with ImportError (its torch
     pin; any other assert), as part of one line."""
-    import re
-
     text = " ".join(str(exc).split())
     wanted = re.search(r"torch==(\S+)", text)
     if wanted:
@@ -108,8 +108,6 @@ def stop_signals_held_from_workers():
     meanwhile, so one arriving then is delivered to this process, to its own handler, when
     the mask is restored. The workers are stopped by PopTorch's Shutdown command
     (``terminate()``, in :meth:`IpuBackend.close`)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be changed in the main thread
         return
@@ -197,7 +195,7 @@ def popdist_module():
     """Graphcore's popdist when poprun started this process (its environment set), else
     None (graphcore/examples vision/cnns/pytorch/utils/distributed.py: isPopdistEnvSet)."""
     try:
-        import popdist
+        import popdist  # optional: PopDist exists only in a Poplar SDK environment
     except ImportError:
         return None
     return popdist if popdist.isPopdistEnvSet() else None

@@ -1,17 +1,21 @@
 """CPU and CUDA: plain PyTorch."""
 import contextlib
+import functools
 import logging
 import os
+import time
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
 
-from . import allocator, distributed
-from .checks import check_optimizer_for_device
 from ..data.datasets import BatchLoader
+from ..data.streaming import StreamingLoader
 from ..models.octave import build_model, model_name
+from . import allocator, distributed
 from .base import Backend
+from .checks import check_optimizer_for_device
 
 log = logging.getLogger("octconv_exp")
 
@@ -205,9 +209,6 @@ class NativeBackend(Backend):
         :class:`~octconv_exp.data.streaming.StreamingLoader` with ``dataset.workers`` workers."""
         if not data.streamed:
             return BatchLoader
-        import functools
-
-        from ..data.streaming import StreamingLoader
 
         return functools.partial(StreamingLoader, workers=int(self.cfg.dataset.get("workers", 2)))
 
@@ -225,8 +226,6 @@ class NativeBackend(Backend):
         def decide():
             """speed.compile=auto: time eager steps, then compile if it repays itself; the
             module the rest of the steps call once decided, else None."""
-            import time
-
             probe["steps"] += 1
             n = probe["steps"]
             if n <= PROBE_SKIP:
@@ -304,8 +303,6 @@ class NativeBackend(Backend):
     def profile(self, model, optimizer, profile_dir, image_shape, num_classes):
         """One training iteration under torch.profiler (after one warm-up iteration), of a
         batch of the data's ``image_shape`` (C, H, W) and ``num_classes``."""
-        from torch.profiler import ProfilerActivity, profile
-
         t = self.cfg.trainer
         gen = torch.Generator().manual_seed(0)
         images = torch.randn(t.batch_size, *image_shape, generator=gen).to(self.device).contiguous(

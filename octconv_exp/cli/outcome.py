@@ -10,16 +10,21 @@ import signal
 import sys
 import threading
 
-from ..training.stopping import PROCESS
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from ..backends.distributed import launched_rank
+from ..records.objectives import objective_values
+from ..sweeps.gpus import GpuClaim
+from ..training.resume import explicit_keys
+from ..training.stopping import PROCESS, StopRequest, marker_signal
 from .preflight import exit_with, fail
 
 log = logging.getLogger("octconv_exp")
 
 
 def is_multirun():
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     try:
         return HydraConfig.get().mode == RunMode.MULTIRUN
     except ValueError:
@@ -29,8 +34,6 @@ def is_multirun():
 def launcher_threads(cfg):
     """torch threads per job: the config's ``threads``, else the job's share of the cores
     under a parallel launcher (joblib: cores / n_jobs; submitit: its cpus_per_task)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if cfg.get("threads") is not None:
         return int(cfg.threads)
     try:
@@ -58,12 +61,10 @@ def run_task(cfg, recorded_overrides=()):
     its dir's lock while it runs; a refused resume or evaluation leaves the dir's record
     (metrics.json, epochs.csv, .hydra/) as it was.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..sweeps.gpus import GpuClaim
-    from ..training.resume import explicit_keys
-    from ..training.runner import Outcome, RunLifecycle
-    from ..training.stopping import StopRequest, marker_signal
+    from ..training.runner import (  # deferred: loads torch; imported before torch at start-up
+        Outcome,
+        RunLifecycle,
+    )
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
@@ -103,8 +104,7 @@ def report_ending(ending, cfg, output_dir, hydra_cfg, multirun):
     returns the sweeper's value for a completed run; otherwise one line (a sweep's job:
     naming the job, and the sweep goes on with None) and, for a single run, its exit status.
     A programming error in a single run is raised again with its traceback."""
-    from ..backends.distributed import launched_rank
-    from ..training.runner import Outcome
+    from ..training.runner import Outcome  # deferred: loads torch; imported before torch at start-up
 
     if ending.outcome is Outcome.COMPLETED:
         log.info("Outputs in %s", output_dir)
@@ -129,9 +129,6 @@ def task_value(cfg, metrics, hydra_cfg):
     accuracy."""
     if "optuna" not in str(hydra_cfg.sweeper.get("_target_", "")).lower():
         return metrics.get("test_accuracy")
-    from omegaconf import OmegaConf
-
-    from ..records.objectives import objective_values
 
     objectives = OmegaConf.select(cfg, "search.objectives", default=None) or ["accuracy"]
     return objective_values(metrics, list(objectives))

@@ -12,15 +12,37 @@ This module is what happens before Hydra starts (argv checks, quoting, recorded 
 output-dir checks); :mod:`.outcome` is what happens when a run ends.
 """
 import itertools
+import logging
+import os
+import shlex
+import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List
-import logging
-import os
-import sys
 
-from ..config.presets import CONFIG_NAME, GROUPS
+import yaml
+from hydra import compose
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..backends.distributed import launched_rank
+from ..config.keys import not_read
+from ..config.presets import (
+    CONFIG_NAME,
+    GROUPS,
+    group_options_in_search_path,
+    hydra_like_run,
+    sweep_choices,
+    undecodable_files,
+)
+from ..config.schema import validate
 from ..errors import USER_ERROR_EXIT, UserError
+from ..training.resume import hydra_quoted
+from ..training.rundir import describe, live_holder, record_in_the_way
 from ..training.stopping import PROCESS
 
 log = logging.getLogger("octconv_exp")
@@ -48,8 +70,6 @@ def one_line(text):
 def describe_composition_error(exc):
     """One line for a Hydra/OmegaConf composition error: the key, then what is wrong (and the
     config file that set it, when a preset or group option did)."""
-    from omegaconf.errors import OmegaConfBaseException
-
     # Hydra re-raises a merge error of a config file inside its except block (__context__).
     cause = exc if isinstance(exc, OmegaConfBaseException) else (exc.__cause__ or exc.__context__)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
@@ -66,8 +86,6 @@ def describe_composition_error(exc):
 def suggest_keys(cause):
     """For an unknown key: the closest keys that exist beside it, else where a key of that
     name lives (never ``+key``: a key the code does not read does nothing)."""
-    from ..config.keys import not_read
-
     parent = getattr(cause, "parent_node", None)
     key = str(getattr(cause, "key", "") or str(cause.full_key).rsplit(".", 1)[-1])
     try:
@@ -92,16 +110,12 @@ def group_options(config_dir, group):
 
 def _split_args(argv):
     """Hydra's own argument parser: (flags namespace, overrides)."""
-    from hydra._internal.utils import get_args_parser
-
     args = get_args_parser().parse_args(argv)
     return args, list(args.overrides or [])
 
 
 def _override_combinations(overrides):
     """Override lists covering every value of every sweep (the product when small)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices = []
     for ov, text in zip(parsed, overrides):
@@ -141,8 +155,6 @@ MULTI_OPTION_GROUPS = ("logger",)
 
 def _check_group_choices(overrides, options_of):
     """Each group choice of ``overrides`` must be an option ``options_of(group)`` lists."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     for ov in OverridesParser.create().parse_overrides(overrides):
         key = ov.key_or_group
         if ov.package is not None or ov.is_delete() or key.startswith("hydra"):
@@ -163,7 +175,6 @@ def check_output_dir(cfg, multirun):
     """The run (or sweep) dir must be creatable: its nearest existing ancestor a writable
     directory. Hydra would otherwise fail with a traceback before the run starts."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    from omegaconf import OmegaConf
 
     target = os.path.abspath(str(OmegaConf.select(cfg, key)))
     ancestor = target
@@ -215,8 +226,6 @@ PATH_KEYS = ("ckpt_path", "hydra.run.dir", "hydra.sweep.dir", "profile_dir", "da
 
 def quote_paths(argv, multirun):
     """argv with the values of :data:`PATH_KEYS` quoted for Hydra's override parser."""
-    from ..training.resume import hydra_quoted
-
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
@@ -235,11 +244,6 @@ def check_override_grammar(overrides, multirun):
     """Each override must parse in Hydra's override grammar: one line naming the override
     and how to write it otherwise (Hydra raises with a traceback from wherever it first
     parses the command line)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    from ..training.resume import hydra_quoted
-
     parser = OverridesParser.create()
     for text in overrides:
         try:
@@ -249,8 +253,6 @@ def check_override_grammar(overrides, multirun):
 
 
 def describe_grammar_error(text, exc, multirun, hydra_quoted):
-    import shlex
-
     key, eq, value = text.partition("=")
     shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if any("\udc80" <= c <= "\udcff" for c in text):
@@ -272,8 +274,6 @@ def describe_grammar_error(text, exc, multirun, hydra_quoted):
 
 
 def _sets(overrides, key, value):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     for ov in OverridesParser.create().parse_overrides(overrides):
         if ov.key_or_group == key and not ov.is_sweep_override() and ov.value() == value:
             return True
@@ -283,8 +283,6 @@ def _sets(overrides, key, value):
 def keep_the_record(overrides):
     """resume=true and train=false write their own Hydra files apart from the run's
     (``.hydra/attempts/<time>-<pid>``), so a refused attempt never changes the record."""
-    import time
-
     if any(o.startswith(("hydra.output_subdir=", "++hydra.output_subdir=")) for o in overrides):
         return overrides
     if _sets(overrides, "resume", True) or _sets(overrides, "train", False):
@@ -314,9 +312,6 @@ def recorded_groups(overrides):
     .hydra/overrides.yaml) that the command does not choose, to compose with, so that a key of
     its data set or model (``dataset.train_size`` of a synthetic run) composes; the
     checkpoint's config still decides the values (:mod:`.resume`)."""
-    import yaml
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if not (_sets(overrides, "resume", True) or _sets(overrides, "train", False)):
         return []
     parser = OverridesParser.create()
@@ -353,11 +348,6 @@ def preflight(argv):
     """Compose (and validate) what argv asks for before Hydra starts any job; returns the
     :class:`Launch`: the argv Hydra should see (path values quoted, attempt files kept apart,
     a resume's recorded group options added)."""
-    from ..training.rundir import describe, live_holder, record_in_the_way
-    from hydra import compose
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         args, overrides = _split_args(argv)
     except SystemExit:
@@ -381,7 +371,6 @@ def preflight(argv):
             recorded = recorded_groups(overrides)
             overrides = recorded + overrides
         argv = flags + overrides
-    from ..config.presets import group_options_in_search_path, hydra_like_run
 
     if args.config_dir and not os.path.isdir(args.config_dir):
         fail(f"--config-dir {args.config_dir}: not a directory (it adds a folder of your own "
@@ -409,10 +398,8 @@ def preflight(argv):
                 full = compose(config_name=config_name, overrides=combos[0],
                                return_hydra_config=True)
                 check_output_dir(full, args.multirun)
-                from ..backends.distributed import launched_rank
 
                 if not args.multirun and launched_rank() == 0:  # rank 0 holds the lock
-                    from omegaconf import OmegaConf
 
                     # Before Hydra writes into it: refuse a run dir another live run holds.
                     run_dir = str(OmegaConf.select(full, "hydra.run.dir"))
@@ -431,12 +418,6 @@ def preflight(argv):
 
 
 def _compose_and_validate(overrides, config_name, check, note=""):
-    from hydra import compose
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..config.schema import validate
-
     try:
         cfg = compose(config_name=config_name, overrides=overrides)
         if check:
@@ -444,7 +425,6 @@ def _compose_and_validate(overrides, config_name, check, note=""):
     except (HydraException, OmegaConfBaseException) as exc:  # also a broken ${...}
         fail(describe_composition_error(exc) + note)
     except UnicodeDecodeError as exc:  # a binary file where a YAML option should be
-        from ..config.presets import undecodable_files
 
         files = undecodable_files(overrides) or ["a config file"]
         fail(f"{files[0]}: not a YAML text file (not UTF-8: {exc.reason} at byte {exc.start}); "
@@ -457,11 +437,6 @@ def _validate_sweep_values(overrides, combos, config_name, composed):
     """Every value the sweeper will run, the composed ``hydra.sweeper.params`` (a preset's
     sweep, a search space) merged with the command line's sweeps as the sweeper merges them,
     validated before the first job. ``combos``: the command line's, already validated."""
-    from hydra import compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from ..config.presets import group_options_in_search_path, sweep_choices
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     groups = {}
 

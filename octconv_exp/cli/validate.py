@@ -24,13 +24,24 @@ configuration, so a few hundred combinations take tens of seconds on one core).
 """
 import argparse
 import contextlib
+import difflib
 import itertools
 import multiprocessing
 import os
 import sys
 
-from ..config.presets import CONFIG_DIR, CONFIG_NAME, GROUPS, hydra_like_run
-from .preflight import describe_composition_error, group_options
+import yaml
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import schema as config  # noqa: F401  (the schema and resolvers)
+from ..config.presets import CONFIG_DIR, CONFIG_NAME, GROUPS, hydra_like_run, sweep_choices
+from ..config.schema import validate, without_config_code
+from ..errors import UserError
+from .preflight import combine, describe_composition_error, group_options
 
 #: Groups whose options do not touch the training configuration: each option once.
 SINGLE_GROUPS = ("logger", "search")
@@ -59,8 +70,6 @@ def scan_config_dir(config_dir):
     """Problems a config dir has before any composition: folders and files octconv-exp would
     not read (a misspelt group, a .yml file), and YAML syntax errors (one line per file).
     Returns ``(problems, broken)``: the lines and the absolute paths of unparsable files."""
-    import yaml
-
     problems, broken = [], set()
     root = os.path.abspath(config_dir)
     for name in sorted(os.listdir(root)):
@@ -69,8 +78,6 @@ def scan_config_dir(config_dir):
             if name.startswith(".") or name == "__pycache__":
                 continue
             if name not in KNOWN_FOLDERS:
-                import difflib
-
                 close = difflib.get_close_matches(name, KNOWN_FOLDERS, n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]}/? " if close else ""
                 problems.append(f"{path}: a folder octconv-exp does not read; {hint}config "
@@ -137,8 +144,6 @@ def check(overrides_for, config_dir, config_name, search_dirs, extra, sweeps=(),
     ``hydra.sweeper.params`` sweeps). Returns ``(kind, label, detail)`` findings: kind
     "invalid", or "untrusted" for a valid configuration whose ``_target_`` code outside
     octconv-exp was not run (``detail``: key=target); ``(index, finding)`` with ``indexed``."""
-    from hydra.core.global_hydra import GlobalHydra
-
     findings = []
     searchpath = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in search_dirs)}]"] \
         if search_dirs else []
@@ -160,13 +165,6 @@ def check(overrides_for, config_dir, config_name, search_dirs, extra, sweeps=(),
 
 
 def _check_one(label, overrides, config_name, trust_code):
-    from hydra import compose
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..config.schema import validate, without_config_code
-    from ..errors import UserError
-
     with (contextlib.nullcontext([]) if trust_code else without_config_code()) as skipped:
         try:
             cfg = compose(config_name=config_name, overrides=overrides)
@@ -183,14 +181,6 @@ def _check_one(label, overrides, config_name, trust_code):
 def _check_sweep(label, searchpath, overrides, config_name, trust_code):
     """Every value the configuration's sweep runs (run.py -m): its hydra.sweeper.params with
     ``overrides``, each job validated; one finding per distinct problem."""
-    from hydra import compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .preflight import combine
-    from ..config.presets import sweep_choices
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     hydra_part = searchpath + [o for o, ov in zip(overrides, parsed)
                                if ov.key_or_group.startswith("hydra")]
@@ -261,7 +251,6 @@ def main(argv=None):
         if not os.path.isdir(d):
             sys.stderr.write(f"error: --config-dir {d}: not a directory\n")
             return 2
-    from ..config import schema as config  # noqa: F401  (the schema and resolvers)
 
     runs = [(CONFIG_DIR, [d for d in args.config_dir
                           if not os.path.exists(os.path.join(d, CONFIG_NAME + ".yaml"))])]

@@ -2,6 +2,12 @@
 config groups is generated here from the YAML files Hydra finds, so that it never drifts from
 conf/ and never offers the ConfigStore's schema entries (``cifar10_schema``, ...), which a
 command line may not choose."""
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
+from omegaconf import OmegaConf
+
+from .presets import CONFIG_DIR
 
 #: Config sources whose options a user may choose: files and packages, not the ConfigStore.
 _STRUCTURED = "structured"
@@ -10,22 +16,15 @@ _STRUCTURED = "structured"
 def _sources():
     """The config sources of the running Hydra app (conf/, --config-dir, plugins' packages);
     conf/ alone when no Hydra app is running."""
-    from hydra.core.global_hydra import GlobalHydra
-
     hydra = GlobalHydra.instance()
     if hydra.is_initialized():
         return [s for s in hydra.config_loader().get_sources() if s.scheme() != _STRUCTURED]
-    from hydra._internal.core_plugins.file_config_source import FileConfigSource
-
-    from .presets import CONFIG_DIR
 
     return [FileConfigSource(provider="main", path=CONFIG_DIR)]
 
 
 def group_options():
     """``{group: sorted option names}`` of every group a user chooses from (not ``hydra/``)."""
-    from hydra.core.object_type import ObjectType
-
     found = {}
 
     def walk(source, group):
@@ -44,8 +43,6 @@ def group_options():
 def config_groups(_root_=None):
     """Resolver ``${octconv_exp.config_groups:}``: one line per group, its options, and the
     option this command line uses."""
-    from omegaconf import OmegaConf
-
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) if _root_ else None
     groups = group_options()
     width = max((len(g) for g in groups), default=0) + 1

@@ -4,6 +4,11 @@ the places a key of that name has elsewhere (a key that moved: ``logger.tracking
 import difflib
 import os
 
+import yaml
+from omegaconf import DictConfig
+
+from .presets import CONFIG_DIR
+
 #: Where every key is described.
 REFERENCE = "docs/configuration.md"
 
@@ -29,8 +34,6 @@ def not_read(full_key, siblings=(), root=None, extra_candidates=()):
 
 def _paths_of(node, leaf, prefix=""):
     """Dotted paths below ``node`` whose last key is ``leaf`` (Hydra's own node left out)."""
-    from omegaconf import DictConfig
-
     found = []
     for key in node.keys():
         if not prefix and key == "hydra":
@@ -56,10 +59,6 @@ def shipped_places(leaf):
 
 
 def _index_shipped():
-    import yaml
-
-    from .presets import CONFIG_DIR
-
     index = {}
     for group in sorted(os.listdir(CONFIG_DIR)):
         folder = os.path.join(CONFIG_DIR, group)

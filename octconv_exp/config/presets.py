@@ -16,6 +16,13 @@ import contextlib
 import os
 from collections import OrderedDict
 
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_automatic_config_search_path
+from hydra.core.config_search_path import SearchPathQuery
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from ..errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,9 +39,6 @@ GROUPS = ("conv", "optimizer", "scheduler", "dataset", "ipu")
 def search_path(config_path="conf", config_dir=None):
     """Hydra's config search path for ``run.py [--config-path P] [--config-dir D]``
     (hydra/_internal/utils.py run_hydra: D goes after the primary dir, before the schemas)."""
-    from hydra._internal.utils import create_automatic_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-
     path = create_automatic_config_search_path(RUN_PY, None, config_path)
     if config_dir is not None:
         path.prepend(provider="command-line", path=f"file://{os.path.abspath(config_dir)}",
@@ -45,9 +49,6 @@ def search_path(config_path="conf", config_dir=None):
 @contextlib.contextmanager
 def hydra_like_run(config_path="conf", config_dir=None):
     """Hydra's global state as run.py sets it up, for ``hydra.compose``."""
-    from hydra._internal.hydra import Hydra
-    from hydra.core.global_hydra import GlobalHydra
-
     GlobalHydra.instance().clear()
     Hydra.create_main_hydra2(task_name="run", config_search_path=search_path(config_path,
                                                                              config_dir))
@@ -61,9 +62,6 @@ def group_options_in_search_path(group, config_name, overrides):
     """The options of config group ``group`` in every folder of the search path (the
     ``hydra.searchpath`` of ``overrides`` included); None when no folder has that group.
     Options only the ConfigStore holds (the ``*_schema`` nodes) are not offered."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
     searchpath = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
     try:
         found = GlobalHydra.instance().config_loader().get_group_options(
@@ -83,15 +81,15 @@ def sweep_choices(sweeper, arguments):
     """Per key the sweep varies or sets, the ``key=value`` overrides its jobs get: the
     sweeper's ``params`` (a preset's sweep) merged with the command line's task overrides
     ``arguments`` as the sweeper merges them (params first, the command line wins)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     params = sweeper.get("params") or {}
     conf = [f"{k}={v}" for k, v in params.items()] + list(arguments)
     parsed = OverridesParser.create().parse_overrides(conf)
     choices = OrderedDict()
     if "optuna" in str(sweeper.get("_target_", "")).lower():
         from hydra_plugins.hydra_optuna_sweeper._impl import (
-            create_optuna_distribution_from_config, create_optuna_distribution_from_override)
+            create_optuna_distribution_from_config,  # optional: a Hydra plugin that may not be installed
+            create_optuna_distribution_from_override,
+        )
 
         space = sweeper.get("search_space")
         if space and not params:  # the plugin's older form of params
@@ -128,8 +126,6 @@ def _checkable(distribution):
 def undecodable_files(overrides=()):
     """The .yaml files of the search path (and of ``overrides``' hydra.searchpath) that are not
     UTF-8 text: what Hydra fails on with a bare UnicodeDecodeError."""
-    from hydra.core.global_hydra import GlobalHydra
-
     folders = [str(entry.path) for entry in
                GlobalHydra.instance().config_loader().get_search_path().get_path()]
     for override in overrides:

@@ -9,6 +9,11 @@ The values themselves live in ``conf/``: the dataclass defaults below only matte
 YAML file does not set, and every YAML file sets the keys it is about.
 """
 import contextlib
+import dataclasses
+import difflib
+import importlib
+import inspect
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,10 +22,14 @@ from typing import Any, List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ..backends.allocator import decide
 from ..backends.checks import check_ipu_profiling, check_ipu_training, check_optimizer_for_device
 from ..errors import ConfigError
-from . import resolvers
 from ..models.spec import OCTAVE_BRANCHES, split_high_low
+from ..records.loggers import LOGGERS, selected
+from ..records.objectives import OBJECTIVES
+from . import resolvers
+from .keys import not_read
 
 CONV_MODES = ("vanilla", "octave", "multi-octave")
 DEVICES = ("auto", "cpu", "cuda", "ipu")
@@ -286,7 +295,9 @@ def register_optuna_sweeper(cs):
     """``hydra/sweeper=octconv_exp_optuna`` (experiment=alpha_search): the Hydra Optuna
     sweeper plugin's config with our sweeper class and NSGA-II, when the plugin is installed."""
     try:
-        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+        from hydra_plugins.hydra_optuna_sweeper.config import (
+            OptunaSweeperConf,  # optional: a Hydra plugin that may not be installed
+        )
     except ImportError:
         return
 
@@ -370,8 +381,6 @@ def validate(cfg: DictConfig, check_environment=True):
     _require_int("trainer.test_batch_size", t.test_batch_size, 1, "must be a positive integer")
     objectives = OmegaConf.select(cfg, "search.objectives", default=None)
     if objectives is not None:
-        from ..records.objectives import OBJECTIVES
-
         if len(objectives) == 0:
             raise ConfigError("search.objectives", [], "needs at least one of " + ", ".join(OBJECTIVES))
         for name in objectives:
@@ -407,8 +416,6 @@ def validate(cfg: DictConfig, check_environment=True):
     if scheduler != "none":
         _check_scheduler(cfg.scheduler, float(lr))
 
-    from ..records.loggers import LOGGERS, selected
-
     for name in selected(cfg):
         if name not in LOGGERS:
             raise ConfigError("logger", name, "expected some of " + ", ".join(LOGGERS))
@@ -418,7 +425,6 @@ def validate(cfg: DictConfig, check_environment=True):
         if str(value) not in ("true", "false", "auto", "True", "False"):
             raise ConfigError(f"speed.{key}", value, "expected one of true, false, auto")
     if cfg.device not in ("cpu", "auto"):  # the CPU's own case is decided when the run starts
-        from ..backends.allocator import decide
 
         decide(cfg.speed.get("malloc", "auto"), cfg.device)  # speed.malloc=true: ConfigError
     for key in ("autocast_bf16", "cudnn_benchmark"):
@@ -449,7 +455,7 @@ def validate(cfg: DictConfig, check_environment=True):
         check_model(cfg)
 
     if check_environment and cfg.device == "cuda":
-        import torch
+        import torch  # deferred: loads torch; imported before torch at start-up
 
         if not torch.cuda.is_available():
             raise ConfigError("device", "cuda",
@@ -462,8 +468,6 @@ MAX_SEED = 2**63 - 1
 def _refuse_unknown_keys(node, path=""):
     """A key added with ``+`` to a part of the schema is read by nothing: refuse it (with the
     closest real key) instead of ignoring it silently."""
-    import dataclasses
-
     if not isinstance(node, DictConfig):
         return
     schema = OmegaConf.get_type(node)
@@ -472,8 +476,6 @@ def _refuse_unknown_keys(node, path=""):
     for key in node.keys():
         where = f"{path}{key}"
         if fields is not None and key not in fields:
-            from .keys import not_read
-
             hint = not_read(where, fields, node._get_root())
             raise ConfigError(where, OmegaConf.select(node, str(key), throw_on_missing=False),
                               hint)
@@ -527,8 +529,6 @@ def _skips_code(key, target):
 
 
 def _import_target(target):
-    import importlib
-
     module, _, name = str(target).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -539,9 +539,6 @@ def _import_target(target):
 def _check_optimizer_arguments(opt):
     """Every optimizer argument must be one the optimizer takes (checked against its
     signature before the run), with the closest names suggested."""
-    import difflib
-    import inspect
-
     if _skips_code("optimizer._target_", opt.get("_target_")):
         return
     cls = _import_target(opt.get("_target_"))
@@ -562,7 +559,7 @@ def _check_optimizer_arguments(opt):
 def _check_scheduler(sched, lr):
     """Build the schedule on a stand-in optimizer and step it once: bad arguments fail here,
     naming the scheduler, instead of after the first epoch."""
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
     for key in ("step_size", "T_max"):
         value = sched.get(key)
@@ -592,9 +589,13 @@ def _check_scheduler(sched, lr):
 def estimated_training_bytes(cfg):
     """A lower bound on the memory training needs: weights, gradients and up to two optimizer
     states (4 bytes each), counted on the model built on the meta device (no memory)."""
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
-    from ..models.octave import ModelConstructorError, build_model, count_parameters
+    from ..models.octave import (  # deferred: loads torch; imported before torch at start-up
+        ModelConstructorError,
+        build_model,
+        count_parameters,
+    )
 
     try:
         with torch.device("meta"):
@@ -614,9 +615,10 @@ def check_model(cfg):
     arguments (a ResNet depth, an alpha its layers cannot split, a user model's signature) is
     a ConfigError naming the model. Returns the training-memory estimate; remembered per model
     configuration, since ``validate`` checks many configs that share one model."""
-    import json
-
-    from ..models.octave import model_name, model_node
+    from ..models.octave import (  # deferred: loads torch; imported before torch at start-up
+        model_name,
+        model_node,
+    )
 
     if _skips_code("model._target_", model_node(cfg).get("_target_")):
         return 0
@@ -648,7 +650,7 @@ def _available_memory():
 
 def _free_gpu_memory(device):
     """Free memory of the CUDA device a run will use (None when it will not use one)."""
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
     if device not in ("cuda", "auto") or not torch.cuda.is_available():
         return None
@@ -722,7 +724,9 @@ def _validate_dataset(ds, check_environment):
     if ds.name == "image_folder":
         _require_int("dataset.image_size", ds.get("image_size", 32), 1,
                      "must be a positive integer (pixels per side)")
-        from ..data.streaming import choose_in_memory
+        from ..data.streaming import (
+            choose_in_memory,  # deferred: loads torch; imported before torch at start-up
+        )
 
         choose_in_memory(ds.get("in_memory", "auto"), 0, 1, ds.get("max_memory_gb", 4))
         _require_int("dataset.workers", ds.get("workers", 2), 0, "must be an integer >= 0")

@@ -8,14 +8,21 @@ device (the airbench approach). The seed's ``ToTensor() + Normalize(mean, std)``
 crops and flips whole batches there too (:func:`augment_batch`); ``dataset.val_size`` holds
 training images out for validation (:func:`split_validation`) before the statistics.
 """
+import hashlib
+import importlib
 import logging
 import os
 import pickle
+import stat
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+import torchvision
+from omegaconf import OmegaConf
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 
@@ -97,8 +104,6 @@ def check_classes(found, recorded, where):
 def derived_seed(*parts):
     """A 63-bit seed for a torch.Generator from integers (a seed, an epoch, a batch, ...):
     distinct tuples give unrelated streams, and no arithmetic on large seeds can overflow."""
-    import hashlib
-
     text = ":".join(str(int(p)) if not isinstance(p, str) else p for p in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
@@ -195,8 +200,6 @@ def read_cifar_pickle(path):
 
 
 def _cifar10_class():
-    import torchvision
-
     class CIFAR10(torchvision.datasets.CIFAR10):
         """torchvision's CIFAR10 (its download and integrity check), with the MD5
         verification of the files optional, and the batches read by
@@ -305,8 +308,6 @@ def _image_files(class_dir, other_classes=()):
     skipped with a warning. Only regular files are read: anything else named like an image (a
     FIFO, whose open waits forever for a writer; a socket; a device) is skipped with a
     warning."""
-    import stat
-
     top = os.path.realpath(class_dir)
     seen = {top}
     barred = {os.path.realpath(d) for d in other_classes}
@@ -346,10 +347,6 @@ def _some(paths, shown=3):
 def _read_image(path, image_size=IMAGE_SIZE):
     """One image as an image_size x image_size RGB uint8 array; a file Pillow cannot read, or one over its
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), is a :class:`UserError` naming it."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above: treat
@@ -377,10 +374,6 @@ def load_custom(ds_cfg):
     """``dataset._target_``: a class called as torchvision's data sets are,
     ``Class(**arguments, train=True|False)``, returning a map-style data set of (image, label)
     pairs, loaded into memory as one uint8 tensor per split."""
-    import importlib
-
-    from omegaconf import OmegaConf
-
     node = OmegaConf.to_container(ds_cfg, resolve=True)
     target = str(node["_target_"])
     module, _, name = target.rpartition(".")

@@ -22,18 +22,30 @@ import functools
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 
-from .datasets import (IMAGE_EXTENSIONS, IMAGE_SIZE, BatchLoader, ImageSet, _image_files,
-                   _read_image, derived_seed, global_batch, shard_of, split_validation)
 from ..errors import ConfigError, UserError
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    IMAGE_SIZE,
+    BatchLoader,
+    ImageSet,
+    _image_files,
+    _read_image,
+    derived_seed,
+    global_batch,
+    shard_of,
+    split_validation,
+)
 
 #: RandomResizedCrop's defaults (torchvision, and the ImageNet recipe).
 CROP_SCALE = (0.08, 1.0)
@@ -153,10 +165,6 @@ def decode_files(files: FileSet) -> ImageSet:
 def _open_rgb(path, image_size):
     """The file as an RGB PIL image at its original size; a file ``_read_image`` refuses
     raises the very :class:`UserError` it raises."""
-    import warnings
-
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

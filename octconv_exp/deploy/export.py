@@ -31,9 +31,15 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
-from ..data.datasets import Normalise
+from ..config.targets import trusted_model_target
+from ..data.datasets import Normalise, check_classes, load_cifar10, load_custom, make_synthetic
+from ..data.streaming import decode_files, scan_image_folder
 from ..errors import USER_ERROR_EXIT, UserError
+from ..records.outputs import METRICS_FILE, MODEL_FILE, OutputError
+from ..training.checkpoint import INFERENCE, load
+from .inference import load_model
 
 #: The formats and the file name each is written to in the run dir (without ``--out``).
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
@@ -130,7 +136,7 @@ def onnx_runtime():
     """The ``onnx`` and ``onnxruntime`` modules, or a UserError saying how to install them."""
     try:  # optional: only --format onnx needs them
         import onnx
-        import onnxruntime
+        import onnxruntime  # optional: only the ONNX export check needs it
     except ImportError as exc:
         raise UserError(f"--format onnx needs the onnx and onnxruntime packages ({exc}); "
                         "pip install -r requirements.txt (or pip install onnx onnxruntime), "
@@ -214,8 +220,6 @@ def passed(check):
 
 def run_model_file(run_dir):
     """``run_dir``'s model.pt, or a UserError naming what is missing."""
-    from ..records.outputs import MODEL_FILE
-
     if not os.path.exists(run_dir):
         raise UserError(f"{run_dir}: no such run dir")
     if not os.path.isdir(run_dir):
@@ -230,8 +234,6 @@ def run_model_file(run_dir):
 
 def recorded_test_accuracy(run_dir):
     """metrics.json's test_accuracy (None without one)."""
-    from ..records.outputs import METRICS_FILE
-
     try:
         with open(os.path.join(run_dir, METRICS_FILE)) as f:
             value = json.load(f).get("test_accuracy")
@@ -244,10 +246,6 @@ def load_test_set(config, record, data_root=None, trust_dataset=None):
     """The test split of the data set the run's config names, with its classes checked
     against the ones the model was trained on. Code a config names (``dataset._target_``)
     runs only when the user names it (``trust_dataset``)."""
-    from omegaconf import OmegaConf
-
-    from ..data.datasets import check_classes, load_cifar10, load_custom, make_synthetic
-
     node = dict((config or {}).get("dataset") or {})
     if data_root is not None:
         node["root"] = data_root
@@ -267,8 +265,6 @@ def load_test_set(config, record, data_root=None, trust_dataset=None):
         test = load_cifar10(node.get("root", "data"), train=False, download=False,
                             verify_checksums=bool(node.get("verify_checksums", True)))
     elif name == "image_folder":
-        from ..data.streaming import decode_files, scan_image_folder
-
         if not node.get("root"):
             raise UserError("the run's config names no dataset.root; give --data-root")
         test = decode_files(scan_image_folder(
@@ -289,11 +285,6 @@ def export(run_dir, fmt, out=None, opset=None, force=False, data_root=None, trus
            trust_dataset=None):
     """Export ``run_dir``'s model (see the module's docstring); returns ``(path, Check)``.
     Raises :class:`ExportMismatch` (nothing written) when the outputs disagree."""
-    from ..training.checkpoint import INFERENCE, load
-    from .inference import load_model
-    from ..records.outputs import OutputError
-    from ..config.targets import trusted_model_target
-
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":

@@ -12,11 +12,13 @@ no Hydra config to compose::
 from typing import List, NamedTuple, Optional
 
 import torch
+from omegaconf import OmegaConf
 
-from ..training.checkpoint import INFERENCE, load, resolve_path
+from ..config.targets import trusted_model_target
 from ..data.datasets import Normalise
 from ..errors import UserError
-from ..config.targets import trusted_model_target
+from ..models.octave import build_model
+from ..training.checkpoint import INFERENCE, load, resolve_path
 
 
 class Prediction(NamedTuple):
@@ -87,10 +89,6 @@ def load_model(path, device="cpu", trust_target: Optional[str] = None):
     its class as ``trust_target`` (``"my_research.TinyNet"``), as ``model._target_=...`` on a
     command line allows it. A file from before the preprocessing record, or one refused, is a
     :class:`~octconv_exp.errors.UserError`."""
-    from omegaconf import OmegaConf
-
-    from ..models.octave import build_model
-
     where = resolve_path(str(path), prefer_final=True)
     state = load(where)
     record = state.get(INFERENCE)

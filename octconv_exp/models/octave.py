@@ -8,6 +8,8 @@ returns ``(log_probs, loss)``: the loss is computed inside the model because Pop
 it, and so every backend runs the same training loop.
 """
 import contextlib
+import importlib
+import inspect
 import sys
 from typing import Callable, ContextManager, Optional
 
@@ -15,6 +17,7 @@ import octconv
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from . import batchnorm
 from .spec import LEGACY_MODEL_TARGETS, OCTAVE_BRANCHES, recorded_model_name, split_high_low
@@ -271,8 +274,6 @@ SEED_MODEL = {"_target_": "octconv_exp.models.octave.ClassificationModel", "name
 def model_node(cfg):
     """The ``model`` config node as a plain dict (the seed's CNN for configs from before the
     model group existed)."""
-    from omegaconf import OmegaConf
-
     node = cfg.get("model") if hasattr(cfg, "get") else None
     if node is None:
         return dict(SEED_MODEL)
@@ -282,8 +283,6 @@ def model_node(cfg):
 def model_class(node):
     """The class (or factory) ``model._target_`` names; ValueError naming it if it cannot be
     imported."""
-    import importlib
-
     target = node.get("_target_")
     target = LEGACY_MODEL_TARGETS.get(target, target) if isinstance(target, str) else target
     module, _, name = str(target).rpartition(".")
@@ -302,8 +301,6 @@ def model_name(cfg, legacy=False):
 
 
 def _takes_labels(model):
-    import inspect
-
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -324,8 +321,6 @@ def build_model(cfg, num_classes=10, parallel_scope=None):
     its signature takes. A model whose ``forward`` takes only ``x`` is a plain classifier
     returning logits: it is wrapped in :class:`WithLoss`. A model that cannot take conv_mode
     is refused for an octave conv mode (it would silently train vanilla)."""
-    import inspect
-
     node = model_node(cfg)
     cls = model_class(node)
     kwargs = {k: v for k, v in node.items() if k not in ("_target_", "name")}

@@ -1,12 +1,17 @@
 """Per-run loggers beyond the always-on CSV/JSON files (``logger`` config group, whose
 options combine: ``logger=[csv,tensorboard,mlflow]``)."""
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import time
+
+from omegaconf import OmegaConf
 
 from ..errors import UserError
 from .outputs import flatten as flatten_dict
+from .outputs import write_json_atomic
 
 log = logging.getLogger("octconv_exp")
 
@@ -50,7 +55,9 @@ class TensorBoardLogger:
 
     def __init__(self, log_dir, hparams):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # deferred: loads torch; imported before torch at start-up
+            )
         except ImportError:
             raise UserError("logger=tensorboard needs the tensorboard package: "
                             "pip install tensorboard (or use logger=csv)") from None
@@ -120,7 +127,7 @@ def default_tracking_uri():
 def _mlflow():
     try:
         import mlflow  # noqa: F401
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # optional: only logger=mlflow needs mlflow
     except ImportError:
         raise UserError("logger=mlflow needs MLflow: pip install -r requirements.txt "
                         "(mlflow-skinny)") from None
@@ -184,7 +191,6 @@ def _store_lock(uri):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
 
     # connect() has refused a database folder that does not exist before this lock is taken.
     path = os.path.abspath(uri[len("sqlite:///"):])
@@ -209,14 +215,12 @@ class MlflowLogger:
                      "wall_seconds", "epochs_completed")
 
     def __init__(self, cfg, node, output_dir, device=None):
-        from omegaconf import OmegaConf
-
         self.client, experiment_id, self.uri = connect(node)
         self.output_dir = output_dir
         self.finished = False
         self.run_id = self._previous_run()
         if self.run_id is None:
-            from ..models.octave import model_name
+            from ..models.octave import model_name  # deferred: loads torch; imported before torch at start-up
 
             tags = {"conv": str(cfg.conv.mode), "alpha": str(cfg.alpha),
                     "model": model_name(cfg), "device": str(device or cfg.device),
@@ -230,7 +234,6 @@ class MlflowLogger:
             self.run_id = run.info.run_id
             config = OmegaConf.to_container(cfg, resolve=True)
             self._log_params(flatten(config))
-            from .outputs import write_json_atomic
 
             write_json_atomic(os.path.join(output_dir, MLFLOW_RUN_FILE),
                               {"run_id": self.run_id, "tracking_uri": self.uri,
@@ -263,16 +266,14 @@ class MlflowLogger:
             return None
 
     def _log_params(self, params):
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # optional: only logger=mlflow needs mlflow
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def _log_metrics(self, values, step):
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional: only logger=mlflow needs mlflow
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(step)) for k, v in values.items()

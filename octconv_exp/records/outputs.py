@@ -89,7 +89,7 @@ class _WriteErrorKept:
 
 
 def save_torch_atomic(path, obj):
-    import torch
+    import torch  # deferred: loads torch; imported before torch at start-up
 
     def write(f):
         sink = _WriteErrorKept(f)

@@ -25,8 +25,8 @@ import yaml
 
 from ..errors import USER_ERROR_EXIT, UserError
 from ..records.outputs import EPOCHS_FILE, METRICS_FILE, OutputError, atomic_write, write_text_atomic
-from .report import readable, run_settings
 from ..training.rundir import live_holder
+from .report import readable, run_settings
 
 CONFIG_FILE = os.path.join(".hydra", "config.yaml")
 #: Folders under a sweep dir that never hold a job's run dir.
@@ -352,7 +352,7 @@ def write_csv(path, runs, rows):
 
 
 def _colors(n):
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # deferred: matplotlib is slow to import and only the plots need it
 
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
@@ -371,7 +371,7 @@ def curves_figure(runs):
     dotted) per epoch of every run, one colour each, the test accuracy a star at the epoch whose
     weights it scored."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # deferred: matplotlib is slow to import and only the plots need it
 
     fig = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
     loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)

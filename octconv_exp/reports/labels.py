@@ -17,7 +17,9 @@ RINGS = 8
 
 def renderer_of(fig):
     """A renderer for ``fig`` (an Agg canvas is attached to a bare Figure first)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,  # deferred: matplotlib is slow to import and only the plots need it
+    )
 
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)

@@ -19,21 +19,29 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import zlib
 from collections import OrderedDict
 
 import yaml
+from omegaconf import OmegaConf
 
+from ..config.resolvers import NOISE_KEYS, SEED_KEY, config_name, split_override
 from ..config.schema import DEFAULT_REPORT_DPI as DEFAULT_DPI
 from ..config.schema import DEFAULT_REPORT_FORMATS as DEFAULT_FORMATS
 from ..config.schema import REPORT_FORMATS, report_settings
-from ..records.outputs import METRICS_FILE, atomic_write, flatten, write_text_atomic
-from . import latex
-from .stats import ci95_half_width
-from ..config.resolvers import NOISE_KEYS, SEED_KEY, config_name, split_override
+from ..errors import USER_ERROR_EXIT, ConfigError, UserError
+from ..records.loggers import log_sweep
+from ..records.objectives import OBJECTIVES, directions, pareto_front, value
+from ..records.outputs import METRICS_FILE, OutputError, atomic_write, flatten, write_text_atomic
 from ..sweeps.sweep import DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, read_plan, reported_model_name
+from ..training.resume import sweep_resume_hint
+from ..training.stopping import PROCESS
+from . import latex
+from .labels import place_labels
+from .stats import ci95_half_width
 
 CONV_ORDER = {"vanilla": 0, "octave": 1, "multi-octave": 2}
 RUN_COLUMNS = ("conv", "model", "alpha", "expansion", "optimizer", "seed", "test_accuracy",
@@ -156,8 +164,6 @@ def run_settings(path):
     """A run's composed config (.hydra/config.yaml), flattened to ``{dotted key: value}``
     with interpolations resolved where they can be, and the keys that were interpolations
     (``T_max: ${trainer.epochs}``); ``(None, set())`` when it cannot be read."""
-    from omegaconf import OmegaConf
-
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -614,8 +620,6 @@ def _finish(fig, ax, title, groups, counts, points=()):
         ax.legend(title=_error_text(groups, counts) or None, fontsize=8, title_fontsize=8)
     fig.tight_layout()
     if points:
-        from .labels import place_labels
-
         place_labels(ax, list(points))
     return fig
 
@@ -699,15 +703,11 @@ def alpha_figure(groups, metric, ylabel, title, digits=2):
 def group_value(group, name):
     """A configuration's value of a search objective (``accuracy``: its validation accuracy
     when it has one, else its test accuracy), or None."""
-    from ..records.objectives import value
-
     return value(group, name)  # a group holds the metrics' names, as means over its seeds
 
 
 def front(groups, objectives):
     """The configurations on the Pareto front of ``objectives`` (those with every value)."""
-    from ..records.objectives import directions, pareto_front
-
     scored = [g for g in groups if all(group_value(g, o) is not None for o in objectives)]
     points = [[group_value(g, o) for o in objectives] for g in scored]
     return [scored[i] for i in pareto_front(points, directions(objectives))]
@@ -720,7 +720,6 @@ def mark_front(ax, groups, objectives, x_of, y_of):
     points = sorted({(x_of(g), y_of(g)) for g in front(groups, objectives)})
     if not points:
         return
-    from ..records.objectives import OBJECTIVES
 
     arrows = {"maximize": "↑", "minimize": "↓"}
     label = "Pareto front (" + ", ".join(f"{o} {arrows[OBJECTIVES[o]]}" for o in objectives) + ")"
@@ -732,8 +731,6 @@ def mark_front(ax, groups, objectives, x_of, y_of):
 def sweep_objectives(sweep_dir, runs):
     """The sweep's search.objectives (its first run's .hydra/config.yaml; the default when
     no run says)."""
-    from ..records.objectives import OBJECTIVES
-
     for row in runs:
         path = os.path.join(sweep_dir, row["run_dir"], ".hydra", "config.yaml")
         try:
@@ -748,8 +745,6 @@ def sweep_objectives(sweep_dir, runs):
 
 def pareto_rows(groups, objectives):
     """pareto.csv's rows: the front's configurations, best first in the first objective."""
-    from ..records.objectives import OBJECTIVES
-
     sign = -1 if OBJECTIVES[objectives[0]] == "maximize" else 1
     rows = []
     for g in front(groups, objectives):
@@ -840,7 +835,7 @@ def plot(sweep_dir, groups, formats=DEFAULT_FORMATS, dpi=DEFAULT_DPI):
     """The figures, a file per format of ``formats`` in the sweep dir; returns the paths
     written."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: matplotlib is slow to import and only the plots need it
     except ImportError:
         sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
         return []
@@ -913,7 +908,6 @@ def sweep_report_settings(sweep_dir, runs, formats=None, dpi=None,
         if isinstance(found, dict):
             saved = found
             break
-    from ..errors import ConfigError
 
     try:
         saved_formats, saved_dpi = report_settings(saved.get("format", list(DEFAULT_FORMATS)),
@@ -952,11 +946,6 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 def track_sweep(config, sweep_dir):
     """With logger=mlflow: the report's files as an MLflow run of the sweep's experiment (a
     tracking store that fails here is a warning: the report itself is written)."""
-    from omegaconf import OmegaConf
-
-    from ..errors import UserError
-    from ..records.loggers import log_sweep
-
     formats = OmegaConf.select(config, "report.format", default=None)
     try:
         formats = report_settings(OmegaConf.to_object(formats) if OmegaConf.is_config(formats)
@@ -975,11 +964,7 @@ class SweepReport(Callback):
     """Hydra callback: the report when a multirun ends, and a non-zero exit if a run failed."""
 
     def on_multirun_end(self, config, **kwargs):
-        from ..errors import USER_ERROR_EXIT, UserError
-        from ..records.outputs import OutputError
-
         sweep_dir = str(config.hydra.sweep.dir)
-        from omegaconf import OmegaConf
 
         try:
             formats = OmegaConf.select(config, "report.format", default=None)
@@ -1010,13 +995,9 @@ class SweepReport(Callback):
 def interrupted_sweep_line(config, sweep_dir):
     """After a sweep that SIGINT/SIGTERM stopped: its last line is the command that continues
     the whole sweep (every job's own line above names that job's checkpoint only)."""
-    from ..training.resume import sweep_resume_hint
-    from ..training.stopping import PROCESS
-
     signum = PROCESS.sweep_stop.signal
     if signum is None:
         return
-    import signal
 
     search = "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
     hint = sweep_resume_hint(sys.argv[1:], sweep_dir, search=search)
@@ -1038,8 +1019,6 @@ def main(argv=None):
                         help="PNG resolution (default: the sweep's report.dpi, else "
                         f"{DEFAULT_DPI})")
     args = parser.parse_args(argv)
-    from ..errors import UserError
-    from ..records.outputs import OutputError
 
     try:
         dpi = args.dpi

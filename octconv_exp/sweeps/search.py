@@ -1,6 +1,7 @@
 """The Optuna search's trials: which overrides make a trial, which trials are the same, and
 Optuna's log format. The objectives themselves: :mod:`octconv_exp.records.objectives`."""
-
+import logging
+import sys
 
 #: Overrides that do not change what a trial computes: trials that differ only in them train
 #: the same model.
@@ -45,10 +46,7 @@ def plain_optuna_logs(stream=None):
     """Optuna colours its log lines (colorlog) whatever the stream is; off a terminal (a file,
     a pipe, a cluster's job log) the escape codes are noise, so there its handler is swapped
     for a plain one writing the same lines to the same stream (stderr)."""
-    import logging
-    import sys
-
-    import optuna
+    import optuna  # optional: only a search (search=optuna) needs optuna
 
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)

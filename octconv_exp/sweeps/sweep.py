@@ -9,9 +9,14 @@ job's .hydra/overrides.yaml); ``defaults`` names a job without overrides.
 """
 import os
 
+import yaml
 from omegaconf import OmegaConf
 
 from ..config.resolvers import config_name, is_noise, split_override
+from ..models.spec import recorded_model_name
+from ..records.outputs import write_text_atomic
+from ..training.resume import MAY_CHANGE_ON_RESUME
+
 
 def job_subdirs(jobs, seed_of):
     """``<name>/seed=<seed>`` for every job of a sweep, naming each by what varies."""
@@ -82,8 +87,6 @@ def reported_model_name(value):
         return None
     if hasattr(value, "items"):  # a dict, or a DictConfig
         if value.get("name") is not None or value.get("_target_") is not None:
-            from ..models.spec import recorded_model_name
-
             return recorded_model_name(value)  # as the job's metrics.json will say
         return None if value.get("arch") is None else str(value.get("arch"))
     return str(value)
@@ -113,8 +116,6 @@ def plan_entry(subdir, overrides, cfg):
 def _job_identity(overrides):
     """The overrides that say which job this is: without those a resume may change (more
     epochs, resume=true, ...), Hydra's own and the order."""
-    from ..training.resume import MAY_CHANGE_ON_RESUME
-
     kept = []
     for text in overrides:
         key = split_override(text)[0]
@@ -140,8 +141,6 @@ def read_plan(sweep_dir):
     """The plan of ``sweep_dir``: ``(entries, problems)``; entries is None without a plan
     file. Entries that are not a job are left out and named in ``problems``; an unreadable
     file is no plan and one problem."""
-    import yaml
-
     path = os.path.join(sweep_dir, PLAN_FILE)
     if not os.path.exists(path):
         return None, []
@@ -174,10 +173,6 @@ def read_plan(sweep_dir):
 def write_plan(sweep_dir, entries):
     """Write the plan into ``sweep_dir`` atomically, merged with the plan a previous run into
     the same dir left (:func:`merge_plans`); returns the path."""
-    import yaml
-
-    from ..records.outputs import write_text_atomic
-
     old, _ = read_plan(sweep_dir)
     merged = merge_plans(old or [], entries)
     text = _PLAN_HEADER + yaml.safe_dump({"version": PLAN_VERSION, "jobs": merged},

@@ -29,11 +29,13 @@ import warnings
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ..errors import UserError
 from ..models.octave import model_name, model_node
 from ..models.spec import LEGACY_MODEL_TARGETS
 from ..records.outputs import atomic_write, save_torch_atomic
+from .loop import improves, natural_mode
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -78,8 +80,6 @@ def inference_record(cfg, data):
     (channels, height, width), the model's ``model_name`` and its constructor config
     (``model``: the model node; ``conv_mode``, ``alpha``, ``expansion``, ``num_classes``,
     ``label_smoothing``: what :func:`~octconv_exp.models.octave.build_model` offers it)."""
-    from omegaconf import OmegaConf
-
     trainer = cfg.get("trainer") or {}
     return {"mean": [float(m) for m in data.mean], "std": [float(s) for s in data.std],
             "class_names": [str(c) for c in data.train.classes],
@@ -198,8 +198,6 @@ def monitor_for(cfg):
     """What best.pt follows: ``trainer.early_stopping.monitor``, by default (null)
     ``val_accuracy`` when the run holds out a validation split (dataset.val_size > 0), else
     ``train_loss``."""
-    from omegaconf import OmegaConf
-
     try:
         chosen = OmegaConf.select(cfg, "trainer.early_stopping.monitor", default=None)
         if chosen is not None:
@@ -212,10 +210,6 @@ def monitor_for(cfg):
 def mode_for(cfg, monitor):
     """Which way ``monitor`` is better: ``trainer.early_stopping.mode`` when the config
     chose ``monitor`` itself, else max for an accuracy and min for a loss."""
-    from omegaconf import OmegaConf
-
-    from .loop import natural_mode
-
     try:
         mode = OmegaConf.select(cfg, "trainer.early_stopping.mode", default=None)
         chosen = OmegaConf.select(cfg, "trainer.early_stopping.monitor", default=None)
@@ -232,8 +226,6 @@ class Checkpointer:
     no improvement."""
 
     def __init__(self, output_dir, monitor="train_loss", mode=None):
-        from .loop import natural_mode
-
         self.dir = os.path.join(output_dir, CHECKPOINT_DIR)
         self.monitor = monitor
         self.mode = mode or natural_mode(monitor)
@@ -265,12 +257,8 @@ class Checkpointer:
     def follows(self, state):
         """Whether checkpoint ``state`` kept its best by this monitor and mode (checkpoints
         from before validation splits name no monitor: they followed the training loss)."""
-        from .loop import natural_mode
-
         monitor = state.get("monitor", "train_loss")
         return monitor == self.monitor and state.get("mode", natural_mode(monitor)) == self.mode
 
     def _improves(self, metric):
-        from .loop import improves
-
         return improves(metric, self.best, self.mode)

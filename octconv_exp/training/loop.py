@@ -193,7 +193,7 @@ def send_test_signal(point):
         return
     only = os.environ.get("OCTCONV_EXP_SIGNAL_RANK")  # data-parallel: signal one rank only
     if only is not None:
-        from ..backends.distributed import WORLD
+        from ..backends.distributed import WORLD  # read at call time: distributed rebinds WORLD
 
         if int(only) != WORLD.rank:
             return

@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
@@ -38,8 +39,6 @@ def explicit_keys(overrides, recorded=()):
     """The config keys a list of Hydra overrides sets (``conv=octave`` -> ``conv``), leaving
     out the ``recorded`` overrides (those preflight took from the run's record,
     ``cli.recorded_groups``: not the command's own choices)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     recorded = set(recorded)
     keys = []
     for ov in OverridesParser.create().parse_overrides([o for o in overrides
@@ -170,7 +169,7 @@ def resume_hint(output_dir, cfg=None):
     """A command that continues the run in ``output_dir`` when pasted into a shell (with the
     run's config ``cfg``: naming the classes of your own it uses, which a resume takes from
     the checkpoint only when the command names them, see :mod:`.targets`)."""
-    from ..config.targets import user_targets
+    from ..config.targets import user_targets  # deferred: loads torch; imported before torch at start-up
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "run.py"
     launcher = "python"
     if os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1:

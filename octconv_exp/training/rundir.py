@@ -1,5 +1,6 @@
 """One writer per run dir: a lock file naming the live run (pid, host), and the clean-up of
 temp files a killed run left behind."""
+import fcntl
 import json
 import logging
 import os
@@ -7,6 +8,7 @@ import socket
 import time
 
 from ..errors import UserError
+from .resume import resume_hint
 
 log = logging.getLogger("octconv_exp")
 
@@ -145,7 +147,6 @@ def record_in_the_way(output_dir):
     left = [name for name in TRAINED_STATE if os.path.exists(os.path.join(output_dir, name))]
     if status in ("failed", "interrupted") and epochs == 0 and not left:
         return None
-    from .resume import resume_hint
 
     what = f"metrics.json status {status}"
     if epochs:
@@ -173,8 +174,6 @@ def lock_sweep_dir(sweep_dir):
     kill -9) for the rest of this process; SweepDirBusy naming the holder if another process
     holds it. One sweep process at a time per sweep dir: a second one would re-queue the
     first's live trials and write into its jobs' dirs."""
-    import fcntl
-
     path = os.path.join(os.path.abspath(sweep_dir), SWEEP_LOCK_FILE)
     if path in _HELD_SWEEP_LOCKS:
         return path

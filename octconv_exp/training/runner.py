@@ -1,6 +1,7 @@
 """One run's life (:class:`RunLifecycle`): validate the config, build data/model/backend,
 restore, train, evaluate, write outputs; every ending one :class:`Ending`."""
 import contextlib
+import datetime
 import enum
 import json
 import logging
@@ -8,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -17,32 +19,51 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..backends import distributed
-from ..records import outputs
-from ..backends import make_backend, resolve_device
+from ..backends import distributed, make_backend, resolve_device
 from ..backends.base import Backend, ResumableLoader
 from ..backends.checks import ipus_needed
 from ..config.schema import validate
-from ..data.loading import load_data
-from ..data.datasets import derived_seed
-from ..records.loggers import NullLogger, make_logger
-from .checkpoint import (CHECKPOINT_DIR, INFERENCE, LAST, Checkpointer, check_identity,
-                         identity, inference_record, mode_for, monitor_for, rng_state,
-                         saved_preprocessing, set_rng_state)
-from .checkpoint import load as load_checkpoint
-from .checkpoint import resolve_path as resolve_checkpoint
-from ..errors import USER_ERROR_EXIT, Diverged, RunInterrupted, UserError
-from .evaluation import ConfusionMatrix, write_outputs as write_evaluation_files
-from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
-from .rundir import RunDirBusy, RunDirLock
-from .resume import config_for_evaluation, config_for_resume, resume_hint
 from ..config.targets import check_saved_targets
-from ..records import provenance
-from .loop import (EpochProgress, EpochStats, Interrupted, best_epoch, epochs_without_improvement,
-                   evaluate, send_test_signal, should_stop_early, train_epoch,
-                   validate as validate_epoch)
+from ..data.datasets import derived_seed
+from ..data.loading import load_data
+from ..errors import USER_ERROR_EXIT, Diverged, RunInterrupted, UserError
 from ..models.flops import count_flops_per_image, theoretical_ratio
 from ..models.octave import build_model, check_input_size, count_parameters, model_name
+from ..records import outputs, provenance
+from ..records.loggers import NullLogger, make_logger
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    INFERENCE,
+    LAST,
+    Checkpointer,
+    check_identity,
+    identity,
+    inference_record,
+    mode_for,
+    monitor_for,
+    rng_state,
+    saved_preprocessing,
+    set_rng_state,
+)
+from .checkpoint import load as load_checkpoint
+from .checkpoint import resolve_path as resolve_checkpoint
+from .evaluation import ConfusionMatrix
+from .evaluation import write_outputs as write_evaluation_files
+from .loop import (
+    EpochProgress,
+    EpochStats,
+    Interrupted,
+    best_epoch,
+    epochs_without_improvement,
+    evaluate,
+    send_test_signal,
+    should_stop_early,
+    train_epoch,
+)
+from .loop import validate as validate_epoch
+from .resume import config_for_evaluation, config_for_resume, resume_hint
+from .rundir import RunDirBusy, RunDirLock
+from .stopping import StopNow, StopRequest  # noqa: F401  (re-exported)
 
 log = logging.getLogger("octconv_exp")
 
@@ -87,15 +108,11 @@ def seed_everything(seed):
 
 def iso_time(seconds):
     """ISO-8601 local time with its UTC offset, e.g. 2026-11-30T07:52:01+00:00."""
-    import datetime
-
     return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
 
 
 def show_progress(cfg):
     """tqdm bars only on a terminal: piped and redirected logs stay free of bar frames."""
-    import sys
-
     return bool(cfg.trainer.progress_bar) and sys.stderr.isatty()
 
 
