@@ -6,6 +6,7 @@ import os
 import time
 
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
@@ -36,24 +37,22 @@ def use_channels_last(setting, device_type):
     return setting == "true"
 
 
-#: torch.compile against eager where this project measured it (bench/bench_cuda.py, whose
-#: compile section prints these entries; ``--device cpu`` for the CPU): device type ->
-#: "model/conv" -> (seconds until the first two compiled steps were done, compiled step time /
-#: eager step time), the least favourable over the sizes measured. ``speed.compile=auto``
-#: compiles only a model and conv mode listed for the device: a device type or model without
-#: an entry is not compiled (unmeasured).
-COMPILE_MEASURED = {
-    # 2-core x86-64, torch 2.14.1, channels_last, 2026-11-30 (docs/performance.md
-    # "torch.compile"; bench/bench_cuda.py --device cpu --sections compile): seed CNN at
-    # expansion 1 batch 8 and expansion 4 batch 64, ResNet-20 at batch 128; compilation times
-    # from an empty inductor cache. Compiled steps were slower, or at most 5 % faster.
-    "cpu": {
-        "seed_cnn/vanilla": (13.6, 1.115), "seed_cnn/octave": (17.5, 1.112),
-        "seed_cnn/multi-octave": (16.6, 1.196),
-        "resnet_cifar-20/vanilla": (26.8, 1.065), "resnet_cifar-20/octave": (64.3, 0.970),
-        "resnet_cifar-20/multi-octave": (68.5, 0.959),
-    },
-}
+def read_compile_measurements(path=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "compile_measured.yaml")):
+    """compile_measured.yaml as ``{device type: {"model/conv": (compile s, step ratio)}}``."""
+    with open(path, encoding="utf-8") as f:
+        table = yaml.safe_load(f) or {}
+    return {device: {key: (float(v[0]), float(v[1])) for key, v in entries.items()}
+            for device, entries in table.items()}
+
+
+#: torch.compile against eager where this project measured it: device type -> "model/conv" ->
+#: (seconds until the first two compiled steps were done, compiled step time / eager step
+#: time). The measurements are data (compile_measured.yaml, with when and how each was taken),
+#: not code: a new machine's numbers replace them without touching this module.
+#: ``speed.compile=auto`` compiles only a model and conv mode listed for the device: a device
+#: type or model without an entry is not compiled (unmeasured).
+COMPILE_MEASURED = read_compile_measurements()
 #: A compiled step has to be at least this much faster to be worth it (smaller differences
 #: were within run-to-run noise).
 COMPILE_MIN_SAVING = 0.05

@@ -3,10 +3,9 @@
 An octave layer splits its channels by alpha, so at alpha 0.5 a 16-channel layer (ResNet-20's
 first stage, the seed CNN at expansion 1) normalises two 8-channel tensors. torch's CPU
 BatchNorm kernel for channels-last tensors walks the N*H*W rows of the (N*H*W, C) matrix one
-row at a time, and unless C is a multiple of 16 it is slow at it: measured on the project
-machine (2-core AMD EPYC with AVX-512, torch 2.14.1), forward + backward of a 128 x 8 x 32 x 32 tensor
-took 4.7 ms, more than the 2.7-3.0 ms of a 128 x 16 x 32 x 32 one with twice the elements, and
-128 x 12 x 32 x 32 took 9.5-9.8 ms (docs/performance.md).
+row at a time, and unless C is a multiple of 16 it is slow at it: an 8-channel tensor takes
+longer than a 16-channel one with twice the elements (the measurements, per shape of the
+models: docs/performance.md, "BatchNorm"; ``bench/bench_batchnorm.py`` repeats them).
 
 :func:`batch_norm` computes the same BatchNorm over a wider view of the same memory
 (:func:`wide_batch_norm`): the (N*H*W, C) matrix read as (N*H*W / k, k*C) with k*C up to 64.
@@ -29,10 +28,8 @@ from torch.autograd.function import once_differentiable
 
 #: Channel counts below this that are not a multiple of 16 take the wide-view path ...
 NARROW_CHANNELS = 32
-#: ... from this many elements: below it the few extra operations (about 0.4 ms) cost more
-#: than the wider rows save. Measured forward + backward (docs/performance.md): 8 channels,
-#: 2^20 elements 1.2 ms against torch's 4.7 ms, 2^16 elements 0.42 against 0.34; 12 channels,
-#: 2^15 elements 0.43 against 0.60; 16 or 32 channels, no gain at any size.
+#: ... from this many elements: below it the wide view's few extra operations cost more than
+#: the wider rows save (where the two sizes come from: docs/performance.md, "BatchNorm").
 MIN_ELEMENTS = {"multiple_of_8": 2 ** 18, "other": 2 ** 15}
 #: The wide view's row length (channels x rows folded together), at most.
 WIDE_COLUMNS = 64
