@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from octconv_exp.data.datasets import BatchLoader, load_image_folder  # noqa: E402
+from octconv_exp.data.datasets import BatchLoader  # noqa: E402
+from octconv_exp.data.loading import load_image_folder  # noqa: E402
 from octconv_exp.models.octave import build_model  # noqa: E402  (imports the config schema too)
 from octconv_exp.data.streaming import StreamingLoader, scan_image_folder  # noqa: E402
 

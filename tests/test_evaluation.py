@@ -215,7 +215,7 @@ def trained(tmp_path_factory):
 @pytest.mark.sdk
 def test_a_run_dir_holds_the_confusion_matrix_of_its_test_set(trained):
     from octconv_exp import load_model
-    from octconv_exp.data.datasets import load_data
+    from octconv_exp.data.loading import load_data
 
     metrics, names, counts, per_class = read_run(trained)
     test = load_data(compose_config(*TINY).dataset).test
@@ -271,7 +271,7 @@ def test_the_ipu_path_counts_every_test_image_once(tmp_path):
     metrics, names, counts, per_class = read_run(run_dir)
     assert metrics["device"] == "ipu" and metrics["test_samples"] == 437
     check_consistent(metrics, counts, per_class, names)
-    from octconv_exp.data.datasets import load_data
+    from octconv_exp.data.loading import load_data
 
     test = load_data(compose_config(*args).dataset).test
     assert counts.sum(axis=1).tolist() == np.bincount(test.labels.numpy(), minlength=10).tolist()

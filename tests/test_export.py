@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, read_metrics, run_cli, write_cifar_fixture, write_image_folder
-from octconv_exp.data.datasets import load_data, make_synthetic
+from octconv_exp.data.datasets import make_synthetic
+from octconv_exp.data.loading import load_data
 from octconv_exp.deploy import export as exporting
 from octconv_exp.deploy.inference import load_model
 from octconv_exp.models.octave import build_model
