@@ -195,7 +195,7 @@ def check_output_dir(cfg, multirun):
 #: The longest path a run writes below its dir (.hydra/attempts/<time>-<pid>/overrides.yaml,
 #: checkpoints/last.pt.<temp suffix>, tensorboard event files), with room to spare.
 FILES_ROOM = 120
-#: What a sweep's job subdir may add (``sweep.config_name`` caps each name at 200 bytes).
+#: What a sweep's job subdir may add (``config.resolvers.config_name`` caps each name at 200 bytes).
 JOB_SUBDIR_ROOM = 200 + len("/seed=") + 20
 
 

@@ -2,7 +2,7 @@
 batch by batch, instead of being held in memory as one uint8 tensor.
 
 :func:`scan_image_folder` lists root/<split>/<class>/** exactly as
-:func:`~octconv_exp.data.datasets.load_image_folder` reads it (same classes, same file order, same
+:func:`~octconv_exp.data.loading.load_image_folder` reads it (same classes, same file order, same
 errors), without decoding anything: a :class:`FileSet`. :class:`StreamingLoader` is a drop-in
 replacement for :class:`~octconv_exp.data.datasets.BatchLoader` over such a set: the same seeded order,
 the same global batches and data-parallel shards, the same resumption inside a pass, and
@@ -87,7 +87,7 @@ class FileSet:
 
 def scan_image_folder(folder, classes: Optional[List[str]] = None, image_size=IMAGE_SIZE):
     """The files under folder/<class>/ (nested folders included) that
-    :func:`~octconv_exp.data.datasets.load_image_folder` would decode, in its order and with its
+    :func:`~octconv_exp.data.loading.load_image_folder` would decode, in its order and with its
     errors (a class folder without images: an error for a training set, a warning for a test
     set), as a :class:`FileSet`."""
     if not os.path.isdir(folder):

@@ -93,7 +93,7 @@ def inference_record(cfg, data):
 
 def saved_preprocessing(state):
     """``{"stats": (mean, std), "classes": [...]}`` a checkpoint recorded, for
-    :func:`~octconv_exp.data.datasets.load_data`; None for a file from before the record."""
+    :func:`~octconv_exp.data.loading.load_data`; None for a file from before the record."""
     record = state.get(INFERENCE)
     if not isinstance(record, dict) or "mean" not in record or "std" not in record:
         return None
