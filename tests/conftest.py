@@ -44,7 +44,11 @@ def run_python(*argv, cwd=None, timeout=600, env=None):
     full_env.update(env or {})
     cmd = [sys.executable, *argv]
     cwd = str(cwd or REPO)
-    if FORK_SERVER.usable(full_env) and FORK_SERVER.lock.acquire(blocking=False):
+    refusal = FORK_SERVER.refusal(full_env)
+    if refusal and os.environ.get("OCTCONV_EXP_TEST_FORKSERVER_LOG"):
+        with open(os.environ["OCTCONV_EXP_TEST_FORKSERVER_LOG"], "a") as log:
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {refusal}\n")
+    if refusal is None and FORK_SERVER.lock.acquire(blocking=False):
         FORK_SERVER.lock.release()
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")

@@ -40,7 +40,10 @@ PREIMPORT = ("numpy", "yaml", "PIL.Image", "torch", "torch._dynamo", "torch.nn",
 RUN_TIME_PREFIXES = ("OCTCONV_EXP_", "POPTORCH_", "POPDIST_", "OMPI_", "SLURM_", "SUBMITIT_",
                      "MLFLOW_", "HYDRA_", "TORCHELASTIC_", "MASTER_", "PYTEST_")
 RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "ROLE_RANK", "ROLE_WORLD_SIZE", "PYTHONPATH", "COLUMNS", "LINES"}
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "PYTHONPATH", "COLUMNS", "LINES",
+                 # Set by code the tests run in-process (PopTorch's import sets the first, a
+                 # deterministic run the second); read when RDMA / cuBLAS start, not at import.
+                 "RDMAV_FORK_SAFE", "CUBLAS_WORKSPACE_CONFIG"}
 
 
 def _exit_code(status):
@@ -196,16 +199,20 @@ class ForkServer:
     def usable(self, env):
         """Whether a run with this environment behaves through the server as it would as a
         fresh ``python run.py`` (see the module's docstring)."""
+        return self.refusal(env) is None
+
+    def refusal(self, env):
+        """Why a run with this environment must start as a fresh process (None: it need not)."""
         if os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0":
-            return False
-        for key in set(env) | set(self.env):
+            return "OCTCONV_EXP_TEST_FORKSERVER=0"
+        for key in sorted(set(env) | set(self.env)):
             if env.get(key) != self.env.get(key) and not (
                     key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)):
-                return False
+                return f"{key} differs from the server's environment"
         for entry in env.get("PYTHONPATH", "").split(os.pathsep):
             if entry and os.path.isdir(entry) and self._shadows(entry):
-                return False
-        return True
+                return f"PYTHONPATH entry {entry} shadows an imported module"
+        return None
 
     def _shadows(self, folder):
         names = {n[:-3] if n.endswith(".py") else n for n in os.listdir(folder)}

@@ -37,8 +37,17 @@ PROBE = textwrap.dedent("""
 """)
 
 
+def served_env(env=None):
+    full = dict(os.environ)
+    full.pop("HYDRA_FULL_ERROR", None)
+    full.update(env or {})
+    assert FORK_SERVER.refusal(full) is None, FORK_SERVER.refusal(full)
+    return full
+
+
 def both_ways(monkeypatch, *argv, **kwargs):
     """The same command through the server and as a plain subprocess."""
+    served_env(kwargs.get("env"))
     served = run_python(*argv, **kwargs)
     monkeypatch.setenv("OCTCONV_EXP_TEST_FORKSERVER", "0")
     plain = run_python(*argv, **kwargs)
@@ -82,6 +91,7 @@ def test_a_refused_run_py_command_reads_the_same_both_ways(tmp_path, monkeypatch
 def test_a_served_program_has_a_process_group_of_its_own(tmp_path):
     script = tmp_path / "group.py"
     script.write_text("import os, signal\nos.killpg(os.getpgrp(), signal.SIGTERM)\n")
+    served_env()  # a plain subprocess would share this process group: pytest's own
     res = run_python(str(script))
     assert res.returncode == -signal.SIGTERM
     assert FORK_SERVER.proc.poll() is None  # the server is not in that group
