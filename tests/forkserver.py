@@ -38,7 +38,7 @@ PREIMPORT = ("numpy", "yaml", "PIL.Image", "torch", "torch._dynamo", "torch.nn",
 
 #: Environment variables that may differ between the server and a run: read at run time.
 RUN_TIME_PREFIXES = ("OCTCONV_EXP_", "POPTORCH_", "POPDIST_", "OMPI_", "SLURM_", "SUBMITIT_",
-                     "MLFLOW_", "HYDRA_", "TORCHELASTIC_", "MASTER_", "PYTEST_")
+                     "MLFLOW_", "_MLFLOW_", "HYDRA_", "TORCHELASTIC_", "MASTER_", "PYTEST_")
 RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "PYTHONPATH", "COLUMNS", "LINES",
                  # Set by code the tests run in-process (PopTorch's import sets the first, a

@@ -35,8 +35,9 @@ def test_every_file_of_a_run_arrives_by_an_atomic_rename(tmp_path, monkeypatch):
 
     left = sorted(os.path.relpath(os.path.join(d, f), run_dir)
                   for d, _, files in os.walk(run_dir) for f in files)
-    assert left == ["checkpoints/best.pt", "checkpoints/last.pt", "epochs.csv", "metrics.json",
-                    "model.pt"]
+    assert left == ["checkpoints/best.pt", "checkpoints/last.pt", "confusion_matrix.csv",
+                    "confusion_matrix.png", "epochs.csv", "metrics.json", "model.pt",
+                    "per_class_accuracy.csv"]
     assert opened == []  # nothing written in place (atomic_write writes through mkstemp's fd)
     arrived = {dst for _, dst in replaced}
     assert {os.path.join(run_dir, f) for f in left} <= arrived
