@@ -152,6 +152,33 @@ def test_inference_verdicts_compare_medians_with_the_flops_ratio_and_the_noise()
     assert rows[2]["time_vs_octave"] == pytest.approx(80 / 70)
 
 
+@pytest.mark.parametrize("onnx_batch", ["static", "dynamic"])
+def test_inference_bench_exports_for_the_batch_size_it_times(onnx_batch):
+    """--quick times batch 1 only: batch 3 here, each ONNX Runtime session taking it and giving
+    eager torch's logits."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("onnxruntime")
+    bench = _load("bench_inference")
+    args = argparse.Namespace(runtimes=["eager", "onnxruntime"], threads=1, ort_opt="all",
+                              onnx_batch=onnx_batch)
+    device = torch.device("cpu")
+    prepared = bench.prepare_runtimes(bench.build_models("seed", [0.5], device), "seed", args,
+                                      device, [])
+    bench.add_onnx_runners(prepared, "seed", 3, args, device, [])
+    x = torch.randn(3, 3, 32, 32)
+    inputs = {"eager": x.contiguous(memory_format=torch.channels_last), "numpy": x.numpy()}
+    assert [(p[0], sorted(p[4])) for p in prepared] == [
+        (c, ["eager", "onnxruntime"]) for c in ("vanilla", "octave", "multi-octave")]
+    for conv, _, _, _, runners, _ in prepared:
+        want = runners["eager"](inputs)
+        got = torch.from_numpy(runners["onnxruntime"](inputs))
+        assert got.shape == want.shape == (3, 10)
+        assert torch.allclose(got, want, atol=1e-4), conv
+
+
 def test_inference_bench_quick_prints_the_table_with_ratios_of_medians(tmp_path):
     import importlib.util
     import json
