@@ -130,7 +130,7 @@ def spread(samples):
 
 def slower_beyond_noise(cell, reference):
     """Whether ``cell`` is slower than ``reference`` by more than the noise: its fastest round
-    slower than the reference's slowest. (With 5 interleaved rounds each, two equally fast
+    slower than the reference's slowest. (With 5 independent rounds each, two equally fast
     cells part like this 1 time in 252; the interquartile ranges of two identical ResNet-20s,
     octave and multi-octave at alpha 0, parted in a 3-round run on this shared machine.)"""
     return cell["min_ms"] > reference["max_ms"]
