@@ -18,6 +18,12 @@ Sections (each its own results file, so a run cut short keeps what it finished):
    memory formats, framework overhead, ResNets).
 4. ``end_to_end-cuda.json``: bench/bench_end_to_end.py --device cuda: whole epochs through
    run.py with the defaults.
+5. ``cuda-inference.json``: bench/bench_inference.py --device cuda: the inference table
+   (Oct-ResNet-50, ResNet-20, seed CNN; batch 1 and 32; every alpha) in eager torch on the GPU,
+   synchronised around every timed sample, and under ONNX Runtime's CUDA execution provider
+   where the installed onnxruntime has one (onnxruntime-gpu; else that column is skipped with
+   the reason printed). ONNX Runtime's times include copying the input to the GPU and the
+   logits back; eager torch's input already lies on the GPU.
 
 ``--device cpu --quick`` runs the same code on the CPU in a few minutes (a check of the script,
 not a measurement).
@@ -151,8 +157,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--sections", nargs="*", default=["settings", "compile", "layers", "e2e"],
-                        choices=["settings", "compile", "layers", "e2e"])
+    parser.add_argument("--sections", nargs="*",
+                        default=["settings", "compile", "layers", "e2e", "inference"],
+                        choices=["settings", "compile", "layers", "e2e", "inference"])
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS],  # noqa
                         choices=[m[0] for m in MODELS])
     parser.add_argument("--quick", action="store_true", help="a check of the script")
@@ -184,6 +191,10 @@ def main(argv=None):
         cmd = [py, os.path.join(HERE, "bench_end_to_end.py"), "--device", args.device,
                "--rounds", "1" if args.quick else "3",
                "--out", os.path.join(args.out_dir, f"end_to_end-{prefix}.json")]
+        subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
+    if "inference" in args.sections:
+        cmd = [py, os.path.join(HERE, "bench_inference.py"), "--device", args.device,
+               "--out", os.path.join(args.out_dir, f"{prefix}-inference.json")]
         subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
     return 0
 

@@ -194,3 +194,47 @@ def test_seed_cnn_multi_octave_uses_it_at_expansion_1(monkeypatch):
     loss_multi.backward()
     for (name, p_oct), p_multi in zip(octave.named_parameters(), multi.parameters()):
         assert torch.allclose(p_multi.grad, p_oct.grad, rtol=1e-3, atol=1e-5), name
+
+
+def test_a_traced_or_exported_model_takes_the_module_path():
+    """torch.jit.trace and the ONNX exporter record nn.BatchNorm2d, not the wide view: the wide
+    path exported to ONNX read its running statistics from nowhere (ONNX Runtime refused the
+    file: 'not a graph input, initializer, or output of a previous node')."""
+    import io
+    import warnings
+
+    bn = nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = _cl(64, 8, 32, 32)
+    assert batchnorm.uses_wide_path(bn, x)
+    seen = []
+
+    class Narrow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, t):
+            seen.append(batchnorm.uses_wide_path(self.bn, t))
+            return batchnorm.batch_norm(self.bn, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(Narrow().eval(), x, check_trace=False)  # (its check re-runs untraced)
+        assert seen == [False]
+        ort = pytest.importorskip("onnxruntime")
+        buffer = io.BytesIO()
+        torch.onnx.export(Narrow().eval(), (x,), buffer, opset_version=17, input_names=["x"],
+                          **({"dynamo": False} if _has_dynamo_argument() else {}))
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"x": x.contiguous().numpy()})[0])
+    assert not bn.training
+    assert torch.allclose(got, bn(x), atol=1e-5)
+
+
+def _has_dynamo_argument():
+    import inspect
+
+    return "dynamo" in inspect.signature(torch.onnx.export).parameters

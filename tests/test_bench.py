@@ -118,3 +118,113 @@ def test_malloc_bench_measures_each_mode_with_speed_malloc_off_and_on(tmp_path):
     assert results["decisions"]["false"] == "off: speed.malloc=false"
     if allocator.glibc_malloc()[0] is not None:
         assert results["decisions"]["auto"].startswith("on: auto: on (CPU, glibc)")
+
+
+def _inference_rows(medians, flops):
+    """bench_inference rows of ResNet-50 at batch 1 from {(conv, alpha, runtime): (min, median,
+    max) ms} and {(conv, alpha): counted FLOPs ratio}."""
+    return [{"network": "resnet50", "batch": 1, "conv": conv, "alpha": alpha, "runtime": rt,
+             "flops_ratio": flops[(conv, alpha)], "min_ms": lo, "q1_ms": mid, "median_ms": mid,
+             "q3_ms": mid, "max_ms": hi}
+            for (conv, alpha, rt), (lo, mid, hi) in medians.items()]
+
+
+def test_inference_verdicts_compare_medians_with_the_flops_ratio_and_the_noise():
+    bench = _load("bench_inference")
+    flops = {("vanilla", None): 1.0, ("octave", 0.5): 0.58, ("multi-octave", 0.5): 0.58}
+    # ORT: multi-octave 60 / 100 ms = 0.60x vanilla <= 1.15 x 0.58 = 0.667; eager misses
+    rows = bench.add_ratios(_inference_rows({
+        ("vanilla", None, "eager"): (90, 100, 110), ("octave", 0.5, "eager"): (95, 105, 115),
+        ("multi-octave", 0.5, "eager"): (80, 90, 100),
+        ("vanilla", None, "onnxruntime"): (95, 100, 105),
+        ("octave", 0.5, "onnxruntime"): (60, 70, 80),
+        ("multi-octave", 0.5, "onnxruntime"): (55, 60, 75)}, flops))
+    target, noise = bench.verdicts(rows)
+    assert target[1] is True and "onnxruntime multi-octave at 0.600x" in target[0]
+    assert noise[1] is True and "0 of 2 cells slower" in noise[0]
+    # multi-octave's fastest round slower than octave's slowest: beyond the noise
+    rows = bench.add_ratios(_inference_rows({
+        ("vanilla", None, "eager"): (90, 100, 110), ("octave", 0.5, "eager"): (65, 70, 74),
+        ("multi-octave", 0.5, "eager"): (75, 80, 85)}, flops))
+    target, noise = bench.verdicts(rows)
+    assert target[1] is False and "0.700x" in target[0]  # octave, the better one: 0.70 > 0.667
+    assert noise[1] is False and "1 of 1 cells slower" in noise[0]
+    assert rows[2]["time_vs_octave"] == pytest.approx(80 / 70)
+
+
+@pytest.mark.parametrize("onnx_batch", ["static", "dynamic"])
+def test_inference_bench_exports_for_the_batch_size_it_times(onnx_batch):
+    """--quick times batch 1 only: batch 3 here, each ONNX Runtime session taking it and giving
+    eager torch's logits."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("onnxruntime")
+    bench = _load("bench_inference")
+    args = argparse.Namespace(runtimes=["eager", "onnxruntime"], threads=1, ort_opt="all",
+                              onnx_batch=onnx_batch)
+    device = torch.device("cpu")
+    prepared = bench.prepare_runtimes(bench.build_models("seed", [0.5], device), "seed", args,
+                                      device, [])
+    bench.add_onnx_runners(prepared, "seed", 3, args, device, [])
+    x = torch.randn(3, 3, 32, 32)
+    inputs = {"eager": x.contiguous(memory_format=torch.channels_last), "numpy": x.numpy()}
+    assert [(p[0], sorted(p[4])) for p in prepared] == [
+        (c, ["eager", "onnxruntime"]) for c in ("vanilla", "octave", "multi-octave")]
+    for conv, _, _, _, runners, _ in prepared:
+        want = runners["eager"](inputs)
+        got = torch.from_numpy(runners["onnxruntime"](inputs))
+        assert got.shape == want.shape == (3, 10)
+        assert torch.allclose(got, want, atol=1e-4), conv
+
+
+def test_inference_bench_quick_prints_the_table_with_ratios_of_medians(tmp_path):
+    import importlib.util
+    import json
+    import math
+    import subprocess
+    import sys
+
+    out = tmp_path / "inference.json"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_inference.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(out.read_text())
+    runtimes = ["eager"]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        runtimes.append("onnxruntime")
+    else:
+        assert any("ONNX Runtime column skipped" in n for n in r["notes"])
+    configs = [("vanilla", None)] + [(m, a) for a in (0.0, 0.5) for m in ("octave", "multi-octave")]
+    assert [(x["network"], x["batch"], x["conv"], x["alpha"], x["runtime"]) for x in r["rows"]] == [
+        (n, 1, c, a, rt) for n in ("seed", "resnet20") for c, a in configs for rt in runtimes]
+    rows = {(x["network"], x["conv"], x["alpha"], x["runtime"]): x for x in r["rows"]}
+    for (net, conv, alpha, rt), x in rows.items():
+        assert x["rounds"] == 3
+        assert 0 < x["min_ms"] <= x["q1_ms"] <= x["median_ms"] <= x["q3_ms"] <= x["max_ms"]
+        vanilla = rows[(net, "vanilla", None, rt)]
+        assert math.isfinite(x["time_vs_vanilla"])
+        assert x["time_vs_vanilla"] == pytest.approx(x["median_ms"] / vanilla["median_ms"])
+        assert x["time_vs_flops"] == pytest.approx(x["time_vs_vanilla"] / x["flops_ratio"])
+        if conv == "multi-octave":
+            octave = rows[(net, "octave", alpha, rt)]
+            assert x["time_vs_octave"] == pytest.approx(x["median_ms"] / octave["median_ms"])
+        # counted FLOPs: alpha 0 is a vanilla network, alpha 0.5 about half of one
+        if conv == "vanilla" or alpha == 0.0:
+            assert x["flops_ratio"] == pytest.approx(1.0)
+        else:
+            assert 0.4 < x["flops_ratio"] < 0.6
+            assert x["flops_ratio"] == pytest.approx(x["flops_ratio_theoretical"], abs=0.02)
+    # the printed markdown table: one line per (network, batch, conv, alpha), a column pair
+    # per runtime, and both verdict lines (ResNet-50 is not in a quick run)
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| network | batch |"))
+    assert lines[header].count("/ vanilla |") == 1 + len(runtimes)  # FLOPs, then each runtime
+    body = lines[header + 2:header + 2 + 2 * len(configs)]
+    assert all(line.startswith("| ") and line.count("|") == 6 + 2 * len(runtimes) for line in body)
+    assert "load average" in lines[0]
+    assert "[—] Oct-ResNet-50 alpha 0.5 batch 1 within 1.15x of its FLOPs ratio: not measured" \
+        in done.stdout
+    assert "multi-octave never slower than octave beyond the noise" in done.stdout

@@ -19,8 +19,11 @@ Outputs and gradients agree with ``nn.BatchNorm2d`` to float32 rounding
 Every other case goes to the module itself, unchanged: channels-first, 16 channels or a
 multiple of 16, 32 or more channels, a small tensor (:data:`MIN_ELEMENTS`), a dtype other than
 float32/float64, a device other than the CPU, a subclass of ``nn.BatchNorm2d`` (the
-data-parallel ``SyncBatchNorm`` among them), and code that ``torch.compile`` is tracing (its
-own kernels fuse BatchNorm).
+data-parallel ``SyncBatchNorm`` among them), code that ``torch.compile`` is tracing (its
+own kernels fuse BatchNorm), and code that ``torch.jit.trace`` or the ONNX exporter is tracing
+(the wide view's fold is fixed to the traced shape, and the ONNX exporter wrote the running
+statistics the wide path reads under ``no_grad`` as inputs no node produced: ONNX Runtime
+refused the file).
 """
 import torch
 import torch.nn as nn
@@ -50,7 +53,7 @@ def uses_wide_path(bn: nn.Module, x: torch.Tensor) -> bool:
             and 1 < x.shape[1] < NARROW_CHANNELS and x.shape[1] % 16 != 0
             and x.numel() >= MIN_ELEMENTS["multiple_of_8" if x.shape[1] % 8 == 0 else "other"]
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            and not _compiling())
+            and not _compiling() and not torch.jit.is_tracing())
 
 
 def _fold(c: int, m: int) -> int:
