@@ -36,9 +36,10 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 from _shared import rotating_rounds, sync, write_results  # noqa: E402
-from octconv_exp.model import ClassificationModel, count_flops_per_image  # noqa: E402
-from octconv_exp.model import theoretical_flops_ratio as seed_theoretical_ratio  # noqa: E402
-from octconv_exp.resnet import ResNetCifar, ResNetImageNet, theoretical_flops_ratio  # noqa: E402
+from octconv_exp.models.flops import count_flops_per_image  # noqa: E402
+from octconv_exp.models.flops import seed_cnn_flops_ratio as seed_theoretical_ratio  # noqa: E402
+from octconv_exp.models.octave import ClassificationModel  # noqa: E402
+from octconv_exp.models.resnet import ResNetCifar, ResNetImageNet, theoretical_flops_ratio  # noqa: E402
 
 OCTAVE_MODES = ("octave", "multi-octave")
 ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75)
