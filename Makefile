@@ -83,7 +83,7 @@ demo: venv
 
 # Whole epochs through run.py first (what users run, with the defaults), then single layers,
 # steps and the framework's overhead, multi-octave's BatchNorm, speed.malloc on and off, then the
-# streaming loader. The CUDA column, on a GPU:
+# streaming loader, then training steps beside CPU-burning neighbours. The CUDA column, on a GPU:
 # $(PY) bench/bench_cuda.py (docs/performance.md).
 bench: venv
 	$(PY) bench/bench_end_to_end.py
@@ -91,6 +91,7 @@ bench: venv
 	$(PY) bench/bench_batchnorm.py
 	$(PY) bench/bench_malloc.py
 	$(PY) bench/bench_streaming.py
+	$(PY) bench/bench_busy.py
 
 bench-e2e: venv
 	$(PY) bench/bench_end_to_end.py

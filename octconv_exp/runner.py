@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed, outputs
 from .backends import ipus_needed, make_backend, resolve_device
+from .backends.threads import thread_record
 from .config import validate
 from .data import load_data
 from .data import derived_seed
@@ -105,6 +106,7 @@ class Run:
         self.flops = None
         self.image_size = None
         self.torch_threads = None
+        self.threads = None  # metrics.json's thread record (backends.threads.thread_record)
         self.checkpoint = None
         self.resumed = False  # a resume restored its checkpoint (from then on, it may write)
         self.val_samples = None  # images in the validation split (None: no split)
@@ -175,6 +177,8 @@ class Run:
             **self.timing(now),
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
+            # the thread counts, the OpenMP/MKL environment and why (backends/threads.py)
+            "threads": self.threads,
             # speed.compile (CPU/GPU): whether the training steps ran torch.compile'd, and why
             "compiled": getattr(self.backend, "compile", None),
             "compile_decision": getattr(self.backend, "compile_reason", None),
@@ -306,6 +310,7 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
     run.cfg = cfg
     os.makedirs(output_dir, exist_ok=True)
     run.torch_threads = set_threads(threads)
+    run.threads = thread_record(cfg.get("threads"), threads)
     device = resolve_device(cfg.device, ipus_needed=ipus_needed(cfg))
     if device == "ipu" and cfg.trainer.get("sync_batchnorm", False):
         raise UserError("trainer.sync_batchnorm=true: not on IPUs (each replica normalises "
