@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed, outputs
 from .backends import ipus_needed, make_backend, resolve_device
-from .backends.threads import thread_record
+from .backends.threads import resolve_threads, thread_record
 from .config import validate
 from .data import load_data
 from .data import derived_seed
@@ -309,8 +309,9 @@ def run_experiment(cfg: DictConfig, output_dir, run=None, threads=None, fresh_if
                             "train=false")
     run.cfg = cfg
     os.makedirs(output_dir, exist_ok=True)
+    threads, why = resolve_threads(cfg.get("threads"), threads)
     run.torch_threads = set_threads(threads)
-    run.threads = thread_record(cfg.get("threads"), threads)
+    run.threads = thread_record(why)
     device = resolve_device(cfg.device, ipus_needed=ipus_needed(cfg))
     if device == "ipu" and cfg.trainer.get("sync_batchnorm", False):
         raise UserError("trainer.sync_batchnorm=true: not on IPUs (each replica normalises "
