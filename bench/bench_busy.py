@@ -48,9 +48,10 @@ VARIANTS = {
     "threads=2 ACTIVE": (2, {"OMP_WAIT_POLICY": "ACTIVE"}, True),
     "threads=2 no oneDNN": (2, {}, False),
 }
-#: what `make bench` measures: threads=2 ACTIVE and without oneDNN were measured once
-#: (docs/performance.md) and are each many times slower than threads=2 even alone, minutes
-#: of this bench for no decision; --variants measures them again
+#: what `make bench` measures (about 6 minutes on the busy 2-core machine): the settings a run
+#: chooses between. The others were measured for docs/performance.md (ACTIVE and oneDNN off
+#: many times slower than threads=2 even alone; the spin counts no better than PASSIVE);
+#: --variants measures them again
 DEFAULT_VARIANTS = ("threads=1", "threads=2", "threads=2 PASSIVE")
 #: the environment variables a variant starts from unset
 OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")

@@ -10,7 +10,7 @@ the seed CNN's octave mode runs many small ops, a barrier each. ``OMP_WAIT_POLIC
 makes waiting threads sleep at once, which costs a wake-up per region instead.
 
 Measured (bench/bench_busy.py, docs/performance.md "On a busy machine"): beside other
-processes PASSIVE made a 2-thread training step 3-10x faster than the default wait; on an idle
+processes PASSIVE made a 2-thread training step 4-7x faster than the default wait; on an idle
 machine it measured as fast in one round and up to 1.5x slower in another. So run.py sets
 PASSIVE only where the machine is busy when the run starts (:func:`wait_policy_decision`:
 a 1-minute load average of at least :data:`BUSY_LOAD`), before torch is imported (the runtime
