@@ -91,8 +91,9 @@ demo: venv
 
 # Whole epochs through run.py first (what users run, with the defaults), then single layers,
 # steps and the framework's overhead, multi-octave's BatchNorm, speed.malloc on and off, then the
-# streaming loader, then inference latency (eager torch and ONNX Runtime; Oct-ResNet-50 at
-# batch 32 dominates its time). The CUDA column, on a GPU:
+# streaming loader, inference latency (eager torch and ONNX Runtime; Oct-ResNet-50 at
+# batch 32 dominates its time), then training steps beside CPU-burning neighbours. The
+# CUDA column, on a GPU:
 # $(PY) bench/bench_cuda.py (docs/performance.md).
 bench: venv
 	$(PY) bench/bench_end_to_end.py
@@ -101,6 +102,7 @@ bench: venv
 	$(PY) bench/bench_malloc.py
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_busy.py
 
 bench-e2e: venv
 	$(PY) bench/bench_end_to_end.py

@@ -77,6 +77,11 @@ if __name__ == "__main__":  # not in a launcher's worker that imports this modul
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, _stopped_outside_a_run)
 
+# Before torch is loaded: its OpenMP runtime reads OMP_WAIT_POLICY once, when it loads.
+from octconv_exp.backends.threads import apply_wait_policy  # noqa: E402
+
+apply_wait_policy()
+
 import hydra  # noqa: E402
 
 from octconv_exp.training.stopping import PROCESS  # noqa: E402

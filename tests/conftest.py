@@ -29,12 +29,15 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 FORK_SERVER = forkserver.ForkServer(os.environ)
 
 
-def run_cli(*args, cwd=None, timeout=600, env=None):
-    """``python run.py ARGS``, as a process of its own; returns the CompletedProcess (text mode)."""
-    return run_python(os.path.join(REPO, "run.py"), *args, cwd=cwd, timeout=timeout, env=env)
+def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False):
+    """``python run.py ARGS``, as a process of its own; returns the CompletedProcess (text mode).
+    ``fresh``: a new interpreter, never the fork server (a test of what run.py does before
+    torch is imported)."""
+    return run_python(os.path.join(REPO, "run.py"), *args, cwd=cwd, timeout=timeout, env=env,
+                      fresh=fresh)
 
 
-def run_python(*argv, cwd=None, timeout=600, env=None):
+def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
     """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
     own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
     server where that is the same program (forkserver.ForkServer.usable), else a plain
@@ -44,7 +47,7 @@ def run_python(*argv, cwd=None, timeout=600, env=None):
     full_env.update(env or {})
     cmd = [sys.executable, *argv]
     cwd = str(cwd or REPO)
-    refusal = FORK_SERVER.refusal(full_env)
+    refusal = "fresh=True" if fresh else FORK_SERVER.refusal(full_env)
     if refusal and os.environ.get("OCTCONV_EXP_TEST_FORKSERVER_LOG"):
         with open(os.environ["OCTCONV_EXP_TEST_FORKSERVER_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {refusal}\n")

@@ -228,3 +228,55 @@ def test_inference_bench_quick_prints_the_table_with_ratios_of_medians(tmp_path)
     assert "[—] Oct-ResNet-50 alpha 0.5 batch 1 within 1.15x of its FLOPs ratio: not measured" \
         in done.stdout
     assert "multi-octave never slower than octave beyond the noise" in done.stdout
+def test_busy_bench_times_each_mode_alone_and_beside_neighbours_in_fresh_processes(tmp_path):
+    bench, results = _quick_run("bench_busy", tmp_path, timeout=600)
+    rows = results["rows"]
+    assert [(r["variant"], r["conv"]) for r in rows] == [
+        (v, m) for v in bench.QUICK_VARIANTS for m in bench.MODES]
+    # idle needs the right to raise a process's priority (root, CAP_SYS_NICE); the others not
+    loads = {c["load"] for c in results["context"]}
+    assert loads in ({"idle", "alone", "busy"}, {"alone", "busy"})
+    for r in rows:
+        assert r["ms_alone"] > 0 and r["ms_busy"] > 0
+        assert r["busy_over_alone"] == pytest.approx(r["ms_busy"] / r["ms_alone"])
+        assert r["images_per_s_busy"] == pytest.approx(bench.BATCH * 1e3 / r["ms_busy"])
+        if "idle" in loads:
+            assert r["busy_over_idle"] == pytest.approx(r["ms_busy"] / r["ms_idle"])
+        else:
+            assert r["ms_idle"] is None and r["busy_over_idle"] is None
+    # each variant's process ran with the threads and the OpenMP environment it was given,
+    # whatever this process's environment says
+    context = {(c["variant"], c["load"]): c for c in results["context"]}
+    assert set(context) == {(v, load) for v in bench.QUICK_VARIANTS for load in loads}
+    for (variant, _load), c in context.items():
+        threads, omp_env, mkldnn = bench.VARIANTS[variant]
+        assert c["torch_threads"] == threads and c["mkldnn"] == mkldnn
+        assert c["omp_wait_policy"] == omp_env.get("OMP_WAIT_POLICY")
+        assert c["cores_used"] > 0
+        assert c["machine_idle"] is None or 0 <= c["machine_idle"] <= 1
+
+
+def test_busy_bench_neighbours_burn_only_while_resumed():
+    """The neighbours run only while a busy sample is timed: stopped, they take no CPU."""
+    import time
+
+    bench = _load("bench_busy")
+
+    def cpu_seconds(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    with bench.Neighbours(1) as neighbours:
+        pid = neighbours.pids[0]
+        time.sleep(0.5)
+        stopped = cpu_seconds(pid)
+        time.sleep(0.5)
+        assert cpu_seconds(pid) == stopped
+        neighbours.resume()
+        deadline = time.time() + 60
+        while cpu_seconds(pid) <= stopped and time.time() < deadline:
+            time.sleep(0.1)
+        neighbours.pause()
+        assert cpu_seconds(pid) > stopped
+    assert not os.path.exists(f"/proc/{pid}")  # killed and reaped with the ``with``

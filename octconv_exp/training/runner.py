@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..backends import distributed, make_backend, resolve_device
 from ..backends.base import Backend, ResumableLoader
 from ..backends.checks import ipus_needed
+from ..backends.threads import resolve_threads, thread_record
 from ..config.schema import validate
 from ..config.targets import check_saved_targets
 from ..data.datasets import derived_seed
@@ -135,6 +136,7 @@ class Run:
         self.flops = None
         self.image_size = None
         self.torch_threads = None
+        self.threads = None  # metrics.json's thread record (backends.threads.thread_record)
         self.checkpoint = None
         self.resumed = False  # a resume restored its checkpoint (from then on, it may write)
         self.val_samples = None  # images in the validation split (None: no split)
@@ -210,6 +212,8 @@ class Run:
             **self.timing(now),
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
+            # the thread counts, the OpenMP/MKL environment and why (backends/threads.py)
+            "threads": self.threads,
             # speed.compile (CPU/GPU): whether the training steps ran torch.compile'd, and why
             "compiled": None if self.backend is None else self.backend.compile,
             "compile_decision": None if self.backend is None else self.backend.compile_reason,
@@ -475,7 +479,9 @@ class RunLifecycle:
         run = self.run_record
         run.cfg = self.cfg
         os.makedirs(self.output_dir, exist_ok=True)
-        run.torch_threads = set_threads(self.threads)
+        threads, why = resolve_threads(self.cfg.get("threads"), self.threads)
+        run.torch_threads = set_threads(threads)
+        run.threads = thread_record(why)
         self.device = run.device = self.join_device()
         if self.resume_point is not None:
             check_resume_device(self.resume_point.device, self.device, self.resume_point.path)
