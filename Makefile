@@ -54,7 +54,7 @@ lint: venv
 
 SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
-SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py tests/test_hostile_sweeps2.py
+SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py tests/test_hostile_sweeps2.py tests/test_export.py
 test: venv venv-sdk lint
 	@( $(TEST_ENV) $(SDK_PY) -m pytest -q -p no:cacheprovider --durations=15 -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
 	   $(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \

@@ -170,24 +170,7 @@ class Run:
         train_seconds = sum(e.train_seconds for e in self.epochs)
         confusion = self.test_confusion
         m = {
-            "status": self.status,
-            "model": model_name(cfg),
-            "conv": cfg.conv.mode,
-            "alpha": cfg.alpha,
-            "expansion": cfg.expansion,
-            "optimizer": cfg.optimizer.get("name"),
-            "lr": cfg.optimizer.get("lr"),
-            "scheduler": cfg.scheduler.get("name"),
-            "dataset": cfg.dataset.get("name"),
-            "image_size": self.image_size,
-            "device": self.device,
-            "seed": cfg.seed,
-            "epochs": cfg.trainer.epochs,
-            "epochs_completed": len(self.epochs),
-            "batch_size": cfg.trainer.batch_size,
-            # Data-parallel ranks (torchrun, submitit tasks); batch_size is per rank.
-            "world_size": distributed.WORLD.world_size,
-            "global_batch_size": cfg.trainer.batch_size * distributed.WORLD.world_size,
+            **self.what_ran(),
             "train_loss": last.train_loss if last else None,
             "train_accuracy": last.train_accuracy if last else None,
             "test_accuracy": self.test_accuracy,
@@ -210,6 +193,41 @@ class Run:
             "train_images_per_second": (train_images / train_seconds) if train_seconds else None,
             "train_seconds": train_seconds,
             **self.timing(now),
+            **self.how_it_ran(),
+        }
+        if self.checkpoint is not None:
+            m["checkpoint"] = self.checkpoint
+        if self.error is not None:
+            m["error"] = self.error
+        return m
+
+    def what_ran(self):
+        """metrics.json's first keys: the run's outcome so far and its settings."""
+        cfg = self.cfg
+        return {
+            "status": self.status,
+            "model": model_name(cfg),
+            "conv": cfg.conv.mode,
+            "alpha": cfg.alpha,
+            "expansion": cfg.expansion,
+            "optimizer": cfg.optimizer.get("name"),
+            "lr": cfg.optimizer.get("lr"),
+            "scheduler": cfg.scheduler.get("name"),
+            "dataset": cfg.dataset.get("name"),
+            "image_size": self.image_size,
+            "device": self.device,
+            "seed": cfg.seed,
+            "epochs": cfg.trainer.epochs,
+            "epochs_completed": len(self.epochs),
+            "batch_size": cfg.trainer.batch_size,
+            # Data-parallel ranks (torchrun, submitit tasks); batch_size is per rank.
+            "world_size": distributed.WORLD.world_size,
+            "global_batch_size": cfg.trainer.batch_size * distributed.WORLD.world_size,
+        }
+
+    def how_it_ran(self):
+        """metrics.json's last keys: the process, threads, speed decisions and versions."""
+        return {
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
             # the thread counts, the OpenMP/MKL environment and why (backends/threads.py)
@@ -223,11 +241,6 @@ class Run:
             # The octconv-exp checkout's git commit and dirty flag (None outside a checkout)
             "code_version": provenance.code_version(),
         }
-        if self.checkpoint is not None:
-            m["checkpoint"] = self.checkpoint
-        if self.error is not None:
-            m["error"] = self.error
-        return m
 
     def timing(self, now):
         """``wall_seconds``, ``started_at``/``finished_at`` (and their ISO-8601 forms). A
