@@ -37,14 +37,21 @@ def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False):
                       fresh=fresh)
 
 
+def command_env(env=None):
+    """The environment a command the tests start gets: this process's, HYDRA_FULL_ERROR unset
+    (run.py's one-line errors, not Hydra's traceback), updated with ``env``."""
+    full_env = dict(os.environ)
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.update(env or {})
+    return full_env
+
+
 def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
     """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
     own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
     server where that is the same program (forkserver.ForkServer.usable), else a plain
     subprocess."""
-    full_env = dict(os.environ)
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    full_env.update(env or {})
+    full_env = command_env(env)
     cmd = [sys.executable, *argv]
     cwd = str(cwd or REPO)
     refusal = "fresh=True" if fresh else FORK_SERVER.refusal(full_env)

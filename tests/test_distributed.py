@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, compose_config, only_error_line,
-                      read_metrics, read_state_dict, run_cli)
+from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, command_env, compose_config,
+                      only_error_line, read_metrics, read_state_dict, run_cli)
 from octconv_exp.backends import distributed
 from octconv_exp.data.datasets import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
@@ -17,9 +17,7 @@ from octconv_exp.sweeps.gpus import GpuClaim
 
 def torchrun(*args, ranks=2, env=None, timeout=300):
     """``torchrun --standalone --nproc_per_node=ranks run.py args``."""
-    full = dict(os.environ)
-    full.pop("HYDRA_FULL_ERROR", None)
-    full.update(env or {})
+    full = command_env(env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={ranks}", os.path.join(REPO, "run.py"), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,

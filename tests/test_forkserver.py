@@ -10,7 +10,7 @@ import time
 import pytest
 
 import conftest
-from conftest import FORK_SERVER, REPO, run_cli, run_python
+from conftest import FORK_SERVER, REPO, command_env, run_cli, run_python
 
 PROBE = textwrap.dedent("""
     import json, os, sys
@@ -38,9 +38,7 @@ PROBE = textwrap.dedent("""
 
 
 def served_env(env=None):
-    full = dict(os.environ)
-    full.pop("HYDRA_FULL_ERROR", None)
-    full.update(env or {})
+    full = command_env(env)
     assert FORK_SERVER.refusal(full) is None, FORK_SERVER.refusal(full)
     return full
 
