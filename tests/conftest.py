@@ -54,7 +54,7 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
     full_env = command_env(env)
     cmd = [sys.executable, *argv]
     cwd = str(cwd or REPO)
-    refusal = "fresh=True" if fresh else FORK_SERVER.refusal(full_env)
+    refusal = "fresh=True" if fresh else FORK_SERVER.refusal(full_env, argv, cwd)
     if refusal and os.environ.get("OCTCONV_EXP_TEST_FORKSERVER_LOG"):
         with open(os.environ["OCTCONV_EXP_TEST_FORKSERVER_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {refusal}\n")

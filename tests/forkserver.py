@@ -36,6 +36,17 @@ PREIMPORT = ("numpy", "yaml", "PIL.Image", "torch", "torch._dynamo", "torch.nn",
              "hydra.core.config_store", "octconv", "matplotlib", "matplotlib.figure",
              "matplotlib.backends.backend_agg")
 
+#: This project's modules the server imports too (its sweepers found by Hydra's plugin scan):
+#: not the ``-m`` entry modules (``octconv_exp.validate``, ...), which runpy must import itself.
+#: A child whose ``sys.path`` finds another ``octconv_exp`` first (a copy of the repository,
+#: a cwd without it) is refused (:meth:`ForkServer.refusal`). No module of the package reads
+#: the environment when it is imported (the tests' signal hook reads it when used).
+PROJECT = "octconv_exp"
+PROJECT_PREIMPORT = ("octconv_exp.config.schema", "octconv_exp.cli.preflight",
+                     "octconv_exp.cli.outcome", "octconv_exp.cli.validate",
+                     "octconv_exp.training.runner", "octconv_exp.reports.report")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 #: Environment variables that may differ between the server and a run: read at run time.
 RUN_TIME_PREFIXES = ("OCTCONV_EXP_", "POPTORCH_", "POPDIST_", "OMPI_", "SLURM_", "SUBMITIT_",
                      "MLFLOW_", "_MLFLOW_", "HYDRA_", "TORCHELASTIC_", "MASTER_", "PYTEST_")
@@ -44,6 +55,19 @@ RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  # Set by code the tests run in-process (PopTorch's import sets the first, a
                  # deterministic run the second); read when RDMA / cuBLAS start, not at import.
                  "RDMAV_FORK_SAFE", "CUBLAS_WORKSPACE_CONFIG"}
+
+
+def _project_in(first, env):
+    """Where a program whose ``sys.path`` starts with ``first`` and the PYTHONPATH of ``env``
+    imports the project from (None: it does not find it there)."""
+    entries = [first] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for entry in entries:
+        package = os.path.join(entry, PROJECT)
+        if os.path.isfile(os.path.join(package, "__init__.py")):
+            return os.path.realpath(package)
+        if os.path.isfile(package + ".py"):
+            return os.path.realpath(package + ".py")
+    return None
 
 
 def _exit_code(status):
@@ -82,6 +106,13 @@ def _child(request, base_path):
     else:
         sys.path[:] = [os.path.dirname(os.path.abspath(argv[0]))] + entries + base_path
         sys.argv[:] = argv
+    if _project_in(sys.path[0], request["env"]) == request["project"]:
+        # What the package's import does to sys.path in a fresh process.
+        sys.modules["octconv_exp.config.resolvers"].add_plugins_to_path()
+    else:  # a program that does not find the package: importing it fails, as it would
+        for name in [n for n in sys.modules if n == PROJECT or n.startswith(PROJECT + ".")
+                     or n.startswith("hydra_plugins.octconv_exp_sweeper")]:
+            del sys.modules[name]
     random.seed()  # a fresh process's state, not the server's
     try:
         import numpy
@@ -136,11 +167,20 @@ def serve():
         importlib.import_module(name)
     initial_pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     base_path = [p for p in sys.path[1:] if p not in initial_pythonpath]
+    saved_path = list(sys.path)
+    sys.path.insert(0, REPO)  # as run.py's folder is for its child
+    for name in PROJECT_PREIMPORT:
+        importlib.import_module(name)
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra's scan of hydra_plugins, ours included (as every run does)
+    sys.path[:] = saved_path
     channel_in, channel_out = sys.stdin, os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # nothing else may write into the channel
     top = sorted({name.split(".")[0] for name in sys.modules})
-    channel_out.write(json.dumps({"ready": True, "modules": top}) + "\n")
+    project = os.path.realpath(os.path.dirname(sys.modules[PROJECT].__file__))
+    channel_out.write(json.dumps({"ready": True, "modules": top, "project": project}) + "\n")
     channel_out.flush()
     for line in channel_in:
         request = json.loads(line)
@@ -169,6 +209,7 @@ class ForkServer:
         self.proc = None
         self.env = dict(env)  # the session's environment, before any test changed it
         self.modules = ()
+        self.project = os.path.realpath(os.path.join(REPO, PROJECT))
         self.lock = threading.Lock()
         self._pending = b""
 
@@ -181,6 +222,7 @@ class ForkServer:
         if not hello.get("ready"):
             raise RuntimeError("the run.py fork server did not start")
         self.modules = set(hello["modules"])
+        self.project = hello["project"]
 
     def _readline(self, timeout):
         """The server's next JSON line, or None after ``timeout`` seconds without one."""
@@ -201,10 +243,17 @@ class ForkServer:
         fresh ``python run.py`` (see the module's docstring)."""
         return self.refusal(env) is None
 
-    def refusal(self, env):
-        """Why a run with this environment must start as a fresh process (None: it need not)."""
+    def refusal(self, env, argv=None, cwd=None):
+        """Why ``python ARGV`` run in ``cwd`` with this environment must start as a fresh
+        process (None: it need not)."""
         if os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0":
             return "OCTCONV_EXP_TEST_FORKSERVER=0"
+        if argv is not None:
+            first = (cwd or os.getcwd()) if argv[0] == "-m" else os.path.dirname(
+                os.path.abspath(os.path.join(cwd or os.getcwd(), argv[0])))
+            found = _project_in(first, env)
+            if found is not None and found != self.project:  # not found: the child forgets it
+                return f"{PROJECT} there is {found}, not the server's {self.project}"
         for key in sorted(set(env) | set(self.env)):
             if env.get(key) != self.env.get(key) and not (
                     key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)):
@@ -229,7 +278,7 @@ class ForkServer:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
             request = {"argv": list(argv), "cwd": cwd, "env": env, "stdout": out_path,
-                       "stderr": err_path}
+                       "stderr": err_path, "project": self.project}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             pid = self._readline(60)["pid"]
             done = self._readline(timeout)

@@ -86,6 +86,32 @@ def test_a_refused_run_py_command_reads_the_same_both_ways(tmp_path, monkeypatch
     assert served.stderr == plain.stderr and served.stdout == plain.stdout
 
 
+def test_the_servers_copy_of_the_package_is_only_for_programs_that_would_import_it(
+        tmp_path, monkeypatch):
+    """The server imports octconv_exp too: a program that does not find it on its own path
+    fails to import it as a plain interpreter does, and one that finds another copy (a clone
+    elsewhere) is not served."""
+    script = tmp_path / "imports.py"
+    script.write_text("import sys\nprint('octconv_exp' in sys.modules)\nimport octconv_exp\n")
+    served, plain = both_ways(monkeypatch, str(script), cwd=tmp_path)
+    assert FORK_SERVER.proc is not None and FORK_SERVER.proc.poll() is None  # it was served
+    assert served.returncode == plain.returncode == 1
+    assert served.stdout == plain.stdout == "False\n"
+    assert served.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1] == (
+        "ModuleNotFoundError: No module named 'octconv_exp'")
+    # Its own run.py imports the package, from this repository: served, and it is there.
+    assert FORK_SERVER.refusal(command_env(), [os.path.join(REPO, "run.py")], REPO) is None
+    clone = tmp_path / "clone"
+    (clone / "octconv_exp").mkdir(parents=True)
+    (clone / "octconv_exp" / "__init__.py").write_text("")
+    for argv, cwd in (([str(clone / "run.py")], REPO), (["-m", "octconv_exp.validate"], clone)):
+        assert FORK_SERVER.refusal(command_env(), argv, str(cwd)) == (
+            f"octconv_exp there is {clone / 'octconv_exp'}, not the server's "
+            f"{os.path.join(REPO, 'octconv_exp')}")
+    elsewhere = command_env({"PYTHONPATH": str(clone)})
+    assert FORK_SERVER.refusal(elsewhere, ["-m", "octconv_exp.validate"], str(tmp_path))
+
+
 def test_a_served_program_has_a_process_group_of_its_own(tmp_path):
     script = tmp_path / "group.py"
     script.write_text("import os, signal\nos.killpg(os.getpgrp(), signal.SIGTERM)\n")

@@ -11,6 +11,7 @@ Two places can reject a command line:
 This module is what happens before Hydra starts (argv checks, quoting, recorded groups,
 output-dir checks); :mod:`.outcome` is what happens when a run ends.
 """
+import copy
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ from hydra import compose
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from ..backends.distributed import launched_rank
@@ -34,7 +35,7 @@ from ..config.keys import not_read
 from ..config.presets import (
     CONFIG_NAME,
     GROUPS,
-    group_options_in_search_path,
+    group_options_lookup,
     hydra_like_run,
     sweep_choices,
     undecodable_files,
@@ -386,17 +387,20 @@ def preflight(argv):
     # and hydra.searchpath, so your own presets compose here as they will there.
     try:
         with hydra_like_run(args.config_path or "conf", args.config_dir):
-            _check_group_choices(overrides, lambda group: group_options_in_search_path(
-                group, config_name, overrides))
+            options_of = group_options_lookup(config_name, overrides)
+            _check_group_choices(overrides, options_of)
             composed = set()
+            full = None
             for combo in combos:
-                _compose_and_validate(combo, config_name, args.cfg is None)
+                # The first with Hydra's own node too: the output dir's checks read it (one
+                # composition fewer per run; a composition is most of preflight's time).
+                cfg = _compose_and_validate(combo, config_name, args.cfg is None,
+                                            with_hydra=full is None)
+                full = cfg if full is None else full
                 composed.add(frozenset(combo))
             if args.multirun and args.cfg is None:
-                _validate_sweep_values(overrides, combos, config_name, composed)
+                _validate_sweep_values(overrides, combos, config_name, composed, options_of)
             if args.cfg is None:
-                full = compose(config_name=config_name, overrides=combos[0],
-                               return_hydra_config=True)
                 check_output_dir(full, args.multirun)
 
                 if not args.multirun and launched_rank() == 0:  # rank 0 holds the lock
@@ -417,11 +421,16 @@ def preflight(argv):
     return Launch(argv, recorded)
 
 
-def _compose_and_validate(overrides, config_name, check, note=""):
+def _compose_and_validate(overrides, config_name, check, note="", with_hydra=False):
+    """Compose ``overrides`` and (``check``) validate the config a run gets; returns the
+    composition, with its ``hydra`` node when ``with_hydra``. The config validated is then the
+    task's config as Hydra hands it to the run: the composition without that node."""
     try:
-        cfg = compose(config_name=config_name, overrides=overrides)
+        full = compose(config_name=config_name, overrides=overrides,
+                       return_hydra_config=with_hydra)
         if check:
-            validate(cfg)
+            validate(without_hydra(full) if with_hydra else full)
+        return full
     except (HydraException, OmegaConfBaseException) as exc:  # also a broken ${...}
         fail(describe_composition_error(exc) + note)
     except UnicodeDecodeError as exc:  # a binary file where a YAML option should be
@@ -433,7 +442,16 @@ def _compose_and_validate(overrides, config_name, check, note=""):
         raise UserError(str(exc) + note) from None
 
 
-def _validate_sweep_values(overrides, combos, config_name, composed):
+def without_hydra(full):
+    """A copy of a composition without its ``hydra`` node, as Hydra's run_job hands the
+    task its config (hydra/core/utils.py: deepcopy, then ``del task_cfg["hydra"]``)."""
+    cfg = copy.deepcopy(full)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _validate_sweep_values(overrides, combos, config_name, composed, options_of):
     """Every value the sweeper will run, the composed ``hydra.sweeper.params`` (a preset's
     sweep, a search space) merged with the command line's sweeps as the sweeper merges them,
     validated before the first job. ``combos``: the command line's, already validated."""
@@ -446,7 +464,7 @@ def _validate_sweep_values(overrides, combos, config_name, composed):
         if key.startswith("hydra") or ov.package is not None:
             return True
         if key not in groups:
-            groups[key] = group_options_in_search_path(key, config_name, overrides) is not None
+            groups[key] = options_of(key) is not None
         return groups[key]
 
     shaping = [i for i, ov in enumerate(parsed) if shapes_the_sweeper(ov)]

@@ -21,6 +21,7 @@ from hydra._internal.utils import create_automatic_config_search_path
 from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ..errors import UserError
@@ -58,23 +59,32 @@ def hydra_like_run(config_path="conf", config_dir=None):
         GlobalHydra.instance().clear()
 
 
-def group_options_in_search_path(group, config_name, overrides):
-    """The options of config group ``group`` in every folder of the search path (the
-    ``hydra.searchpath`` of ``overrides`` included); None when no folder has that group.
-    Options only the ConfigStore holds (the ``*_schema`` nodes) are not offered."""
+def group_options_lookup(config_name, overrides):
+    """A function of a config group's name: its options in every folder of the search path
+    (the primary config's and the ``hydra.searchpath`` of ``overrides`` included), sorted;
+    None when no folder has that group. Options only the ConfigStore holds (the ``*_schema``
+    nodes) are not offered. The search path is found once for all the groups of a command
+    line, as Hydra's ``get_group_options`` finds it on every call (reading the primary
+    config: most of a call's time)."""
     searchpath = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
     try:
-        found = GlobalHydra.instance().config_loader().get_group_options(
-            group, config_name=config_name, overrides=searchpath)
+        # Hydra's ConfigLoaderImpl.get_group_options, with the repository kept.
+        _, repo = GlobalHydra.instance().config_loader()._parse_overrides_and_create_caching_repo(
+            config_name, searchpath)
     except Exception:  # noqa: BLE001 - a missing primary config: composition reports it
-        return None
-    try:
-        stored = {name[:-5] for name in ConfigStore.instance().list(group)
-                  if name.endswith(".yaml")}
-    except IOError:
-        stored = set()
-    options = [o for o in found if o not in stored]
-    return sorted(options) or None
+        return lambda group: None
+
+    def options_of(group):
+        found = repo.get_group_options(group, ObjectType.CONFIG)
+        try:
+            stored = {name[:-5] for name in ConfigStore.instance().list(group)
+                      if name.endswith(".yaml")}
+        except IOError:
+            stored = set()
+        options = [o for o in found if o not in stored]
+        return sorted(options) or None
+
+    return options_of
 
 
 def sweep_choices(sweeper, arguments):

@@ -111,8 +111,15 @@ def register():
     if not OmegaConf.has_resolver("octconv_exp.config_groups"):
         # run.py --help (conf/hydra/help/octconv_exp.yaml): the groups of conf/ and options.
         OmegaConf.register_new_resolver("octconv_exp.config_groups", config_groups)
-    # The sweeper is a Hydra plugin, which Hydra only loads from the hydra_plugins namespace
-    # package: ours is shipped inside this package.
-    plugins = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins")
-    if plugins not in sys.path:
-        sys.path.append(plugins)
+    add_plugins_to_path()
+
+
+#: The folder holding our ``hydra_plugins`` namespace package (the sweepers).
+PLUGINS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins")
+
+
+def add_plugins_to_path():
+    """The sweeper is a Hydra plugin, which Hydra only loads from the hydra_plugins namespace
+    package: ours is shipped inside this package, in :data:`PLUGINS_DIR`."""
+    if PLUGINS_DIR not in sys.path:
+        sys.path.append(PLUGINS_DIR)

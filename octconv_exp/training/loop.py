@@ -182,13 +182,18 @@ class EpochProgress:
 # the first test batch) or "accuracy" (right after the final accuracy); with
 # ``OCTCONV_EXP_SIGNAL_RANK=R``, only data-parallel rank R; with ``OCTCONV_EXP_SIGNAL_GROUP=1``, to
 # the whole process group. Tests stop a run at an
-# exact place with it instead of racing a timer; unset, it costs one comparison per step.
-_SIGNAL_AT = os.environ.get("OCTCONV_EXP_SIGNAL_AT", "").partition("*")
+# exact place with it instead of racing a timer; unset, it costs one dictionary lookup per
+# step. Read when used, not when this module is imported: a process that imported it before
+# its environment was set (a fork server's child) sees its own.
 _steps_run = 0
 
 
+def _signal_at():
+    return os.environ.get("OCTCONV_EXP_SIGNAL_AT", "").partition("*")
+
+
 def send_test_signal(point):
-    at, _, count = _SIGNAL_AT
+    at, _, count = _signal_at()
     if at != point:
         return
     only = os.environ.get("OCTCONV_EXP_SIGNAL_RANK")  # data-parallel: signal one rank only
@@ -244,7 +249,7 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
             p.add(loss, output, labels)  # scored now: data/labels may be reused buffers
             p.images += data.shape[0]
             p.steps += 1
-            if _SIGNAL_AT[0]:
+            if _signal_at()[0]:
                 _after_step()
             if p.steps % refresh_every == 0:
                 p.flush(epoch)
@@ -305,7 +310,7 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
                                      reduction="sum")
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         seen += n
-        if _SIGNAL_AT[0] and signal_point is not None and seen == n:
+        if _signal_at()[0] and signal_point is not None and seen == n:
             send_test_signal(signal_point)
     if seen == 0:
         raise ValueError(f"the {desc.lower()} loader yielded no batch")
