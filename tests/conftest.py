@@ -180,19 +180,29 @@ def only_error_line(stderr):
 
 def start_joblib_sweep(sweep_dir, timeout, training=("conv=vanilla", "conv=octave")):
     """:data:`JOBLIB_SWEEP` (2 jobs at a time, in a session of its own) once the jobs named in
-    ``training`` have begun training: the process, for a test to signal."""
+    ``training`` are held inside their epoch, after their second step (the OCTCONV_EXP_PAUSE_AT
+    test hook: each worker's first job): the process, for a test to signal. A stop request
+    ends the hold; :func:`release_joblib_sweep` lets the jobs go on."""
     import time
 
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "run.py"), *JOBLIB_SWEEP,
          f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
+        env=command_env({"OCTCONV_EXP_PAUSE_AT": "step:2",
+                         "OCTCONV_EXP_PAUSE_UNTIL": f"{sweep_dir}.release"}),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + timeout
     logs = [sweep_dir / c / "seed=0" / "run.log" for c in training]
-    while not all(p.exists() and "Training: epochs" in p.read_text() for p in logs):
+    while not all(p.exists() and "Paused after step 2" in p.read_text() for p in logs):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     return proc
+
+
+def release_joblib_sweep(sweep_dir):
+    """Let the jobs :func:`start_joblib_sweep` holds go on (and the next ones pass)."""
+    with open(f"{sweep_dir}.release", "w"):
+        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,8 +347,8 @@ SYNTHETIC_1200_OCTAVE = ["dataset=synthetic", "dataset.train_size=1200",
 SYNTHETIC_2000 = ["dataset=synthetic", "dataset.train_size=2000",
                              "dataset.test_size=500", "trainer.epochs=2",
                              "trainer.batch_size=16", "trainer.progress_bar=false"]
-#: A joblib sweep of the 3 conv modes, 2 jobs at a time, one epoch of 4000 training images each
-#: (long enough to be caught training).
+#: A joblib sweep of the 3 conv modes, 2 jobs at a time, one epoch of 400 training images (50
+#: steps) each; :func:`start_joblib_sweep` holds its first jobs inside the epoch.
 JOBLIB_SWEEP = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                "conv=vanilla,octave,multi-octave", "dataset=synthetic", "dataset.train_size=4000",
+                "conv=vanilla,octave,multi-octave", "dataset=synthetic", "dataset.train_size=400",
                 "dataset.test_size=100", "trainer.epochs=1", "trainer.progress_bar=false"]

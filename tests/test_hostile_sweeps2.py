@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from conftest import (REPO, ALPHA_SEARCH_160, JOBLIB_SWEEP, SYNTHETIC_64_ONE_EPOCH,
-                      only_error_line, read_metrics, run_cli, snapshot, start_joblib_sweep)
+                      only_error_line, read_metrics, release_joblib_sweep, run_cli, snapshot,
+                      start_joblib_sweep)
 
 # ------------------------------------------------------------------ 19: a damaged optuna.db
 
@@ -140,6 +141,7 @@ def test_kill_9_of_a_joblib_worker_is_one_line_with_the_report_and_the_way_on(tm
     proc = start_joblib_sweep(sweep_dir, timeout=300, training=("conv=vanilla",))
     with open(sweep_dir / "conv=vanilla" / "seed=0" / ".lock") as f:
         os.kill(json.load(f)["pid"], signal.SIGKILL)
+    release_joblib_sweep(sweep_dir)  # the other jobs go on
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
     line = only_error_line(err)
@@ -163,6 +165,7 @@ def test_kill_9_of_lokys_resource_tracker_is_one_warning_and_the_jobs_complete(t
     trackers = [pid for pid, cmd in children(proc.pid) if "loky.backend.resource_tracker" in cmd]
     assert len(trackers) == 1, children(proc.pid)
     os.kill(trackers[0], signal.SIGKILL)
+    release_joblib_sweep(sweep_dir)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert err == (f"warning: joblib's resource tracker process died and was restarted; the "

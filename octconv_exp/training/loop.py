@@ -10,6 +10,7 @@ python/_dataloader.py; docs/user_guide/batching.rst: "You must clone tensors at 
 iteration if you wish to keep their references"). Each step is scored at once into a fresh
 tensor (the number of correct predictions) and its loss is copied; only those are kept.
 """
+import logging
 import math
 import os
 import signal
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import Diverged
+
+log = logging.getLogger("octconv_exp")
 
 
 @dataclass
@@ -210,10 +213,23 @@ def send_test_signal(point):
             os.kill(os.getpid(), sig)
 
 
-def _after_step():
+# A second test hook: ``OCTCONV_EXP_PAUSE_AT=step:K`` holds the run after this process's K-th
+# training step until the file ``OCTCONV_EXP_PAUSE_UNTIL`` exists or a stop is requested (a
+# signal, a sweep's stop marker). Tests catch a sweep's jobs inside their epoch with it instead
+# of training thousands of images to be sure the signal lands there.
+_PAUSED = "Paused after step %d (OCTCONV_EXP_PAUSE_AT) until %s exists or a stop is requested"
+
+
+def _after_step(should_stop=None):
     global _steps_run
     _steps_run += 1
-    send_test_signal(f"step:{_steps_run}")
+    if _signal_at()[0]:
+        send_test_signal(f"step:{_steps_run}")
+    if os.environ.get("OCTCONV_EXP_PAUSE_AT") == f"step:{_steps_run}":
+        until = os.environ.get("OCTCONV_EXP_PAUSE_UNTIL", "")
+        log.info(_PAUSED, _steps_run, until)
+        while not os.path.exists(until) and not (should_stop is not None and should_stop()):
+            time.sleep(0.05)
 
 
 class Interrupted(Exception):
@@ -249,8 +265,7 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
             p.add(loss, output, labels)  # scored now: data/labels may be reused buffers
             p.images += data.shape[0]
             p.steps += 1
-            if _signal_at()[0]:
-                _after_step()
+            _after_step(should_stop)
             if p.steps % refresh_every == 0:
                 p.flush(epoch)
                 if progress_bar:
