@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_python
 from octconv_exp.records import provenance
 from octconv_exp.reports import compare
 
@@ -246,8 +246,7 @@ def test_a_config_is_data_a_python_tag_is_refused_not_run(tmp_path, capsys):
 
 def test_the_command_exits_2_with_one_line(tmp_path):
     a = make_run(tmp_path / "a", finished(), config())
-    res = subprocess.run([sys.executable, "-m", "octconv_exp.compare", a, str(tmp_path / "x")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = run_python("-m", "octconv_exp.compare", a, str(tmp_path / "x"), timeout=120)
     assert res.returncode == 2
     assert res.stderr.splitlines() == [f"error: {tmp_path / 'x'}: no such directory (give run "
                                        "dirs or sweep dirs)"]
@@ -366,9 +365,8 @@ def test_two_real_runs_compare_in_one_command(tmp_path):
         assert records["a"]["code_version"] == {"commit": state[0], "dirty": state[1]}
 
     out = tmp_path / "cmp"
-    res = subprocess.run([sys.executable, "-m", "octconv_exp.compare", str(tmp_path / "a"),
-                          str(tmp_path / "b"), "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    res = run_python("-m", "octconv_exp.compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--out", str(out), timeout=120)
     assert res.returncode == 0, res.stderr
     header, table = read_table(out / "compare.csv")
     assert header == ["section", "key", "a", "b"]

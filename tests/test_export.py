@@ -2,7 +2,6 @@
 stored normalisation inside, logits out), checked against the framework on the run's test set,
 for every conv mode, the seed CNN and the ResNets; and its one-line errors."""
 import os
-import subprocess
 import sys
 import warnings
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, read_metrics, run_cli, write_cifar_fixture, write_image_folder
+from conftest import read_metrics, run_cli, run_python, write_cifar_fixture, write_image_folder
 from octconv_exp.data.datasets import make_synthetic
 from octconv_exp.data.loading import load_data
 from octconv_exp.deploy import export as exporting
@@ -225,9 +224,8 @@ def test_a_saved_config_naming_code_runs_nothing_unless_named(tmp_path, capsys):
 
 
 def test_the_module_runs_as_a_command_with_one_line_errors(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "octconv_exp.export", str(tmp_path / "none"),
-                          "--format", "onnx"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    out = run_python("-m", "octconv_exp.export", str(tmp_path / "none"), "--format", "onnx",
+                     timeout=300)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == f"error: {tmp_path / 'none'}: no such run dir\n"
 
@@ -235,9 +233,8 @@ def test_the_module_runs_as_a_command_with_one_line_errors(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 
 
-def export_cli(run_dir, fmt, python=sys.executable):
-    return subprocess.run([python, "-m", "octconv_exp.export", str(run_dir), "--format", fmt],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def export_cli(run_dir, fmt):
+    return run_python("-m", "octconv_exp.export", str(run_dir), "--format", fmt, timeout=600)
 
 
 def check_exported_run(run_dir, test):

@@ -228,23 +228,32 @@ def test_an_unusable_mlflow_store_is_one_line_naming_the_setting(tmp_path, store
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("note", [b"{not json", b"\xff\xfe", b"[]", b'{"run_id": 7}'])
-def test_a_corrupt_mlflow_run_note_is_one_line_not_a_new_mlflow_run(tmp_path, note):
-    """Issue 25 #18: a corrupt mlflow_run.json silently started a new MLflow run on resume."""
+def test_a_corrupt_mlflow_run_note_is_one_line_not_a_new_mlflow_run(tmp_path):
+    """Issue 25 #18: a corrupt mlflow_run.json silently started a new MLflow run on resume.
+    Each corrupt note in turn, on the same interrupted run (its run dir and MLflow store put
+    back as the interruption left them before each)."""
+    import shutil
+
     import mlflow
 
-    run_dir = tmp_path / "run"
+    work, pristine = tmp_path / "work", tmp_path / "pristine"
+    work.mkdir()
+    run_dir = work / "run"
     res = run_cli(*SYNTHETIC_64_BATCH_8_ONE_EPOCH, "trainer.epochs=2", "logger=mlflow",
-                  f"hydra.run.dir={run_dir}", cwd=str(tmp_path),
+                  f"hydra.run.dir={run_dir}", cwd=str(work),
                   env={"OCTCONV_EXP_SIGNAL_AT": "step:10"})
     assert res.returncode == 130, res.stderr[-3000:]
+    shutil.copytree(work, pristine)
     note_path = run_dir / "mlflow_run.json"
-    note_path.write_bytes(note)
-    res = run_cli("resume=true", f"hydra.run.dir={run_dir}", cwd=str(tmp_path))
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert res.stderr.count("\n") == 1, res.stderr[-3000:]
-    assert res.stderr.startswith(f"error: {note_path}: not a readable note of this run's "
-                                 "MLflow run"), res.stderr
-    assert note_path.read_bytes() == note  # not replaced by a new run's
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
-    assert len(mlflow.search_runs(experiment_names=["octconv-exp"])) == 1
+    for note in (b"{not json", b"\xff\xfe", b"[]", b'{"run_id": 7}'):
+        shutil.rmtree(work)
+        shutil.copytree(pristine, work)
+        note_path.write_bytes(note)
+        res = run_cli("resume=true", f"hydra.run.dir={run_dir}", cwd=str(work))
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert res.stderr.count("\n") == 1, res.stderr[-3000:]
+        assert res.stderr.startswith(f"error: {note_path}: not a readable note of this run's "
+                                     "MLflow run"), res.stderr
+        assert note_path.read_bytes() == note  # not replaced by a new run's
+        mlflow.set_tracking_uri(f"sqlite:///{work}/mlruns.db")
+        assert len(mlflow.search_runs(experiment_names=["octconv-exp"])) == 1

@@ -7,13 +7,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import (REPO, ALPHA_SEARCH_160, JOBLIB_SWEEP, SYNTHETIC_64_ONE_EPOCH,
-                      only_error_line, read_metrics, release_joblib_sweep, run_cli, snapshot,
+from conftest import (ALPHA_SEARCH_160, JOBLIB_SWEEP, SYNTHETIC_64_ONE_EPOCH,
+                      only_error_line, read_metrics, release_joblib_sweep, run_cli, run_python, snapshot,
                       start_joblib_sweep)
 
 # ------------------------------------------------------------------ 19: a damaged optuna.db
@@ -64,8 +62,8 @@ def fake_run(run_dir, accuracy):
 
 
 def report(sweep_dir):
-    return subprocess.run([sys.executable, "-m", "octconv_exp.report", os.fsdecode(sweep_dir),
-                           "--no-plots"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_python("-m", "octconv_exp.report", os.fsdecode(sweep_dir), "--no-plots",
+                      timeout=300)
 
 
 def test_the_report_escapes_a_job_dir_name_that_is_not_utf8(tmp_path):

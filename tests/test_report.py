@@ -4,14 +4,12 @@ bars saying what they are). Fake sweep dirs, written by hand, except one real ti
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 from matplotlib.colors import to_hex
 
-from conftest import REPO, SYNTHETIC_32_NO_SAVES, read_csv, run_cli
+from conftest import SYNTHETIC_32_NO_SAVES, read_csv, run_cli, run_python
 from octconv_exp.reports import report
 from octconv_exp.sweeps import sweep
 from octconv_exp.records.outputs import OutputError
@@ -182,8 +180,7 @@ def test_a_killed_run_takes_what_it_was_from_its_config(tmp_path):
 
 def test_the_report_command_counts_jobs_that_never_started(tmp_path):
     planned_sweep(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "octconv_exp.report", "--no-plots", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_python("-m", "octconv_exp.report", "--no-plots", str(tmp_path), timeout=120)
     assert out.returncode == 1
     assert out.stderr.startswith("warning: 2 of 3 runs did not complete, 1 of them never started")
 
@@ -554,9 +551,8 @@ def test_the_report_of_real_runs_that_differ_in_epochs_and_data_size(tmp_path):
         res = run_cli(*base, "conv=octave", "alpha=0.5", *extra,
                       f"hydra.run.dir={tmp_path / 'runs' / name}")
         assert res.returncode == 0, res.stderr[-3000:]
-    out = subprocess.run([sys.executable, "-m", "octconv_exp.report", "--no-plots",
-                          str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python("-m", "octconv_exp.report", "--no-plots", str(tmp_path / "runs"),
+                     timeout=120)
     assert out.returncode == 0, out.stderr
     rows = {r["run_dir"]: (r["dataset.train_size"], r["trainer.epochs"])
             for r in read_csv(tmp_path / "runs" / "summary.csv")}

@@ -7,15 +7,13 @@ import math
 import os
 import re
 import struct
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.text import Annotation, Text
 
-from conftest import REPO, SYNTHETIC_32_NO_SAVES, compose_config, read_csv, run_cli
+from conftest import SYNTHETIC_32_NO_SAVES, compose_config, read_csv, run_cli, run_python
 from octconv_exp.reports import report
 from octconv_exp.config.schema import ConfigError, report_settings, validate
 from octconv_exp.reports import labels, latex, stats
@@ -313,8 +311,7 @@ def test_the_config_has_report_settings_and_validate_checks_them():
 
 
 def report_cli(*args):
-    return subprocess.run([sys.executable, "-m", "octconv_exp.report", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return run_python("-m", "octconv_exp.report", *args, timeout=300)
 
 
 def test_the_report_command_takes_format_and_dpi_and_refuses_a_bad_one_in_one_line(tmp_path):

@@ -597,10 +597,8 @@ def test_the_interrupt_hint_is_a_command_that_works(tmp_path):
     run_dir = tmp_path / "a dir" / "conv=octave,alpha=0.25" / "seed=0"
     args = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "trainer.epochs=2"]
     # SIGINT after step 60 of 100 (the test hook: no race with a timer).
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), *args,
-                           f"hydra.run.dir='{run_dir}'"], cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=300,
-                          env=dict(os.environ, OCTCONV_EXP_SIGNAL_AT="step:60"))
+    proc = run_cli(*args, f"hydra.run.dir='{run_dir}'", cwd=str(tmp_path), timeout=300,
+                   env={"OCTCONV_EXP_SIGNAL_AT": "step:60"})
     err = proc.stderr
     assert proc.returncode == 130, err[-2000:]
     hint = err.strip().splitlines()[-1].split("continue with: ", 1)[1]
@@ -608,8 +606,7 @@ def test_the_interrupt_hint_is_a_command_that_works(tmp_path):
 
     argv = shlex.split(hint)
     assert argv[:3] == ["python", os.path.join(REPO, "run.py"), "resume=true"]
-    res = subprocess.run([sys.executable, *argv[1:]], cwd=str(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+    res = run_python(*argv[1:], cwd=str(tmp_path), timeout=300)  # python ARGV, as pasted
     assert res.returncode == 0, res.stderr[-2000:]
     m = read_metrics(run_dir)
     assert (m["status"], m["conv"], m["dataset"], m["epochs_completed"]) == (
@@ -626,10 +623,8 @@ def test_an_interrupted_sweep_ends_with_the_command_that_continues_the_whole_swe
     overrides = ["conv=vanilla,octave", "alpha=0.25", "dataset=synthetic",
                  "dataset.train_size=400", "dataset.test_size=50", "trainer.epochs=1",
                  "trainer.progress_bar=false", "logger=[csv]"]
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "-m", *overrides,
-                           f"hydra.sweep.dir='{sweep_dir}'"], cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OCTCONV_EXP_SIGNAL_AT="step:20"))
+    proc = run_cli("-m", *overrides, f"hydra.sweep.dir='{sweep_dir}'", cwd=str(tmp_path),
+                   timeout=300, env={"OCTCONV_EXP_SIGNAL_AT": "step:20"})
     assert proc.returncode == 130, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert "conv=vanilla/seed=0: interrupted by SIGINT at epoch 1, step 20" in lines[0]
@@ -640,8 +635,7 @@ def test_an_interrupted_sweep_ends_with_the_command_that_continues_the_whole_swe
     job = sweep_dir / "conv=vanilla" / "seed=0"
     assert read_metrics(job)["status"] == "interrupted"
     assert read_metrics(sweep_dir / "conv=octave,alpha=0.25" / "seed=0")["status"] == "interrupted"
-    res = subprocess.run([sys.executable, *argv[1:]], cwd=str(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+    res = run_python(*argv[1:], cwd=str(tmp_path), timeout=300)  # python ARGV, as pasted
     assert res.returncode == 0, res.stderr[-2000:]
     for run_dir in (job, sweep_dir / "conv=octave,alpha=0.25" / "seed=0"):
         assert read_metrics(run_dir)["status"] == "completed"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SYNTHETIC_400_ONE_EPOCH, read_csv, read_metrics, run_cli
+from conftest import REPO, SYNTHETIC_400_ONE_EPOCH, read_csv, read_metrics, run_cli, run_python
 from octconv_exp.reports import report
 from octconv_exp.config.resolvers import config_name
 from octconv_exp.sweeps.sweep import dedupe_vanilla
@@ -126,15 +126,13 @@ def test_report_command_rebuilds_from_disk(sweep, tmp_path):
     shutil.copytree(sweep_dir, copy)
     for name in ("summary.csv", "summary.md", "summary_by_config.csv", *report.PLOTS):
         (copy / name).unlink()
-    out = subprocess.run([sys.executable, "-m", "octconv_exp.report", str(copy)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = run_python("-m", "octconv_exp.report", str(copy), timeout=300)
     assert out.returncode == 0, out.stderr
     assert read_csv(copy / "summary.csv") == [
         {**r, "run_dir": r["run_dir"]} for r in read_csv(sweep_dir / "summary.csv")]
     for name in report.PLOTS:
         assert_png(copy / name)
-    bad = subprocess.run([sys.executable, "-m", "octconv_exp.report", str(tmp_path / "nope")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = run_python("-m", "octconv_exp.report", str(tmp_path / "nope"), timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
 
 
