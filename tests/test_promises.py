@@ -30,6 +30,8 @@ def assert_one_line(err):
     (["+trainer.epoch=3"], "error: trainer.epoch=3: did you mean trainer.epochs?\n"),
     # an added key that no part of the schema has
     (["+foo=1"], "error: foo=1: it is not a setting octconv-exp reads (docs/configuration.md)"),
+    # ... added without a value (???): the same line, not OmegaConf's MissingMandatoryValue
+    (["+trainer.epoch=???"], "error: trainer.epoch=???: did you mean trainer.epochs?\n"),
     # an argument the optimizer's signature does not take
     (["optimizer=adam", "+optimizer.beta=0.9"],
      "error: optimizer.beta=0.9: Adam takes no argument 'beta'; did you mean optimizer.betas? "

@@ -477,8 +477,10 @@ def _refuse_unknown_keys(node, path=""):
         where = f"{path}{key}"
         if fields is not None and key not in fields:
             hint = not_read(where, fields, node._get_root())
-            raise ConfigError(where, OmegaConf.select(node, str(key), throw_on_missing=False),
-                              hint)
+            # An added key without a value (+key=???) is named as the user wrote it.
+            value = ("???" if OmegaConf.is_missing(node, str(key))
+                     else OmegaConf.select(node, str(key), throw_on_missing=False))
+            raise ConfigError(where, value, hint)
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             _refuse_unknown_keys(child, where + ".")
