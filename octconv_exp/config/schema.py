@@ -478,8 +478,7 @@ def _refuse_unknown_keys(node, path=""):
         if fields is not None and key not in fields:
             hint = not_read(where, fields, node._get_root())
             # An added key without a value (+key=???) is named as the user wrote it.
-            value = ("???" if OmegaConf.is_missing(node, str(key))
-                     else OmegaConf.select(node, str(key), throw_on_missing=False))
+            value = "???" if OmegaConf.is_missing(node, str(key)) else node[key]
             raise ConfigError(where, value, hint)
         child = node._get_node(key)
         if isinstance(child, DictConfig):
