@@ -185,7 +185,7 @@ class EpochProgress:
 # the first test batch) or "accuracy" (right after the final accuracy); with
 # ``OCTCONV_EXP_SIGNAL_RANK=R``, only data-parallel rank R; with ``OCTCONV_EXP_SIGNAL_GROUP=1``, to
 # the whole process group. Tests stop a run at an
-# exact place with it instead of racing a timer; unset, it costs one dictionary lookup per
+# exact place with it instead of racing a timer; unset, it costs a dictionary lookup per
 # step. Read when used, not when this module is imported: a process that imported it before
 # its environment was set (a fork server's child) sees its own.
 _steps_run = 0
