@@ -12,6 +12,10 @@ import pytest
 import conftest
 from conftest import FORK_SERVER, REPO, command_env, run_cli, run_python
 
+#: OCTCONV_EXP_TEST_FORKSERVER=0 make test: every command a fresh process, no server to test.
+pytestmark = pytest.mark.skipif(os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0",
+                                reason="the fork server is off (OCTCONV_EXP_TEST_FORKSERVER=0)")
+
 PROBE = textwrap.dedent("""
     import json, os, sys
     print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0],
