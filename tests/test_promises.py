@@ -291,3 +291,39 @@ def test_an_argument_the_optimizer_does_not_take_is_named_with_the_closest_ones(
     assert info.value.expected.startswith(
         f"SGD takes no argument '{key}'; {hint}it takes lr, momentum, dampening, weight_decay, "
         "nesterov, maximize, foreach, differentiable")
+
+
+# --------------------------------------------- what validate skips without --trust-code (mutants)
+
+@pytest.mark.parametrize("group, choice", [("optimizer", "optimizer=sgd"),
+                                           ("scheduler", "scheduler=step")])
+def test_an_optimizer_or_schedule_outside_octconv_exp_is_skipped_not_imported(group, choice):
+    """``python -m octconv_exp.validate`` without --trust-code neither imports nor runs a
+    ``_target_`` outside octconv-exp and torch (a preset could name ``os.system``): it is
+    listed as not validated under its key. With the code trusted (a run), the check runs it."""
+    from conftest import compose_config
+
+    cfg = compose_config("dataset=synthetic", choice, f"{group}._target_=os.system")
+    with config_module.without_config_code() as skipped:
+        config_module.validate(cfg, check_environment=False)
+    assert skipped == [(f"{group}._target_", "os.system")]
+    with pytest.raises(config_module.ConfigError) as exc:  # trusted: inspected and refused
+        config_module.validate(cfg, check_environment=False)
+    assert "system" in str(exc.value)
+
+
+def test_a_schedule_that_cannot_be_imported_is_named(capsys):
+    code, err = preflight_error(["scheduler=step",
+                                 "scheduler._target_=torch.optim.lr_scheduler.NoSuchLR"], capsys)
+    assert code == USER_ERROR_EXIT
+    assert_one_line(err)
+    assert err.startswith("error: scheduler._target_=torch.optim.lr_scheduler.NoSuchLR: cannot "
+                          "be imported: name a torch.optim.lr_scheduler class"), err
+
+
+def test_a_schedule_argument_may_be_an_interpolation(capsys):
+    """The schedule is built with its arguments resolved (step_size=${trainer.epochs} is 10,
+    not the text of the interpolation)."""
+    cli.preflight(["scheduler=step", "scheduler.step_size=${trainer.epochs}", "dataset=synthetic",
+                   "hydra.run.dir=/nonexistent-octconv-exp-test/x"])
+    assert capsys.readouterr().err == ""
