@@ -43,9 +43,10 @@ PREIMPORT = ("numpy", "yaml", "PIL.Image", "torch", "torch._dynamo", "torch.nn",
 
 #: This project's modules the server imports too (its sweepers found by Hydra's plugin scan):
 #: not the ``-m`` entry modules (``octconv_exp.validate``, ...), which runpy must import itself.
-#: A child whose ``sys.path`` finds another ``octconv_exp`` first (a copy of the repository,
-#: a cwd without it) is refused (:meth:`ForkServer.refusal`). No module of the package reads
-#: the environment when it is imported (the tests' signal hook reads it when used).
+#: A child whose ``sys.path`` finds another ``octconv_exp`` first (a copy of the repository)
+#: is refused (:meth:`ForkServer.refusal`); one that finds none forgets the server's copy.
+#: No module of the package reads the environment when it is imported (the test hooks read
+#: it when a run uses them).
 PROJECT = "octconv_exp"
 PROJECT_PREIMPORT = ("octconv_exp.config.schema", "octconv_exp.cli.preflight",
                      "octconv_exp.cli.outcome", "octconv_exp.cli.validate",

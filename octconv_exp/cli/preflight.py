@@ -389,15 +389,13 @@ def preflight(argv):
         with hydra_like_run(args.config_path or "conf", args.config_dir):
             options_of = group_options_lookup(config_name, overrides)
             _check_group_choices(overrides, options_of)
-            composed = set()
-            full = None
-            for combo in combos:
-                # The first with Hydra's own node too: the output dir's checks read it (one
-                # composition fewer per run; a composition is most of preflight's time).
-                cfg = _compose_and_validate(combo, config_name, args.cfg is None,
-                                            with_hydra=full is None)
-                full = cfg if full is None else full
-                composed.add(frozenset(combo))
+            # The first with Hydra's own node too: the output dir's checks read it (one
+            # composition fewer per run; a composition is most of preflight's time).
+            full = _compose_and_validate(combos[0], config_name, args.cfg is None,
+                                         with_hydra=True)
+            for combo in combos[1:]:
+                _compose_and_validate(combo, config_name, args.cfg is None)
+            composed = {frozenset(combo) for combo in combos}
             if args.multirun and args.cfg is None:
                 _validate_sweep_values(overrides, combos, config_name, composed, options_of)
             if args.cfg is None:

@@ -185,9 +185,9 @@ class EpochProgress:
 # the first test batch) or "accuracy" (right after the final accuracy); with
 # ``OCTCONV_EXP_SIGNAL_RANK=R``, only data-parallel rank R; with ``OCTCONV_EXP_SIGNAL_GROUP=1``, to
 # the whole process group. Tests stop a run at an
-# exact place with it instead of racing a timer; unset, it costs a dictionary lookup per
-# step. Read when used, not when this module is imported: a process that imported it before
-# its environment was set (a fork server's child) sees its own.
+# exact place with it instead of racing a timer; unset, it costs one comparison per step
+# (the hooks are read once an epoch, not when this module is imported: a process that imported
+# it before its environment was set, a fork server's child, sees its own).
 _steps_run = 0
 
 
@@ -218,6 +218,10 @@ def send_test_signal(point):
 # signal, a sweep's stop marker). Tests catch a sweep's jobs inside their epoch with it instead
 # of training thousands of images to be sure the signal lands there.
 _PAUSED = "Paused after step %d (OCTCONV_EXP_PAUSE_AT) until %s exists or a stop is requested"
+
+
+def _test_hooks_set():
+    return bool(_signal_at()[0]) or "OCTCONV_EXP_PAUSE_AT" in os.environ
 
 
 def _after_step(should_stop=None):
@@ -259,13 +263,15 @@ def train_epoch(step, loader, epoch, epochs, progress_bar=True, refresh_every=25
     bar = tqdm(loader, total=total, initial=p.steps, desc=f"Epoch {epoch}/{epochs}",
                disable=not progress_bar, leave=True, dynamic_ncols=True)
     start = time.perf_counter() - p.seconds
+    hooks = _test_hooks_set()
     try:
         for data, labels in bar:
             output, loss = step(data, labels)
             p.add(loss, output, labels)  # scored now: data/labels may be reused buffers
             p.images += data.shape[0]
             p.steps += 1
-            _after_step(should_stop)
+            if hooks:
+                _after_step(should_stop)
             if p.steps % refresh_every == 0:
                 p.flush(epoch)
                 if progress_bar:
@@ -325,7 +331,7 @@ def evaluate(infer, loader, progress_bar=True, desc="Test", signal_point="evalua
                                      reduction="sum")
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         seen += n
-        if _signal_at()[0] and signal_point is not None and seen == n:
+        if signal_point is not None and seen == n and _signal_at()[0]:
             send_test_signal(signal_point)
     if seen == 0:
         raise ValueError(f"the {desc.lower()} loader yielded no batch")
