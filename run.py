@@ -108,21 +108,24 @@ main = task_function()
 if __name__ == "__main__":
     from octconv_exp.cli.preflight import fail
     from octconv_exp.backends.distributed import agree_on_launch
+    from octconv_exp.config.presets import compositions_reused
     from octconv_exp.errors import UserError
 
     try:  # torchrun: the ranks agree on one run dir before Hydra names it
         sys.argv[1:] = agree_on_launch(sys.argv[1:])
     except UserError as exc:
         fail(str(exc))
-    launch = preflight(sys.argv[1:])
-    sys.argv[1:] = launch.argv
     stopped = PROCESS.sweep_stop
-    try:
-        task_function(launch.recorded_overrides)()
-    except SystemExit as exc:
-        if stopped.signal is not None and exc.code not in (0, None):
-            sys.exit(128 + stopped.signal)  # an interrupted sweep ends as interrupted
-        raise
+    with compositions_reused():  # Hydra's main gets a copy of what preflight composed
+        launch = preflight(sys.argv[1:])
+        sys.argv[1:] = launch.argv
+        try:
+            with launch.hydra_mode_known():  # and composes nothing only to read hydra.mode
+                task_function(launch.recorded_overrides)()
+        except SystemExit as exc:
+            if stopped.signal is not None and exc.code not in (0, None):
+                sys.exit(128 + stopped.signal)  # an interrupted sweep ends as interrupted
+            raise
     if _MULTIRUN and stopped.signal is not None:
         # Stopped, though every job it started completed (the signal came between jobs, or
         # to a joblib sweep's own process): the jobs it did not start make it interrupted.

@@ -280,3 +280,128 @@ def test_a_sweep_of_your_own_preset_runs_from_your_folder(tmp_path):
         with open(tmp_path / "sweep" / f"alpha={alpha}" / "seed=0" / "metrics.json") as f:
             done = json.load(f)
         assert done["status"] == "completed" and done["test_samples"] == 32
+
+
+def test_preflights_composition_tells_hydra_the_mode(tmp_path, monkeypatch):
+    """Hydra's main composes a command line's whole config once more only to read hydra.mode
+    (Hydra.get_mode); run.py hands it the mode preflight composed instead, for exactly that
+    config name and those overrides; a sweep, or any other call, composes as Hydra does."""
+    from hydra._internal.hydra import Hydra
+    from hydra.types import RunMode
+
+    mine = write_presets(tmp_path, swept=TINY + "hydra:\n  mode: MULTIRUN\n")
+    launch = cli.preflight(["--config-dir", mine, "experiment=swept", "alpha=0.25"])
+    assert launch.composed_mode == ("config", ("experiment=swept", "alpha=0.25"),
+                                    RunMode.MULTIRUN)
+    assert cli.preflight(["alpha=0.25"]).composed_mode[2] is None  # Hydra's default
+    assert cli.preflight(["-m", "alpha=0.25,0.5"]).composed_mode is None
+    composed = []
+    monkeypatch.setattr(Hydra, "compose_config", lambda self, **kw: composed.append(kw))
+    original, hydra = Hydra.get_mode, Hydra.__new__(Hydra)
+    with launch.hydra_mode_known():
+        for attempt in ([], ["hydra.output_subdir=.hydra/attempts/1-2"]):  # run.py's own
+            assert hydra.get_mode(config_name="config",
+                                  overrides=["experiment=swept", "alpha=0.25"] + attempt
+                                  ) == RunMode.MULTIRUN
+        assert composed == []
+        for name, overrides in (("other", ["experiment=swept", "alpha=0.25"]),
+                                ("config", ["experiment=swept", "alpha=0.5"])):
+            hydra.get_mode(config_name=name, overrides=overrides)  # composes (patched)
+            assert composed[-1]["config_name"] == name
+            assert composed[-1]["overrides"] == overrides
+    assert Hydra.get_mode is original
+
+
+@pytest.mark.slow
+def test_a_preset_that_sets_multirun_sweeps_without_dash_m(tmp_path):
+    """hydra.mode: MULTIRUN in a preset makes a plain command line a sweep, as in Hydra (the
+    mode read from preflight's composition, not composed again)."""
+    from conftest import SYNTHETIC_32_NO_SAVES, run_cli
+
+    mine = write_presets(tmp_path / "mine", swept="hydra:\n  mode: MULTIRUN\n")
+    res = run_cli("--config-dir", mine, "experiment=swept", *SYNTHETIC_32_NO_SAVES,
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = list((tmp_path / "sweep").glob("*/seed=0/metrics.json"))
+    assert len(jobs) == 1 and "experiment=swept" in str(jobs[0]), os.listdir(tmp_path)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_hydras_second_composition_is_a_copy_of_preflights(tmp_path, monkeypatch):
+    """run.py composes its command line in preflight, and Hydra's main composes it again (with
+    hydra.mode=RUN added when the config leaves the mode unset): within compositions_reused
+    the second is a copy of the first, equal to what Hydra itself composes; other inputs (a
+    working directory, an environment, other overrides) compose anew."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from octconv_exp.config import presets
+
+    def loader():
+        return ConfigLoaderImpl(config_search_path=presets.search_path())
+
+    def compose(overrides):
+        return loader().load_configuration("config", list(overrides), RunMode.RUN)
+
+    line = ["conv=octave", "alpha=0.25", f"hydra.run.dir={tmp_path}"]
+    with_mode = line + ["hydra.mode=RUN"]
+    expected = {tuple(o): OmegaConf.to_yaml(compose(o)) for o in (line, with_mode)}
+    assert "mode: RUN" in expected[tuple(with_mode)]
+    composed = []
+    impl = ConfigLoaderImpl._load_configuration_impl
+    monkeypatch.setattr(ConfigLoaderImpl, "_load_configuration_impl",
+                        lambda self, **kw: composed.append(kw["overrides"]) or impl(self, **kw))
+    with presets.compositions_reused():
+        compose(line).seed = 7  # a change to one copy is in no other
+        for overrides in (line, with_mode, line):
+            copy = compose(overrides)
+            assert OmegaConf.to_yaml(copy) == expected[tuple(overrides)]
+            copy.seed = 7
+        assert composed == [line]
+        for _ in range(2):  # the first composition only is kept
+            compose(line + ["seed=1"])
+        with monkeypatch.context() as m:
+            m.setenv("OCTCONV_EXP_SOMETHING", "1")
+            compose(line)
+        with monkeypatch.context() as m:
+            m.chdir(tmp_path)
+            compose(line)
+        assert composed == [line] + [line + ["seed=1"]] * 2 + [line, line]
+        compose(line)
+        assert len(composed) == 5
+    compose(line)  # and outside it, as Hydra does
+    assert len(composed) == 6
+    assert ConfigLoaderImpl.load_configuration.__module__.startswith("hydra.")
+
+
+def test_compositions_read_each_config_file_once(monkeypatch):
+    """Within compositions_reused (validate's hundreds of compositions, a sweep's jobs) each
+    YAML file is parsed once and every composition is still what Hydra composes alone."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.file_config_source import FileConfigSource
+    from hydra._internal.core_plugins.importlib_resources_config_source import (
+        ImportlibResourcesConfigSource,
+    )
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from octconv_exp.config import presets
+
+    def compose(overrides):
+        loader = ConfigLoaderImpl(config_search_path=presets.search_path())
+        return OmegaConf.to_yaml(loader.load_configuration("config", overrides, RunMode.RUN))
+
+    lines = [["conv=octave", "alpha=0.25"], ["conv=vanilla", "optimizer=adam"],
+             ["conv=octave", "alpha=0.5", "experiment=smoke"], ["conv=octave", "alpha=0.25"]]
+    expected = [compose(line) for line in lines]
+    reads = []
+    for source in (FileConfigSource, ImportlibResourcesConfigSource):  # conf/, Hydra's own
+        monkeypatch.setattr(source, "load_config", lambda self, config_path, read=source
+                            .load_config: reads.append(config_path) or read(self, config_path))
+    with presets.compositions_reused():
+        assert [compose(line) for line in lines] == expected
+    assert {"config", "conv/octave", "hydra/output/default"} <= set(reads), sorted(reads)
+    assert len(reads) == len(set(reads)), sorted(reads)
+    compose(lines[0])
+    assert reads.count("config") == 2  # outside it, read again

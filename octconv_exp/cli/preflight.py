@@ -11,6 +11,7 @@ Two places can reject a command line:
 This module is what happens before Hydra starts (argv checks, quoting, recorded groups,
 output-dir checks); :mod:`.outcome` is what happens when a run ends.
 """
+import contextlib
 import copy
 import itertools
 import logging
@@ -20,7 +21,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List, Optional, Tuple
 
 import yaml
 from hydra import compose
@@ -306,6 +307,41 @@ class Launch:
     passes on to the run (they are not the command's own choices)."""
     argv: List[str]
     recorded_overrides: List[str] = field(default_factory=list)
+    #: (config name, overrides, hydra.mode) of the command line preflight composed whole (no
+    #: sweep in it): what Hydra's main would compose once more only to read ``hydra.mode``.
+    composed_mode: Optional[Tuple[str, Tuple[str, ...], Any]] = None
+
+    @contextlib.contextmanager
+    def hydra_mode_known(self):
+        """Hydra's main with these overrides, told ``hydra.mode`` instead of composing the
+        whole config for it once more (``Hydra.get_mode`` in hydra/_internal/hydra.py:
+        a composition whose only result read is ``cfg.hydra.mode``, about 0.6 s of a run's
+        start here). Any other call (another config name, other overrides) composes as
+        Hydra does."""
+        if self.composed_mode is None:
+            yield
+            return
+        from hydra._internal.hydra import Hydra
+
+        composed_name, composed, mode = self.composed_mode
+        original = Hydra.get_mode
+
+        def get_mode(hydra_self, config_name, overrides):  # Hydra calls it with keywords
+            if (config_name == composed_name
+                    and tuple(o for o in overrides if not _attempt_subdir(o)) == composed):
+                return mode
+            return original(hydra_self, config_name=config_name, overrides=overrides)
+
+        Hydra.get_mode = get_mode
+        try:
+            yield
+        finally:
+            Hydra.get_mode = original
+
+
+def _attempt_subdir(override):
+    """run.py's own ``hydra.output_subdir`` for a resumed run's attempt: not composed."""
+    return override.startswith("hydra.output_subdir=.hydra/attempts/")
 
 
 def recorded_groups(overrides):
@@ -377,7 +413,7 @@ def preflight(argv):
         fail(f"--config-dir {args.config_dir}: not a directory (it adds a folder of your own "
              "presets and group options: DIR/experiment/NAME.yaml)")
     config_name = args.config_name or CONFIG_NAME
-    overrides = [o for o in overrides if not o.startswith("hydra.output_subdir=.hydra/attempts/")]
+    overrides = [o for o in overrides if not _attempt_subdir(o)]
     try:
         combos = _override_combinations(overrides)
     except HydraException as exc:
@@ -416,7 +452,10 @@ def preflight(argv):
         fail(str(exc))
     except (HydraException, OmegaConfBaseException) as exc:  # a bad hydra.searchpath
         fail(describe_composition_error(exc))
-    return Launch(argv, recorded)
+    composed_mode = None
+    if combos == [overrides]:  # no sweep: Hydra's get_mode would compose this very config
+        composed_mode = (config_name, tuple(overrides), OmegaConf.select(full, "hydra.mode"))
+    return Launch(argv, recorded, composed_mode)
 
 
 def _compose_and_validate(overrides, config_name, check, note="", with_hydra=False):

@@ -38,7 +38,14 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import schema as config  # noqa: F401  (the schema and resolvers)
-from ..config.presets import CONFIG_DIR, CONFIG_NAME, GROUPS, hydra_like_run, sweep_choices
+from ..config.presets import (
+    CONFIG_DIR,
+    CONFIG_NAME,
+    GROUPS,
+    compositions_reused,
+    hydra_like_run,
+    sweep_choices,
+)
 from ..config.schema import validate, without_config_code
 from ..errors import UserError
 from .preflight import combine, describe_composition_error, group_options
@@ -149,7 +156,7 @@ def check(overrides_for, config_dir, config_name, search_dirs, extra, sweeps=(),
         if search_dirs else []
     GlobalHydra.instance().clear()
     try:
-        with hydra_like_run(os.path.abspath(config_dir)):
+        with hydra_like_run(os.path.abspath(config_dir)), compositions_reused():
             for index, (label, overrides) in enumerate(overrides_for):
                 before = len(findings)
                 findings += _check_one(label, searchpath + overrides + extra, config_name,

@@ -13,9 +13,11 @@ run (a grid: all of them; an Optuna search: every ``choice``, and the ends of ea
 and ``python -m octconv_exp.validate`` validate each before the first job starts.
 """
 import contextlib
+import copy
 import os
 from collections import OrderedDict
 
+from hydra import version
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_automatic_config_search_path
 from hydra.core.config_search_path import SearchPathQuery
@@ -23,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobRuntime
+from omegaconf import OmegaConf
 
 from ..errors import UserError
 
@@ -57,6 +61,102 @@ def hydra_like_run(config_path="conf", config_dir=None):
         yield
     finally:
         GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def compositions_reused():
+    """Within it, a config Hydra's loader has composed is composed once: the same inputs get
+    a deep copy of it. run.py composes its command line's config in :func:`.preflight` (to
+    check it before Hydra starts) and Hydra's main composes the same config again to run it
+    (about 0.5 s each here); with this, that second composition is a copy of the first.
+
+    The inputs are all that ``ConfigLoaderImpl.load_configuration`` reads (hydra/_internal/
+    config_loader_impl.py, hydra-core 1.3): its arguments (but ``from_shell``, which only
+    words the error of a composition that fails, and a failure is not kept), the search path,
+    and what ``_load_configuration_impl`` copies into the ``hydra`` node: the working
+    directory, the environment (``hydra.job.env_copy``), the job's name and Hydra's version
+    base. Hydra's main composes with ``hydra.mode=RUN`` added where the config leaves the
+    mode unset: that composition is the first's with the override applied
+    (:func:`with_run_mode`). The first composition only is kept (run.py's: the command
+    line's, or a sweep's first combination), as composed, before anyone resolves an interpolation in it (a
+    resolved ``${now:...}`` is cached in the config it was resolved in).
+
+    Every other composition (``python -m octconv_exp.validate``'s hundreds, a sweep's
+    jobs) reads each config file once: ``ConfigRepository.load_config`` (the parsed file
+    and its defaults list) hands out a copy of its first read of that path in that search
+    path (a third of a composition's time here). Files only: a ConfigStore node may still
+    be added (a plugin's) and is looked up each time. A file changed while this context is
+    open is not read again."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.config_repository import ConfigRepository
+
+    original = ConfigLoaderImpl.load_configuration
+    load_file = ConfigRepository.load_config
+    made, files = {}, {}
+
+    def load_config(self, config_path):
+        key = (tuple((source.provider, source.path) for source in self.sources), config_path)
+        if key in files:
+            return copy.deepcopy(files[key])
+        loaded = load_file(self, config_path)
+        if loaded is not None and loaded.path.split("://")[0] in FILE_SCHEMES:
+            files[key] = copy.deepcopy(loaded)
+        return loaded
+
+    def load_configuration(self, config_name, overrides, run_mode, from_shell=True,
+                           validate_sweep_overrides=True):
+        key = composition_inputs(self, config_name, overrides, run_mode,
+                                 validate_sweep_overrides)
+        if key in made:
+            return copy.deepcopy(made[key])
+        if tuple(overrides[-1:]) == (RUN_MODE_OVERRIDE,):
+            first = made.get(composition_inputs(self, config_name, overrides[:-1], run_mode,
+                                                validate_sweep_overrides))
+            if first is not None and first.hydra.mode is None:
+                return with_run_mode(first)
+        cfg = original(self, config_name=config_name, overrides=overrides, run_mode=run_mode,
+                       from_shell=from_shell,
+                       validate_sweep_overrides=validate_sweep_overrides)
+        if not made:
+            made[key] = copy.deepcopy(cfg)
+        return cfg
+
+    ConfigLoaderImpl.load_configuration = load_configuration
+    ConfigRepository.load_config = load_config
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl.load_configuration = original
+        ConfigRepository.load_config = load_file
+
+
+#: Config sources whose configs are files (a folder, a package's data): their loads are
+#: kept by :func:`compositions_reused`.
+FILE_SCHEMES = ("file", "pkg")
+
+#: What Hydra's main adds to a command line whose config leaves ``hydra.mode`` unset (None)
+#: when it runs one job (hydra/_internal/utils.py, ``_run_app``).
+RUN_MODE_OVERRIDE = "hydra.mode=RUN"
+
+
+def with_run_mode(cfg):
+    """A copy of the composition ``cfg`` with :data:`RUN_MODE_OVERRIDE` applied as
+    ``_load_configuration_impl`` applies an override of a value in the ``hydra`` node, the
+    last on its command line: the value set, the override appended to
+    ``hydra.overrides.hydra`` (a Hydra override is not in ``hydra.job.override_dirname``)."""
+    cfg = copy.deepcopy(cfg)
+    key, value = RUN_MODE_OVERRIDE.split("=")
+    OmegaConf.update(cfg, key, value, merge=True)
+    cfg.hydra.overrides.hydra.append(RUN_MODE_OVERRIDE)
+    return cfg
+
+
+def composition_inputs(loader, config_name, overrides, run_mode, validate_sweep_overrides):
+    """What a composition by ``loader`` (a ConfigLoaderImpl) depends on, as a key."""
+    return (tuple((e.provider, e.path) for e in loader.config_search_path.get_path()),
+            config_name, tuple(overrides), run_mode, validate_sweep_overrides, os.getcwd(),
+            tuple(sorted(os.environ.items())), str(OmegaConf.select(JobRuntime().conf, "name")),
+            str(version.getbase()))
 
 
 def group_options_lookup(config_name, overrides):
