@@ -36,6 +36,10 @@ from octconv_exp.backends import allocator  # noqa: E402
 #: bench_cuda.MODELS keys: the end-to-end bench's larger cases, and the quick smoke run's
 CASES = ("seed_exp4_b64", "resnet20_b128")
 QUICK_CASES = ("seed_exp1_b8",)
+#: --quick measures one conv mode (both settings, each in a process of its own): what the test
+#: checks is that each child applies its setting and the table is filled, and every process
+#: is a fresh interpreter (about 5 s of imports on 2 busy cores).
+QUICK_MODES = ("multi-octave",)
 
 
 def child(case, mode, setting, warmup, steps):
@@ -57,8 +61,8 @@ def child(case, mode, setting, warmup, steps):
             "fresh_mib_per_step": faults * page / steps / 2 ** 20, "malloc": decision}
 
 
-def measure(cases, rounds, warmup, steps):
-    jobs = [(case, mode, setting) for case in cases for mode in MODES
+def measure(cases, rounds, warmup, steps, modes=MODES):
+    jobs = [(case, mode, setting) for case in cases for mode in modes
             for setting in ("false", "auto")]
     samples = {job: [] for job in jobs}
     decisions = {}
@@ -77,7 +81,7 @@ def measure(cases, rounds, warmup, steps):
               file=sys.stderr, flush=True)
     rows = []
     for key in cases:
-        for mode in MODES:
+        for mode in modes:
             row = {"case": key, "conv": mode}
             for setting, name in (("false", "off"), ("auto", "on")):
                 s = samples[(key, mode, setting)]
@@ -100,13 +104,13 @@ def main(argv=None):
         case, mode, setting, warmup, steps = args.child
         print(json.dumps(child(case, mode, setting, int(warmup), int(steps))))
         return
-    cases, rounds, warmup, steps = ((QUICK_CASES, 1, 1, 2) if args.quick
-                                    else (CASES, args.rounds, 4, args.steps))
+    cases, modes, rounds, warmup, steps = ((QUICK_CASES, QUICK_MODES, 1, 1, 2) if args.quick
+                                           else (CASES, MODES, args.rounds, 4, args.steps))
     print(f"octconv-exp speed.malloc benchmark — cpu ({platform.machine()}) — torch "
           f"{torch.__version__} — {torch.get_num_threads()} threads — training steps, "
           f"channels_last, alpha 0.5, one process each, median of {rounds} interleaved "
           f"rounds\n")
-    rows, decisions = measure(cases, rounds, warmup, steps)
+    rows, decisions = measure(cases, rounds, warmup, steps, modes)
     print("| case | conv | ms/step off | ms/step on | fresh MiB/step off | fresh MiB/step on "
           "| time on / off |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

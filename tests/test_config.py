@@ -370,6 +370,10 @@ def test_hydras_second_composition_is_a_copy_of_preflights(tmp_path, monkeypatch
         assert composed == [line] + [line + ["seed=1"]] * 2 + [line, line]
         compose(line)
         assert len(composed) == 5
+        patched = ConfigLoaderImpl.load_configuration
+        with presets.compositions_reused():  # preflight's within run.py's: run.py's
+            assert ConfigLoaderImpl.load_configuration is patched
+        assert ConfigLoaderImpl.load_configuration is patched
     compose(line)  # and outside it, as Hydra does
     assert len(composed) == 6
     assert ConfigLoaderImpl.load_configuration.__module__.startswith("hydra.")

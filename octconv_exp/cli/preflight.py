@@ -36,6 +36,7 @@ from ..config.keys import not_read
 from ..config.presets import (
     CONFIG_NAME,
     GROUPS,
+    compositions_reused,
     group_options_lookup,
     hydra_like_run,
     sweep_choices,
@@ -422,7 +423,7 @@ def preflight(argv):
     # The search path run.py's Hydra will use: conf/ (or --config-path), then --config-dir
     # and hydra.searchpath, so your own presets compose here as they will there.
     try:
-        with hydra_like_run(args.config_path or "conf", args.config_dir):
+        with hydra_like_run(args.config_path or "conf", args.config_dir), compositions_reused():
             options_of = group_options_lookup(config_name, overrides)
             _check_group_choices(overrides, options_of)
             # The first with Hydra's own node too: the output dir's checks read it (one

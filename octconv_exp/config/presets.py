@@ -86,11 +86,14 @@ def compositions_reused():
     and its defaults list) hands out a copy of its first read of that path in that search
     path (a third of a composition's time here). Files only: a ConfigStore node may still
     be added (a plugin's) and is looked up each time. A file changed while this context is
-    open is not read again."""
+    open is not read again. Within another such context this one is that one."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.config_repository import ConfigRepository
 
     original = ConfigLoaderImpl.load_configuration
+    if getattr(original, "reuses_compositions", False):  # within one already: that one
+        yield
+        return
     load_file = ConfigRepository.load_config
     made, files = {}, {}
 
@@ -121,6 +124,7 @@ def compositions_reused():
             made[key] = copy.deepcopy(cfg)
         return cfg
 
+    load_configuration.reuses_compositions = True
     ConfigLoaderImpl.load_configuration = load_configuration
     ConfigRepository.load_config = load_config
     try:
