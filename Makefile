@@ -55,7 +55,11 @@ lint: venv
 SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
 SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_end_to_end.py tests/test_streaming.py tests/test_tracking.py tests/test_poprun.py tests/test_hostile_sweeps2.py tests/test_export.py
+# The package's bytecode, compiled once for each Python: where PYTHONDONTWRITEBYTECODE is
+# set (this machine sets it), every fresh interpreter (torchrun ranks, joblib's workers, the
+# benches' children) would compile the package's modules again (0.2-0.3 s each).
 test: venv venv-sdk lint
+	@$(PY) -m compileall -q octconv_exp bench > /dev/null && $(SDK_PY) -m compileall -q octconv_exp bench > /dev/null
 	@( $(TEST_ENV) $(SDK_PY) -m pytest -q -p no:cacheprovider --durations=15 -m "sdk or not slow" tests > $(SDK_LOG) 2>&1; echo $$? > $(SDK_LOG).rc; \
 	   $(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(SHARD_B) > $(SHARD_LOG) 2>&1; echo $$? > $(SHARD_LOG).rc ) & bg=$$!; \
 	echo "== Python $$($(PY) -c 'import platform, torch; print(platform.python_version(), "torch", torch.__version__)'): the whole suite (part 1 of 2)"; \
