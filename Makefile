@@ -15,11 +15,13 @@ SDK_CONSTRAINTS := .ci/sdk-3.4.constraints.txt
 # Both venvs build at once (pip waits on downloads and the disk more than on a core).
 MAKEFLAGS += -j2
 
-# The venv is (re)built when requirements.txt changes.
+# The venv is (re)built when requirements.txt changes. PIP_INSTALL_FLAGS: more pip install
+# options (.ci/run's throwaway venvs: --no-compile).
+PIP_INSTALL_FLAGS ?=
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet $(PIP_INSTALL_FLAGS) -r requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,7 +30,7 @@ $(SDK_VENV)/.installed: requirements.txt $(SDK_CONSTRAINTS)
 	@test -n "$(SDK_PYTHON)" || { echo "make test-sdk needs Python 3.8 or 3.10 (what Poplar SDK 3.3/3.4 run on): set SDK_PYTHON=/path/to/python3.8" >&2; exit 2; }
 	test -x $(SDK_PY) || $(SDK_PYTHON) -m venv $(SDK_VENV)
 	$(SDK_PY) -m pip install --quiet --upgrade pip
-	$(SDK_PY) -m pip install --quiet -r requirements.txt -c $(SDK_CONSTRAINTS)
+	$(SDK_PY) -m pip install --quiet $(PIP_INSTALL_FLAGS) -r requirements.txt -c $(SDK_CONSTRAINTS)
 	touch $@
 
 venv-sdk: $(SDK_VENV)/.installed
