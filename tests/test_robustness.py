@@ -26,11 +26,21 @@ def epoch_rows(run_dir):
             for r in read_epochs(run_dir)]
 
 
+#: The reference run's data and model, and those of every run compared with it or continuing
+#: it: octave at alpha 0.25, 400 training images in batches of 8 (:data:`STEPS_PER_EPOCH`), 300
+#: test images. The test hook stops a run at an exact step, so an epoch only has to be longer
+#: than the steps a test stops inside it; at 50 steps, the epoch's sums are still folded in
+#: mid-epoch (every 25 steps, loop.train_epoch), after a resume too.
+REFERENCE_RUN = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400"]
+#: Training steps an epoch of :data:`REFERENCE_RUN`: 400 images in batches of 8.
+STEPS_PER_EPOCH = 400 // 8
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 3-epoch run, the yardstick of the resume tests."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={run_dir}")
+    res = run_cli(*REFERENCE_RUN, "trainer.epochs=3", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     return run_dir
 
@@ -43,8 +53,8 @@ def test_checkpoints_after_every_epoch(reference, tmp_path):
         reference_losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
     for k in (1, 2):
         run_dir = tmp_path / f"killed_in_epoch_{k + 1}"
-        res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
-                      env={"OCTCONV_EXP_SIGNAL_AT": f"step:{150 * k + 1}",  # 150 steps an epoch
+        res = run_cli(*REFERENCE_RUN, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+                      env={"OCTCONV_EXP_SIGNAL_AT": f"step:{STEPS_PER_EPOCH * k + 1}",
                            "OCTCONV_EXP_SIGNAL": "SIGKILL"})
         assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
         saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
@@ -67,9 +77,9 @@ def test_checkpoints_after_every_epoch(reference, tmp_path):
 @pytest.mark.sdk
 def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=2", f"hydra.run.dir={run_dir}")
+    first = run_cli(*REFERENCE_RUN, "trainer.epochs=2", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", "resume=true",
+    resumed = run_cli(*REFERENCE_RUN, "trainer.epochs=3", "resume=true",
                       f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
@@ -80,15 +90,15 @@ def test_resume_after_epoch_k_matches_an_uninterrupted_run(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, step, epoch, steps_in", [
-    ("SIGINT", 160, 1, 10),    # inside epoch 2 (150 steps an epoch): resume skips 10 batches
-    ("SIGTERM", 150, 1, 0),    # on the last step of epoch 1: stops between two epochs
+    ("SIGINT", STEPS_PER_EPOCH + 10, 1, 10),  # inside epoch 2: resume skips 10 batches
+    ("SIGTERM", STEPS_PER_EPOCH, 1, 0),  # on the last step of epoch 1: stops between two epochs
 ])
 def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_path, sig, step,
                                                                  epoch, steps_in):
     """The stop lands at an exact step (the OCTCONV_EXP_SIGNAL_AT test hook sends the signal
     to the run itself after that step), so the checkpoint's progress is asserted exactly."""
     run_dir = tmp_path / "run"
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+    res = run_cli(*REFERENCE_RUN, "trainer.epochs=3", f"hydra.run.dir={run_dir}",
                   env={"OCTCONV_EXP_SIGNAL_AT": f"step:{step}", "OCTCONV_EXP_SIGNAL": sig})
     assert res.returncode == 128 + getattr(signal, sig), res.stderr[-3000:]
     last_line = res.stderr.strip().splitlines()[-1]
@@ -102,7 +112,7 @@ def test_signal_writes_a_checkpoint_and_resume_finishes_the_run(reference, tmp_p
         assert state["progress"]["steps"] == steps_in and state["progress"]["images"] == 8 * steps_in
     else:
         assert state["progress"] is None
-    resumed = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", "resume=true",
+    resumed = run_cli(*REFERENCE_RUN, "trainer.epochs=3", "resume=true",
                       f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{steps_in} step(s) into epoch {epoch + 1}" in resumed.stdout + resumed.stderr \
@@ -155,7 +165,9 @@ def test_resume_inside_an_epoch_with_dropout_and_adam_is_exact(tmp_path):
     assert all(torch.equal(final[k], v) for k, v in final_ref.items())
 
 
-SHORT = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "dataset.test_size=160",
+#: Two epochs of 8 steps (64 images in batches of 8: "step:3" is inside epoch 1, before any
+#: checkpoint), and two test batches of 80 ("evaluation", after the first, is inside it).
+SHORT = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=64", "dataset.test_size=160",
          "trainer.epochs=2"]
 
 
@@ -238,7 +250,7 @@ def test_ctrl_c_under_joblib_checkpoints_the_running_jobs_and_records_the_rest(t
 
 @pytest.mark.slow
 def test_evaluate_only(reference, tmp_path):
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "train=false", f"ckpt_path={reference}",
+    res = run_cli(*REFERENCE_RUN, "train=false", f"ckpt_path={reference}",
                   f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(tmp_path)
@@ -249,11 +261,11 @@ def test_evaluate_only(reference, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_of_another_model_says_what_differs(reference, tmp_path):
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "conv=vanilla", "train=false",
+    res = run_cli(*REFERENCE_RUN, "conv=vanilla", "train=false",
                   f"ckpt_path={reference}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "conv=octave" in res.stderr and "this run has conv=vanilla" in res.stderr
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "alpha=0.5", "resume=true", f"ckpt_path={reference}",
+    res = run_cli(*REFERENCE_RUN, "alpha=0.5", "resume=true", f"ckpt_path={reference}",
                   f"hydra.run.dir={tmp_path / 'b'}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "trained with alpha=0.25; this command sets alpha=0.5" in res.stderr
@@ -288,14 +300,14 @@ def test_divergence_stops_the_run(tmp_path):
 @pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(reference, tmp_path):
     again = tmp_path / "again"
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=3", f"hydra.run.dir={again}")
+    res = run_cli(*REFERENCE_RUN, "trainer.epochs=3", f"hydra.run.dir={again}")
     assert res.returncode == 0
     got, want = read_metrics(again), read_metrics(reference)
     assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
     assert losses(again) == losses(reference)
     other = tmp_path / "other"
     # Another seed: another first epoch already (one epoch is enough to tell).
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=1", "seed=1", "deterministic=true",
+    res = run_cli(*REFERENCE_RUN, "trainer.epochs=1", "seed=1", "deterministic=true",
                   f"hydra.run.dir={other}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert losses(other)[0] != losses(reference)[0]
@@ -452,7 +464,7 @@ def test_validate_a_config_dir_of_its_own(tmp_path):
 def test_a_sweep_resumes_job_by_job(tmp_path):
     sweep_dir = tmp_path / "s"
     kept = [a for a in SYNTHETIC_1200_OCTAVE if not a.startswith(("alpha=", "dataset.train_size="))]
-    args = ["-m", *kept, "alpha=0.25,0.5", "dataset.train_size=200", "trainer.epochs=2",
+    args = ["-m", *kept, "alpha=0.25,0.5", "dataset.train_size=64", "trainer.epochs=2",
             f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -595,10 +607,10 @@ def test_resume_takes_the_runs_own_config_and_refuses_other_results(reference, t
 @pytest.mark.slow
 def test_the_interrupt_hint_is_a_command_that_works(tmp_path):
     run_dir = tmp_path / "a dir" / "conv=octave,alpha=0.25" / "seed=0"
-    args = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "trainer.epochs=2"]
-    # SIGINT after step 60 of 100 (the test hook: no race with a timer).
+    args = [*SYNTHETIC_1200_OCTAVE, "dataset.train_size=64", "trainer.epochs=2"]
+    # SIGINT after step 12 of 16, inside epoch 2 (the test hook: no race with a timer).
     proc = run_cli(*args, f"hydra.run.dir='{run_dir}'", cwd=str(tmp_path), timeout=300,
-                   env={"OCTCONV_EXP_SIGNAL_AT": "step:60"})
+                   env={"OCTCONV_EXP_SIGNAL_AT": "step:12"})
     err = proc.stderr
     assert proc.returncode == 130, err[-2000:]
     hint = err.strip().splitlines()[-1].split("continue with: ", 1)[1]
@@ -683,7 +695,8 @@ def test_one_writer_per_run_dir(tmp_path):
         (run_dir / ".lock").write_text(json.dumps({"pid": sleeper.pid,
                                                    "host": socket.gethostname(),
                                                    "started": time.time()}))
-        res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+        res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=64", "trainer.epochs=1",
+                      f"hydra.run.dir={run_dir}")
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
         assert f"pid {sleeper.pid}" in res.stderr and "being written by another run" in res.stderr
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
@@ -691,7 +704,8 @@ def test_one_writer_per_run_dir(tmp_path):
         sleeper.kill()
         sleeper.wait()
     (run_dir / ".metrics.json.abc123").write_text("{half")  # a kill -9 between write and rename
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=64", "trainer.epochs=1",
+                  f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Taking over" in res.stdout + res.stderr
     assert not (run_dir / ".lock").exists() and not (run_dir / ".metrics.json.abc123").exists()
@@ -727,7 +741,7 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
                              capture_output=True).returncode == 0
     try:
         if mounted:
-            res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "expansion=2",
+            res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=64", "expansion=2",
                           "trainer.epochs=2", f"hydra.run.dir={tiny / 'run'}")
             assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
             assert "no space left on device" in res.stderr
@@ -739,7 +753,7 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoints").write_text("not a folder")
-    res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=400", "trainer.epochs=1",
+    res = run_cli(*SYNTHETIC_1200_OCTAVE, "dataset.train_size=64", "trainer.epochs=1",
                   f"hydra.run.dir={run_dir}")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
     assert "is a file, and checkpoints need a folder" in res.stderr
