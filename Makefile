@@ -144,7 +144,7 @@ mutate: venv
 MUTATE_CHECKS := _refuse_unknown_keys _check_optimizer_arguments _check_scheduler \
 	check_model_fits_in_memory check_optimizer_for_device _require_int _is_number _import_target \
 	launcher_threads
-mutate-checks: MUTATE_PATHS = octconv_exp/config/schema.py,octconv_exp/cli/preflight.py
+mutate-checks: MUTATE_PATHS = octconv_exp/config/schema.py,octconv_exp/backends/checks.py,octconv_exp/cli/outcome.py
 mutate-checks: MUTATE_FUNCTIONS = $(MUTATE_CHECKS)
 mutate-checks: MUTATE_TESTS = tests/test_promises.py \
 	--deselect tests/test_promises.py::test_a_bad_value_deep_in_a_large_sweep_is_refused_before_any_job \

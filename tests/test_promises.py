@@ -73,9 +73,10 @@ def test_a_model_larger_than_host_memory_is_refused_before_it_is_built(capsys, m
                           "gradients and optimizer state, and ")
     assert "GiB is available; use a smaller expansion" in err
     # The same rule against a smaller machine: expansion 40 needs about 0.3 GiB.
-    monkeypatch.setattr(config_module, "_available_memory", lambda: 2**27)  # 128 MiB
+    # 192 MiB = 0.1875 GiB, shown as 0.2 (a wrong unit would show 0.1 or 0.4)
+    monkeypatch.setattr(config_module, "_available_memory", lambda: 3 * 2**26)
     code, err = preflight_error(["expansion=40"], capsys)
-    assert code == USER_ERROR_EXIT and "and 0.1 GiB is available" in err, err
+    assert code == USER_ERROR_EXIT and "and 0.2 GiB is available" in err, err
     monkeypatch.setattr(config_module, "_available_memory", lambda: 2**30)
     cli.preflight(["expansion=40", "dataset=synthetic", "hydra.run.dir=/nonexistent-x/y"])
     assert capsys.readouterr().err == ""
