@@ -328,3 +328,16 @@ def test_a_schedule_argument_may_be_an_interpolation(capsys):
     cli.preflight(["scheduler=step", "scheduler.step_size=${trainer.epochs}", "dataset=synthetic",
                    "hydra.run.dir=/nonexistent-octconv-exp-test/x"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_an_ipu_only_optimizer_is_refused_on_a_cpu_or_gpu_in_one_line(name):
+    """LAMB is poptorch.optim's: a CPU/GPU run refuses it, naming what to use instead; the
+    others pass (the end-to-end refusal: test_ipu.py's test_lamb_elsewhere_is_refused)."""
+    from octconv_exp.backends.checks import check_optimizer_for_device
+
+    check_optimizer_for_device(name)
+    with pytest.raises(config_module.ConfigError) as info:
+        check_optimizer_for_device("lamb")
+    assert str(info.value) == ("optimizer=lamb: is only available on IPUs (poptorch.optim); "
+                               "use device=ipu or choose sgd, adam, adamw or rmsprop")
