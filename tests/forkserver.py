@@ -60,7 +60,13 @@ RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "PYTHONPATH", "COLUMNS", "LINES",
                  # Set by code the tests run in-process (PopTorch's import sets the first, a
                  # deterministic run the second); read when RDMA / cuBLAS start, not at import.
-                 "RDMAV_FORK_SAFE", "CUBLAS_WORKSPACE_CONFIG"}
+                 "RDMAV_FORK_SAFE", "CUBLAS_WORKSPACE_CONFIG",
+                 # Set by torch when it first needs inductor's cache dir (torch 2.x
+                 # _inductor/runtime/cache_dir_utils.py: os.environ.get, else the default,
+                 # written back), which importing torch._dynamo does: in the tests' process
+                 # whenever a test first builds an optimiser there (torchvision no longer
+                 # imports it at collection). Read again whenever inductor compiles.
+                 "TORCHINDUCTOR_CACHE_DIR"}
 
 
 def _project_in(first, env):

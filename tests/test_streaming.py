@@ -9,8 +9,9 @@ import torch
 from octconv_exp.data.datasets import BatchLoader, ImageSet, derived_seed, split_validation
 from octconv_exp.data.loading import load_image_folder
 from octconv_exp.errors import ConfigError, UserError
-from octconv_exp.data.streaming import (FileSet, ImageFileFolder, StreamingLoader, choose_in_memory,
-                                   crop_params, decode_augmented, decoded_bytes, file_stats,
+from octconv_exp.data.imagefolder import ImageFileFolder, decode_augmented
+from octconv_exp.data.streaming import (FileSet, StreamingLoader, choose_in_memory,
+                                   crop_params, decoded_bytes, file_stats,
                                    scan_image_folder, split_files, stats_sample)
 
 MEAN, STD = (0.45, 0.5, 0.55), (0.2, 0.25, 0.3)

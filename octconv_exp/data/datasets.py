@@ -20,7 +20,6 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-import torchvision
 from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
@@ -200,6 +199,10 @@ def read_cifar_pickle(path):
 
 
 def _cifar10_class():
+    # Deferred: importing torchvision imports torch._dynamo on torch 2.1+ (seconds in every
+    # fresh process: a torchrun rank, a joblib worker); only CIFAR-10 needs it here.
+    import torchvision
+
     class CIFAR10(torchvision.datasets.CIFAR10):
         """torchvision's CIFAR10 (its download and integrity check), with the MD5
         verification of the files optional, and the batches read by

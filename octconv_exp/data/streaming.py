@@ -22,16 +22,11 @@ import functools
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
-from torchvision.datasets import ImageFolder
-from torchvision.transforms import InterpolationMode
 
 from ..errors import ConfigError, UserError
 from .datasets import (
@@ -46,10 +41,8 @@ from .datasets import (
     shard_of,
     split_validation,
 )
+from .decoding import DecodeFailure, crop_params, decode_image
 
-#: RandomResizedCrop's defaults (torchvision, and the ImageNet recipe).
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +75,10 @@ class FileSet:
 
     def dataset(self, augment=False, augment_seed=0):
         """The torchvision ImageFolder the DataLoader workers index."""
+        # Deferred: importing torchvision imports torch._dynamo on torch 2.1+ (seconds in
+        # every fresh process: a torchrun rank, a joblib worker); only a streamed folder
+        # needs it.
+        from .imagefolder import ImageFileFolder
         return ImageFileFolder(self, augment=augment, augment_seed=augment_seed)
 
 
@@ -149,123 +146,12 @@ def split_files(files: FileSet, val_size, seed):
 # Decoding (in the DataLoader workers)
 
 
-def decode_image(path, image_size=IMAGE_SIZE):
-    """One file as a 3 x image_size x image_size uint8 tensor, decoded by ``_read_image``."""
-    return torch.from_numpy(np.ascontiguousarray(_read_image(path, image_size).transpose(2, 0, 1)))
-
-
 def decode_files(files: FileSet) -> ImageSet:
     """Every image of ``files`` decoded into memory: the :class:`ImageSet` ``load_image_folder``
     returns for the same folder (an image folder that fits in memory)."""
     images = np.stack([_read_image(path, files.image_size) for path, _ in files.samples])
     return ImageSet(images=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
                     labels=files.labels, classes=list(files.classes))
-
-
-def _open_rgb(path, image_size):
-    """The file as an RGB PIL image at its original size; a file ``_read_image`` refuses
-    raises the very :class:`UserError` it raises."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.convert("RGB")
-    except Exception:  # noqa: BLE001 - re-read by _read_image for its one-line UserError
-        _read_image(path, image_size)
-        raise
-
-
-def crop_params(height, width, generator, scale=CROP_SCALE, ratio=CROP_RATIO):
-    """``(top, left, h, w)`` of a random resized crop: torchvision's
-    ``RandomResizedCrop.get_params`` (10 attempts, then a centre crop), with its random
-    numbers drawn from ``generator`` instead of torch's global generator."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect_ratio = torch.exp(
-            torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]),
-                                    generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
-            return top, left, h, w
-    in_ratio = float(width) / float(height)
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def augment_seed_of(augment_seed, epoch, position):
-    """The seed of one sample's augmentation: the sample's position in the pass's order."""
-    return derived_seed("augment", augment_seed, epoch, position)
-
-
-def decode_augmented(path, image_size, seed):
-    """One file decoded at its original size, randomly resized-cropped to image_size x
-    image_size and flipped left-right with probability 1/2, with a generator seeded by
-    ``seed``: a 3 x image_size x image_size uint8 tensor."""
-    img = _open_rgb(path, image_size)
-    gen = torch.Generator().manual_seed(int(seed))
-    top, left, h, w = crop_params(img.height, img.width, gen)
-    img = TF.resized_crop(img, top, left, h, w, [image_size, image_size],
-                          interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if torch.rand(1, generator=gen).item() < 0.5:
-        img = TF.hflip(img)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-class ImageFileFolder(ImageFolder):
-    """A torchvision ImageFolder over a :class:`FileSet`'s samples (its order, its classes),
-    decoding as ``_read_image`` does into 3 x S x S uint8 tensors.
-
-    Indexed by a position, or by ``(position, epoch, position in the pass)`` to decode with
-    augmentation. A file that cannot be read gives a :class:`DecodeFailure` carrying
-    ``_read_image``'s one-line message instead of an exception, so that the message crosses
-    from a worker process intact (a worker's exception would arrive as a traceback)."""
-
-    def __init__(self, files: FileSet, augment=False, augment_seed=0):
-        self._files = files
-        self.image_size = int(files.image_size)
-        self.augment = bool(augment)
-        self.augment_seed = int(augment_seed)
-        super().__init__(files.root or ".",
-                         loader=functools.partial(decode_image, image_size=self.image_size))
-
-    def find_classes(self, directory):
-        classes = list(self._files.classes)
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
-                     allow_empty=False):
-        return list(self._files.samples)
-
-    def __getitem__(self, key):
-        try:
-            if isinstance(key, tuple):
-                index, epoch, position = key
-                path, target = self.samples[index]
-                seed = augment_seed_of(self.augment_seed, epoch, position)
-                return decode_augmented(path, self.image_size, seed), target
-            return super().__getitem__(key)
-        except UserError as exc:
-            return DecodeFailure(str(exc))
-
-
-class DecodeFailure:
-    """A file a worker could not decode: ``_read_image``'s one-line message."""
-
-    def __init__(self, message):
-        self.message = message
 
 
 def collate_images(items, image_size):
@@ -478,5 +364,5 @@ class StreamingLoader(BatchLoader):
 
 
 __all__ = ["FileSet", "scan_image_folder", "decode_files", "split_files", "file_stats", "decoded_bytes",
-           "choose_in_memory", "stats_sample", "StreamingLoader", "ImageFileFolder", "crop_params",
-           "decode_image", "decode_augmented"]
+           "choose_in_memory", "stats_sample", "StreamingLoader", "crop_params",
+           "decode_image", "DecodeFailure"]
