@@ -409,3 +409,65 @@ def test_compositions_read_each_config_file_once(monkeypatch):
     assert len(reads) == len(set(reads)), sorted(reads)
     compose(lines[0])
     assert reads.count("config") == 2  # outside it, read again
+
+
+#: Override lists as a sweep's jobs and a search's choices give them: plain values beside
+#: group choices, a value Hydra refuses, a key no config has, keys that overlap, a list index,
+#: a +key, a dict, an interpolation, a preset's own values overridden.
+TASK_LINES = [
+    ["conv=octave", "alpha=0.25"], ["conv=octave", "alpha=0.5"], ["alpha=0.75", "conv=octave"],
+    ["conv=octave", "alpha=0.25", "expansion=2", "trainer.epochs=3"],
+    ["conv=vanilla", "optimizer=adam", "optimizer.lr=0.01"],
+    ["conv=vanilla", "optimizer=adam", "optimizer.lr=0.5"],
+    ["experiment=alpha_search", "alpha=0.625", "expansion=1", "dataset=synthetic"],
+    ["experiment=smoke", "trainer.epochs=2"], ["experiment=smoke", "trainer.epochs=4"],
+    ["conv=octave", "alpha=abc"], ["conv=octave", "alpah=0.25"],
+    ["conv=octave", "trainer.epochs=2", "trainer={epochs: 5}"],
+    ["conv=octave", "trainer={epochs: 5}", "trainer.epochs=2"],
+    ["conv=octave", "+trainer.extra=1", "seed=3"], ["conv=octave", "seed=${trainer.epochs}"],
+    ["conv=octave", "~alpha", "seed=4"], ["conv=octave", "alpha=0.25", "alpha=0.5"],
+    ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32"],
+    ["dataset=synthetic", "dataset.train_size=65", "dataset.test_size=32"],
+    ["hydra.sweep.dir=/tmp/x", "conv=octave", "alpha=0.125"], ["nope=1", "alpha=0.5"],
+]
+
+
+def test_task_configs_are_what_hydra_composes_whole(monkeypatch):
+    """A sweep's values applied to a copy of one composition (preflight's and validate's
+    TaskConfigs) give what Hydra composes for each whole override list: the same config,
+    struct flag and types, or the same error, word for word; each structure is composed
+    once, and a list whose plain values overlap another override is composed whole."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from omegaconf import OmegaConf
+
+    from octconv_exp.config import presets
+
+    def outcome(compose):
+        try:
+            cfg = compose()
+        except Exception as exc:  # noqa: BLE001 - the error is what is compared
+            return ("error", type(exc).__name__, str(exc))
+        return (OmegaConf.to_yaml(cfg), OmegaConf.is_struct(cfg),
+                type(cfg.trainer).__name__, OmegaConf.get_type(cfg, "trainer").__name__)
+
+    with presets.hydra_like_run():
+        expected = [outcome(lambda line=line: compose(config_name="config", overrides=line))
+                    for line in TASK_LINES]
+        composed = []
+        impl = ConfigLoaderImpl._load_configuration_impl
+        monkeypatch.setattr(ConfigLoaderImpl, "_load_configuration_impl",
+                            lambda self, **kw: composed.append(kw["overrides"]) or impl(self, **kw))
+        configs = presets.TaskConfigs("config")
+        got = [outcome(lambda line=line: configs.compose(line)) for line in TASK_LINES]
+        again = outcome(lambda: configs.compose(TASK_LINES[1]))
+    for line, want, have in zip(TASK_LINES, expected, got):
+        assert have == want, line
+    assert again == expected[1]
+    assert sum(want[0] == "error" for want in expected) == 3  # alpha=abc, alpah, nope
+    # One composition for conv=octave with any alpha (and once more for expansion+epochs),
+    # one for optimizer=adam, ... : fewer than the lists, and the overlapping ones whole.
+    assert ["conv=octave"] in composed and ["conv=vanilla", "optimizer=adam"] in composed
+    assert composed.count(["conv=octave"]) == 1
+    assert ["conv=octave", "trainer.epochs=2", "trainer={epochs: 5}"] in composed
+    assert ["conv=octave", "alpha=0.25", "alpha=0.5"] in composed
+    assert len(composed) < len(TASK_LINES) - 6, composed

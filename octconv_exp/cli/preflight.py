@@ -36,6 +36,7 @@ from ..config.keys import not_read
 from ..config.presets import (
     CONFIG_NAME,
     GROUPS,
+    TaskConfigs,
     compositions_reused,
     group_options_lookup,
     hydra_like_run,
@@ -430,11 +431,15 @@ def preflight(argv):
             # composition fewer per run; a composition is most of preflight's time).
             full = _compose_and_validate(combos[0], config_name, args.cfg is None,
                                          with_hydra=True)
+            # The other combinations and a sweep's values mostly differ in plain values:
+            # those are applied to a copy of one composition (TaskConfigs).
+            configs = TaskConfigs(config_name)
             for combo in combos[1:]:
-                _compose_and_validate(combo, config_name, args.cfg is None)
+                _compose_and_validate(combo, config_name, args.cfg is None, configs=configs)
             composed = {frozenset(combo) for combo in combos}
             if args.multirun and args.cfg is None:
-                _validate_sweep_values(overrides, combos, config_name, composed, options_of)
+                _validate_sweep_values(overrides, combos, config_name, composed, options_of,
+                                       configs)
             if args.cfg is None:
                 check_output_dir(full, args.multirun)
 
@@ -459,13 +464,18 @@ def preflight(argv):
     return Launch(argv, recorded, composed_mode)
 
 
-def _compose_and_validate(overrides, config_name, check, note="", with_hydra=False):
+def _compose_and_validate(overrides, config_name, check, note="", with_hydra=False,
+                          configs=None):
     """Compose ``overrides`` and (``check``) validate the config a run gets; returns the
     composition, with its ``hydra`` node when ``with_hydra``. The config validated is then the
-    task's config as Hydra hands it to the run: the composition without that node."""
+    task's config as Hydra hands it to the run: the composition without that node.
+    ``configs``: a :class:`TaskConfigs` that composes the task config (not with_hydra)."""
     try:
-        full = compose(config_name=config_name, overrides=overrides,
-                       return_hydra_config=with_hydra)
+        if configs is not None and not with_hydra:
+            full = configs.compose(overrides)
+        else:
+            full = compose(config_name=config_name, overrides=overrides,
+                           return_hydra_config=with_hydra)
         if check:
             validate(without_hydra(full) if with_hydra else full)
         return full
@@ -489,7 +499,8 @@ def without_hydra(full):
     return cfg
 
 
-def _validate_sweep_values(overrides, combos, config_name, composed, options_of):
+def _validate_sweep_values(overrides, combos, config_name, composed, options_of,
+                           configs=None):
     """Every value the sweeper will run, the composed ``hydra.sweeper.params`` (a preset's
     sweep, a search space) merged with the command line's sweeps as the sweeper merges them,
     validated before the first job. ``combos``: the command line's, already validated."""
@@ -528,4 +539,4 @@ def _validate_sweep_values(overrides, combos, config_name, composed, options_of)
                            and o not in task]
             note = (f" (the sweep's job with {' '.join(from_params)} from hydra.sweeper.params)"
                     if from_params else "")
-            _compose_and_validate(hydra_part + job, config_name, True, note)
+            _compose_and_validate(hydra_part + job, config_name, True, note, configs=configs)

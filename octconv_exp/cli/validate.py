@@ -42,6 +42,7 @@ from ..config.presets import (
     CONFIG_DIR,
     CONFIG_NAME,
     GROUPS,
+    TaskConfigs,
     compositions_reused,
     hydra_like_run,
     sweep_choices,
@@ -157,13 +158,14 @@ def check(overrides_for, config_dir, config_name, search_dirs, extra, sweeps=(),
     GlobalHydra.instance().clear()
     try:
         with hydra_like_run(os.path.abspath(config_dir)), compositions_reused():
+            configs = TaskConfigs(config_name)
             for index, (label, overrides) in enumerate(overrides_for):
                 before = len(findings)
                 findings += _check_one(label, searchpath + overrides + extra, config_name,
                                        trust_code)
                 if label in sweeps and len(findings) == before:
                     findings += _check_sweep(label, searchpath, overrides + extra, config_name,
-                                             trust_code)
+                                             trust_code, configs)
                 if indexed:
                     findings[before:] = [(index, f) for f in findings[before:]]
     finally:
@@ -171,10 +173,11 @@ def check(overrides_for, config_dir, config_name, search_dirs, extra, sweeps=(),
     return findings
 
 
-def _check_one(label, overrides, config_name, trust_code):
+def _check_one(label, overrides, config_name, trust_code, configs=None):
     with (contextlib.nullcontext([]) if trust_code else without_config_code()) as skipped:
         try:
-            cfg = compose(config_name=config_name, overrides=overrides)
+            cfg = (configs.compose(overrides) if configs is not None
+                   else compose(config_name=config_name, overrides=overrides))
             validate(cfg, check_environment=False)  # builds the model on meta too
         except UserError as exc:
             return [("invalid", label, str(exc))]
@@ -185,7 +188,7 @@ def _check_one(label, overrides, config_name, trust_code):
     return [("untrusted", label, f"{key}={target}") for key, target in dict(skipped).items()]
 
 
-def _check_sweep(label, searchpath, overrides, config_name, trust_code):
+def _check_sweep(label, searchpath, overrides, config_name, trust_code, configs=None):
     """Every value the configuration's sweep runs (run.py -m): its hydra.sweeper.params with
     ``overrides``, each job validated; one finding per distinct problem."""
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -203,7 +206,8 @@ def _check_sweep(label, searchpath, overrides, config_name, trust_code):
         values = [o for o in job if o not in task]
         if not values:
             continue  # the configuration itself: checked already
-        for kind, _, detail in _check_one(label, hydra_part + job, config_name, trust_code):
+        for kind, _, detail in _check_one(label, hydra_part + job, config_name, trust_code,
+                                          configs):
             if (kind, detail) not in seen:
                 seen.add((kind, detail))
                 findings.append((kind, f"{label} swept to {' '.join(values)}", detail))
