@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,7 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
     if refusal and os.environ.get("OCTCONV_EXP_TEST_FORKSERVER_LOG"):
         with open(os.environ["OCTCONV_EXP_TEST_FORKSERVER_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {refusal}\n")
-    if refusal is None and FORK_SERVER.lock.acquire(blocking=False):
-        FORK_SERVER.lock.release()
+    if refusal is None:
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
             code = FORK_SERVER.run(list(argv), cwd, full_env, timeout, out, err)
@@ -67,6 +67,65 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
                 return subprocess.CompletedProcess(cmd, code, f_out.read(), f_err.read())
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+class ServedProcess:
+    """What :func:`popen_python` returns for a program the fork server runs: the parts of
+    ``subprocess.Popen`` (text mode, stdout and stderr piped) the tests use. The child leads
+    a process group of its own, as ``start_new_session=True`` gives."""
+
+    def __init__(self, cmd, argv, cwd, env):
+        self.args = cmd
+        self.returncode = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="popen_python-")
+        self._out = os.path.join(self._tmp.name, "stdout")
+        self._err = os.path.join(self._tmp.name, "stderr")
+        self.pid = FORK_SERVER.spawn(list(argv), cwd, env, self._out, self._err)
+
+    def poll(self):
+        if self.returncode is None:
+            self.returncode = FORK_SERVER.wait_for(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            self.returncode = FORK_SERVER.wait_for(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        with open(self._out, errors="replace") as f_out, open(self._err, errors="replace") as f_err:
+            out, err = f_out.read(), f_err.read()
+        self._tmp.cleanup()
+        return out, err
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def popen_python(*argv, cwd=None, env=None, start_new_session=False):
+    """``subprocess.Popen([python, *ARGV], stdout=PIPE, stderr=PIPE, text=True)`` for a test
+    that signals the program or runs it beside another: through the fork server where that
+    is the same program (a :class:`ServedProcess`; in a process group of its own, which only a
+    test that signals a group tells apart, and such a test asks ``start_new_session``), else
+    a real subprocess. HYDRA_FULL_ERROR unset, as :func:`run_python`."""
+    full_env = command_env(env)
+    cmd = [sys.executable, *argv]
+    cwd = str(cwd or REPO)
+    if FORK_SERVER.refusal(full_env, argv, cwd) is None:
+        return ServedProcess(cmd, argv, cwd, full_env)
+    return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            start_new_session=start_new_session)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -185,12 +244,11 @@ def start_joblib_sweep(sweep_dir, timeout, training=("conv=vanilla", "conv=octav
     ends the hold; :func:`release_joblib_sweep` lets the jobs go on."""
     import time
 
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "run.py"), *JOBLIB_SWEEP,
-         f"hydra.sweep.dir={sweep_dir}"], cwd=REPO,
-        env=command_env({"OCTCONV_EXP_PAUSE_AT": "step:2",
-                         "OCTCONV_EXP_PAUSE_UNTIL": f"{sweep_dir}.release"}),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = popen_python(os.path.join(REPO, "run.py"), *JOBLIB_SWEEP,
+                        f"hydra.sweep.dir={sweep_dir}", cwd=REPO,
+                        env={"OCTCONV_EXP_PAUSE_AT": "step:2",
+                             "OCTCONV_EXP_PAUSE_UNTIL": f"{sweep_dir}.release"},
+                        start_new_session=True)
     deadline = time.time() + timeout
     logs = [sweep_dir / c / "seed=0" / "run.log" for c in training]
     while not all(p.exists() and "Paused after step 2" in p.read_text() for p in logs):

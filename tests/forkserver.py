@@ -20,8 +20,9 @@ What a fork cannot give a run, and where :func:`usable` sends the run to a real
 ``OCTCONV_EXP_TEST_FORKSERVER=0`` turns the server off for a whole session (every run a real
 subprocess): docs/development.md.
 
-The protocol is one JSON line each way over the server's stdin/stdout: a request; the child's
-pid; its exit status.
+The protocol is JSON lines over the server's stdin/stdout: a request; the child's pid, at
+once; its exit status when it ends. Several children may run at once (:meth:`ForkServer.spawn`,
+``conftest.popen_python``: a test's two sweeps started together, a sweep a test signals).
 """
 import json
 import os
@@ -190,68 +191,111 @@ def serve():
     if threading.active_count() != 1:  # a fork copies no thread, but every lock they held
         raise RuntimeError("an import started a thread: "
                            + ", ".join(t.name for t in threading.enumerate()))
-    channel_in, channel_out = sys.stdin, os.fdopen(os.dup(1), "w")
+    fd_in, channel_out = sys.stdin.fileno(), os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # nothing else may write into the channel
     top = sorted({name.split(".")[0] for name in sys.modules})
     project = os.path.realpath(os.path.dirname(sys.modules[PROJECT].__file__))
-    channel_out.write(json.dumps({"ready": True, "modules": top, "project": project}) + "\n")
-    channel_out.flush()
-    for line in channel_in:
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            channel_out.close()
-            try:
-                _child(request, base_path)
-            finally:
-                os._exit(70)
-        channel_out.write(json.dumps({"pid": pid}) + "\n")
+
+    def say(message):
+        channel_out.write(json.dumps(message) + "\n")
         channel_out.flush()
-        _, status = os.waitpid(pid, 0)
-        channel_out.write(json.dumps({"returncode": _exit_code(status)}) + "\n")
-        channel_out.flush()
+
+    say({"ready": True, "modules": top, "project": project})
+    # Several children may run at once (a test's two sweeps started together): each request
+    # is answered with the child's pid at once, and each child's end when it ends.
+    running, pending = set(), b""
+    while True:
+        ready, _, _ = select.select([fd_in], [], [], 0.05 if running else None)
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                running.discard(pid)
+                say({"exited": pid, "returncode": _exit_code(status)})
+        if not ready:
+            continue
+        chunk = os.read(fd_in, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        while b"\n" in pending:
+            line, _, pending = pending.partition(b"\n")
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                channel_out.close()
+                os.close(fd_in)
+                try:
+                    _child(request, base_path)
+                finally:
+                    os._exit(70)
+            running.add(pid)
+            say({"forked": pid})
+    import signal
+
+    for pid in running:  # the tests are over: what is left ends with the server
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------- the test side
 
 class ForkServer:
-    """The tests' handle on one server process (started on first use)."""
+    """The tests' handle on one server process (started on first use). Several of its
+    children may run at once: :meth:`spawn` starts one, :meth:`wait_for` waits for its end."""
 
     def __init__(self, env):
         self.proc = None
         self.env = dict(env)  # the session's environment, before any test changed it
         self.modules = ()
         self.project = os.path.realpath(os.path.join(REPO, PROJECT))
-        self.lock = threading.Lock()
-        self._pending = b""
+        self.lock = threading.Lock()  # one request at a time
+        self._ended = threading.Condition()
+        self._exits = {}  # pid -> returncode, from the reader thread
+        self._forked = None
 
     def _start(self):
+        import queue
+
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
-        self._pending = b""
-        hello = self._readline(600) or {}
+        self._forked = queue.Queue()
+        hello = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, hello), daemon=True).start()
+        try:
+            hello = hello.get(timeout=600)
+        except queue.Empty:
+            hello = {}
         if not hello.get("ready"):
             raise RuntimeError("the run.py fork server did not start")
         self.modules = set(hello["modules"])
         self.project = hello["project"]
 
-    def _readline(self, timeout):
-        """The server's next JSON line, or None after ``timeout`` seconds without one."""
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._pending:
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError("the run.py fork server ended")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return json.loads(line)
+    def _read(self, proc, hello):
+        """The server's lines: its greeting, each child's pid, each child's end."""
+        forked = self._forked
+        for line in proc.stdout:
+            message = json.loads(line)
+            if "ready" in message:
+                hello.put(message)
+            elif "forked" in message:
+                with self._ended:  # an earlier child's end under the same (reused) pid
+                    self._exits.pop(message["forked"], None)
+                forked.put(message["forked"])
+            else:
+                with self._ended:
+                    self._exits[message["exited"]] = message["returncode"]
+                    self._ended.notify_all()
+        hello.put({})
+        forked.put(None)
+        with self._ended:  # the server ended: no child of it will report
+            self._exits[None] = None
+            self._ended.notify_all()
 
     def usable(self, env):
         """Whether a run with this environment behaves through the server as it would as a
@@ -283,11 +327,10 @@ class ForkServer:
         modules = self.modules or set(name.split(".")[0] for name in PREIMPORT)
         return bool(names & (modules | {"sitecustomize", "usercustomize"}))
 
-    def run(self, argv, cwd, env, timeout, out_path, err_path):
+    def spawn(self, argv, cwd, env, out_path, err_path):
         """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
-        child; the exit code, or
-        subprocess.TimeoutExpired after killing the child's process group."""
-        import signal
+        child writing to those files; its pid (the leader of its own process group)."""
+        import queue
 
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
@@ -295,16 +338,40 @@ class ForkServer:
             request = {"argv": list(argv), "cwd": cwd, "env": env, "stdout": out_path,
                        "stderr": err_path, "project": self.project}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            pid = self._readline(60)["pid"]
-            done = self._readline(timeout)
-            if done is None:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self._readline(60)  # the server reaps it
-                raise subprocess.TimeoutExpired(argv, timeout)
-            return done["returncode"]
+            try:
+                pid = self._forked.get(timeout=60)
+            except queue.Empty:
+                pid = None
+            if pid is None:
+                raise RuntimeError("the run.py fork server ended")
+            return pid
+
+    def wait_for(self, pid, timeout=None):
+        """The child's exit code (subprocess's convention), or None after ``timeout``
+        seconds; RuntimeError if the server ended first."""
+        with self._ended:
+            if not self._ended.wait_for(lambda: pid in self._exits or None in self._exits,
+                                        timeout):
+                return None
+            if pid not in self._exits:
+                raise RuntimeError("the run.py fork server ended")
+            return self._exits.pop(pid)
+
+    def run(self, argv, cwd, env, timeout, out_path, err_path):
+        """``python ARGV`` in a forked child; the exit code, or subprocess.TimeoutExpired
+        after killing the child's process group."""
+        import signal
+
+        pid = self.spawn(argv, cwd, env, out_path, err_path)
+        code = self.wait_for(pid, timeout)
+        if code is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait_for(pid, 60)  # the server reaps it
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return code
 
     def close(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -175,3 +175,38 @@ def test_the_fork_server_runs_run_py_to_the_same_record(tmp_path, monkeypatch):
     for key in ("test_accuracy", "train_loss", "params", "flops_per_image", "torch_threads"):
         assert a.get(key) == b.get(key), key
     assert conftest.FORK_SERVER.modules >= {"torch", "hydra"}
+
+
+def test_served_programs_run_at_the_same_time_and_take_signals(tmp_path):
+    """popen_python: two served programs at once (each waits for the other's file), and one
+    that a test signals ends as a plain one would."""
+    from conftest import ServedProcess, popen_python
+
+    script = tmp_path / "meet.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        mine, theirs = sys.argv[1], sys.argv[2]
+        open(mine, "w").close()
+        deadline = time.time() + 30
+        while not os.path.exists(theirs):
+            assert time.time() < deadline, "alone"
+            time.sleep(0.05)
+        print("met", os.getpid())
+    """))
+    served_env()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    procs = [popen_python(str(script), a, b), popen_python(str(script), b, a)]
+    assert all(isinstance(p, ServedProcess) for p in procs)
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [out for out, _ in outs] == [f"met {p.pid}\n" for p in procs]
+    sleeper = tmp_path / "probe.py"
+    sleeper.write_text(PROBE)
+    proc = popen_python(str(sleeper), "sleep")
+    assert proc.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM and '"argv"' in out and err == "to stderr\n"
+    assert FORK_SERVER.proc.poll() is None

@@ -743,21 +743,17 @@ def test_ctrl_c_to_the_process_group_leaves_the_async_workers_loading(tmp_path):
     checkpoint with exit 130."""
     import signal
     import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import REPO, popen_python
 
     run_dir = tmp_path / "run"
     args = ["device=ipu", "ipu.use_ipu_model=true", *SYNTHETIC_960_FOR_IPU,
             "ipu.device_iterations=2", "dataset.train_size=360", "dataset.val_size=40",
             f"hydra.run.dir={run_dir}"]
     # (360 - 40) / (8 x 2) = 20 steps per epoch
-    env = dict(os.environ, PYTHONPATH=DOUBLE, OCTCONV_EXP_SIGNAL_AT="step:20",
-               OCTCONV_EXP_SIGNAL_GROUP="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own group: the signal spares pytest
+    env = dict(PYTHONPATH=DOUBLE, OCTCONV_EXP_SIGNAL_AT="step:20", OCTCONV_EXP_SIGNAL_GROUP="1")
+    proc = popen_python(os.path.join(REPO, "run.py"), *args, cwd=REPO, env=env,
+                        start_new_session=True)  # its own group: the signal spares pytest
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

@@ -3,12 +3,11 @@ PopTorch double extended with popdist and Horovod (tests/poptorch_double: popdis
 horovod/; the double reduces gradients across processes as distributed replicated graphs do)."""
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from conftest import DOUBLE, IPU_SYNTHETIC_192, REPO, compose_config, read_metrics, read_state_dict
+from conftest import (DOUBLE, IPU_SYNTHETIC_192, REPO, compose_config, popen_python, read_metrics,
+                      read_state_dict)
 from octconv_exp.backends import distributed
 from octconv_exp.errors import UserError
 
@@ -33,10 +32,8 @@ def free_port():
 
 def launch(args, env, ipus):
     """run.py on the double, on a machine with ``ipus`` IPUs."""
-    full = dict(os.environ, PYTHONPATH=DOUBLE, POPTORCH_DOUBLE_IPUS=str(ipus), **env)
-    full.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
-                            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return popen_python(os.path.join(REPO, "run.py"), *args, cwd=REPO,
+                        env=dict(env, PYTHONPATH=DOUBLE, POPTORCH_DOUBLE_IPUS=str(ipus)))
 
 
 def test_popdist_options_refuse_what_poprun_set(poptorch, monkeypatch):

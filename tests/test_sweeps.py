@@ -1,12 +1,11 @@
 """Multiruns: layout, vanilla de-duplication, summaries, plots, failures, launchers, presets."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, SYNTHETIC_400_ONE_EPOCH, read_csv, read_metrics, run_cli, run_python
+from conftest import (REPO, SYNTHETIC_400_ONE_EPOCH, popen_python, read_csv, read_metrics, run_cli,
+                      run_python)
 from octconv_exp.reports import report
 from octconv_exp.config.resolvers import config_name
 from octconv_exp.sweeps.sweep import dedupe_vanilla
@@ -167,11 +166,9 @@ def test_interrupted_sweep_reports_missing_runs(sweep, tmp_path):
 
 @pytest.mark.slow
 def test_two_sweeps_started_together_never_share_a_directory(tmp_path):
-    env = dict(os.environ)
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), "-m", "conv=octave",
-                               *SYNTHETIC_400_ONE_EPOCH, "dataset.train_size=64",
-                               "dataset.test_size=32"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [popen_python(os.path.join(REPO, "run.py"), "-m", "conv=octave",
+                          *SYNTHETIC_400_ONE_EPOCH, "dataset.train_size=64", "dataset.test_size=32",
+                          cwd=tmp_path)
              for _ in range(2)]
     for p in procs:
         p.communicate(timeout=300)
