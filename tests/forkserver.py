@@ -265,6 +265,8 @@ class ForkServer:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
         self._forked = queue.Queue()
+        with self._ended:  # a server started again: the last one's end is not this one's
+            self._exits.pop(None, None)
         hello = queue.Queue()
         threading.Thread(target=self._read, args=(self.proc, hello), daemon=True).start()
         try:
