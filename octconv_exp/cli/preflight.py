@@ -499,8 +499,7 @@ def without_hydra(full):
     return cfg
 
 
-def _validate_sweep_values(overrides, combos, config_name, composed, options_of,
-                           configs=None):
+def _validate_sweep_values(overrides, combos, config_name, composed, options_of, configs):
     """Every value the sweeper will run, the composed ``hydra.sweeper.params`` (a preset's
     sweep, a search space) merged with the command line's sweeps as the sweeper merges them,
     validated before the first job. ``combos``: the command line's, already validated."""

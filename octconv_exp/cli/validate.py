@@ -188,7 +188,7 @@ def _check_one(label, overrides, config_name, trust_code, configs=None):
     return [("untrusted", label, f"{key}={target}") for key, target in dict(skipped).items()]
 
 
-def _check_sweep(label, searchpath, overrides, config_name, trust_code, configs=None):
+def _check_sweep(label, searchpath, overrides, config_name, trust_code, configs):
     """Every value the configuration's sweep runs (run.py -m): its hydra.sweeper.params with
     ``overrides``, each job validated; one finding per distinct problem."""
     parsed = OverridesParser.create().parse_overrides(overrides)

@@ -167,7 +167,7 @@ class TaskConfigs:
     """Task configs (a composition without its ``hydra`` node, as ``hydra.compose`` returns
     it by default) of many override lists of one config that differ in plain values: a
     sweep's jobs, a search space's choices. Hydra composes each list whole (its defaults
-    tree, every file merged: about 0.25 s here); here a list's plain values
+    tree, every file merged); here a list's plain values
     (:func:`applied_last`) are applied, with Hydra's own ``_apply_overrides_to_config``, to
     a copy of the composition of the rest, composed once. Hydra applies those values the
     same way after merging the rest (hydra/_internal/config_loader_impl.py,
@@ -202,7 +202,7 @@ class TaskConfigs:
         overrides = list(overrides)
         parsed = self.parser.parse_overrides(overrides)
         searchpath = tuple(o.input_line for o in parsed
-                           if o.key_or_group.lstrip("+~") == "hydra.searchpath")
+                           if o.key_or_group == "hydra.searchpath")
         repo = self._repo(searchpath)
         last = applied_last(parsed, repo.group_exists) if repo is not None else []
         if not last:
@@ -232,7 +232,7 @@ def applied_last(parsed, is_group):
                 and not isinstance(o.value(), dict) and not is_group(o.key_or_group))
 
     def key(o):
-        return o.key_or_group.lstrip("+~").replace("[", ".").replace("]", "")
+        return o.key_or_group.replace("[", ".").replace("]", "")
 
     values = [o for o in parsed if isinstance(o.value(), dict) or not is_group(o.key_or_group)
               or o.is_force_add()]  # what Hydra applies as a value (or refuses)

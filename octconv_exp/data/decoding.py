@@ -16,7 +16,6 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-
 def decode_image(path, image_size=IMAGE_SIZE):
     """One file as a 3 x image_size x image_size uint8 tensor, decoded by ``_read_image``."""
     return torch.from_numpy(np.ascontiguousarray(_read_image(path, image_size).transpose(2, 0, 1)))
