@@ -47,18 +47,24 @@ def command_env(env=None):
     return full_env
 
 
-def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
-    """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
-    own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
-    server where that is the same program (forkserver.ForkServer.usable), else a plain
-    subprocess."""
+def _command(argv, cwd, env, fresh=False):
+    """``(cmd, cwd, env, refusal)`` of ``python ARGV``: refusal None where the fork server
+    runs it (OCTCONV_EXP_TEST_FORKSERVER_LOG: where each refused one is written down)."""
     full_env = command_env(env)
-    cmd = [sys.executable, *argv]
     cwd = str(cwd or REPO)
     refusal = "fresh=True" if fresh else FORK_SERVER.refusal(full_env, argv, cwd)
     if refusal and os.environ.get("OCTCONV_EXP_TEST_FORKSERVER_LOG"):
         with open(os.environ["OCTCONV_EXP_TEST_FORKSERVER_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {refusal}\n")
+    return [sys.executable, *argv], cwd, full_env, refusal
+
+
+def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
+    """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
+    own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
+    server where that is the same program (forkserver.ForkServer.usable), else a plain
+    subprocess."""
+    cmd, cwd, full_env, refusal = _command(argv, cwd, env, fresh)
     if refusal is None:
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
@@ -118,10 +124,8 @@ def popen_python(*argv, cwd=None, env=None, start_new_session=False):
     is the same program (a :class:`ServedProcess`; in a process group of its own, which only a
     test that signals a group tells apart, and such a test asks ``start_new_session``), else
     a real subprocess. HYDRA_FULL_ERROR unset, as :func:`run_python`."""
-    full_env = command_env(env)
-    cmd = [sys.executable, *argv]
-    cwd = str(cwd or REPO)
-    if FORK_SERVER.refusal(full_env, argv, cwd) is None:
+    cmd, cwd, full_env, refusal = _command(argv, cwd, env)
+    if refusal is None:
         return ServedProcess(cmd, argv, cwd, full_env)
     return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,

@@ -26,7 +26,9 @@ once; its exit status when it ends. Several children may run at once (:meth:`For
 """
 import json
 import os
+import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -97,7 +99,6 @@ def _child(request, base_path):
     return."""
     import random
     import runpy
-    import signal
 
     os.setpgid(0, 0)  # its own process group: a run that signals its group reaches only itself
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -233,8 +234,6 @@ def serve():
                     os._exit(70)
             running.add(pid)
             say({"forked": pid})
-    import signal
-
     for pid in running:  # the tests are over: what is left ends with the server
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -259,8 +258,6 @@ class ForkServer:
         self._forked = None
 
     def _start(self):
-        import queue
-
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -332,8 +329,6 @@ class ForkServer:
     def spawn(self, argv, cwd, env, out_path, err_path):
         """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
         child writing to those files; its pid (the leader of its own process group)."""
-        import queue
-
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
@@ -362,8 +357,6 @@ class ForkServer:
     def run(self, argv, cwd, env, timeout, out_path, err_path):
         """``python ARGV`` in a forked child; the exit code, or subprocess.TimeoutExpired
         after killing the child's process group."""
-        import signal
-
         pid = self.spawn(argv, cwd, env, out_path, err_path)
         code = self.wait_for(pid, timeout)
         if code is None:
