@@ -83,6 +83,22 @@ def test_figures_are_written_in_every_format_and_each_file_parses(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp files
 
 
+def test_pdf_font_subsetting_logs_nothing_at_info(tmp_path, caplog):
+    """Under Hydra's INFO root logger, fontTools logged every table it pruned while the PDFs'
+    fonts were subset (a hundred lines after `make demo`'s sweep): not any more, and its
+    logger's own level is left as it was."""
+    import logging
+
+    groups_of(tmp_path, {conv: 3 for conv in CONVS})
+    font_logger = logging.getLogger("fontTools")
+    before = font_logger.level
+    with caplog.at_level(logging.INFO):
+        report.build_report(str(tmp_path), formats=["pdf"], dpi=50)
+    assert all((tmp_path / f"{name[:-4]}.pdf").is_file() for name in report.PLOTS)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("fontTools")] == []
+    assert font_logger.level == before
+
+
 def test_the_same_figure_is_the_same_bytes_in_vector_formats(tmp_path):
     """No dates and fixed SVG ids: rebuilding a report does not change its PDF/SVG files."""
     groups_of(tmp_path, {"vanilla": 2, "octave": 2})

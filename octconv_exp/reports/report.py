@@ -13,9 +13,11 @@ jobs that never started, as ``missing``. For a paper: the figures also as PDF/SV
 ``summary.tex`` (a booktabs table).
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -831,6 +833,21 @@ SAVE_RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "octconv-
 SAVE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
 
 
+@contextlib.contextmanager
+def _font_subsetting_quiet():
+    """fontTools' INFO lines held back while the figures are saved: matplotlib subsets each
+    PDF's fonts with fontTools, which logs every table it prunes at INFO, and under Hydra's
+    INFO root logger that is a hundred lines after every sweep. Its warnings still show."""
+    logger = logging.getLogger("fontTools")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def plot(sweep_dir, groups, formats=DEFAULT_FORMATS, dpi=DEFAULT_DPI):
     """The figures, a file per format of ``formats`` in the sweep dir; returns the paths
     written."""
@@ -840,7 +857,7 @@ def plot(sweep_dir, groups, formats=DEFAULT_FORMATS, dpi=DEFAULT_DPI):
         sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
         return []
     written = []
-    with matplotlib.rc_context(SAVE_RC):
+    with matplotlib.rc_context(SAVE_RC), _font_subsetting_quiet():
         for name, fig in figures(groups).items():
             for fmt in formats:
                 path = os.path.join(sweep_dir, _stem(name) + "." + fmt)
