@@ -136,6 +136,33 @@ def pytest_sessionfinish(session, exitstatus):
     FORK_SERVER.close()
 
 
+def _cpu_seconds():
+    """(this process, its reaped children, the fork server's ended children): user + system
+    CPU seconds so far."""
+    import resource
+
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                          resource.RUSAGE_CHILDREN))
+    return (own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime,
+            FORK_SERVER.served_cpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """OCTCONV_EXP_TEST_CPU_LOG=PATH: a line per test (setup and teardown included) with the
+    CPU seconds it took in this process, in fresh subprocesses it waited for, and in the runs
+    the fork server ran for it (docs/development.md: where the suite's time goes)."""
+    path = os.environ.get("OCTCONV_EXP_TEST_CPU_LOG")
+    before = _cpu_seconds() if path else None
+    yield
+    if path:
+        spent = [after - start for after, start in zip(_cpu_seconds(), before)]
+        with open(path, "a") as log:
+            log.write(json.dumps({"test": item.nodeid, "self": round(spent[0], 2),
+                                  "fresh": round(spent[1], 2), "served": round(spent[2], 2),
+                                  "python": sys.version.split()[0]}) + "\n")
+
+
 def write_cifar_fixture(root, train_per_batch=40, test_size=60, seed=0):
     """A tiny CIFAR-10 in torchvision's on-disk format (python pickles), with learnable
     synthetic images, so the real torchvision loading code can be exercised offline."""

@@ -209,10 +209,12 @@ def serve():
     while True:
         ready, _, _ = select.select([fd_in], [], [], 0.05 if running else None)
         for pid in list(running):
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, status, usage = os.wait4(pid, os.WNOHANG)
             if done:
                 running.discard(pid)
-                say({"exited": pid, "returncode": _exit_code(status)})
+                # cpu: the child's user + system seconds, its reaped children's included.
+                say({"exited": pid, "returncode": _exit_code(status),
+                     "cpu": usage.ru_utime + usage.ru_stime})
         if not ready:
             continue
         chunk = os.read(fd_in, 65536)
@@ -256,6 +258,9 @@ class ForkServer:
         self._ended = threading.Condition()
         self._exits = {}  # pid -> returncode, from the reader thread
         self._forked = None
+        #: CPU seconds (user + system) of every child that has ended, for the tests'
+        #: per-test CPU log (conftest.py, OCTCONV_EXP_TEST_CPU_LOG).
+        self.served_cpu = 0.0
 
     def _start(self):
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
@@ -289,6 +294,7 @@ class ForkServer:
             else:
                 with self._ended:
                     self._exits[message["exited"]] = message["returncode"]
+                    self.served_cpu += message.get("cpu", 0.0)
                     self._ended.notify_all()
         hello.put({})
         forked.put(None)
