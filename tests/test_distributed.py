@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, command_env, compose_config,
-                      only_error_line, read_metrics, read_state_dict, run_cli)
+from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, compose_config,
+                      only_error_line, read_metrics, read_state_dict, run_cli, run_python)
 from octconv_exp.backends import distributed
 from octconv_exp.data.datasets import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
@@ -16,12 +16,10 @@ from octconv_exp.sweeps.gpus import GpuClaim
 
 
 def torchrun(*args, ranks=2, env=None, timeout=300):
-    """``torchrun --standalone --nproc_per_node=ranks run.py args``."""
-    full = command_env(env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={ranks}", os.path.join(REPO, "run.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=full)
+    """``torchrun --standalone --nproc_per_node=ranks run.py args``: the agent served by the
+    fork server (its imports are torch's), its ranks fresh ``python -u run.py`` processes."""
+    return run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                      os.path.join(REPO, "run.py"), *args, cwd=REPO, env=env, timeout=timeout)
 
 
 def max_difference(a, b):
