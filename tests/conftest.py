@@ -75,6 +75,23 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
                           env=full_env)
 
 
+def served_ranks():
+    """torchrun's arguments before the script for ranks the fork server runs:
+    ``--no-python python -S forkclient.py -u`` (tests/forkclient.py), or none where the
+    server is off (OCTCONV_EXP_TEST_FORKSERVER=0)."""
+    if os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0":
+        return []
+    return ["--no-python", sys.executable, "-S", os.path.join(REPO, "tests", "forkclient.py"),
+            "-u"]
+
+
+def served_ranks_env():
+    """The environment variable forkclient.py reads (the server started), or none."""
+    if os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0":
+        return {}
+    return FORK_SERVER.client_env()
+
+
 class ServedProcess:
     """What :func:`popen_python` returns for a program the fork server runs: the parts of
     ``subprocess.Popen`` (text mode, stdout and stderr piped) the tests use. The child leads

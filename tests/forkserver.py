@@ -24,11 +24,13 @@ The protocol is JSON lines over the server's stdin/stdout: a request; the child'
 once; its exit status when it ends. Several children may run at once (:meth:`ForkServer.spawn`,
 ``conftest.popen_python``: a test's two sweeps started together, a sweep a test signals).
 """
+import array
 import json
 import os
 import queue
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -61,6 +63,11 @@ RUN_TIME_PREFIXES = ("OCTCONV_EXP_", "POPTORCH_", "POPDIST_", "OMPI_", "SLURM_",
                      "MLFLOW_", "_MLFLOW_", "HYDRA_", "TORCHELASTIC_", "MASTER_", "PYTEST_")
 RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "PYTHONPATH", "COLUMNS", "LINES",
+                 # The rest of what torchrun's agent sets for a rank (torch/distributed/elastic/
+                 # agent/server/local_elastic_agent.py, worker_env, torch 2.0-2.14); the NCCL
+                 # ones are read when a NCCL process group starts.
+                 "ROLE_NAME", "GROUP_WORLD_SIZE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                 "NCCL_ASYNC_ERROR_HANDLING",
                  # Set by code the tests run in-process (PopTorch's import sets the first, a
                  # deterministic run the second); read when RDMA / cuBLAS start, not at import.
                  "RDMAV_FORK_SAFE", "CUBLAS_WORKSPACE_CONFIG",
@@ -85,6 +92,21 @@ def _project_in(first, env):
     return None
 
 
+def env_refusal(env, base, modules):
+    """Why a program with environment ``env`` must not be served by a server started with
+    ``base`` that has ``modules`` imported (None: it may)."""
+    for key in sorted(set(env) | set(base)):
+        if env.get(key) != base.get(key) and not (
+                key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)):
+            return f"{key} differs from the server's environment"
+    for entry in env.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and os.path.isdir(entry):
+            names = {n[:-3] if n.endswith(".py") else n for n in os.listdir(entry)}
+            if names & (set(modules) | {"sitecustomize", "usercustomize"}):
+                return f"PYTHONPATH entry {entry} shadows an imported module"
+    return None
+
+
 def _exit_code(status):
     """subprocess's returncode for a waitpid status (os.waitstatus_to_exitcode is 3.9+)."""
     if os.WIFSIGNALED(status):
@@ -94,21 +116,29 @@ def _exit_code(status):
 
 # ---------------------------------------------------------------------------- the server side
 
-def _child(request, base_path):
+def _child(request, base_path, stdio=None):
     """In the forked child: become ``python ARGV`` (a script or ``-m MODULE``) and never
-    return."""
+    return. ``stdio``: the standard streams a client passed (else /dev/null and the request's
+    files); ``request["unbuffered"]``: as ``python -u``."""
+    import io
     import random
     import runpy
 
     os.setpgid(0, 0)  # its own process group: a run that signals its group reaches only itself
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    stdin = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    for fd, target in ((stdin, 0), (out, 1), (err, 2)):
+    if stdio is None:
+        stdio = (os.open(os.devnull, os.O_RDONLY),
+                 os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                 os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    for target, fd in enumerate(stdio):
         os.dup2(fd, target)
         os.close(fd)
+    if request.get("unbuffered"):  # python -u: unbuffered binary layer, write-through text
+        sys.stdout, sys.stderr = (
+            io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=stream.encoding,
+                             errors=stream.errors, write_through=True)
+            for fd, stream in ((1, sys.stdout), (2, sys.stderr)))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -173,9 +203,12 @@ def _child(request, base_path):
     os._exit(code & 0xFF)
 
 
-def serve():
-    """The server's loop: import, say which top-level modules are loaded, fork per request."""
+def serve(socket_path=None):
+    """The server's loop: import, say which top-level modules are loaded, fork per request
+    (the tests' requests on stdin; with ``socket_path``, also clients' on that Unix socket)."""
     import importlib
+
+    base_env = dict(os.environ)  # before any import sets a variable of its own
 
     for name in PREIMPORT:
         importlib.import_module(name)
@@ -197,25 +230,93 @@ def serve():
     os.dup2(devnull, 1)  # nothing else may write into the channel
     top = sorted({name.split(".")[0] for name in sys.modules})
     project = os.path.realpath(os.path.dirname(sys.modules[PROJECT].__file__))
+    listener = None
+    if socket_path:  # programs that other programs start (torchrun's ranks): forkclient.py
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(socket_path)
+        listener.listen(16)
 
     def say(message):
         channel_out.write(json.dumps(message) + "\n")
         channel_out.flush()
 
+    def fork(request, stdio=None):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            channel_out.close()
+            os.close(fd_in)
+            for sock in ([listener] if listener else []) + list(clients):
+                sock.close()
+            try:
+                _child(request, base_path, stdio)
+            finally:
+                os._exit(70)
+        return pid
+
     say({"ready": True, "modules": top, "project": project})
     # Several children may run at once (a test's two sweeps started together): each request
-    # is answered with the child's pid at once, and each child's end when it ends.
-    running, pending = set(), b""
+    # is answered with the child's pid at once, and each child's end when it ends. A
+    # client's child is answered on the client's connection; a client that goes away (killed)
+    # takes its child with it, as a killed process takes nothing else.
+    running, pending = {}, b""  # pid -> None (the tests' request) or the client's socket
+    clients = {}  # socket -> {"data": bytes, "stdio": fds, "pid": pid or None}
     while True:
-        ready, _, _ = select.select([fd_in], [], [], 0.05 if running else None)
+        watched = [fd_in] + ([listener] if listener else []) + list(clients)
+        ready, _, _ = select.select(watched, [], [], 0.05 if running else None)
         for pid in list(running):
             done, status, usage = os.wait4(pid, os.WNOHANG)
             if done:
-                running.discard(pid)
                 # cpu: the child's user + system seconds, its reaped children's included.
-                say({"exited": pid, "returncode": _exit_code(status),
-                     "cpu": usage.ru_utime + usage.ru_stime})
-        if not ready:
+                ended = {"exited": pid, "returncode": _exit_code(status),
+                         "cpu": usage.ru_utime + usage.ru_stime}
+                client = running.pop(pid)
+                if client is None:
+                    say(ended)
+                    continue
+                say({"cpu": ended["cpu"]})  # a client's: counted for the test that runs it
+                if client is not _GONE:
+                    _send(client, ended)
+                    clients.pop(client, None)
+                    client.close()
+        if listener is not None and listener in ready:
+            client, _ = listener.accept()
+            clients[client] = {"data": b"", "stdio": [], "pid": None}
+        for client in [c for c in ready if c in clients]:
+            state = clients[client]
+            data, ancillary, _, _ = client.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+            for level, kind, fds in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    state["stdio"] += array.array("i", fds[:len(fds) - len(fds) % 4]).tolist()
+            if not data:  # the client is gone: so is its program
+                if state["pid"] is not None:
+                    try:
+                        os.kill(state["pid"], signal.SIGKILL)
+                    except OSError:
+                        pass
+                    running[state["pid"]] = _GONE  # reaped, its end said to no one
+                for fd in state["stdio"]:
+                    os.close(fd)
+                clients.pop(client)
+                client.close()
+                continue
+            state["data"] += data
+            if state["pid"] is not None or b"\n" not in state["data"]:
+                continue
+            request = json.loads(state["data"].partition(b"\n")[0])
+            request["project"] = project
+            refusal = _client_refusal(request, len(state["stdio"]), base_env, top, project)
+            if refusal is None:
+                state["pid"] = pid = fork(request, state["stdio"])
+                running[pid] = client
+                _send(client, {"forked": pid})
+            else:
+                _send(client, {"refused": refusal})
+            for fd in state["stdio"]:
+                os.close(fd)
+            state["stdio"] = []
+        if fd_in not in ready:
             continue
         chunk = os.read(fd_in, 65536)
         if not chunk:
@@ -223,24 +324,37 @@ def serve():
         pending += chunk
         while b"\n" in pending:
             line, _, pending = pending.partition(b"\n")
-            request = json.loads(line)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                channel_out.close()
-                os.close(fd_in)
-                try:
-                    _child(request, base_path)
-                finally:
-                    os._exit(70)
-            running.add(pid)
+            pid = fork(json.loads(line))
+            running[pid] = None
             say({"forked": pid})
     for pid in running:  # the tests are over: what is left ends with the server
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _client_refusal(request, streams, base_env, modules, project):
+    """Why a client's program must start fresh (None: the server may run it)."""
+    if streams != 3:
+        return "no standard streams passed"
+    argv, cwd = request["argv"], request["cwd"]
+    first = cwd if argv[0] == "-m" else os.path.dirname(os.path.join(cwd, argv[0]))
+    found = _project_in(os.path.abspath(first), request["env"])
+    if found is not None and found != project:
+        return f"{PROJECT} there is {found}, not the server's {project}"
+    return env_refusal(request["env"], base_env, modules)
+
+
+#: The client of a running child that went away: its end is told to no one.
+_GONE = object()
+
+
+def _send(client, message):
+    try:
+        client.sendall((json.dumps(message) + "\n").encode())
+    except OSError:  # the client is gone
+        pass
 
 
 # ---------------------------------------------------------------------------- the test side
@@ -258,12 +372,18 @@ class ForkServer:
         self._ended = threading.Condition()
         self._exits = {}  # pid -> returncode, from the reader thread
         self._forked = None
+        self.socket_path = None
         #: CPU seconds (user + system) of every child that has ended, for the tests'
         #: per-test CPU log (conftest.py, OCTCONV_EXP_TEST_CPU_LOG).
         self.served_cpu = 0.0
 
     def _start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
+        import tempfile
+
+        # Where forkclient.py asks for a program (torchrun's ranks): a fresh folder each start.
+        self.socket_path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                      self.socket_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
         self._forked = queue.Queue()
@@ -291,6 +411,9 @@ class ForkServer:
                 with self._ended:  # an earlier child's end under the same (reused) pid
                     self._exits.pop(message["forked"], None)
                 forked.put(message["forked"])
+            elif "exited" not in message:  # a client's child ended
+                with self._ended:
+                    self.served_cpu += message["cpu"]
             else:
                 with self._ended:
                     self._exits[message["exited"]] = message["returncode"]
@@ -318,19 +441,16 @@ class ForkServer:
             found = _project_in(first, env)
             if found is not None and found != self.project:  # not found: the child forgets it
                 return f"{PROJECT} there is {found}, not the server's {self.project}"
-        for key in sorted(set(env) | set(self.env)):
-            if env.get(key) != self.env.get(key) and not (
-                    key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)):
-                return f"{key} differs from the server's environment"
-        for entry in env.get("PYTHONPATH", "").split(os.pathsep):
-            if entry and os.path.isdir(entry) and self._shadows(entry):
-                return f"PYTHONPATH entry {entry} shadows an imported module"
-        return None
+        return env_refusal(env, self.env, self.modules or
+                           set(name.split(".")[0] for name in PREIMPORT))
 
-    def _shadows(self, folder):
-        names = {n[:-3] if n.endswith(".py") else n for n in os.listdir(folder)}
-        modules = self.modules or set(name.split(".")[0] for name in PREIMPORT)
-        return bool(names & (modules | {"sitecustomize", "usercustomize"}))
+    def client_env(self):
+        """The environment variable that tells ``forkclient.py`` where this server listens
+        (the server started if it is not running)."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            return {"OCTCONV_EXP_TEST_FORKSERVER_SOCKET": self.socket_path}
 
     def spawn(self, argv, cwd, env, out_path, err_path):
         """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
@@ -384,4 +504,4 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import (REPO, SYNTHETIC_128_CHANNELS_FIRST, compose_config,
-                      only_error_line, read_metrics, read_state_dict, run_cli, run_python)
+                      only_error_line, read_metrics, read_state_dict, run_cli, run_python,
+                      served_ranks, served_ranks_env)
 from octconv_exp.backends import distributed
 from octconv_exp.data.datasets import BatchLoader, make_synthetic
 from octconv_exp.errors import UserError
@@ -16,10 +17,14 @@ from octconv_exp.sweeps.gpus import GpuClaim
 
 
 def torchrun(*args, ranks=2, env=None, timeout=300):
-    """``torchrun --standalone --nproc_per_node=ranks run.py args``: the agent served by the
-    fork server (its imports are torch's), its ranks fresh ``python -u run.py`` processes."""
+    """``torchrun --standalone --nproc_per_node=ranks run.py args``. The agent is served by
+    the fork server (its imports are torch's), and so is each rank: torchrun starts
+    ``python -S forkclient.py -u run.py args`` (``--no-python``) where it would start
+    ``python -u run.py args``, and the client hands the rank to the server (or becomes it,
+    where the server may not run it)."""
     return run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                      os.path.join(REPO, "run.py"), *args, cwd=REPO, env=env, timeout=timeout)
+                      *served_ranks(), os.path.join(REPO, "run.py"), *args, cwd=REPO,
+                      env=dict(env or {}, **served_ranks_env()), timeout=timeout)
 
 
 def max_difference(a, b):

@@ -210,3 +210,77 @@ def test_served_programs_run_at_the_same_time_and_take_signals(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM and '"argv"' in out and err == "to stderr\n"
     assert FORK_SERVER.proc.poll() is None
+
+
+def test_a_program_another_program_starts_is_served_through_the_client(tmp_path):
+    """forkclient.py (torchrun's ranks): the program gets the client's streams, cwd, argv and
+    environment, and ``-u``; the client ends as the program ends (exit status, or the signal
+    that killed it); a signal to the client reaches the program; a killed client takes the
+    program with it; a refused environment runs the program fresh in the client's place."""
+    import json
+
+    from conftest import served_ranks, served_ranks_env
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent("""
+        import os, signal, sys
+        print('served' if 'torch' in sys.modules else 'fresh')
+        print(sys.stdout.write_through, os.getpid())
+
+        def told(signum, frame):
+            print("told", signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, told)
+    """) + PROBE)
+    client = served_ranks()[1:]  # python -S forkclient.py -u
+    env = served_env(dict(served_ranks_env(), OCTCONV_EXP_PROBE="rank 1"))
+
+    def start(how, env=env):
+        return subprocess.Popen([*client, str(probe), how], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    for how, code in (("exit3", 3), ("raise", 1), ("sigterm", -signal.SIGTERM)):  # its own
+        proc = start(how)
+        out, err = proc.communicate(timeout=60)
+        lines = out.splitlines()
+        assert proc.returncode == code and lines[0] == "served", (out, err)
+        assert lines[1].split()[0] == "True"  # python -u
+        seen = json.loads(lines[2])
+        assert seen["argv"] == [str(probe), how] and seen["probe"] == "rank 1"
+        assert seen["cwd"] == str(tmp_path) and seen["main"] == "__main__"
+        assert err.startswith("to stderr\n")
+    # A signal to the client is the program's; a killed client kills the program.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = start("sleep")
+        assert proc.stdout.readline() == "served\n"
+        program = int(proc.stdout.readline().split()[1])
+        assert program != proc.pid and json.loads(proc.stdout.readline())["argv"][1] == "sleep"
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == -sig
+        assert rest == ("told 15\n" if sig == signal.SIGTERM else "")
+        deadline = time.time() + 10
+        while program in children_of_server():  # the server reaps it once it ends
+            assert time.time() < deadline, "the program outlived its client"
+            time.sleep(0.05)
+    # What the server may not run (an environment it was not started with): run fresh.
+    proc = start("exit3", env=dict(env, OCTCONV_EXP_PROBE_NOT_RUN_TIME="1", LD_BIND_NOW="1"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and out.splitlines()[0] == "fresh"
+    assert out.splitlines()[1] == f"True {proc.pid}"  # python -u, in the client's place
+
+
+def children_of_server():
+    """The pids of the fork server's children."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == FORK_SERVER.proc.pid:
+            found.append(int(entry))
+    return found
