@@ -23,6 +23,10 @@ subprocess): docs/development.md.
 The protocol is JSON lines over the server's stdin/stdout: a request; the child's pid, at
 once; its exit status when it ends. Several children may run at once (:meth:`ForkServer.spawn`,
 ``conftest.popen_python``: a test's two sweeps started together, a sweep a test signals).
+Programs that another program starts (torchrun's ranks) ask through ``forkclient.py`` on a
+Unix socket (:meth:`ForkServer.client_env`): the same JSON request with the client's standard
+streams passed along (SCM_RIGHTS), answered on that connection; a client whose connection
+closes (killed) takes its child with it.
 """
 import array
 import json
