@@ -74,6 +74,25 @@ def test_a_signal_during_training_still_lets_training_finish_its_step():
         stop.set_phase("finishing", "while writing the finished run's outputs")
 
 
+def test_a_rank_that_stops_for_another_ranks_signal_takes_its_own_first_signal_as_a_first():
+    """Data-parallel: rank 1 got SIGTERM, rank 0 stops with it (adopted at the agreed step).
+    When rank 1 exits, torchrun sends rank 0 SIGTERM: rank 0's first signal of its own, which
+    must let it finish writing the checkpoint, not stop it at once as a second signal (what
+    the 2-rank signal test saw once ranks exited faster)."""
+    with StopRequest() as stop:
+        stop.set_phase("polled", "during training")
+        stop.adopt(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's
+        for _ in range(1000):
+            pass
+        assert stop() and stop.raised is None and stop.signal == signal.SIGTERM
+        with pytest.raises(StopNow) as stopped:  # a second one of its own still stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        assert stopped.value.phase == "(a second signal) during training"
+
+
 @pytest.mark.slow
 def test_sigint_at_any_moment_of_start_up_never_ends_in_a_trained_run(tmp_path):
     """Issue 25 #8: SIGINT 0.5-0.65 s after start trained to completion and exited 0 (or

@@ -726,7 +726,7 @@ class RunLifecycle:
             return self.stop()
         signum = distributed.max_over_ranks(self.stop.signal or 0)
         if signum and self.stop.signal is None:
-            self.stop.signal = signum  # another rank's signal: this one stops as it does
+            self.stop.adopt(signum)  # another rank's signal: this one stops as it does
         return bool(signum)
 
     def train_one_epoch(self, epoch, progress):
@@ -952,6 +952,10 @@ class RunLifecycle:
                     "again")
         run.error = f"interrupted by {name} at epoch {epoch}, step {steps}; {then}"
         run.write_metrics()
+        # Data-parallel: no rank ends before rank 0 has written the checkpoint and this
+        # record. A launcher stops the rest of the group when one rank exits (torchrun: SIGTERM,
+        # then SIGKILL after its grace period), which would land in rank 0's writing.
+        distributed.max_over_ranks(0)
         return RunInterrupted(run.error, 128 + (stop.signal or signal.SIGINT))
 
     def stopped_now(self, exc: StopNow):

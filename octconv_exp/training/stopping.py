@@ -146,6 +146,13 @@ class StopRequest:
                 self.signal, self._from_marker = signum, True
         return self.signal is not None
 
+    def adopt(self, signum):
+        """Stop as another rank was asked to (data-parallel: every rank stops at the step any
+        of them was asked to). This process's own first signal is still a first one: the
+        launcher's SIGTERM once that rank has exited (torchrun stops the rest of the group)
+        must not stop this one at once while it writes the checkpoint."""
+        self.signal, self._from_marker = signum, True
+
     def set_phase(self, mode, phase):
         if self.raised is not None and mode in ("polled", "finishing"):
             # The stop was swallowed on the way: never train, nor report a finished run, after it.
