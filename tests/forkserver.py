@@ -96,6 +96,17 @@ def _project_in(first, env):
     return None
 
 
+def project_refusal(argv, cwd, env, project):
+    """Why ``python ARGV`` run in ``cwd`` must not be served by a server whose copy of the
+    package is ``project``: the program would import another copy (None: it would not; one
+    that finds none has the server's copy taken out of ``sys.modules``)."""
+    first = cwd if argv[0] == "-m" else os.path.dirname(os.path.abspath(os.path.join(cwd, argv[0])))
+    found = _project_in(first, env)
+    if found is not None and found != project:
+        return f"{PROJECT} there is {found}, not the server's {project}"
+    return None
+
+
 def env_refusal(env, base, modules):
     """Why a program with environment ``env`` must not be served by a server started with
     ``base`` that has ``modules`` imported (None: it may)."""
@@ -342,12 +353,8 @@ def _client_refusal(request, streams, base_env, modules, project):
     """Why a client's program must start fresh (None: the server may run it)."""
     if streams != 3:
         return "no standard streams passed"
-    argv, cwd = request["argv"], request["cwd"]
-    first = cwd if argv[0] == "-m" else os.path.dirname(os.path.join(cwd, argv[0]))
-    found = _project_in(os.path.abspath(first), request["env"])
-    if found is not None and found != project:
-        return f"{PROJECT} there is {found}, not the server's {project}"
-    return env_refusal(request["env"], base_env, modules)
+    return (project_refusal(request["argv"], request["cwd"], request["env"], project)
+            or env_refusal(request["env"], base_env, modules))
 
 
 #: The client of a running child that went away: its end is told to no one.
@@ -384,8 +391,10 @@ class ForkServer:
     def _start(self):
         import tempfile
 
-        # Where forkclient.py asks for a program (torchrun's ranks): a fresh folder each start.
-        self.socket_path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")
+        # Where forkclient.py asks for a program (torchrun's ranks): a fresh folder each start
+        # (removed by close).
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="forkserver-")
+        self.socket_path = os.path.join(self._socket_dir.name, "socket")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
                                       self.socket_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
@@ -440,28 +449,29 @@ class ForkServer:
         if os.environ.get("OCTCONV_EXP_TEST_FORKSERVER", "1") == "0":
             return "OCTCONV_EXP_TEST_FORKSERVER=0"
         if argv is not None:
-            first = (cwd or os.getcwd()) if argv[0] == "-m" else os.path.dirname(
-                os.path.abspath(os.path.join(cwd or os.getcwd(), argv[0])))
-            found = _project_in(first, env)
-            if found is not None and found != self.project:  # not found: the child forgets it
-                return f"{PROJECT} there is {found}, not the server's {self.project}"
+            refusal = project_refusal(argv, cwd or os.getcwd(), env, self.project)
+            if refusal:
+                return refusal
         return env_refusal(env, self.env, self.modules or
                            set(name.split(".")[0] for name in PREIMPORT))
+
+    def _running(self):
+        """Start the server if it is not running (the caller holds ``self.lock``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
 
     def client_env(self):
         """The environment variable that tells ``forkclient.py`` where this server listens
         (the server started if it is not running)."""
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
+            self._running()
             return {"OCTCONV_EXP_TEST_FORKSERVER_SOCKET": self.socket_path}
 
     def spawn(self, argv, cwd, env, out_path, err_path):
         """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
         child writing to those files; its pid (the leader of its own process group)."""
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
+            self._running()
             request = {"argv": list(argv), "cwd": cwd, "env": env, "stdout": out_path,
                        "stderr": err_path, "project": self.project}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -505,6 +515,8 @@ class ForkServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.proc is not None:
+            self._socket_dir.cleanup()
 
 
 if __name__ == "__main__":
