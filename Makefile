@@ -18,10 +18,20 @@ MAKEFLAGS += -j2
 # The venv is (re)built when requirements.txt changes. PIP_INSTALL_FLAGS: more pip install
 # options (.ci/run's throwaway venvs: --no-compile).
 PIP_INSTALL_FLAGS ?=
+# UV: a uv executable (https://docs.astral.sh/uv/) to install with in pip's place: the same
+# requirements and constraints resolved to the same packages, unzipped once into uv's cache
+# and linked from there (.ci/run uses it: docs/development.md). uv reads no pip configuration
+# file: pip's constraints go in UV_CONSTRAINT. Like pip with --no-compile, it compiles nothing.
+UV ?=
+# $(call install,PYTHON,ARGS): pip install ARGS into PYTHON's venv, by pip or by $(UV).
+ifeq ($(strip $(UV)),)
+install = $(1) -m pip install --quiet --upgrade pip && $(1) -m pip install --quiet $(PIP_INSTALL_FLAGS) $(2)
+else
+install = $(UV) pip install --quiet --python $(1) $(2)
+endif
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_INSTALL_FLAGS) -r requirements.txt
+	$(call install,$(PY),-r requirements.txt)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -29,8 +39,7 @@ venv: $(VENV)/.installed
 $(SDK_VENV)/.installed: requirements.txt $(SDK_CONSTRAINTS)
 	@test -n "$(SDK_PYTHON)" || { echo "make test-sdk needs Python 3.8 or 3.10 (what Poplar SDK 3.3/3.4 run on): set SDK_PYTHON=/path/to/python3.8" >&2; exit 2; }
 	test -x $(SDK_PY) || $(SDK_PYTHON) -m venv $(SDK_VENV)
-	$(SDK_PY) -m pip install --quiet --upgrade pip
-	$(SDK_PY) -m pip install --quiet $(PIP_INSTALL_FLAGS) -r requirements.txt -c $(SDK_CONSTRAINTS)
+	$(call install,$(SDK_PY),-r requirements.txt -c $(SDK_CONSTRAINTS))
 	touch $@
 
 venv-sdk: $(SDK_VENV)/.installed
