@@ -38,6 +38,25 @@ def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False):
                       fresh=fresh)
 
 
+#: The sweep report's figures in the sweeps the tests start, unless a test names
+#: ``report.format`` itself: PNG only. Its PDFs cost 2 of the report's 3.3 CPU-s for a
+#: 3-job sweep here (matplotlib subsets the font into each with fontTools), and the PDF
+#: writer has tests of its own (test_report_paper, test_compare).
+SWEEP_FIGURES = "report.format=[png]"
+
+
+def with_sweep_figures(argv):
+    """``argv`` (``python ARGV``) with :data:`SWEEP_FIGURES` added where it is a sweep of
+    run.py (``-m``/``--multirun``) that names no ``report.format``: the same program, with an
+    override a user could type."""
+    argv = list(argv)
+    if (argv and os.path.basename(argv[0]) == "run.py"
+            and ("-m" in argv[1:] or "--multirun" in argv[1:])
+            and not any(a.lstrip("+").startswith("report.format=") for a in argv)):
+        argv.append(SWEEP_FIGURES)
+    return argv
+
+
 def command_env(env=None):
     """The environment a command the tests start gets: this process's, HYDRA_FULL_ERROR unset
     (run.py's one-line errors, not Hydra's traceback), updated with ``env``."""
@@ -64,6 +83,7 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
     own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
     server where that is the same program (forkserver.ForkServer.usable), else a plain
     subprocess."""
+    argv = with_sweep_figures(argv)
     cmd, cwd, full_env, refusal = _command(argv, cwd, env, fresh)
     if refusal is None:
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
@@ -141,6 +161,7 @@ def popen_python(*argv, cwd=None, env=None, start_new_session=False):
     is the same program (a :class:`ServedProcess`; in a process group of its own, which only a
     test that signals a group tells apart, and such a test asks ``start_new_session``), else
     a real subprocess. HYDRA_FULL_ERROR unset, as :func:`run_python`."""
+    argv = with_sweep_figures(argv)
     cmd, cwd, full_env, refusal = _command(argv, cwd, env)
     if refusal is None:
         return ServedProcess(cmd, argv, cwd, full_env)
@@ -454,7 +475,9 @@ SYNTHETIC_2000 = ["dataset=synthetic", "dataset.train_size=2000",
                              "dataset.test_size=500", "trainer.epochs=2",
                              "trainer.batch_size=16", "trainer.progress_bar=false"]
 #: A joblib sweep of the 3 conv modes, 2 jobs at a time, one epoch of 400 training images (50
-#: steps) each; :func:`start_joblib_sweep` holds its first jobs inside the epoch.
+#: steps) each, its figures PNG only (:data:`SWEEP_FIGURES`, named: its resume line shows
+#: it); :func:`start_joblib_sweep` holds its first jobs inside the epoch.
 JOBLIB_SWEEP = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                 "conv=vanilla,octave,multi-octave", "dataset=synthetic", "dataset.train_size=400",
-                "dataset.test_size=100", "trainer.epochs=1", "trainer.progress_bar=false"]
+                "dataset.test_size=100", "trainer.epochs=1", "trainer.progress_bar=false",
+                SWEEP_FIGURES]
