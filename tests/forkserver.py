@@ -218,36 +218,6 @@ def _child(request, base_path, stdio=None):
     os._exit(code & 0xFF)
 
 
-def warm_matplotlib():
-    """Draw what every run draws first, once, before any fork: a confusion matrix saved as
-    PNG (the run's own code). A fresh process pays matplotlib's first figure once (its fonts
-    opened and cached, about 0.2 s of a served run's 1.3 CPU-s here); its children start
-    with those caches, as a process drawing its second figure does. Nothing is written."""
-    import io
-
-    import torch
-
-    from octconv_exp.training.evaluation import ConfusionMatrix
-
-    matrix = ConfusionMatrix(["a", "b"])
-    matrix.update(torch.eye(2), torch.tensor([0, 1]))
-    matrix.figure().savefig(io.BytesIO(), format="png", dpi=100)
-
-
-def warm_hydra():
-    """Compose the config once, as every run's pre-check does first, before any fork: the
-    override grammar's parser caches (ANTLR's DFA) filled and the composition's code run
-    once, so a served run's pre-check takes ~0.4 s instead of ~0.5 (6 forks each, here).
-    Hydra's global state is cleared after; nothing is resolved or written."""
-    from hydra import compose
-
-    from octconv_exp.config.presets import hydra_like_run
-
-    with hydra_like_run():  # nothing resolved: ${octconv_exp.now:} and the like stay unread
-        compose(config_name="config", overrides=["dataset=synthetic", "conv=octave"],
-                return_hydra_config=True)
-
-
 def serve(socket_path=None):
     """The server's loop: import, say which top-level modules are loaded, fork per request
     (the tests' requests on stdin; with ``socket_path``, also clients' on that Unix socket)."""
@@ -266,8 +236,6 @@ def serve(socket_path=None):
     from hydra.core.plugins import Plugins
 
     Plugins.instance()  # Hydra's scan of hydra_plugins, ours included (as every run does)
-    warm_hydra()
-    warm_matplotlib()
     sys.path[:] = saved_path
     if threading.active_count() != 1:  # a fork copies no thread, but every lock they held
         raise RuntimeError("an import started a thread: "
