@@ -40,8 +40,8 @@ def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False):
 
 #: The sweep report's figures in the sweeps the tests start, unless a test names
 #: ``report.format`` itself: PNG only. Its PDFs cost 2 of the report's 3.3 CPU-s for a
-#: 3-job sweep here (matplotlib subsets the font into each with fontTools), and the PDF
-#: writer has tests of its own (test_report_paper, test_compare).
+#: 3-job sweep here (matplotlib subsets the font into each with fontTools), and the report's
+#: PDFs have tests of their own (test_report_paper; compare.pdf: test_compare).
 SWEEP_FIGURES = "report.format=[png]"
 
 
@@ -306,14 +306,15 @@ def only_error_line(stderr):
     return lines[0]
 
 
-def start_joblib_sweep(sweep_dir, timeout, training=("conv=vanilla", "conv=octave")):
-    """:data:`JOBLIB_SWEEP` (2 jobs at a time, in a session of its own) once the jobs named in
-    ``training`` are held inside their epoch, after their second step (the OCTCONV_EXP_PAUSE_AT
-    test hook: each worker's first job): the process, for a test to signal. A stop request
-    ends the hold; :func:`release_joblib_sweep` lets the jobs go on."""
+def start_joblib_sweep(sweep_dir, timeout, training=("conv=vanilla", "conv=octave"),
+                       sweep=None):
+    """``run.py SWEEP`` (by default :data:`JOBLIB_SWEEP`, 2 jobs at a time), in a session of
+    its own, once the jobs named in ``training`` are held inside their epoch, after their second
+    step (the OCTCONV_EXP_PAUSE_AT test hook: each worker's first job): the process, for a test
+    to signal. A stop request ends the hold; :func:`release_joblib_sweep` lets the jobs go on."""
     import time
 
-    proc = popen_python(os.path.join(REPO, "run.py"), *JOBLIB_SWEEP,
+    proc = popen_python(os.path.join(REPO, "run.py"), *(sweep or JOBLIB_SWEEP),
                         f"hydra.sweep.dir={sweep_dir}", cwd=REPO,
                         env={"OCTCONV_EXP_PAUSE_AT": "step:2",
                              "OCTCONV_EXP_PAUSE_UNTIL": f"{sweep_dir}.release"},

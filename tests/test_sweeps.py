@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from conftest import (REPO, SYNTHETIC_400_ONE_EPOCH, popen_python, read_csv, read_metrics, run_cli,
-                      run_python)
+from conftest import (REPO, SYNTHETIC_400_ONE_EPOCH, popen_python, read_csv, read_metrics,
+                      release_joblib_sweep, run_cli, run_python, start_joblib_sweep)
 from octconv_exp.reports import report
 from octconv_exp.config.resolvers import config_name
 from octconv_exp.sweeps.sweep import dedupe_vanilla
@@ -186,21 +186,11 @@ def test_two_sweeps_started_together_never_share_a_directory(tmp_path):
 def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
     """Two jobs in two loky workers, each held after its second step until both are (the
     OCTCONV_EXP_PAUSE_AT hook): they ran at the same time however fast either trains."""
-    import time
-
     sweep_dir = tmp_path / "s"
-    proc = popen_python(os.path.join(REPO, "run.py"), "-m", "hydra/launcher=joblib",
-                        "hydra.launcher.n_jobs=2", "conv=vanilla,octave",
-                        *SYNTHETIC_400_ONE_EPOCH, f"hydra.sweep.dir={sweep_dir}", cwd=REPO,
-                        env={"OCTCONV_EXP_PAUSE_AT": "step:2",
-                             "OCTCONV_EXP_PAUSE_UNTIL": f"{sweep_dir}.release"})
-    logs = [sweep_dir / f"conv={conv}" / "seed=0" / "run.log" for conv in ("vanilla", "octave")]
-    deadline = time.time() + 300
-    while not all(p.exists() and "Paused after step 2" in p.read_text() for p in logs):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    with open(f"{sweep_dir}.release", "w"):
-        pass
+    proc = start_joblib_sweep(sweep_dir, timeout=300, sweep=[
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "conv=vanilla,octave",
+        *SYNTHETIC_400_ONE_EPOCH])
+    release_joblib_sweep(sweep_dir)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     runs = [read_metrics(os.path.dirname(p)) for p in _metrics_files(sweep_dir)]
