@@ -43,17 +43,30 @@ def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False):
 #: 3-job sweep here (matplotlib subsets the font into each with fontTools), and the report's
 #: PDFs have tests of their own (test_report_paper; compare.pdf: test_compare).
 SWEEP_FIGURES = "report.format=[png]"
+#: Each run's confusion-matrix figure in the runs the tests start, unless a test names
+#: ``report.confusion_format`` itself: none. Drawing it is about a third of a small run's CPU
+#: here (0.3-0.4 s), and the figure has tests of its own (test_evaluation).
+CONFUSION_FIGURES = "report.confusion_format=[]"
+#: Hydra's flags that print and run no job: nothing is added to such a command line.
+_PRINT_ONLY_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
+                     "--shell-completion", "-sc")
 
 
-def with_sweep_figures(argv):
-    """``argv`` (``python ARGV``) with :data:`SWEEP_FIGURES` added where it is a sweep of
-    run.py (``-m``/``--multirun``) that names no ``report.format``: the same program, with an
-    override a user could type."""
+def with_test_figures(argv):
+    """``argv`` (``python ARGV``) where it runs run.py (directly or through torchrun), with
+    :data:`CONFUSION_FIGURES` added unless it names ``report.confusion_format``, and, a sweep
+    (``-m``/``--multirun``), with :data:`SWEEP_FIGURES` added unless it names
+    ``report.format``: the same program, with overrides a user could type."""
     argv = list(argv)
-    if (argv and os.path.basename(argv[0]) == "run.py"
-            and ("-m" in argv[1:] or "--multirun" in argv[1:])
-            and not any(a.lstrip("+").startswith("report.format=") for a in argv)):
+    script = next((i for i, a in enumerate(argv) if os.path.basename(a) == "run.py"), None)
+    if script is None or any(a in _PRINT_ONLY_FLAGS for a in argv[script + 1:]):
+        return argv
+    named = [a.lstrip("+~").split("=")[0] for a in argv[script + 1:]]
+    if ("-m" in argv[script + 1:] or "--multirun" in argv[script + 1:]) \
+            and "report.format" not in named:
         argv.append(SWEEP_FIGURES)
+    if "report.confusion_format" not in named:
+        argv.append(CONFUSION_FIGURES)
     return argv
 
 
@@ -83,7 +96,7 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
     own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
     server where that is the same program (forkserver.ForkServer.usable), else a plain
     subprocess."""
-    argv = with_sweep_figures(argv)
+    argv = with_test_figures(argv)
     cmd, cwd, full_env, refusal = _command(argv, cwd, env, fresh)
     if refusal is None:
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
@@ -161,7 +174,7 @@ def popen_python(*argv, cwd=None, env=None, start_new_session=False):
     is the same program (a :class:`ServedProcess`; in a process group of its own, which only a
     test that signals a group tells apart, and such a test asks ``start_new_session``), else
     a real subprocess. HYDRA_FULL_ERROR unset, as :func:`run_python`."""
-    argv = with_sweep_figures(argv)
+    argv = with_test_figures(argv)
     cmd, cwd, full_env, refusal = _command(argv, cwd, env)
     if refusal is None:
         return ServedProcess(cmd, argv, cwd, full_env)
@@ -476,9 +489,10 @@ SYNTHETIC_2000 = ["dataset=synthetic", "dataset.train_size=2000",
                              "dataset.test_size=500", "trainer.epochs=2",
                              "trainer.batch_size=16", "trainer.progress_bar=false"]
 #: A joblib sweep of the 3 conv modes, 2 jobs at a time, one epoch of 400 training images (50
-#: steps) each, its figures PNG only (:data:`SWEEP_FIGURES`, named: its resume line shows
-#: it); :func:`start_joblib_sweep` holds its first jobs inside the epoch.
+#: steps) each, its report's figures PNG only and no confusion-matrix figure
+#: (:data:`SWEEP_FIGURES`, :data:`CONFUSION_FIGURES`, named: its resume line shows them);
+#: :func:`start_joblib_sweep` holds its first jobs inside the epoch.
 JOBLIB_SWEEP = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                 "conv=vanilla,octave,multi-octave", "dataset=synthetic", "dataset.train_size=400",
                 "dataset.test_size=100", "trainer.epochs=1", "trainer.progress_bar=false",
-                SWEEP_FIGURES]
+                SWEEP_FIGURES, CONFUSION_FIGURES]

@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, run_cli, run_python
+from conftest import CONFUSION_FIGURES, REPO, run_cli, run_python
 from octconv_exp.records import provenance
 from octconv_exp.reports import compare
 
@@ -352,9 +352,10 @@ def test_two_real_runs_compare_in_one_command(tmp_path):
     state = repo_state()
     res = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'a'}")
     assert res.returncode == 0, res.stderr[-3000:]
+    # The same figure setting as a's (run_cli adds it): the config keys differ in lr alone.
     res = subprocess.run([sys.executable, str(copy / "run.py"), *TINY, "optimizer.lr=0.1",
-                          f"hydra.run.dir={tmp_path / 'b'}"], cwd=copy, capture_output=True,
-                         text=True, timeout=600)
+                          f"hydra.run.dir={tmp_path / 'b'}", CONFUSION_FIGURES], cwd=copy,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     records = {}
     for name in ("a", "b"):

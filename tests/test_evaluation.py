@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DOUBLE, compose_config, run_cli
+from conftest import DOUBLE, compose_config, only_error_line, read_metrics, run_cli
+from octconv_exp.config.schema import confusion_formats
+from octconv_exp.errors import ConfigError
 from octconv_exp.training.evaluation import (CONFUSION_CSV, CONFUSION_PNG, PER_CLASS_CSV, ConfusionMatrix,
                                     write_outputs)
 from octconv_exp.training.loop import count_correct, evaluate
@@ -170,6 +172,79 @@ def test_the_files_name_the_classes(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp file left
 
 
+def six_class_matrix():
+    gen = torch.Generator().manual_seed(3)
+    m = ConfusionMatrix(["air", "auto", "bird", "cat", "deer", "dog"])
+    m.update(torch.randn(40, 6, generator=gen), torch.randint(0, 6, (40,), generator=gen))
+    return m
+
+
+def test_the_figure_is_written_in_each_format_asked_for_and_vector_files_repeat(tmp_path):
+    m = six_class_matrix()
+    written = write_outputs(m, str(tmp_path), ("svg", "pdf"))
+    assert [os.path.basename(p) for p in written] == [
+        CONFUSION_CSV, PER_CLASS_CSV, "confusion_matrix.svg", "confusion_matrix.pdf"]
+    assert not (tmp_path / CONFUSION_PNG).exists()
+    svg = (tmp_path / "confusion_matrix.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and svg.rstrip().endswith("</svg>")
+    assert ">auto<" in svg.replace("\n", "")  # text kept as text (svg.fonttype none)
+    pdf = (tmp_path / "confusion_matrix.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    again = tmp_path / "again"
+    again.mkdir()
+    write_outputs(m, str(again), ("svg", "pdf"))
+    for name in ("confusion_matrix.svg", "confusion_matrix.pdf"):  # no dates, fixed ids
+        assert (again / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_no_figure_leaves_the_csvs_and_removes_an_earlier_passs_figure(tmp_path, caplog):
+    m = six_class_matrix()
+    write_outputs(m, str(tmp_path), ("png", "svg"))
+    assert (tmp_path / CONFUSION_PNG).exists() and (tmp_path / "confusion_matrix.svg").exists()
+    caplog.set_level("INFO", logger="octconv_exp")
+    written = write_outputs(m, str(tmp_path), ("svg",))
+    assert [os.path.basename(p) for p in written] == [CONFUSION_CSV, PER_CLASS_CSV,
+                                                      "confusion_matrix.svg"]
+    # The PNG of the earlier pass would show counts the CSV may no longer hold.
+    assert not (tmp_path / CONFUSION_PNG).exists()
+    assert "Removed confusion_matrix.png" in caplog.text
+    assert [os.path.basename(p) for p in write_outputs(m, str(tmp_path), ())] == [
+        CONFUSION_CSV, PER_CLASS_CSV]
+    assert sorted(os.listdir(tmp_path)) == [CONFUSION_CSV, PER_CLASS_CSV]
+
+
+@pytest.mark.parametrize("value, formats", [
+    (None, ("png",)),  # the shipped default, composed
+    ("[]", ()),
+    ("[svg,PNG,svg]", ("svg", "png")),
+    ("pdf", ("pdf",)),
+])
+def test_confusion_format_composes_to_the_formats(value, formats):
+    cfg = compose_config(*([] if value is None else [f"report.confusion_format={value}"]))
+    assert confusion_formats(cfg) == formats
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[jpg]", "report.confusion_format=jpg: is not a figure format; expected some of png, "
+              "pdf, svg, or [] for none"),
+    ("null", "report.confusion_format=None: expected some of png, pdf, svg, or [] for none"),
+    ("3", "report.confusion_format=3: expected some of png, pdf, svg, or [] for none"),
+])
+def test_a_wrong_confusion_format_is_one_config_error(value, message):
+    cfg = compose_config(f"report.confusion_format={value}")
+    with pytest.raises(ConfigError) as error:
+        confusion_formats(cfg)
+    assert str(error.value) == message
+
+
+def test_a_config_saved_before_confusion_format_existed_draws_a_png():
+    from omegaconf import OmegaConf
+
+    assert confusion_formats(OmegaConf.create({"report": {"format": ["png"], "dpi": 200}})) \
+        == ("png",)
+    assert confusion_formats(OmegaConf.create({})) == ("png",)
+
+
 # --------------------------------------------------------------------------------------------
 # End to end (run.py)
 TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=53",
@@ -206,7 +281,8 @@ def check_consistent(metrics, counts, per_class, names):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("evaluation") / "run")
-    result = run_cli(*TINY, f"hydra.run.dir={run_dir}")
+    # Named: the tests' runs draw no figure unless they ask (conftest.CONFUSION_FIGURES).
+    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "report.confusion_format=[png,svg]")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -236,12 +312,16 @@ def test_a_run_dir_holds_the_confusion_matrix_of_its_test_set(trained):
     assert metrics["test_loss"] == pytest.approx(F.cross_entropy(scores, truth).item(),
                                                  rel=1e-5)
     assert os.path.getsize(os.path.join(trained, CONFUSION_PNG)) > 1000
+    with open(os.path.join(trained, "confusion_matrix.svg")) as f:
+        assert f.read().rstrip().endswith("</svg>")
 
 
 @pytest.mark.slow
 def test_evaluating_the_saved_model_gives_the_same_matrix(trained, tmp_path):
     out = str(tmp_path / "evaluated")
-    result = run_cli("train=false", f"ckpt_path={trained}", f"hydra.run.dir={out}")
+    # The command's figure formats, not the checkpoint's config's.
+    result = run_cli("train=false", f"ckpt_path={trained}", f"hydra.run.dir={out}",
+                     "report.confusion_format=[pdf]")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics, names, counts, per_class = read_run(out)
     check_consistent(metrics, counts, per_class, names)
@@ -251,7 +331,33 @@ def test_evaluating_the_saved_model_gives_the_same_matrix(trained, tmp_path):
     assert metrics["test_per_class_accuracy"] == first["test_per_class_accuracy"]
     assert metrics["test_top5_accuracy"] == first["test_top5_accuracy"]
     assert metrics["test_loss"] == pytest.approx(first["test_loss"], rel=1e-6)
-    assert os.path.isfile(os.path.join(out, CONFUSION_PNG))
+    assert sorted(f for f in os.listdir(out) if f.startswith("confusion_matrix.")) == [
+        "confusion_matrix.csv", "confusion_matrix.pdf"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_may_change_its_figures_and_keeps_none_stale(tmp_path):
+    run_dir = str(tmp_path / "run")
+    first = run_cli(*TINY, f"hydra.run.dir={run_dir}", "report.confusion_format=[png]")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.path.isfile(os.path.join(run_dir, CONFUSION_PNG))
+    # A figure format cannot change the results: a resumed run may change it.
+    again = run_cli("resume=true", "trainer.epochs=2", f"hydra.run.dir={run_dir}",
+                    "report.confusion_format=[svg]")
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics, names, counts, per_class = read_run(run_dir)
+    assert metrics["epochs_completed"] == 2
+    check_consistent(metrics, counts, per_class, names)
+    # The first pass's PNG showed the first epoch's counts: gone, the SVG is this pass's.
+    assert sorted(f for f in os.listdir(run_dir) if f.startswith("confusion_matrix.")) == [
+        "confusion_matrix.csv", "confusion_matrix.svg"]
+    wrong = run_cli("resume=true", "trainer.epochs=3", f"hydra.run.dir={run_dir}",
+                    "report.confusion_format=[jpg]")
+    assert wrong.returncode == 2
+    assert only_error_line(wrong.stderr) == (
+        "error: report.confusion_format=jpg: is not a figure format; expected some of png, pdf, "
+        "svg, or [] for none")
+    assert read_metrics(run_dir)["epochs_completed"] == 2  # nothing of the run changed
 
 
 @pytest.mark.slow

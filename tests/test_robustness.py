@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, SWEEP_FIGURES, SYNTHETIC_1200_OCTAVE, read_epochs, read_metrics, run_cli,
+from conftest import (CONFUSION_FIGURES, REPO, SWEEP_FIGURES, SYNTHETIC_1200_OCTAVE, read_epochs, read_metrics, run_cli,
                       run_python, start_joblib_sweep)
 
 SAME = ("train_loss", "train_accuracy", "test_accuracy", "test_samples", "epochs_completed")
@@ -634,7 +634,7 @@ def test_an_interrupted_sweep_ends_with_the_command_that_continues_the_whole_swe
     sweep_dir = tmp_path / "my sweeps" / "a=b"
     overrides = ["conv=vanilla,octave", "alpha=0.25", "dataset=synthetic",
                  "dataset.train_size=400", "dataset.test_size=50", "trainer.epochs=1",
-                 "trainer.progress_bar=false", "logger=[csv]", SWEEP_FIGURES]
+                 "trainer.progress_bar=false", "logger=[csv]", SWEEP_FIGURES, CONFUSION_FIGURES]
     proc = run_cli("-m", *overrides, f"hydra.sweep.dir='{sweep_dir}'", cwd=str(tmp_path),
                    timeout=300, env={"OCTCONV_EXP_SIGNAL_AT": "step:20"})
     assert proc.returncode == 130, proc.stderr[-2000:]

@@ -52,7 +52,9 @@ def test_a_run_is_an_mlflow_run_and_a_resume_continues_it(tmp_path):
     assert result.returncode == 130, result.stderr[-2000:]
     df = runs_of(tmp_path)
     assert list(df.status) == ["KILLED"]
-    result = run_cli("resume=true", f"hydra.run.dir={run_dir}", cwd=str(tmp_path))
+    # The figure named: the tests' runs draw none unless they ask (conftest.CONFUSION_FIGURES).
+    result = run_cli("resume=true", f"hydra.run.dir={run_dir}", "report.confusion_format=[png]",
+                     cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     df = runs_of(tmp_path)
     assert len(df) == 1  # the same MLflow run, continued

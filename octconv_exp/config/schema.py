@@ -46,6 +46,9 @@ OUTPUT_MODES = ("default", "final", "all", "sum")
 REPORT_FORMATS = ("png", "pdf", "svg")
 DEFAULT_REPORT_FORMATS = ("png", "pdf")
 DEFAULT_REPORT_DPI = 200
+#: Each run's confusion-matrix figure (report.confusion_format): a PNG (at
+#: evaluation.CONFUSION_DPI).
+DEFAULT_CONFUSION_FORMATS = ("png",)
 REPORT_DPI_RANGE = (50, 1200)
 
 
@@ -217,34 +220,59 @@ class SearchConfig:
 
 @dataclass
 class ReportConfig:
-    """The sweep report's figures (octconv_exp/reports/report.py; also python -m octconv_exp.report
-    --format/--dpi)."""
+    """The figures: the sweep report's (octconv_exp/reports/report.py; also python -m
+    octconv_exp.report --format/--dpi) and each run's confusion matrix
+    (octconv_exp/training/evaluation.py)."""
 
     # A list of png, pdf, svg (or one of them): each figure is written in every format given.
     format: Any = field(default_factory=lambda: list(DEFAULT_REPORT_FORMATS))
     # Dots per inch of PNG figures (PDF/SVG are vector: text and lines at any size).
     dpi: int = DEFAULT_REPORT_DPI
+    # Each run's confusion_matrix.<format>: some of png, pdf, svg, or [] for none (the
+    # matrix's CSV is written whatever this says).
+    confusion_format: Any = field(default_factory=lambda: list(DEFAULT_CONFUSION_FORMATS))
 
 
-def report_settings(formats, dpi, keys=("report.format", "report.dpi")):
-    """``(formats, dpi)`` checked: formats a tuple of REPORT_FORMATS (a single name or a
-    comma-separated string counts as a list), in the order given, each once. A ConfigError
-    names ``keys`` and the accepted values otherwise."""
+def figure_formats(formats, key, allow_none=False):
+    """``formats`` checked: a tuple of REPORT_FORMATS (a single name or a comma-separated
+    string counts as a list), in the order given, each once; empty only with ``allow_none``.
+    A ConfigError names ``key`` and the accepted values otherwise."""
     if isinstance(formats, str):
         formats = [f.strip() for f in formats.split(",")]
     if formats is None or isinstance(formats, (int, float, bool, dict)) or not hasattr(
             formats, "__iter__"):
-        raise ConfigError(keys[0], formats, "expected some of " + ", ".join(REPORT_FORMATS))
+        raise ConfigError(key, formats, "expected some of " + ", ".join(REPORT_FORMATS)
+                          + (", or [] for none" if allow_none else ""))
     chosen = []
     for name in formats:
         name = str(name).strip().lower()
         if name not in REPORT_FORMATS:
-            raise ConfigError(keys[0], name, "is not a figure format; expected some of "
-                              + ", ".join(REPORT_FORMATS))
+            raise ConfigError(key, name, "is not a figure format; expected some of "
+                              + ", ".join(REPORT_FORMATS) + (", or [] for none" if allow_none
+                                                             else ""))
         if name not in chosen:
             chosen.append(name)
-    if not chosen:
-        raise ConfigError(keys[0], "[]", "needs at least one of " + ", ".join(REPORT_FORMATS))
+    if not chosen and not allow_none:
+        raise ConfigError(key, "[]", "needs at least one of " + ", ".join(REPORT_FORMATS))
+    return tuple(chosen)
+
+
+def confusion_formats(cfg):
+    """The formats of the run's confusion-matrix figure (``report.confusion_format``)."""
+    report = cfg.get("report")
+    value = None if report is None else report.get("confusion_format")
+    if value is None and (report is None or "confusion_format" not in report):
+        return DEFAULT_CONFUSION_FORMATS  # a config saved before the key existed
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_object(value)
+    return figure_formats(value, "report.confusion_format", allow_none=True)
+
+
+def report_settings(formats, dpi, keys=("report.format", "report.dpi")):
+    """``(formats, dpi)`` checked: formats as :func:`figure_formats` checks them (at least
+    one), dpi an integer in REPORT_DPI_RANGE. A ConfigError names ``keys`` and the accepted
+    values otherwise."""
+    chosen = figure_formats(formats, keys[0])
     low, high = REPORT_DPI_RANGE
     if not isinstance(dpi, int) or isinstance(dpi, bool) or not low <= dpi <= high:
         raise ConfigError(keys[1], dpi, f"must be an integer in [{low}, {high}]")
@@ -392,6 +420,7 @@ def validate(cfg: DictConfig, check_environment=True):
         report_settings(OmegaConf.to_object(cfg.report.format)
                         if OmegaConf.is_config(cfg.report.format) else cfg.report.format,
                         cfg.report.dpi)
+        confusion_formats(cfg)
     d = cfg.get("distributed")
     if d is not None:
         if d.backend not in DISTRIBUTED_BACKENDS:

@@ -289,7 +289,8 @@ class MlflowLogger:
                  for k in self.FINAL_METRICS}
         self._log_metrics(final, metrics.get("epochs_completed") or 0)
         for name in ("metrics.json", "epochs.csv", os.path.join(".hydra", "config.yaml"),
-                     "confusion_matrix.csv", "confusion_matrix.png", "per_class_accuracy.csv"):
+                     "confusion_matrix.csv", "confusion_matrix.png", "confusion_matrix.pdf",
+                     "confusion_matrix.svg", "per_class_accuracy.csv"):
             path = os.path.join(self.output_dir, name)
             if os.path.isfile(path):
                 self.client.log_artifact(self.run_id, path)

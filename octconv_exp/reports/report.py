@@ -13,11 +13,9 @@ jobs that never started, as ``missing``. For a paper: the figures also as PDF/SV
 ``summary.tex`` (a booktabs table).
 """
 import argparse
-import contextlib
 import csv
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -35,9 +33,11 @@ from ..config.schema import DEFAULT_REPORT_DPI as DEFAULT_DPI
 from ..config.schema import DEFAULT_REPORT_FORMATS as DEFAULT_FORMATS
 from ..config.schema import REPORT_FORMATS, report_settings
 from ..errors import USER_ERROR_EXIT, ConfigError, UserError
+from ..records.figures import save as save_figure
+from ..records.figures import saving as figure_files_saving
 from ..records.loggers import log_sweep
 from ..records.objectives import OBJECTIVES, directions, pareto_front, value
-from ..records.outputs import METRICS_FILE, OutputError, atomic_write, flatten, write_text_atomic
+from ..records.outputs import METRICS_FILE, OutputError, flatten, write_text_atomic
 from ..sweeps.sweep import DEFAULT_MODEL, PLAN_CONFIG_KEYS, PLAN_FILE, read_plan, reported_model_name
 from ..training.resume import sweep_resume_hint
 from ..training.stopping import PROCESS
@@ -75,7 +75,7 @@ LINESTYLES = ("-", "--", "-.", ":")
 VANILLA_LINESTYLES = ("--", ":", "-.", "-")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 #: Overrides that do not change what a run computes, beside the noise config_name drops.
-CONFIG_DROP = ("resume", "report.format", "report.dpi")
+CONFIG_DROP = ("resume", "report.format", "report.dpi", "report.confusion_format")
 NEVER_STARTED = f"never started (planned in {PLAN_FILE}, no run dir)"
 #: Config keys that have columns of their own (conv, alpha, expansion, optimizer, model, seed).
 SHOWN_KEYS = ("conv.mode", "alpha", "expansion", "optimizer.name", "model.name", "seed")
@@ -827,43 +827,18 @@ def _stem(name):
     return os.path.splitext(name)[0]
 
 
-#: Vector files keep text as text (svg: <text> elements; pdf: TrueType, as journals ask,
-#: not Type 3) and are the same bytes for the same figure (no dates, fixed SVG ids).
-SAVE_RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "octconv-exp"}
-SAVE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
-
-
-@contextlib.contextmanager
-def _font_subsetting_quiet():
-    """fontTools' INFO lines held back while the figures are saved: matplotlib subsets each
-    PDF's fonts with fontTools, which logs every table it prunes at INFO, and under Hydra's
-    INFO root logger that is a hundred lines after every sweep. Its warnings still show."""
-    logger = logging.getLogger("fontTools")
-    level = logger.level
-    if logger.getEffectiveLevel() < logging.WARNING:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def plot(sweep_dir, groups, formats=DEFAULT_FORMATS, dpi=DEFAULT_DPI):
     """The figures, a file per format of ``formats`` in the sweep dir; returns the paths
     written."""
     try:
-        import matplotlib  # deferred: matplotlib is slow to import and only the plots need it
+        import matplotlib  # noqa: F401  (deferred: slow to import, and only the plots need it)
     except ImportError:
         sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
         return []
     written = []
-    with matplotlib.rc_context(SAVE_RC), _font_subsetting_quiet():
+    with figure_files_saving():
         for name, fig in figures(groups).items():
-            for fmt in formats:
-                path = os.path.join(sweep_dir, _stem(name) + "." + fmt)
-                atomic_write(path, lambda f, fig=fig, fmt=fmt: fig.savefig(
-                    f, format=fmt, dpi=dpi, metadata=SAVE_METADATA.get(fmt)))
-                written.append(path)
+            written += save_figure(fig, os.path.join(sweep_dir, _stem(name)), formats, dpi)
     return written
 
 

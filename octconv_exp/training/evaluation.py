@@ -17,12 +17,18 @@ from typing import List, Optional
 
 import torch
 
-from ..records.outputs import atomic_write, write_text_atomic
+from ..config.schema import DEFAULT_CONFUSION_FORMATS, REPORT_FORMATS
+from ..records.figures import save as save_figure
+from ..records.outputs import write_text_atomic
 
 log = logging.getLogger("octconv_exp")
 
 CONFUSION_CSV = "confusion_matrix.csv"
-CONFUSION_PNG = "confusion_matrix.png"
+#: The figure's file name without its format: confusion_matrix.png, .pdf, .svg.
+CONFUSION_FIGURE = "confusion_matrix"
+CONFUSION_PNG = CONFUSION_FIGURE + ".png"
+#: The PNG figure's resolution (its size follows the number of classes).
+CONFUSION_DPI = 100
 PER_CLASS_CSV = "per_class_accuracy.csv"
 #: metrics.json's test_top5_accuracy; only with more classes than this (with fewer, every
 #: prediction is within the top 5).
@@ -205,9 +211,18 @@ class ConfusionMatrix:
         return fig
 
 
-def write_outputs(matrix: ConfusionMatrix, output_dir):
-    """confusion_matrix.csv, per_class_accuracy.csv and (with matplotlib)
-    confusion_matrix.png in ``output_dir``, each written atomically; returns their paths."""
+def figure_path(output_dir, fmt):
+    """The confusion-matrix figure's file in ``fmt`` (png, pdf or svg)."""
+    return os.path.join(output_dir, f"{CONFUSION_FIGURE}.{fmt}")
+
+
+def write_outputs(matrix: ConfusionMatrix, output_dir, formats=DEFAULT_CONFUSION_FORMATS):
+    """confusion_matrix.csv, per_class_accuracy.csv and (with matplotlib) the figure as
+    confusion_matrix.<format> for each of ``formats`` (report.confusion_format; none for
+    ``()``) in ``output_dir``, each written atomically; returns their paths.
+
+    A figure of this run dir in a format not asked for now (an earlier pass of a resumed
+    run drew it) shows counts this CSV no longer holds: it is removed, and the log says so."""
     written = []
     path = os.path.join(output_dir, CONFUSION_CSV)
     write_text_atomic(path, matrix.confusion_csv())
@@ -215,12 +230,19 @@ def write_outputs(matrix: ConfusionMatrix, output_dir):
     path = os.path.join(output_dir, PER_CLASS_CSV)
     write_text_atomic(path, matrix.per_class_csv())
     written.append(path)
+    for fmt in REPORT_FORMATS:
+        stale = figure_path(output_dir, fmt)
+        if fmt not in formats and os.path.isfile(stale):
+            os.remove(stale)
+            log.info("Removed %s: an earlier test pass drew it, and report.confusion_format "
+                     "is %s now", os.path.basename(stale), "[" + ",".join(formats) + "]")
+    if not formats:
+        return written
     try:
         fig = matrix.figure()
     except ImportError:
-        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", CONFUSION_PNG)
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)",
+                    ", ".join(os.path.basename(figure_path(output_dir, f)) for f in formats))
         return written
-    path = os.path.join(output_dir, CONFUSION_PNG)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    written.append(path)
-    return written
+    return written + save_figure(fig, os.path.join(output_dir, CONFUSION_FIGURE), formats,
+                                 CONFUSION_DPI)

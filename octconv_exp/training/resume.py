@@ -16,15 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 
-#: What a resumed run may change: how long it trains, how it reports, where and how fast it
-#: runs. Everything else (data set and its sizes/seed/root, batch size, optimizer and its
+#: What a resumed run may change: how long it trains, how it reports (its figures too), where
+#: and how fast it runs. Everything else (data set and its sizes/seed/root, batch size, optimizer and its
 #: arguments, scheduler, seed, model, IPU batching) would change the results.
 MAY_CHANGE_ON_RESUME = ("trainer.epochs", "trainer.early_stopping", "trainer.test_on",
                         "trainer.progress_bar",
                         "trainer.save_model",
                         "trainer.checkpoint", "trainer.test_batch_size", "logger", "threads",
                         "speed", "device", "ipu.cache_dir", "ipu.num_workers",
-                        "ipu.use_ipu_model", "resume", "ckpt_path", "train", "deterministic")
+                        "ipu.use_ipu_model", "resume", "ckpt_path", "train", "deterministic",
+                        "report")
 #: Always this command's own, whatever the checkpoint says.
 THIS_COMMAND = ("resume", "ckpt_path", "train", "profile_dir")
 #: Group nodes whose saved option is taken whole (their keys differ from option to option).

@@ -23,7 +23,7 @@ from ..backends import distributed, make_backend, resolve_device
 from ..backends.base import Backend, ResumableLoader
 from ..backends.checks import ipus_needed
 from ..backends.threads import resolve_threads, thread_record
-from ..config.schema import validate
+from ..config.schema import confusion_formats, validate
 from ..config.targets import check_saved_targets
 from ..data.datasets import derived_seed
 from ..data.loading import load_data
@@ -1232,7 +1232,8 @@ def write_test_evaluation(run):
     log.info("Test loss %.4f%s; confusion matrix and per-class accuracy in %s", run.test_loss,
              "" if top5 is None else f", top-5 accuracy {top5:.2f}%",
              ", ".join(os.path.basename(p)
-                       for p in write_evaluation_files(run.test_confusion, run.output_dir)))
+                       for p in write_evaluation_files(run.test_confusion, run.output_dir,
+                                                       confusion_formats(run.cfg))))
 
 
 def report_test_accuracy(run, backend):
