@@ -35,17 +35,20 @@ def test_importing_the_package_stays_light_and_load_model_is_exported():
 def test_torchvision_is_imported_only_by_what_reads_cifar_or_streams_a_folder():
     """Importing torchvision imports torch._dynamo on torch 2.1+ (seconds of every fresh
     process: a torchrun rank, a joblib worker, load_model): the run, its data loading, the
-    validator and load_model leave it out; the streamed folder's dataset brings it."""
+    validator and load_model leave it out; the streamed folder's dataset brings it.
+    matplotlib (0.3 s) likewise: a run and the sweep report's callback, which every run and
+    launcher worker loads, import it only to draw a figure."""
     code = ("import sys\n"
             "import octconv_exp.training.runner, octconv_exp.data.loading, octconv_exp.cli.validate\n"
             "import octconv_exp.deploy.inference, octconv_exp.backends.native\n"
-            "print('torchvision' in sys.modules)\n"
+            "import octconv_exp.cli.outcome, octconv_exp.reports.report\n"
+            "print('torchvision' in sys.modules, 'matplotlib' in sys.modules)\n"
             "import octconv_exp.data.imagefolder\n"
             "print('torchvision' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True"]
+    assert out.stdout.split() == ["False", "False", "True"]
 
 
 def test_load_data_uses_given_statistics_and_refuses_other_classes():

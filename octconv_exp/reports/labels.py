@@ -5,9 +5,11 @@ A deterministic greedy placement, no dependency: the labels are placed one after
 point, nearest first, that covers no label placed before it, no point and not the legend,
 and stays inside the axes; where every position is taken, the one that covers least. A label
 placed away from its point gets a thin line to it.
-"""
-from matplotlib.transforms import Bbox
 
+matplotlib is imported where a figure is drawn, not with this module: the sweep report's
+callback (and with it this module) is loaded by every run and every launcher worker, most of
+which draw nothing.
+"""
 #: Space between a point and its label, and around a point's marker (points, 1/72 inch).
 GAP_PT = 3.0
 MARKER_RADIUS_PT = 4.0
@@ -72,6 +74,8 @@ def _outside(box, frame):
 def place_labels(ax, points, fontsize=7):
     """Annotate ``points`` (``[(x, y, text, colour)]`` in data coordinates) on ``ax``, call
     after the layout is final; returns the annotations, in the order of ``points``."""
+    from matplotlib.transforms import Bbox  # deferred: slow to import (module docstring)
+
     fig = ax.figure
     renderer = renderer_of(fig)
     taken = []
