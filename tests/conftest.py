@@ -30,12 +30,12 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 FORK_SERVER = forkserver.ForkServer(os.environ)
 
 
-def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False):
+def run_cli(*args, cwd=None, timeout=600, env=None, fresh=False, file_size_limit=None):
     """``python run.py ARGS``, as a process of its own; returns the CompletedProcess (text mode).
     ``fresh``: a new interpreter, never the fork server (a test of what run.py does before
-    torch is imported)."""
+    torch is imported). ``file_size_limit``: bytes, as ``ulimit -f`` (:func:`run_python`)."""
     return run_python(os.path.join(REPO, "run.py"), *args, cwd=cwd, timeout=timeout, env=env,
-                      fresh=fresh)
+                      fresh=fresh, file_size_limit=file_size_limit)
 
 
 #: The sweep report's figures in the sweeps the tests start, unless a test names
@@ -91,21 +91,31 @@ def _command(argv, cwd, env, fresh=False):
     return [sys.executable, *argv], cwd, full_env, refusal
 
 
-def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False):
+def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False, file_size_limit=None):
     """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
     own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
     server where that is the same program (forkserver.ForkServer.usable), else a plain
-    subprocess."""
+    subprocess. ``file_size_limit``: bytes, as ``ulimit -f`` sets it (RLIMIT_FSIZE) with
+    SIGXFSZ ignored, so that a write past it fails with EFBIG."""
     argv = with_test_figures(argv)
     cmd, cwd, full_env, refusal = _command(argv, cwd, env, fresh)
     if refusal is None:
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            code = FORK_SERVER.run(list(argv), cwd, full_env, timeout, out, err)
+            code = FORK_SERVER.run(list(argv), cwd, full_env, timeout, out, err,
+                                   file_size_limit)
             with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
                 return subprocess.CompletedProcess(cmd, code, f_out.read(), f_err.read())
+
+    def limit_file_size():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+                          env=full_env,
+                          preexec_fn=None if file_size_limit is None else limit_file_size)
 
 
 def served_ranks():

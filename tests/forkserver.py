@@ -134,7 +134,9 @@ def _exit_code(status):
 def _child(request, base_path, stdio=None):
     """In the forked child: become ``python ARGV`` (a script or ``-m MODULE``) and never
     return. ``stdio``: the standard streams a client passed (else /dev/null and the request's
-    files); ``request["unbuffered"]``: as ``python -u``."""
+    files); ``request["unbuffered"]``: as ``python -u``; ``request["file_size_limit"]``: as
+    ``ulimit -f`` before it started (RLIMIT_FSIZE, SIGXFSZ ignored: a write past it fails with
+    EFBIG instead of killing the process)."""
     import io
     import random
     import runpy
@@ -154,6 +156,12 @@ def _child(request, base_path, stdio=None):
             io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=stream.encoding,
                              errors=stream.errors, write_through=True)
             for fd, stream in ((1, sys.stdout), (2, sys.stderr)))
+    if request.get("file_size_limit") is not None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = int(request["file_size_limit"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -467,13 +475,15 @@ class ForkServer:
             self._running()
             return {"OCTCONV_EXP_TEST_FORKSERVER_SOCKET": self.socket_path}
 
-    def spawn(self, argv, cwd, env, out_path, err_path):
+    def spawn(self, argv, cwd, env, out_path, err_path, file_size_limit=None):
         """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
-        child writing to those files; its pid (the leader of its own process group)."""
+        child writing to those files; its pid (the leader of its own process group).
+        ``file_size_limit``: bytes, as ``ulimit -f`` (:func:`_child`)."""
         with self.lock:
             self._running()
             request = {"argv": list(argv), "cwd": cwd, "env": env, "stdout": out_path,
-                       "stderr": err_path, "project": self.project}
+                       "stderr": err_path, "project": self.project,
+                       "file_size_limit": file_size_limit}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             try:
                 pid = self._forked.get(timeout=60)
@@ -494,10 +504,10 @@ class ForkServer:
                 raise RuntimeError("the run.py fork server ended")
             return self._exits.pop(pid)
 
-    def run(self, argv, cwd, env, timeout, out_path, err_path):
+    def run(self, argv, cwd, env, timeout, out_path, err_path, file_size_limit=None):
         """``python ARGV`` in a forked child; the exit code, or subprocess.TimeoutExpired
         after killing the child's process group."""
-        pid = self.spawn(argv, cwd, env, out_path, err_path)
+        pid = self.spawn(argv, cwd, env, out_path, err_path, file_size_limit)
         code = self.wait_for(pid, timeout)
         if code is None:
             try:

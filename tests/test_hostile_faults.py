@@ -4,7 +4,6 @@ store is one line naming logger.mlflow.tracking_uri."""
 import errno
 import io
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -179,23 +178,14 @@ def test_torch_writer_short_of_bytes_without_an_os_error_is_still_a_failed_write
         outputs.atomic_write(str(tmp_path / "model.pt"), write)
 
 
-def _file_size_limit(limit):
-    def limit_files():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return limit_files
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("limit", [20_000, 60_000])
 def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_a_record(tmp_path, limit):
     """Issue 25 #17: `ulimit -f` during torch.save gave 47 lines and no metrics.json. The
     checkpoint (78 kB) does not fit, metrics.json (2 kB) does."""
     run_dir = tmp_path / "run"
-    res = subprocess.run([sys.executable, os.path.join(REPO, "run.py"),
-                          *SYNTHETIC_64_BATCH_8_ONE_EPOCH,
-                          f"hydra.run.dir={run_dir}"], cwd=str(tmp_path), capture_output=True,
-                         text=True, timeout=600, preexec_fn=_file_size_limit(limit))
+    res = run_cli(*SYNTHETIC_64_BATCH_8_ONE_EPOCH, f"hydra.run.dir={run_dir}",
+                  cwd=str(tmp_path), file_size_limit=limit)
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr == (f"error: cannot write {run_dir}/checkpoints/last.pt: file too large; "
                           "the previous version, if any, is intact\n")
