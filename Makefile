@@ -66,7 +66,7 @@ lint: venv
 
 SDK_LOG ?= .pytest-sdk.log
 SHARD_LOG ?= .pytest-shard.log
-SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_streaming.py tests/test_poprun.py tests/test_hostile_sweeps2.py tests/test_compare.py
+SHARD_B ?= tests/test_sweeps.py tests/test_models.py tests/test_validation.py tests/test_report.py tests/test_streaming.py tests/test_poprun.py tests/test_hostile_sweeps2.py tests/test_compare.py tests/test_hostile_data.py tests/test_promises.py
 # The package's bytecode, compiled once for each Python: where PYTHONDONTWRITEBYTECODE is
 # set (this machine sets it), every fresh interpreter (torchrun ranks, joblib's workers, the
 # benches' children) would compile the package's modules again (0.2-0.3 s each).
