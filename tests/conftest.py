@@ -95,8 +95,8 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False, file_size_li
     """``python ARGV`` (``run.py ARGS``, ``-m octconv_exp.validate ...``) as a process of its
     own, HYDRA_FULL_ERROR unset; returns the CompletedProcess (text mode). Through the fork
     server where that is the same program (forkserver.ForkServer.usable), else a plain
-    subprocess. ``file_size_limit``: bytes, as ``ulimit -f`` sets it (RLIMIT_FSIZE) with
-    SIGXFSZ ignored, so that a write past it fails with EFBIG."""
+    subprocess. ``file_size_limit``: bytes, as ``ulimit -f`` sets it
+    (forkserver.limit_file_size), in the served child or the subprocess."""
     argv = with_test_figures(argv)
     cmd, cwd, full_env, refusal = _command(argv, cwd, env, fresh)
     if refusal is None:
@@ -106,16 +106,10 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False, file_size_li
                                    file_size_limit)
             with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
                 return subprocess.CompletedProcess(cmd, code, f_out.read(), f_err.read())
-
-    def limit_file_size():
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
+    limit = None if file_size_limit is None else (
+        lambda: forkserver.limit_file_size(file_size_limit))
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=full_env,
-                          preexec_fn=None if file_size_limit is None else limit_file_size)
+                          env=full_env, preexec_fn=limit)
 
 
 def served_ranks():

@@ -131,12 +131,20 @@ def _exit_code(status):
 
 # ---------------------------------------------------------------------------- the server side
 
+def limit_file_size(limit):
+    """``ulimit -f``: files this process writes may grow to ``limit`` bytes (RLIMIT_FSIZE),
+    SIGXFSZ ignored, so that a write past it fails with EFBIG instead of killing the process."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 def _child(request, base_path, stdio=None):
     """In the forked child: become ``python ARGV`` (a script or ``-m MODULE``) and never
     return. ``stdio``: the standard streams a client passed (else /dev/null and the request's
     files); ``request["unbuffered"]``: as ``python -u``; ``request["file_size_limit"]``: as
-    ``ulimit -f`` before it started (RLIMIT_FSIZE, SIGXFSZ ignored: a write past it fails with
-    EFBIG instead of killing the process)."""
+    ``ulimit -f`` before it started (:func:`limit_file_size`)."""
     import io
     import random
     import runpy
@@ -157,11 +165,7 @@ def _child(request, base_path, stdio=None):
                              errors=stream.errors, write_through=True)
             for fd, stream in ((1, sys.stdout), (2, sys.stderr)))
     if request.get("file_size_limit") is not None:
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        limit = int(request["file_size_limit"])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        limit_file_size(int(request["file_size_limit"]))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

@@ -260,9 +260,9 @@ def figure_formats(formats, key, allow_none=False):
 def confusion_formats(cfg):
     """The formats of the run's confusion-matrix figure (``report.confusion_format``)."""
     report = cfg.get("report")
-    value = None if report is None else report.get("confusion_format")
-    if value is None and (report is None or "confusion_format" not in report):
+    if report is None or "confusion_format" not in report:
         return DEFAULT_CONFUSION_FORMATS  # a config saved before the key existed
+    value = report.confusion_format
     if OmegaConf.is_config(value):
         value = OmegaConf.to_object(value)
     return figure_formats(value, "report.confusion_format", allow_none=True)

@@ -27,21 +27,14 @@ def font_subsetting_quiet():
         logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def saving():
-    """The settings :data:`SAVE_RC` and :func:`font_subsetting_quiet` around figures being
-    made and saved (matplotlib imported here: only what draws needs it)."""
-    import matplotlib
-
-    with matplotlib.rc_context(SAVE_RC), font_subsetting_quiet():
-        yield
-
-
 def save(fig, stem, formats, dpi):
-    """``fig`` as ``stem.<format>`` for each of ``formats`` (PNG at ``dpi``), each atomically;
-    returns the paths written, in the order of ``formats``."""
+    """``fig`` as ``stem.<format>`` for each of ``formats`` (PNG at ``dpi``), each atomically,
+    under :data:`SAVE_RC` (which matplotlib reads when it saves) and
+    :func:`font_subsetting_quiet`; returns the paths written, in the order of ``formats``."""
+    import matplotlib  # deferred: slow to import, and only what draws needs it
+
     written = []
-    with saving():
+    with matplotlib.rc_context(SAVE_RC), font_subsetting_quiet():
         for fmt in formats:
             path = f"{stem}.{fmt}"
             atomic_write(path, lambda f, fmt=fmt: fig.savefig(

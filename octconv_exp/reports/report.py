@@ -34,7 +34,6 @@ from ..config.schema import DEFAULT_REPORT_FORMATS as DEFAULT_FORMATS
 from ..config.schema import REPORT_FORMATS, report_settings
 from ..errors import USER_ERROR_EXIT, ConfigError, UserError
 from ..records.figures import save as save_figure
-from ..records.figures import saving as figure_files_saving
 from ..records.loggers import log_sweep
 from ..records.objectives import OBJECTIVES, directions, pareto_front, value
 from ..records.outputs import METRICS_FILE, OutputError, flatten, write_text_atomic
@@ -836,9 +835,8 @@ def plot(sweep_dir, groups, formats=DEFAULT_FORMATS, dpi=DEFAULT_DPI):
         sys.stderr.write("warning: matplotlib is not installed: no plots (pip install matplotlib)\n")
         return []
     written = []
-    with figure_files_saving():
-        for name, fig in figures(groups).items():
-            written += save_figure(fig, os.path.join(sweep_dir, _stem(name)), formats, dpi)
+    for name, fig in figures(groups).items():
+        written += save_figure(fig, os.path.join(sweep_dir, _stem(name)), formats, dpi)
     return written
 
 

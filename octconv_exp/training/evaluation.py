@@ -211,11 +211,6 @@ class ConfusionMatrix:
         return fig
 
 
-def figure_path(output_dir, fmt):
-    """The confusion-matrix figure's file in ``fmt`` (png, pdf or svg)."""
-    return os.path.join(output_dir, f"{CONFUSION_FIGURE}.{fmt}")
-
-
 def write_outputs(matrix: ConfusionMatrix, output_dir, formats=DEFAULT_CONFUSION_FORMATS):
     """confusion_matrix.csv, per_class_accuracy.csv and (with matplotlib) the figure as
     confusion_matrix.<format> for each of ``formats`` (report.confusion_format; none for
@@ -231,7 +226,7 @@ def write_outputs(matrix: ConfusionMatrix, output_dir, formats=DEFAULT_CONFUSION
     write_text_atomic(path, matrix.per_class_csv())
     written.append(path)
     for fmt in REPORT_FORMATS:
-        stale = figure_path(output_dir, fmt)
+        stale = os.path.join(output_dir, f"{CONFUSION_FIGURE}.{fmt}")
         if fmt not in formats and os.path.isfile(stale):
             os.remove(stale)
             log.info("Removed %s: an earlier test pass drew it, and report.confusion_format "
@@ -242,7 +237,7 @@ def write_outputs(matrix: ConfusionMatrix, output_dir, formats=DEFAULT_CONFUSION
         fig = matrix.figure()
     except ImportError:
         log.warning("matplotlib is not installed: no %s (pip install matplotlib)",
-                    ", ".join(os.path.basename(figure_path(output_dir, f)) for f in formats))
+                    ", ".join(f"{CONFUSION_FIGURE}.{f}" for f in formats))
         return written
     return written + save_figure(fig, os.path.join(output_dir, CONFUSION_FIGURE), formats,
                                  CONFUSION_DPI)
