@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DOUBLE, compose_config, only_error_line, read_metrics, run_cli
+from conftest import DOUBLE, compose_config, file_sha256, only_error_line, read_metrics, run_cli
 from octconv_exp.config.schema import confusion_formats
 from octconv_exp.errors import ConfigError
 from octconv_exp.training.evaluation import (CONFUSION_CSV, CONFUSION_PNG, PER_CLASS_CSV, ConfusionMatrix,
@@ -351,6 +351,8 @@ def test_a_resumed_run_may_change_its_figures_and_keeps_none_stale(tmp_path):
     # The first pass's PNG showed the first epoch's counts: gone, the SVG is this pass's.
     assert sorted(f for f in os.listdir(run_dir) if f.startswith("confusion_matrix.")) == [
         "confusion_matrix.csv", "confusion_matrix.svg"]
+    before = {f: file_sha256(os.path.join(run_dir, f)) for f in (
+        "metrics.json", CONFUSION_CSV, "confusion_matrix.svg", "checkpoints/last.pt")}
     wrong = run_cli("resume=true", "trainer.epochs=3", f"hydra.run.dir={run_dir}",
                     "report.confusion_format=[jpg]")
     assert wrong.returncode == 2
@@ -358,6 +360,7 @@ def test_a_resumed_run_may_change_its_figures_and_keeps_none_stale(tmp_path):
         "error: report.confusion_format=jpg: is not a figure format; expected some of png, pdf, "
         "svg, or [] for none")
     assert read_metrics(run_dir)["epochs_completed"] == 2  # nothing of the run changed
+    assert {f: file_sha256(os.path.join(run_dir, f)) for f in before} == before
 
 
 @pytest.mark.slow
