@@ -9,7 +9,20 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
+#: The thread limits joblib gives each loky worker unless the parent's environment has them
+#: (joblib/_parallel_backends.py, ParallelBackendBase._prepare_worker_env: cpu_count() //
+#: n_jobs, and TBB's ENABLE_IPC=1), set here as the session's OMP_NUM_THREADS (make test's
+#: TEST_THREADS) before anything is imported: a joblib sweep's workers then have the
+#: session's environment, and the fork server can run them (ForkServer.spawn's
+#: ``python_children``). The libraries these name are not used here, or (numpy's OpenBLAS)
+#: already follow OMP_NUM_THREADS.
+if os.environ.get("OMP_NUM_THREADS"):
+    for _name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                  "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ.setdefault(_name, os.environ["OMP_NUM_THREADS"])
+    os.environ.setdefault("ENABLE_IPC", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +83,12 @@ def with_test_figures(argv):
     return argv
 
 
+def starts_python(argv):
+    """Whether ``python ARGV`` starts Python programs of its own that the fork server can run
+    (forkserver.ForkServer.spawn's ``python_children``): a joblib sweep's loky workers."""
+    return "hydra/launcher=joblib" in argv
+
+
 def command_env(env=None):
     """The environment a command the tests start gets: this process's, HYDRA_FULL_ERROR unset
     (run.py's one-line errors, not Hydra's traceback), updated with ``env``."""
@@ -103,7 +122,7 @@ def run_python(*argv, cwd=None, timeout=600, env=None, fresh=False, file_size_li
         with tempfile.TemporaryDirectory(prefix="run_python-") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
             code = FORK_SERVER.run(list(argv), cwd, full_env, timeout, out, err,
-                                   file_size_limit)
+                                   file_size_limit, starts_python(argv))
             with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
                 return subprocess.CompletedProcess(cmd, code, f_out.read(), f_err.read())
     limit = None if file_size_limit is None else (
@@ -140,7 +159,8 @@ class ServedProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="popen_python-")
         self._out = os.path.join(self._tmp.name, "stdout")
         self._err = os.path.join(self._tmp.name, "stderr")
-        self.pid = FORK_SERVER.spawn(list(argv), cwd, env, self._out, self._err)
+        self.pid = FORK_SERVER.spawn(list(argv), cwd, env, self._out, self._err,
+                                     python_children=starts_python(argv))
 
     def poll(self):
         if self.returncode is None:

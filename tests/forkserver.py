@@ -23,16 +23,20 @@ subprocess): docs/development.md.
 The protocol is JSON lines over the server's stdin/stdout: a request; the child's pid, at
 once; its exit status when it ends. Several children may run at once (:meth:`ForkServer.spawn`,
 ``conftest.popen_python``: a test's two sweeps started together, a sweep a test signals).
-Programs that another program starts (torchrun's ranks) ask through ``forkclient.py`` on a
-Unix socket (:meth:`ForkServer.client_env`): the same JSON request with the client's standard
-streams passed along (SCM_RIGHTS), answered on that connection; a client whose connection
-closes (killed) takes its child with it.
+Programs that another program starts (torchrun's ranks, a joblib sweep's loky workers) ask
+through ``forkclient.py`` on a Unix socket (:meth:`ForkServer.client_env`): the same JSON
+request with the client's standard streams and inherited descriptors passed along
+(SCM_RIGHTS), answered on that connection; a client whose connection closes (killed) takes its
+child with it. Such a child leads a process group of its own, as every child does; a signal to
+the group its parent started it in reaches it through the client.
 """
 import array
+import fcntl
 import json
 import os
 import queue
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -80,7 +84,14 @@ RUN_TIME_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  # written back), which importing torch._dynamo does: in the tests' process
                  # whenever a test first builds an optimiser there (torchvision no longer
                  # imports it at collection). Read again whenever inductor compiles.
-                 "TORCHINDUCTOR_CACHE_DIR"}
+                 "TORCHINDUCTOR_CACHE_DIR",
+                 # Set by joblib's import (joblib/__init__.py: setdefault "FALSE"), so a joblib
+                 # sweep gives it to its loky workers; read only by Intel's OpenMP runtime
+                 # (libiomp5) when it loads, and torch's Linux wheels use GNU libgomp.
+                 "KMP_INIT_AT_FORK",
+                 # The shell's working directory: what a parent that changed directory passes
+                 # on (a search's MLflow run); read by no library when it is imported.
+                 "PWD"}
 
 
 def _project_in(first, env):
@@ -156,7 +167,14 @@ def _child(request, base_path, stdio=None):
         stdio = (os.open(os.devnull, os.O_RDONLY),
                  os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
                  os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-    for target, fd in enumerate(stdio):
+    # The client's descriptors at the numbers the program was given (its standard streams,
+    # then what its parent passed on: loky's pipes), moved out of the way first.
+    targets = list(range(3)) + list(request.get("fds") or [])
+    high = max(targets + [255]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, high) for fd in stdio]
+    for fd in stdio:
+        os.close(fd)
+    for target, fd in zip(targets, moved):
         os.dup2(fd, target)
         os.close(fd)
     if request.get("unbuffered"):  # python -u: unbuffered binary layer, write-through text
@@ -184,6 +202,10 @@ def _child(request, base_path, stdio=None):
         for name in [n for n in sys.modules if n == PROJECT or n.startswith(PROJECT + ".")
                      or n.startswith("hydra_plugins.octconv_exp_sweeper")]:
             del sys.modules[name]
+    if request.get("executable"):  # what the program starts as "python": forkclient.py
+        sys.executable = request["executable"]
+    if argv[0] == "-m" and argv[1] in sys.modules:  # python -m runs a module not yet imported
+        del sys.modules[argv[1]]
     random.seed()  # a fresh process's state, not the server's
     try:
         import numpy
@@ -312,7 +334,7 @@ def serve(socket_path=None):
             clients[client] = {"data": b"", "stdio": [], "pid": None}
         for client in [c for c in ready if c in clients]:
             state = clients[client]
-            data, ancillary, _, _ = client.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+            data, ancillary, _, _ = client.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
             for level, kind, fds in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     state["stdio"] += array.array("i", fds[:len(fds) - len(fds) % 4]).tolist()
@@ -363,8 +385,8 @@ def serve(socket_path=None):
 
 def _client_refusal(request, streams, base_env, modules, project):
     """Why a client's program must start fresh (None: the server may run it)."""
-    if streams != 3:
-        return "no standard streams passed"
+    if streams != 3 + len(request.get("fds") or []):
+        return "not every descriptor passed"
     return (project_refusal(request["argv"], request["cwd"], request["env"], project)
             or env_refusal(request["env"], base_env, modules))
 
@@ -407,6 +429,14 @@ class ForkServer:
         # (removed by close).
         self._socket_dir = tempfile.TemporaryDirectory(prefix="forkserver-")
         self.socket_path = os.path.join(self._socket_dir.name, "socket")
+        # "python" for a served program that starts Python programs itself (a joblib sweep's
+        # loky workers, loky's popen_loky_posix: [sys.executable, "-m", ...] with its pipes
+        # passed on): forkclient.py, which has the server fork them.
+        self.client_python = os.path.join(self._socket_dir.name, "python")
+        client = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forkclient.py")
+        with open(self.client_python, "w") as f:
+            f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S {shlex.quote(client)} "$@"\n')
+        os.chmod(self.client_python, 0o755)
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
                                       self.socket_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
@@ -479,15 +509,22 @@ class ForkServer:
             self._running()
             return {"OCTCONV_EXP_TEST_FORKSERVER_SOCKET": self.socket_path}
 
-    def spawn(self, argv, cwd, env, out_path, err_path, file_size_limit=None):
+    def spawn(self, argv, cwd, env, out_path, err_path, file_size_limit=None,
+              python_children=False):
         """``python ARGV`` (a script and its arguments, or ``-m MODULE ...``) in a forked
         child writing to those files; its pid (the leader of its own process group).
-        ``file_size_limit``: bytes, as ``ulimit -f`` (:func:`_child`)."""
+        ``file_size_limit``: bytes, as ``ulimit -f`` (:func:`_child`). ``python_children``:
+        the Python programs it starts (``sys.executable ...``: loky's workers) go through
+        forkclient.py, which has this server fork them (a fresh interpreter only where the
+        server refuses; the program's environment names the server's socket)."""
         with self.lock:
             self._running()
             request = {"argv": list(argv), "cwd": cwd, "env": env, "stdout": out_path,
                        "stderr": err_path, "project": self.project,
                        "file_size_limit": file_size_limit}
+            if python_children:
+                request["executable"] = self.client_python
+                request["env"] = dict(env, OCTCONV_EXP_TEST_FORKSERVER_SOCKET=self.socket_path)
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             try:
                 pid = self._forked.get(timeout=60)
@@ -508,10 +545,11 @@ class ForkServer:
                 raise RuntimeError("the run.py fork server ended")
             return self._exits.pop(pid)
 
-    def run(self, argv, cwd, env, timeout, out_path, err_path, file_size_limit=None):
+    def run(self, argv, cwd, env, timeout, out_path, err_path, file_size_limit=None,
+            python_children=False):
         """``python ARGV`` in a forked child; the exit code, or subprocess.TimeoutExpired
         after killing the child's process group."""
-        pid = self.spawn(argv, cwd, env, out_path, err_path, file_size_limit)
+        pid = self.spawn(argv, cwd, env, out_path, err_path, file_size_limit, python_children)
         code = self.wait_for(pid, timeout)
         if code is None:
             try:

@@ -284,3 +284,50 @@ def children_of_server():
         if ppid == FORK_SERVER.proc.pid:
             found.append(int(entry))
     return found
+
+
+def test_a_served_program_that_starts_python_has_the_server_run_it(tmp_path):
+    """``python_children`` (a joblib sweep: loky's workers): a served program's
+    ``sys.executable`` is forkclient.py. A program it starts as loky starts a worker
+    (``[sys.executable, "-m", MODULE, ...]`` with a pipe in ``pass_fds``) is forked by the server
+    and gets that pipe at the same descriptor number; killed (SIGKILL), the program its parent
+    waits for ends killed by SIGKILL too; what the server does not run (``python -c``) runs
+    fresh in the client's place."""
+    import json
+    import sys
+
+    (tmp_path / "worker.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        fd = int(sys.argv[1])
+        os.write(fd, (" ".join(["served" if "torch" in sys.modules else "fresh",
+                                str(os.getpid())]) + "\\n").encode())
+        if sys.argv[2] == "sleep":
+            time.sleep(60)
+        sys.exit(5)
+    """))
+    (tmp_path / "parent.py").write_text(textwrap.dedent("""
+        import json, os, signal, subprocess, sys
+        report = {"executable": sys.executable}
+        for how in ("exit", "kill"):
+            r, w = os.pipe()
+            proc = subprocess.Popen([sys.executable, "-m", "worker", str(w), how],
+                                    pass_fds=[w], cwd=os.path.dirname(os.path.abspath(__file__)))
+            os.close(w)
+            said = os.fdopen(r).readline().split()
+            if how == "kill":
+                os.kill(int(said[1]), signal.SIGKILL)
+            report[how] = [said[0], int(said[1]) != proc.pid, proc.wait()]
+        report["-c"] = subprocess.run([sys.executable, "-c", "import sys; print('torch' in "
+                                       "sys.modules)"], capture_output=True, text=True).stdout
+        print(json.dumps(report))
+    """))
+    out, err = tmp_path / "out", tmp_path / "err"
+    env = served_env(command_env())
+    code = FORK_SERVER.run([str(tmp_path / "parent.py")], str(tmp_path), env, 120, str(out),
+                           str(err), python_children=True)
+    assert code == 0, err.read_text()
+    report = json.loads(out.read_text())
+    assert report["executable"] != sys.executable
+    assert report["exit"] == ["served", True, 5]
+    assert report["kill"] == ["served", True, -signal.SIGKILL]
+    assert report["-c"] == "False\n"
