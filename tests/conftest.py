@@ -85,8 +85,9 @@ def with_test_figures(argv):
 
 def starts_python(argv):
     """Whether ``python ARGV`` starts Python programs of its own that the fork server can run
-    (forkserver.ForkServer.spawn's ``python_children``): a joblib sweep's loky workers."""
-    return "hydra/launcher=joblib" in argv
+    (forkserver.ForkServer.spawn's ``python_children``): a joblib sweep's loky workers, a
+    submitit_local sweep's controller and tasks."""
+    return "hydra/launcher=joblib" in argv or "hydra/launcher=submitit_local" in argv
 
 
 def command_env(env=None):

@@ -63,6 +63,10 @@ def main(argv):
         # python -B, -W, -c CODE (the resource trackers multiprocessing and loky start: the
         # standard library only): the server runs a script or -m MODULE, with -u at most.
         fresh(argv, "python options the server does not take")
+    if program[:2] == ["-m", "submitit.local._local"]:
+        # submitit's local controller names its jobs' folders after its own pid, which its
+        # parent knows as this process's (submitit/local/local.py): it must be this process.
+        fresh(argv, "submitit's controller is known by its pid")
     if not path:
         fresh(argv, "OCTCONV_EXP_TEST_FORKSERVER_SOCKET is not set")
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

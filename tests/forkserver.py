@@ -118,12 +118,26 @@ def project_refusal(argv, cwd, env, project):
     return None
 
 
-def env_refusal(env, base, modules):
+#: Read when the CUDA driver (libcuda.so) initialises: a run-time key where the server's imports
+#: did not load the driver (torch loads it at the first CUDA call, not at import). submitit's
+#: local launcher sets it for its controller and tasks (submitit/local/local.py).
+DRIVER_KEYS = ("CUDA_VISIBLE_DEVICES",)
+
+
+def cuda_driver_loaded():
+    """Whether this process has loaded the CUDA driver (and so has read DRIVER_KEYS)."""
+    with open("/proc/self/maps") as maps:
+        return any("/libcuda.so" in line for line in maps)
+
+
+def env_refusal(env, base, modules, driver_loaded=True):
     """Why a program with environment ``env`` must not be served by a server started with
-    ``base`` that has ``modules`` imported (None: it may)."""
+    ``base`` that has ``modules`` imported (None: it may); ``driver_loaded``: whether the
+    server has loaded the CUDA driver (:func:`cuda_driver_loaded`)."""
     for key in sorted(set(env) | set(base)):
         if env.get(key) != base.get(key) and not (
-                key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)):
+                key in RUN_TIME_KEYS or key.startswith(RUN_TIME_PREFIXES)
+                or (key in DRIVER_KEYS and not driver_loaded)):
             return f"{key} differs from the server's environment"
     for entry in env.get("PYTHONPATH", "").split(os.pathsep):
         if entry and os.path.isdir(entry):
@@ -304,7 +318,8 @@ def serve(socket_path=None):
                 os._exit(70)
         return pid
 
-    say({"ready": True, "modules": top, "project": project})
+    driver_loaded = cuda_driver_loaded()
+    say({"ready": True, "modules": top, "project": project, "cuda_driver_loaded": driver_loaded})
     # Several children may run at once (a test's two sweeps started together): each request
     # is answered with the child's pid at once, and each child's end when it ends. A
     # client's child is answered on the client's connection; a client that goes away (killed)
@@ -355,7 +370,8 @@ def serve(socket_path=None):
                 continue
             request = json.loads(state["data"].partition(b"\n")[0])
             request["project"] = project
-            refusal = _client_refusal(request, len(state["stdio"]), base_env, top, project)
+            refusal = _client_refusal(request, len(state["stdio"]), base_env, top, project,
+                                      driver_loaded)
             if refusal is None:
                 state["pid"] = pid = fork(request, state["stdio"])
                 running[pid] = client
@@ -383,12 +399,12 @@ def serve(socket_path=None):
             pass
 
 
-def _client_refusal(request, streams, base_env, modules, project):
+def _client_refusal(request, streams, base_env, modules, project, driver_loaded):
     """Why a client's program must start fresh (None: the server may run it)."""
     if streams != 3 + len(request.get("fds") or []):
         return "not every descriptor passed"
     return (project_refusal(request["argv"], request["cwd"], request["env"], project)
-            or env_refusal(request["env"], base_env, modules))
+            or env_refusal(request["env"], base_env, modules, driver_loaded))
 
 
 #: The client of a running child that went away: its end is told to no one.
@@ -412,6 +428,7 @@ class ForkServer:
         self.proc = None
         self.env = dict(env)  # the session's environment, before any test changed it
         self.modules = ()
+        self.driver_loaded = True  # until the server says otherwise
         self.project = os.path.realpath(os.path.join(REPO, PROJECT))
         self.lock = threading.Lock()  # one request at a time
         self._ended = threading.Condition()
@@ -454,6 +471,7 @@ class ForkServer:
             raise RuntimeError("the run.py fork server did not start")
         self.modules = set(hello["modules"])
         self.project = hello["project"]
+        self.driver_loaded = hello["cuda_driver_loaded"]
 
     def _read(self, proc, hello):
         """The server's lines: its greeting, each child's pid, each child's end."""
@@ -495,7 +513,7 @@ class ForkServer:
             if refusal:
                 return refusal
         return env_refusal(env, self.env, self.modules or
-                           set(name.split(".")[0] for name in PREIMPORT))
+                           set(name.split(".")[0] for name in PREIMPORT), self.driver_loaded)
 
     def _running(self):
         """Start the server if it is not running (the caller holds ``self.lock``)."""

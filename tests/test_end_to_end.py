@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from conftest import CIFAR_CLASSES, SYNTHETIC_2000, read_metrics, run_cli
+from conftest import CIFAR_CLASSES, SYNTHETIC_2000, read_metrics, run_cli, run_python
 
 
 @pytest.mark.slow
@@ -146,13 +146,11 @@ def test_profile_dir_writes_a_trace_and_exits(tmp_path):
 @pytest.mark.slow
 def test_task_function_returns_test_accuracy(tmp_path):
     """Optimising sweepers read the return value of run.py's task function."""
-    import subprocess
-    import sys
-
     from conftest import REPO
 
-    code = (
-        "import sys; sys.argv = ['run.py'] + sys.argv[1:]\n"
+    script = tmp_path / "call_main.py"  # a program of its own: the fork server runs it
+    script.write_text(
+        f"import sys; sys.path.insert(0, {REPO!r}); sys.argv = ['run.py'] + sys.argv[1:]\n"
         "import run\n"
         "from hydra import compose, initialize_config_dir\n"
         "from hydra.core.hydra_config import HydraConfig\n"
@@ -166,9 +164,8 @@ def test_task_function_returns_test_accuracy(tmp_path):
         "    acc = run.main(cfg)  # hydra.main passes a given cfg straight to the task function\n"
         "    print('RETURNED', acc, json.load(open(os.path.join(HydraConfig.get().runtime.output_dir, 'metrics.json')))['test_accuracy'])\n"
     )
-    res = subprocess.run([sys.executable, "-c", code, *SYNTHETIC_2000, "trainer.epochs=1",
-                          f"hydra.run.dir={tmp_path}", f"hydra.runtime.output_dir={tmp_path}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = run_python(str(script), *SYNTHETIC_2000, "trainer.epochs=1", f"hydra.run.dir={tmp_path}",
+                     f"hydra.runtime.output_dir={tmp_path}", cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RETURNED")][0]
     returned, recorded = line.split()[1:]
