@@ -331,3 +331,20 @@ def test_a_served_program_that_starts_python_has_the_server_run_it(tmp_path):
     assert report["exit"] == ["served", True, 5]
     assert report["kill"] == ["served", True, -signal.SIGKILL]
     assert report["-c"] == "False\n"
+
+
+def test_cuda_visible_devices_may_differ_only_where_the_server_has_not_loaded_the_driver():
+    """The CUDA driver reads CUDA_VISIBLE_DEVICES when it loads (submitit sets it for its
+    tasks): a server whose imports loaded libcuda.so must refuse a program that sets it."""
+    import forkserver
+
+    base = command_env()
+    env = dict(base, CUDA_VISIBLE_DEVICES="")
+    assert forkserver.env_refusal(env, base, set(), driver_loaded=False) is None
+    assert "CUDA_VISIBLE_DEVICES" in forkserver.env_refusal(env, base, set(), driver_loaded=True)
+    assert "CUDA_VISIBLE_DEVICES" in forkserver.env_refusal(env, base, set())  # by default
+    import ctypes.util
+
+    FORK_SERVER.client_env()  # started: it says whether it loaded the driver
+    if ctypes.util.find_library("cuda") is None:  # no driver on this machine
+        assert FORK_SERVER.driver_loaded is False
