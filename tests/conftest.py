@@ -450,6 +450,17 @@ SYNTHETIC_64_VAL_16 = ["dataset=synthetic", "dataset.train_size=64",
 SYNTHETIC_32_NO_SAVES = ["dataset=synthetic", "dataset.train_size=32", "dataset.test_size=16",
                          "trainer.epochs=1", "trainer.batch_size=16", "trainer.progress_bar=false",
                          "trainer.save_model=false", "trainer.checkpoint=false"]
+#: :data:`SYNTHETIC_32_NO_SAVES` for two epochs.
+SYNTHETIC_32_TWO_EPOCHS_NO_SAVES = [
+    "dataset=synthetic", "dataset.train_size=32", "dataset.test_size=16", "trainer.epochs=2",
+    "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.save_model=false",
+    "trainer.checkpoint=false"]
+#: 96 training, 53 test images (tested 20 at a time: a last batch of 13), one epoch of batches
+#: of 16.
+SYNTHETIC_96_TEST_53_ONE_EPOCH = ["dataset=synthetic", "dataset.train_size=96",
+                                  "dataset.test_size=53", "trainer.epochs=1",
+                                  "trainer.batch_size=16", "trainer.test_batch_size=20",
+                                  "trainer.progress_bar=false"]
 #: 96 training, 32 test images, batches of 16, the configured epochs.
 SYNTHETIC_96 = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=32",
                 "trainer.batch_size=16", "trainer.progress_bar=false"]

@@ -13,13 +13,11 @@ import sys
 import pytest
 import yaml
 
-from conftest import CONFUSION_FIGURES, REPO, run_cli, run_python
+from conftest import (CONFUSION_FIGURES, REPO, SYNTHETIC_32_TWO_EPOCHS_NO_SAVES, run_cli,
+                      run_python)
 from octconv_exp.records import provenance
 from octconv_exp.reports import compare
 
-TINY = ["dataset=synthetic", "dataset.train_size=32", "dataset.test_size=16", "trainer.epochs=2",
-        "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.save_model=false",
-        "trainer.checkpoint=false"]
 EPOCH_HEADER = "epoch,train_loss,train_accuracy,train_images,train_seconds," \
                "train_images_per_second,lr,val_loss,val_accuracy\n"
 
@@ -350,12 +348,12 @@ def test_two_real_runs_compare_in_one_command(tmp_path):
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(REPO, "run.py"), copy / "run.py")
     state = repo_state()
-    res = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'a'}")
+    res = run_cli(*SYNTHETIC_32_TWO_EPOCHS_NO_SAVES, f"hydra.run.dir={tmp_path / 'a'}")
     assert res.returncode == 0, res.stderr[-3000:]
     # The same figure setting as a's (run_cli adds it): the config keys differ in lr alone.
-    res = subprocess.run([sys.executable, str(copy / "run.py"), *TINY, "optimizer.lr=0.1",
-                          f"hydra.run.dir={tmp_path / 'b'}", CONFUSION_FIGURES], cwd=copy,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, str(copy / "run.py"), *SYNTHETIC_32_TWO_EPOCHS_NO_SAVES,
+                          "optimizer.lr=0.1", f"hydra.run.dir={tmp_path / 'b'}", CONFUSION_FIGURES],
+                         cwd=copy, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     records = {}
     for name in ("a", "b"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DOUBLE, compose_config, file_sha256, only_error_line, read_metrics, run_cli
+from conftest import (DOUBLE, SYNTHETIC_96_TEST_53_ONE_EPOCH, compose_config, file_sha256,
+                      only_error_line, read_metrics, run_cli)
 from octconv_exp.config.schema import confusion_formats
 from octconv_exp.errors import ConfigError
 from octconv_exp.training.evaluation import (CONFUSION_CSV, CONFUSION_PNG, PER_CLASS_CSV, ConfusionMatrix,
@@ -247,9 +248,6 @@ def test_a_config_saved_before_confusion_format_existed_draws_a_png():
 
 # --------------------------------------------------------------------------------------------
 # End to end (run.py)
-TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=53",
-        "trainer.epochs=1", "trainer.batch_size=16", "trainer.test_batch_size=20",
-        "trainer.progress_bar=false"]
 
 
 def read_run(run_dir):
@@ -282,7 +280,8 @@ def check_consistent(metrics, counts, per_class, names):
 def trained(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("evaluation") / "run")
     # Named: the tests' runs draw no figure unless they ask (conftest.CONFUSION_FIGURES).
-    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "report.confusion_format=[png,svg]")
+    result = run_cli(*SYNTHETIC_96_TEST_53_ONE_EPOCH, f"hydra.run.dir={run_dir}",
+                     "report.confusion_format=[png,svg]")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -294,7 +293,7 @@ def test_a_run_dir_holds_the_confusion_matrix_of_its_test_set(trained):
     from octconv_exp.data.loading import load_data
 
     metrics, names, counts, per_class = read_run(trained)
-    test = load_data(compose_config(*TINY).dataset).test
+    test = load_data(compose_config(*SYNTHETIC_96_TEST_53_ONE_EPOCH).dataset).test
     assert names == [str(c) for c in test.classes] and len(names) == 10
     check_consistent(metrics, counts, per_class, names)
     assert metrics["test_samples"] == 53
@@ -338,7 +337,8 @@ def test_evaluating_the_saved_model_gives_the_same_matrix(trained, tmp_path):
 @pytest.mark.slow
 def test_a_resumed_run_may_change_its_figures_and_keeps_none_stale(tmp_path):
     run_dir = str(tmp_path / "run")
-    first = run_cli(*TINY, f"hydra.run.dir={run_dir}", "report.confusion_format=[png]")
+    first = run_cli(*SYNTHETIC_96_TEST_53_ONE_EPOCH, f"hydra.run.dir={run_dir}",
+                    "report.confusion_format=[png]")
     assert first.returncode == 0, first.stderr[-3000:]
     assert os.path.isfile(os.path.join(run_dir, CONFUSION_PNG))
     # A figure format cannot change the results: a resumed run may change it.

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import read_metrics, run_cli, run_python, write_cifar_fixture, write_image_folder
+from conftest import (SYNTHETIC_200_ONE_EPOCH, read_metrics, run_cli, run_python,
+                      write_cifar_fixture, write_image_folder)
 from octconv_exp.data.datasets import make_synthetic
 from octconv_exp.data.loading import load_data
 from octconv_exp.deploy import export as exporting
@@ -17,8 +18,6 @@ from octconv_exp.deploy.inference import load_model
 from octconv_exp.models.octave import build_model
 from octconv_exp.training.runner import model_file
 
-TINY = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=60",
-        "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress_bar=false"]
 SEED_CNN = {"_target_": "octconv_exp.models.octave.ClassificationModel", "name": "seed_cnn"}
 RESNET_CIFAR_8 = {"_target_": "octconv_exp.models.resnet.ResNetCifar", "name": "resnet_cifar",
                   "depth": 8}
@@ -253,7 +252,7 @@ def check_exported_run(run_dir, test):
 @pytest.mark.parametrize("conv", ["vanilla", "octave", "multi-octave"])
 def test_an_exported_seed_cnn_reproduces_the_runs_test_accuracy(tmp_path, conv):
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, f"conv={conv}", "alpha=0.25", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_200_ONE_EPOCH, f"conv={conv}", "alpha=0.25", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     check_exported_run(run_dir, make_synthetic(60, seed=0, split="test"))
 
@@ -262,7 +261,8 @@ def test_an_exported_seed_cnn_reproduces_the_runs_test_accuracy(tmp_path, conv):
 @pytest.mark.sdk
 def test_an_exported_octave_resnet20_reproduces_the_runs_test_accuracy(tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(*TINY, "model=resnet_cifar", "model.depth=20", "conv=multi-octave",
-                  "alpha=0.25", "dataset.val_size=0.1", f"hydra.run.dir={run_dir}")
+    res = run_cli(*SYNTHETIC_200_ONE_EPOCH, "model=resnet_cifar", "model.depth=20",
+                  "conv=multi-octave", "alpha=0.25", "dataset.val_size=0.1",
+                  f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     check_exported_run(run_dir, make_synthetic(60, seed=0, split="test"))
