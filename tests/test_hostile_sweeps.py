@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from conftest import (ALPHA_SEARCH_160, SYNTHETIC_64_ONE_EPOCH, optuna_study, read_metrics,
-                      run_cli, snapshot, start_joblib_sweep)
+from conftest import (ALPHA_SEARCH_160, SYNTHETIC_64_ONE_EPOCH, only_error_line, optuna_study,
+                      read_metrics, run_cli, snapshot, start_joblib_sweep)
 
 # ------------------------------------------------------------------ the override grammar
 
@@ -54,10 +54,9 @@ def test_a_report_that_cannot_be_written_fails_the_sweep_in_one_line(tmp_path):
     (sweep_dir / "summary.md").mkdir(parents=True)  # a folder where the report goes
     res = run_cli("-m", *SYNTHETIC_64_ONE_EPOCH, f"hydra.sweep.dir={sweep_dir}")
     assert res.returncode == 2, res.stderr[-3000:]
-    assert res.stderr.splitlines()[-1] == (
+    assert only_error_line(res.stderr) == (
         f"error: sweep report: cannot write {sweep_dir}/summary.md: is a directory; the "
         "previous version, if any, is intact")
-    assert "Traceback" not in res.stderr and "warn" not in res.stderr.lower()
 
 
 # ------------------------------------------------------------------ a resumed sweep
