@@ -525,7 +525,11 @@ class ForkServer:
         (the server started if it is not running)."""
         with self.lock:
             self._running()
-            return {"OCTCONV_EXP_TEST_FORKSERVER_SOCKET": self.socket_path}
+            return self._socket_env()
+
+    def _socket_env(self):
+        """forkclient.py's variable naming this server's socket (the server is running)."""
+        return {"OCTCONV_EXP_TEST_FORKSERVER_SOCKET": self.socket_path}
 
     def spawn(self, argv, cwd, env, out_path, err_path, file_size_limit=None,
               python_children=False):
@@ -542,7 +546,7 @@ class ForkServer:
                        "file_size_limit": file_size_limit}
             if python_children:
                 request["executable"] = self.client_python
-                request["env"] = dict(env, OCTCONV_EXP_TEST_FORKSERVER_SOCKET=self.socket_path)
+                request["env"] = dict(env, **self._socket_env())
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             try:
                 pid = self._forked.get(timeout=60)

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import (CONFUSION_FIGURES, REPO, SWEEP_FIGURES, SYNTHETIC_1200_OCTAVE, read_epochs, read_metrics, run_cli,
-                      run_python, start_joblib_sweep)
+from conftest import (CONFUSION_FIGURES, REPO, SWEEP_FIGURES, SYNTHETIC_1200_OCTAVE, read_epochs,
+                      read_metrics, run_cli, run_python, start_joblib_sweep)
 
 SAME = ("train_loss", "train_accuracy", "test_accuracy", "test_samples", "epochs_completed")
 

@@ -237,19 +237,18 @@ def figure_formats(formats, key, allow_none=False):
     """``formats`` checked: a tuple of REPORT_FORMATS (a single name or a comma-separated
     string counts as a list), in the order given, each once; empty only with ``allow_none``.
     A ConfigError names ``key`` and the accepted values otherwise."""
+    expected = "expected some of " + ", ".join(REPORT_FORMATS) + (
+        ", or [] for none" if allow_none else "")
     if isinstance(formats, str):
         formats = [f.strip() for f in formats.split(",")]
     if formats is None or isinstance(formats, (int, float, bool, dict)) or not hasattr(
             formats, "__iter__"):
-        raise ConfigError(key, formats, "expected some of " + ", ".join(REPORT_FORMATS)
-                          + (", or [] for none" if allow_none else ""))
+        raise ConfigError(key, formats, expected)
     chosen = []
     for name in formats:
         name = str(name).strip().lower()
         if name not in REPORT_FORMATS:
-            raise ConfigError(key, name, "is not a figure format; expected some of "
-                              + ", ".join(REPORT_FORMATS) + (", or [] for none" if allow_none
-                                                             else ""))
+            raise ConfigError(key, name, "is not a figure format; " + expected)
         if name not in chosen:
             chosen.append(name)
     if not chosen and not allow_none:
